@@ -1,0 +1,1 @@
+"""Transfer learning for image classification with the Hugging Face stack."""

@@ -1,0 +1,370 @@
+"""Model card (README.md) of a training output dir, filled entirely from the run's own files.
+
+Metadata goes through huggingface_hub's ModelCardData/EvalResult so the Hub parses model-index.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from safetensors import safe_open
+
+from .plots import plot_confusion_matrix, plot_training_curves
+
+CURVES_PNG, CONFUSION_PNG = "training_curves.png", "confusion_matrix.png"
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(_cell(value) for value in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_cell(v) for v in value) or "none"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_cell(v)}" for k, v in value.items()) or "none"
+    return "—" if value is None else str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min" if hours else (f"{minutes} min {secs} s" if minutes else f"{seconds:.1f} s")
+
+
+def describe_hardware() -> str:
+    """One line describing this machine, for the run to record next to its results."""
+    import torch
+
+    if torch.cuda.is_available():
+        device = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    elif torch.backends.mps.is_available():
+        device = "Apple MPS"
+    else:
+        device = "CPU only"
+    return f"{device}; {os.cpu_count()} CPU cores ({platform.machine()}); torch {torch.__version__}"
+
+
+class RunFiles:
+    """The files a training run leaves in its output dir (see the contract), read once."""
+
+    def __init__(self, output_dir: str | Path):
+        self.dir = Path(output_dir)
+        self.config = _read_json(self.dir / "config.json")
+        self.results = _read_json(self.dir / "all_results.json")
+        if self.config is None or self.results is None:
+            raise FileNotFoundError(
+                f"{self.dir} is not a finished training output dir: config.json and all_results.json are required "
+                "(run `hf-transfer train ...` first)."
+            )
+        self.state = _read_json(self.dir / "trainer_state.json") or {}
+        self.freeze = _read_json(self.dir / "freeze_plan.json")
+        self.report = _read_json(self.dir / "test_report.json")
+        self.run = _read_json(self.dir / "run_config.json") or {}
+        self.preprocessor = _read_json(self.dir / "preprocessor_config.json")
+
+    @property
+    def labels(self) -> list[str]:
+        if self.config.get("label_names"):  # timm layout
+            return list(self.config["label_names"])
+        id2label = self.config.get("id2label", {})
+        return [id2label[key] for key in sorted(id2label, key=int)]
+
+    @property
+    def is_timm(self) -> bool:
+        return self.config.get("model_type") == "timm_wrapper" or "architecture" in self.config
+
+    @property
+    def timm_loadable(self) -> bool:
+        """timm.create_model('hf-hub:...') needs timm's own key names and no null model_args."""
+        weights = self.dir / "model.safetensors"
+        if not (self.is_timm and weights.is_file()) or ("model_args" in self.config and self.config["model_args"] is None):
+            return False
+        with safe_open(weights, "pt") as tensors:
+            return not any(key.startswith("timm_model.") for key in tensors.keys())
+
+    @property
+    def architecture(self) -> str:
+        return self.config.get("architecture") or ", ".join(self.config.get("architectures", [])) or "unknown"
+
+    @property
+    def base_model(self) -> str | None:
+        """A Hub id the weights started from; None for a random init or a local folder."""
+        model_args = self.run.get("model", {})
+        if model_args.get("pretrained") is False:
+            return None
+        requested = model_args.get("model")
+        if requested and "/" in requested and not Path(requested).exists() and requested.count("/") == 1:
+            return requested
+        return (self.config.get("pretrained_cfg") or {}).get("hf_hub_id")
+
+    @property
+    def license(self) -> str | None:
+        return (self.config.get("pretrained_cfg") or {}).get("license") or self.run.get("model", {}).get("license")
+
+    @property
+    def dataset(self) -> tuple[str, str, bool]:
+        """(identifier, display name, is a Hub id) of the training data."""
+        requested = str(self.run.get("data", {}).get("dataset") or "")
+        if not requested:
+            return "unknown", "an unrecorded dataset", False
+        if Path(requested).exists() or requested.startswith((".", "/", "~")):
+            name = Path(requested).name
+            return name, f"local dataset folder `{name}`", False
+        return requested, requested, True
+
+    @property
+    def image_size(self) -> tuple[int, int] | None:
+        if self.is_timm:
+            size = (self.config.get("pretrained_cfg") or {}).get("input_size")
+            return (size[1], size[2]) if size else None
+        size = (self.preprocessor or {}).get("crop_size") if (self.preprocessor or {}).get("do_center_crop") else None
+        size = size or (self.preprocessor or {}).get("size") or {}
+        if "height" in size:
+            return size["height"], size["width"]
+        edge = size.get("shortest_edge")
+        return (edge, edge) if edge else None
+
+
+def build_card_data(run: RunFiles, repo_id: str | None) -> ModelCardData:
+    dataset_id, dataset_name, on_hub = run.dataset
+    test_split = run.run.get("data", {}).get("test_split") or "test"
+    common = dict(task_type="image-classification", task_name="Image Classification", dataset_type=dataset_id,
+                  dataset_name=dataset_name, dataset_split=test_split,
+                  dataset_config=run.run.get("data", {}).get("dataset_config"))
+    eval_results = [
+        EvalResult(metric_type="accuracy", metric_name="Test accuracy", metric_value=run.results["test_accuracy"],
+                   **common),
+        EvalResult(metric_type="f1", metric_name="Test macro-F1", metric_value=run.results["test_f1"],
+                   metric_args={"average": "macro"}, **common),
+    ]
+    strategy = (run.freeze or {}).get("strategy")
+    tags = ["image-classification", "transfer-learning", "hf-transfer"]
+    tags += ["timm"] if run.is_timm else []
+    tags += [f"freeze-{strategy}".replace("_", "-").lower()] if strategy else []
+    return ModelCardData(
+        model_name=(repo_id or str(run.dir.resolve())).split("/")[-1],
+        base_model=run.base_model,
+        datasets=[dataset_id] if on_hub else None,
+        license=run.license,
+        library_name="timm" if run.timm_loadable else "transformers",
+        pipeline_tag="image-classification",
+        metrics=["accuracy", "f1"],
+        tags=tags,
+        eval_results=eval_results,
+    )
+
+
+def _summary(run: RunFiles, repo_id: str | None, data: ModelCardData) -> str:
+    labels, results = run.labels, run.results
+    origin = (f"[{data.base_model}](https://huggingface.co/{data.base_model})" if data.base_model
+              else f"`{run.architecture}` (no pretrained Hub checkpoint recorded)")
+    n_test = (results.get("split_sizes") or {}).get("test")
+    scored = f" on {n_test} held-out test images" if n_test else " on the held-out test split"
+    source = repo_id or str(run.dir.resolve())
+    snippet = [
+        "```python", "from transformers import pipeline", "",
+        f'classifier = pipeline("image-classification", model="{source}")',
+        'predictions = classifier("photo.jpg")  # a file path, an URL or a PIL.Image',
+        "print(predictions[0])  # the most likely label and its score", "```",
+    ]
+    if run.timm_loadable:
+        timm_source = f"hf-hub:{repo_id}" if repo_id else f"local-dir:{source}"
+        snippet += ["", "The weights are timm's own layout, so timm loads them directly:", "",
+                    "```python", "import timm", "", f'model = timm.create_model("{timm_source}", pretrained=True)', "```"]
+    return "\n".join([
+        f"# {data.model_name}", "",
+        f"An image classifier for {len(labels)} classes ({', '.join(labels)}), fine-tuned from {origin} "
+        f"on {run.dataset[1]} with hf_transfer "
+        f"(freeze strategy: `{(run.freeze or {}).get('strategy', 'not recorded')}`).", "",
+        f"**Test accuracy {results['test_accuracy']:.2%}, macro-F1 {results['test_f1']:.4f}**{scored}.", "",
+        "## How to use", "", *snippet,
+    ])
+
+
+def _data_section(run: RunFiles) -> str:
+    sizes = run.results.get("split_sizes") or {}
+    skipped = run.results.get("skipped_images") or {}
+    examples = run.results.get("skipped_image_examples") or {}
+    rows = [[split, sizes.get(split), skipped.get(split, 0)] for split in ("train", "validation", "test")]
+    lines = ["## Training data", "", f"Dataset: {run.dataset[1]}.", "",
+             _table(["split", "images used", "skipped as unreadable"], rows), "",
+             f"Classes ({len(run.labels)}): " + ", ".join(f"`{label}`" for label in run.labels) + "."]
+    total_skipped = sum(skipped.values())
+    if total_skipped:
+        listing = "; ".join(f"{split}: {', '.join(map(str, names[:5]))}" for split, names in examples.items() if names)
+        lines += ["", f"{total_skipped} image(s) could not be decoded and were left out" +
+                  (f" (e.g. {listing})." if listing else ".")]
+    else:
+        lines += ["", "Every image decoded; none was skipped."]
+    return "\n".join(lines)
+
+
+def _preprocessing_section(run: RunFiles) -> str:
+    rows = []
+    if run.is_timm:
+        cfg = run.config.get("pretrained_cfg") or {}
+        rows += [["input size", run.image_size and f"{run.image_size[0]} x {run.image_size[1]}"],
+                 ["resize interpolation", cfg.get("interpolation")], ["crop fraction", cfg.get("crop_pct")],
+                 ["normalisation mean", cfg.get("mean")], ["normalisation std", cfg.get("std")]]
+    elif run.preprocessor:
+        proc = run.preprocessor
+        rows += [["image processor", proc.get("image_processor_type")],
+                 ["input size", run.image_size and f"{run.image_size[0]} x {run.image_size[1]}"],
+                 ["normalisation mean", proc.get("image_mean")], ["normalisation std", proc.get("image_std")]]
+    data_args = run.run.get("data", {})
+    augmentation = data_args.get("augmentation")
+    described = {"default": "random-resized-crop + horizontal flip", "none": "none (eval transform only)",
+                 "randaugment": "random-resized-crop + flip + RandAugment",
+                 "trivialaugment": "random-resized-crop + flip + TrivialAugmentWide"}.get(augmentation, augmentation)
+    if augmentation:
+        rows.append(["train-time augmentation", described])
+    if data_args.get("crop_min_scale") is not None and augmentation not in (None, "none"):
+        rows.append(["random crop area", f"{data_args['crop_min_scale']:.0%} to 100% of the image"])
+    rows = [row for row in rows if row[1] is not None]
+    return "\n".join(["## Preprocessing and augmentation", "",
+                      "Every image is decoded to RGB, then (evaluation and inference) resized, center-cropped and "
+                      "normalised as below; augmentation applies to training images only.", "",
+                      _table(["step", "setting"], rows)])
+
+
+def _freeze_section(run: RunFiles) -> str:
+    plan = run.freeze
+    if not plan:
+        return "## Freeze plan\n\nThe run recorded no freeze plan (freeze_plan.json is absent)."
+    lines = ["## Freeze plan", "",
+             _table(["strategy", "BatchNorm mode", "layer-wise lr decay"],
+                    [[plan.get("strategy"), plan.get("batchnorm"), plan.get("layer_decay")]])]
+    stages = plan.get("stages") or []
+    if stages and all(isinstance(stage, dict) for stage in stages):
+        keys = list(dict.fromkeys(key for stage in stages for key in stage))
+        lines += ["", "Stages:", "", _table(keys, [[stage.get(key) for key in keys] for stage in stages])]
+    elif stages:
+        lines += ["", "Stages:", "", *[f"{i}. {_cell(stage)}" for i, stage in enumerate(stages, 1)]]
+    blocks = plan.get("blocks") or []
+    if blocks:
+        rows = [[b.get("name"), f"{b.get('params', 0):,}", "yes" if b.get("trainable") else "no", b.get("lr"),
+                 b.get("batchnorm")] for b in blocks]
+        lines += ["", _table(["block", "parameters", "trainable", "learning rate", "BatchNorm"], rows)]
+    return "\n".join(lines)
+
+
+def _hyperparameters_section(run: RunFiles) -> str:
+    training = run.run.get("training") or {}
+    model_args = run.run.get("model") or {}
+    rows = [[key, value] for key, value in {**model_args, **training}.items() if "token" not in key.lower()]
+    if not rows:
+        return "## Training hyperparameters\n\nThe run recorded no run_config.json."
+    return "\n".join(["## Training hyperparameters", "", _table(["setting", "value"], rows)])
+
+
+def _results_section(run: RunFiles) -> str:
+    history = run.state.get("log_history") or []
+    rows = []
+    for entry in (e for e in history if "eval_loss" in e):
+        train = [e["loss"] for e in history if "loss" in e and e.get("step", 0) <= entry.get("step", 0)]
+        rows.append([round(entry.get("epoch", 0), 2), entry.get("step"), train[-1] if train else None,
+                     entry.get("eval_loss"), entry.get("eval_accuracy"), entry.get("eval_f1")])
+    results = run.results
+    lines = ["## Results", "",
+             _table(["test accuracy", "test macro-F1", "test loss"],
+                    [[results["test_accuracy"], results["test_f1"], results.get("test_loss")]])]
+    if rows:
+        lines += ["", "Per epoch (validation split):", "",
+                  _table(["epoch", "step", "training loss", "validation loss", "validation accuracy",
+                          "validation macro-F1"], rows)]
+    if run.report:
+        per_class = run.report["per_class"]
+        lines += ["", "Per class (test split):", "",
+                  _table(["class", "precision", "recall", "F1", "test images"],
+                         [[label, m["precision"], m["recall"], m["f1"], m["support"]] for label, m in per_class.items()])]
+    if (run.dir / CONFUSION_PNG).is_file():
+        lines += ["", f"![Confusion matrix on the test split]({CONFUSION_PNG})"]
+    if (run.dir / CURVES_PNG).is_file():
+        lines += ["", f"![Training curves]({CURVES_PNG})"]
+    return "\n".join(lines)
+
+
+def _compute_section(run: RunFiles) -> str:
+    hardware = run.results.get("hardware") or run.run.get("hardware")
+    runtime = run.results.get("train_runtime")
+    epochs = run.state.get("epoch") or run.run.get("training", {}).get("num_train_epochs")
+    lines = ["## Hardware and training time", ""]
+    lines.append(f"- Hardware: {hardware}" if hardware else "- Hardware: not recorded by this run")
+    if runtime is not None:
+        lines.append(f"- Training time: {_duration(runtime)}" + (f" for {epochs:g} epochs" if epochs else ""))
+    speed = next((e["train_samples_per_second"] for e in reversed(run.state.get("log_history") or [])
+                  if "train_samples_per_second" in e), None)
+    if speed:
+        lines.append(f"- Throughput: {speed:.1f} training images per second")
+    return "\n".join(lines)
+
+
+def _limitations_section(run: RunFiles) -> str:
+    results, labels = run.results, run.labels
+    notes = [f"It only knows the {len(labels)} classes above: any other image still gets one of them "
+             "(there is no 'none of these' answer), so check the score before trusting a prediction."]
+    n_test = (results.get("split_sizes") or {}).get("test")
+    if n_test:
+        accuracy = results["test_accuracy"]
+        margin = 1.96 * math.sqrt(max(accuracy * (1 - accuracy), 1e-12) / n_test)
+        caution = " That is a small test set; treat the scores as rough." if n_test < 1000 else ""
+        notes.append(f"The test split has {n_test} images, so the accuracy is known to about "
+                     f"±{margin:.1%} (95% interval).{caution}")
+    if run.report:
+        per_class = run.report["per_class"]
+        worst = min(per_class, key=lambda label: per_class[label]["f1"])
+        notes.append(f"The weakest class is `{worst}` (test F1 {per_class[worst]['f1']:.3f}).")
+        matrix, names = run.report["confusion_matrix"], run.report["labels"]
+        errors = [(matrix[i][j], names[i], names[j]) for i in range(len(names)) for j in range(len(names)) if i != j]
+        count, true, predicted = max(errors, default=(0, None, None))
+        if count:
+            notes.append(f"The most frequent mistake is `{true}` predicted as `{predicted}` ({count} test images).")
+        supports = [m["support"] for m in per_class.values()]
+        if supports and min(supports) and max(supports) / min(supports) >= 1.5:
+            notes.append(f"The test classes are imbalanced ({min(supports)} to {max(supports)} images per class).")
+    if run.image_size:
+        notes.append(f"Images are resized to {run.image_size[0]} x {run.image_size[1]} pixels: details smaller than "
+                     "that are lost, and very different framings or resolutions than the training data may hurt.")
+    skipped = sum((results.get("skipped_images") or {}).values())
+    if skipped:
+        notes.append(f"{skipped} unreadable image(s) were dropped from the data; the scores do not cover them.")
+    if not run.license:
+        notes.append("No license was recorded for the base model: check it before using this model.")
+    notes.append(f"It inherits the biases of {run.dataset[1]}: it was only evaluated on images from that source.")
+    return "\n".join(["## Limitations", "", *[f"- {note}" for note in notes]])
+
+
+def ensure_plots(run: RunFiles) -> None:
+    """Draw the figures the card embeds if the run did not leave them."""
+    history = run.state.get("log_history") or []
+    if not (run.dir / CURVES_PNG).is_file() and any("loss" in e or "eval_loss" in e for e in history):
+        plot_training_curves(history, run.dir / CURVES_PNG)
+    if not (run.dir / CONFUSION_PNG).is_file() and run.report:
+        plot_confusion_matrix(run.report["confusion_matrix"], run.report["labels"], run.dir / CONFUSION_PNG)
+
+
+def write_model_card(output_dir: str | Path, repo_id: str | None = None) -> ModelCard:
+    """Write `output_dir/README.md` for the run; `repo_id` (user/name) goes into the usage snippet."""
+    run = RunFiles(output_dir)
+    ensure_plots(run)
+    data = build_card_data(run, repo_id)
+    sections = [_summary(run, repo_id, data), _data_section(run), _preprocessing_section(run), _freeze_section(run),
+                _hyperparameters_section(run), _results_section(run), _compute_section(run),
+                _limitations_section(run)]
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
+    card.save(run.dir / "README.md")
+    return card

@@ -1,0 +1,119 @@
+"""`hf-transfer demo` and `hf-transfer push --space`: run spaces_demo/app.py locally, or publish it as a Space.
+
+Both use the very app.py a Space runs, found next to this package in the repository checkout.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import tempfile
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+from datasets import ClassLabel, Dataset
+from datasets import Image as ImageFeature
+from huggingface_hub import HfApi, SpaceCard
+
+from .images import unreadable_reason
+
+if TYPE_CHECKING:
+    import gradio as gr
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+SPACE_DIR = PACKAGE_DIR.parent / "spaces_demo"
+SPACE_FILES = ("app.py", "requirements.txt")
+# The app decodes uploads with the training's own policy; on a Space it imports it under this name.
+SHIPPED_IMAGES_MODULE = "hf_transfer_images.py"
+EXAMPLES_IN_SPACE = "examples"
+
+
+def load_app() -> ModuleType:
+    """Import spaces_demo/app.py as a module: one copy of the app for local runs and Spaces."""
+    app_path = SPACE_DIR / "app.py"
+    if not app_path.is_file():
+        raise FileNotFoundError(
+            f"{app_path} is missing: `hf-transfer demo` runs from a checkout of the repository (pip install -e .)."
+        )
+    spec = importlib.util.spec_from_file_location("hf_transfer_space_app", app_path)
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    return app
+
+
+def start_demo(model: str, *, examples_dir: Path | None = None, port: int | None = None, top_k: int = 5) -> gr.Blocks:
+    """Serve the demo of `model` (output dir or Hub repo id) on 127.0.0.1 without blocking; close() stops it."""
+    app = load_app()
+    demo = app.build_demo(model, examples_dir=examples_dir, top_k=top_k)
+    app.launch(demo, host="127.0.0.1", port=port, examples_dir=examples_dir, block=False)
+    return demo
+
+
+def run_demo(model: str, *, examples_dir: Path | None = None, port: int | None = None, top_k: int = 5) -> None:
+    """`hf-transfer demo`: serve on 127.0.0.1 until Ctrl+C."""
+    start_demo(model, examples_dir=examples_dir, port=port, top_k=top_k).block_thread()
+
+
+def save_examples(split: Dataset, dest: Path, *, image_column: str, label_column: str, per_class: int = 2) -> list[Path]:
+    """Write the first `per_class` images of each class of `split` (a test split) to dest, as `<label>_<n>.<ext>`.
+
+    Unreadable images are passed over; the others keep their original encoded bytes.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    label_feature = split.features[label_column]
+    names = label_feature.names if isinstance(label_feature, ClassLabel) else None
+    raw = split.cast_column(image_column, ImageFeature(decode=False))
+    taken: dict[object, int] = {}
+    written = []
+    for row in raw:
+        label = row[label_column]
+        if taken.get(label, 0) >= per_class or unreadable_reason(row[image_column]) is not None:
+            continue
+        taken[label] = taken.get(label, 0) + 1
+        image = row[image_column]
+        suffix = Path(image["path"] or "").suffix or ".jpg"
+        name = names[label] if names else str(label)
+        path = dest / f"{name}_{taken[label]}{suffix}"
+        path.write_bytes(image["bytes"] if image["bytes"] is not None else Path(image["path"]).read_bytes())
+        written.append(path)
+        if names and len(written) == per_class * len(names):
+            break
+    return written
+
+
+def stage_space(dest: Path, model_repo_id: str, examples_dir: Path | None = None) -> Path:
+    """Lay out the Space in dest: app files, the image decoding module, README pinned to model_repo_id, examples."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in SPACE_FILES:
+        shutil.copy2(SPACE_DIR / name, dest / name)
+    shutil.copy2(PACKAGE_DIR / "images.py", dest / SHIPPED_IMAGES_MODULE)
+    card = SpaceCard.load(SPACE_DIR / "README.md")
+    # `models:` is what app.py serves by default; it also links the Space from the model page.
+    card.data.models = [model_repo_id]
+    # Spaces download preload_from_hub repos at build time, so the first visitor does not wait.
+    card.data.preload_from_hub = [model_repo_id]
+    card.save(dest / "README.md")
+    if examples_dir is not None:
+        shutil.copytree(examples_dir, dest / EXAMPLES_IN_SPACE, dirs_exist_ok=True)
+    return dest
+
+
+def push_space(space_id: str, model_repo_id: str, *, examples_dir: Path | None = None, private: bool | None = None,
+               token: str | None = None) -> str:
+    """`hf-transfer push ... --space user/space`: create or update a Gradio Space serving model_repo_id.
+
+    Returns the Space URL. Stale example images from an earlier push are removed.
+    """
+    api = HfApi(token=token)
+    url = api.create_repo(space_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as staging:
+        stage_space(Path(staging), model_repo_id, examples_dir)
+        api.upload_folder(
+            repo_id=space_id,
+            repo_type="space",
+            folder_path=staging,
+            commit_message=f"Demo of {model_repo_id}",
+            delete_patterns=[f"{EXAMPLES_IN_SPACE}/*"],
+        )
+    return str(url)

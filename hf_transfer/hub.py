@@ -1,0 +1,178 @@
+"""Share a training output dir on the Hugging Face Hub and check the pushed model predicts like the local one.
+
+Uses huggingface_hub's HfApi; the token comes from `token=`, HF_TOKEN or `hf auth login`, and is never printed.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from huggingface_hub import HfApi, constants, get_token, snapshot_download
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+from .card import write_model_card
+from .images import ImageInput, load_image
+
+logger = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")  # can run code when loaded: never shared
+TRAINER_CHECKPOINTS = ["checkpoint-*/**", "checkpoint-*"]  # resumable training state, not the model
+
+
+class HubError(RuntimeError):
+    """A push, pull or check against the Hub that cannot go on; the message says how to fix it."""
+
+
+class VerificationError(HubError):
+    """The model downloaded from the Hub does not predict like the local one."""
+
+
+def _files_to_upload(folder: Path) -> list[Path]:
+    return [p for p in sorted(folder.rglob("*")) if p.is_file()
+            and not any(part.startswith("checkpoint-") or part.startswith(".") for part in p.relative_to(folder).parts)]
+
+
+def _check_output_dir(folder: Path) -> list[Path]:
+    if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
+        raise HubError(f"{folder} holds no model to push (config.json and *.safetensors are required). "
+                       "Train one first: `hf-transfer train <recipe.yaml>`.")
+    files = _files_to_upload(folder)
+    pickles = [str(p.relative_to(folder)) for p in files if p.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        raise HubError(f"Refusing to push pickle files, which can run code when loaded: {', '.join(pickles)}. "
+                       "Only safetensors weights are shared; delete these files from the output dir and push again.")
+    return files
+
+
+def _check_no_token_inside(files: list[Path], token: str, folder: Path) -> None:
+    needle = token.encode()
+    leaking = [str(p.relative_to(folder)) for p in files if needle in p.read_bytes()]
+    if leaking:
+        raise HubError(f"Refusing to push: your Hub token appears inside {', '.join(leaking)}. "
+                       "Remove it from those files (and revoke the token if it was shared).")
+
+
+def _missing_repo_message(repo_id: str, revision: str | None, repo_type: str = "model") -> str:
+    return (f"The {repo_type} repo '{repo_id}' was not found on {constants.ENDPOINT}"
+            f"{f' at revision {revision!r}' if revision else ''}, or it is private and your token cannot read it. "
+            f"Check the id (user/name); for a private repo log in with `hf auth login` or set HF_TOKEN; "
+            f"if it was never pushed, push it first: `hf-transfer push <output_dir> --repo-id {repo_id}`.")
+
+
+def push_to_hub(output_dir: str | Path, repo_id: str, private: bool = False, revision: str | None = None,
+                commit_message: str | None = None, token: str | None = None) -> str:
+    """Upload the whole output dir (model, processor, card, logs, plots) to `repo_id`; return the commit URL.
+
+    The repo is created if needed (`private` applies only then); `revision` is a branch, created from main
+    if missing. The model card is re-written with the real repo id before the upload.
+    """
+    folder = Path(output_dir)
+    files = _check_output_dir(folder)
+    token = token or get_token()
+    if not token:
+        raise HubError("No Hugging Face token found. Run `hf auth login` (or set HF_TOKEN) with a token that "
+                       "has write access, then push again.")
+    api = HfApi(token=token)
+    try:
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        if revision not in (None, constants.DEFAULT_REVISION):
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        write_model_card(folder, repo_id=repo_id)
+        files = _check_output_dir(folder)
+        _check_no_token_inside(files, token, folder)
+        commit = api.upload_folder(
+            repo_id=repo_id, folder_path=folder, revision=revision, ignore_patterns=TRAINER_CHECKPOINTS,
+            commit_message=commit_message or f"Upload image classifier trained with hf_transfer ({len(files)} files)",
+        )
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else None
+        if status in (401, 403):
+            raise HubError(f"The Hub refused to write to '{repo_id}' (HTTP {status}). Use your own username or an "
+                           "organization you belong to as namespace, and a token with write access "
+                           "(`hf auth login`).") from None
+        raise
+    logger.info("Pushed %s to %s", folder, commit.commit_url)
+    return commit.commit_url
+
+
+def download_model(repo_id: str, revision: str | None = None, cache_dir: str | Path | None = None,
+                   token: str | None = None) -> Path:
+    """Download a model repo snapshot and return its folder; a missing repo gives an error saying what to do."""
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, token=token))
+    except RevisionNotFoundError:
+        raise HubError(f"The repo '{repo_id}' exists but has no revision {revision!r}. "
+                       "Use a branch, tag or commit it has (default: main).") from None
+    except RepositoryNotFoundError:
+        raise HubError(_missing_repo_message(repo_id, revision)) from None
+
+
+@dataclass
+class ImageCheck:
+    image: str
+    local_label: str
+    hub_label: str
+    local_score: float
+    hub_score: float
+    max_score_difference: float  # over every class
+
+
+@dataclass
+class VerifyReport:
+    repo_id: str
+    commit: str
+    snapshot: Path
+    checks: list[ImageCheck] = field(default_factory=list)
+
+    @property
+    def max_score_difference(self) -> float:
+        return max((check.max_score_difference for check in self.checks), default=0.0)
+
+    def __str__(self) -> str:
+        lines = [f"{self.repo_id}@{self.commit[:10]}: {len(self.checks)} image(s), same labels, "
+                 f"largest score difference {self.max_score_difference:.2e}"]
+        lines += [f"  {c.image}: {c.hub_label} ({c.hub_score:.4f})" for c in self.checks]
+        return "\n".join(lines)
+
+
+def verify_push(repo_id: str, output_dir: str | Path, images: list[ImageInput], revision: str | None = None,
+                token: str | None = None, atol: float = 1e-4) -> VerifyReport:
+    """Download `repo_id` into a fresh cache, classify `images` with it and with the local model, compare.
+
+    Raises VerificationError when a top label differs or a class score differs by more than `atol`.
+    """
+    from transformers import pipeline  # heavy: only when verifying
+
+    if not images:
+        raise ValueError("verify_push needs at least one image (ideally held out from training).")
+    cache_dir = tempfile.mkdtemp(prefix="hf-transfer-verify-")
+    snapshot = download_model(repo_id, revision=revision, cache_dir=cache_dir, token=token)
+    commit = snapshot.name  # snapshots/<commit sha>
+    hub_classifier = pipeline("image-classification", model=repo_id, revision=commit, token=token,
+                              model_kwargs={"cache_dir": cache_dir})
+    local_classifier = pipeline("image-classification", model=str(output_dir))
+    num_labels = len(local_classifier.model.config.id2label)
+    if len(hub_classifier.model.config.id2label) != num_labels:
+        raise VerificationError(f"{repo_id} has {len(hub_classifier.model.config.id2label)} labels, "
+                                f"the local model {num_labels}: the pushed model is not this one.")
+    report = VerifyReport(repo_id, commit, snapshot)
+    for index, item in enumerate(images):
+        name = Path(item).name if isinstance(item, (str, Path)) else f"image #{index}"
+        image = load_image(item)
+        local = {p["label"]: p["score"] for p in local_classifier(image, top_k=num_labels)}
+        hub = {p["label"]: p["score"] for p in hub_classifier(image, top_k=num_labels)}
+        local_top, hub_top = max(local, key=local.get), max(hub, key=hub.get)
+        if local.keys() != hub.keys():
+            raise VerificationError(f"{repo_id} has labels {sorted(hub)}, the local model {sorted(local)}.")
+        difference = max(abs(local[label] - hub[label]) for label in local)
+        report.checks.append(ImageCheck(name, local_top, hub_top, local[local_top], hub[hub_top], difference))
+        if local_top != hub_top or difference > atol:
+            raise VerificationError(
+                f"{repo_id}@{commit[:10]} predicts differently from {output_dir} on {name}: "
+                f"hub {hub_top} ({hub[hub_top]:.4f}) vs local {local_top} ({local[local_top]:.4f}), "
+                f"largest score difference {difference:.2e} > {atol:.0e}. Push again, or check that "
+                "--revision points at this run.")
+    return report

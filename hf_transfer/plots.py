@@ -1,0 +1,79 @@
+"""Figures of a training run: loss/metric curves per epoch and the test confusion matrix (PNG)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and in tests
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+EVAL_METRICS = {"eval_accuracy": "validation accuracy", "eval_f1": "validation macro-F1"}
+
+
+def _series(log_history: Sequence[dict], key: str) -> tuple[list[float], list[float]]:
+    points = [(entry["epoch"], entry[key]) for entry in log_history if key in entry and "epoch" in entry]
+    return [epoch for epoch, _ in points], [value for _, value in points]
+
+
+def plot_training_curves(log_history: Sequence[dict], path: str | Path) -> Path:
+    """Plot train/validation loss and validation metrics against epochs from Trainer's log_history."""
+    train_loss, eval_loss = _series(log_history, "loss"), _series(log_history, "eval_loss")
+    metrics = {label: _series(log_history, key) for key, label in EVAL_METRICS.items()}
+    metrics = {label: points for label, points in metrics.items() if points[0]}
+    if not (train_loss[0] or eval_loss[0] or metrics):
+        raise ValueError("log_history holds no loss or eval metric entries with an 'epoch': nothing to plot")
+
+    fig, (loss_ax, metric_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for (epochs, values), label, style in ((train_loss, "train loss", "-o"), (eval_loss, "validation loss", "-s")):
+        if epochs:
+            loss_ax.plot(epochs, values, style, label=label, markersize=4)
+    loss_ax.set(title="Loss", xlabel="epoch", ylabel="cross-entropy loss")
+    for label, (epochs, values) in metrics.items():
+        metric_ax.plot(epochs, values, "-o", label=label, markersize=4)
+    metric_ax.set(title="Validation metrics", xlabel="epoch", ylabel="score", ylim=(0, 1.02))
+    for ax in (loss_ax, metric_ax):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    fig.suptitle("Training curves")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_confusion_matrix(matrix: Sequence[Sequence[int]], labels: Sequence[str], path: str | Path) -> Path:
+    """Plot a confusion matrix (rows: true class, columns: predicted), coloured by row share, with counts."""
+    counts = np.asarray(matrix, dtype=float)
+    if counts.ndim != 2 or counts.shape[0] != counts.shape[1] or counts.shape[0] != len(labels):
+        raise ValueError(f"confusion matrix of shape {counts.shape} does not match {len(labels)} labels")
+    n = len(labels)
+    # Colour by share of each true class so that rare classes stay readable.
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    side = min(max(4.5, 0.45 * n + 2.5), 30)
+    fig, ax = plt.subplots(figsize=(side, side * 0.9))
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of true class")
+    font = 10 if n <= 12 else max(4, 120 // n)
+    ax.set_xticks(range(n), labels, rotation=45 if n > 4 else 0, ha="right" if n > 4 else "center", fontsize=font)
+    ax.set_yticks(range(n), labels, fontsize=font)
+    if n <= 30:  # beyond that, numbers would not fit in the cells
+        for row in range(n):
+            for col in range(n):
+                ax.text(col, row, f"{int(counts[row, col])}", ha="center", va="center", fontsize=font,
+                        color="white" if shares[row, col] > 0.5 else "black")
+    total, correct = counts.sum(), np.trace(counts)
+    accuracy = f"accuracy {correct / total:.1%} on {int(total)} images" if total else "no images"
+    ax.set(title=f"Confusion matrix ({accuracy})", xlabel="predicted label", ylabel="true label")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig: plt.Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

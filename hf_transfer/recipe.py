@@ -1,0 +1,155 @@
+"""Recipes: a YAML file whose keys are fields of the argument dataclasses, overridable as `--key value`.
+
+    dataset: uoft-cs/cifar10          # DataArguments
+    model: timm/resnet50.a1_in1k      # ModelArguments
+    freeze: head_only                 # FreezeArguments (or a `freeze:` mapping, see below)
+    num_train_epochs: 3               # any transformers.TrainingArguments field
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+from .data import DataArguments
+from .freezing import FreezeArguments
+from .models import ModelArguments
+
+
+@dataclass
+class RunArguments:
+    resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in output_dir (after a crash or kill)."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an output_dir that holds a different run."})
+
+
+ARGUMENT_CLASSES = (DataArguments, ModelArguments, FreezeArguments, RunArguments, TrainingArguments)
+
+# Defaults that suit image classification better than Trainer's generic ones; a recipe overrides any.
+TRAINING_DEFAULTS = {
+    "output_dir": "outputs/run",
+    "eval_strategy": "epoch",
+    "save_strategy": "epoch",
+    "logging_strategy": "epoch",
+    "load_best_model_at_end": True,
+    "metric_for_best_model": "accuracy",
+    "save_total_limit": 2,
+    "remove_unused_columns": False,  # the transform needs the raw image column
+    "per_device_train_batch_size": 32,
+    "per_device_eval_batch_size": 64,
+    "learning_rate": 1e-3,
+    "num_train_epochs": 3,
+    "warmup_steps": 0.1,
+    "weight_decay": 0.01,
+    "report_to": "none",
+}
+
+
+@dataclass
+class Recipe:
+    data: DataArguments
+    model: ModelArguments
+    freeze: FreezeArguments
+    run: RunArguments
+    training: TrainingArguments
+
+    def to_dict(self) -> dict:
+        """The resolved recipe by section; TrainingArguments only where they differ from default; no tokens."""
+        resolved = {name: dataclasses.asdict(getattr(self, name)) for name in ("data", "model", "freeze", "run")}
+        resolved["freeze"]["preset"] = self.freeze.preset
+        defaults = TrainingArguments(output_dir=self.training.output_dir)
+        resolved["training"] = {}
+        for f in dataclasses.fields(TrainingArguments):
+            value = getattr(self.training, f.name, None)
+            if "token" in f.name or not f.init or value == getattr(defaults, f.name, None):
+                continue
+            resolved["training"][f.name] = value if isinstance(value, (str, int, float, bool, list, type(None))) else str(value)
+        return resolved
+
+
+class RecipeError(ValueError):
+    """A recipe or command-line option that cannot be used; the message says what to write instead."""
+
+
+def parser() -> HfArgumentParser:
+    return HfArgumentParser(ARGUMENT_CLASSES)
+
+
+def known_keys() -> set[str]:
+    return {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls) if f.init}
+
+
+def _suggest(key: str) -> str:
+    match = difflib.get_close_matches(key, known_keys(), n=1)
+    return f" Did you mean `{match[0]}`?" if match else ""
+
+
+def _flatten_freeze(values: dict) -> dict:
+    """Accept the grouped form `freeze: {strategy, stages, batchnorm, layer_decay, patterns: {train, freeze}}`."""
+    freeze = values.get("freeze")
+    if not isinstance(freeze, dict):
+        return values
+    values = {**values, "freeze": freeze.get("strategy", "head_only")}
+    for key in ("stages", "batchnorm", "layer_decay"):
+        if key in freeze:
+            values[key] = freeze[key]
+    patterns = freeze.get("patterns") or {}
+    values.update({f"{kind}_patterns": patterns[kind] for kind in ("train", "freeze") if kind in patterns})
+    unknown = set(freeze) - {"strategy", "stages", "batchnorm", "layer_decay", "patterns"}
+    if unknown:
+        raise RecipeError(f"Unknown key(s) {sorted(unknown)} under `freeze:`; use strategy, stages, batchnorm, layer_decay, patterns.")
+    return values
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"Recipe '{path}' not found. Pass a YAML file, e.g. recipes/quickstart.yaml.")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise RecipeError(f"Recipe '{path}' must be a mapping of `key: value` lines.")
+    values = _flatten_freeze(values)
+    for key in values:
+        if key not in known_keys():
+            raise RecipeError(f"Unknown recipe key `{key}` in {path}.{_suggest(key)}")
+    return values
+
+
+def parse_recipe(argv: list[str] | None = None, **overrides) -> Recipe:
+    """`[recipe.yaml] [--key value ...]` -> Recipe. Keyword overrides win over both."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    values = dict(TRAINING_DEFAULTS)
+    if argv and not argv[0].startswith("-"):
+        values.update(load_yaml(argv.pop(0)))
+    for key in overrides:
+        if key not in known_keys():
+            raise RecipeError(f"Unknown option `{key}`.{_suggest(key)}")
+    values.update(_flatten_freeze(overrides))
+    arg_parser = parser()
+    arg_parser.set_defaults(**{k: _as_default(v) for k, v in values.items()})
+    parsed, remaining = _parse(arg_parser, argv)
+    if remaining:
+        flag = remaining[0].lstrip("-").split("=")[0]
+        raise RecipeError(f"Unknown option `{remaining[0]}`.{_suggest(flag)}")
+    data, model, freeze, run, training = parsed
+    if not data.dataset:
+        raise RecipeError("No dataset given: set `dataset:` in the recipe or pass `--dataset <hub id or folder>`.")
+    return Recipe(data, model, freeze, run, training)
+
+
+def _as_default(value):
+    # argparse type-converts string defaults only; lists (stages, patterns) pass through as they are.
+    return value if isinstance(value, (list, dict, str)) or value is None else str(value)
+
+
+def _parse(arg_parser, argv):
+    try:
+        *parsed, remaining = arg_parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    except (ValueError, TypeError) as error:
+        raise RecipeError(str(error)) from None
+    return parsed, remaining

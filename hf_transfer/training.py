@@ -1,0 +1,176 @@
+"""The whole flow: data -> model -> freeze plan -> Trainer -> test -> a model repo on disk.
+
+The final model is assembled in a staging folder and moved into `output_dir` with
+`config.json` last, so a kill while saving never leaves a folder that loads half a model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import Trainer, TrainerCallback, set_seed
+
+from .card import write_model_card
+from .data import attach_transforms, build_transforms, collate, load_image_dataset
+from .freezing import FreezeCallback, FreezePlan
+from .metrics import compute_metrics, test_report
+from .models import data_config, load_model
+from .plots import plot_confusion_matrix, plot_training_curves
+from .recipe import Recipe
+
+logger = logging.getLogger(__name__)
+
+RUN_CONFIG = "run_config.json"
+
+
+class OutputDirError(RuntimeError):
+    """The output folder holds something this run must not overwrite."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training diverged; the last good checkpoint is kept."""
+
+
+class StopOnNonFiniteLoss(TrainerCallback):
+    """Trainer quietly averages NaN losses away; stop instead, before a NaN weight is ever saved."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise NonFiniteLossError(
+                f"Loss became {loss} at step {state.global_step}. Lower `learning_rate` or use `bf16` instead of "
+                f"`fp16`; the last good checkpoint in {args.output_dir} is kept (`--resume` continues from it)."
+            )
+
+
+def run(recipe: Recipe) -> dict:
+    """Train, evaluate on the test split and write a complete model repo; returns all results."""
+    args = recipe.training
+    args.logging_nan_inf_filter = False  # a NaN must reach StopOnNonFiniteLoss, not be averaged away
+    args.dataloader_pin_memory = args.dataloader_pin_memory and torch.cuda.is_available()
+    output_dir = Path(args.output_dir)
+    if args.should_save:
+        prepare_output_dir(output_dir, recipe)
+    set_seed(args.seed)
+
+    with args.main_process_first(desc="dataset preparation"):
+        data = load_image_dataset(recipe.data, seed=args.seed)
+    model, image_processor = load_model(recipe.model, data.labels)
+    train_transform, eval_transform = build_transforms(
+        data_config(model, image_processor), recipe.data.augmentation, recipe.data.crop_min_scale
+    )
+    splits = attach_transforms(data, train_transform, eval_transform)
+    plan = FreezePlan(model, recipe.freeze, args.learning_rate)
+    optimizer = torch.optim.AdamW(
+        plan.parameter_groups(args.weight_decay), lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=splits["train"],
+        eval_dataset=splits["validation"],
+        data_collator=collate,
+        compute_metrics=compute_metrics,
+        processing_class=image_processor,
+        optimizers=(optimizer, None),
+        callbacks=[FreezeCallback(plan), StopOnNonFiniteLoss()],
+    )
+
+    train_metrics = trainer.train(resume_from_checkpoint=True if recipe.run.resume else None).metrics
+    eval_metrics = trainer.evaluate()
+    test_output = trainer.predict(splits["test"], metric_key_prefix="test")
+    for split, metrics in (("train", train_metrics), ("eval", eval_metrics), ("test", test_output.metrics)):
+        trainer.log_metrics(split, metrics)
+
+    results = {
+        **train_metrics, **eval_metrics, **test_output.metrics,
+        "split_sizes": data.sizes,
+        "skipped_images": {name: len(entries) for name, entries in data.skipped.items()},
+        "skipped_image_examples": {name: entries[:20] for name, entries in data.skipped.items()},
+    }
+    if trainer.is_world_process_zero():
+        staging = output_dir / ".partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        # Not trainer.save_model: it also pickles the TrainingArguments, and we write only safetensors.
+        model.save_pretrained(staging)
+        image_processor.to_json_file(staging / "preprocessor_config.json")
+        report = test_report(np.argmax(test_output.predictions, axis=-1), test_output.label_ids, data.labels)
+        _write_json(staging / "all_results.json", results)
+        _write_json(staging / "test_report.json", report)
+        _write_json(staging / RUN_CONFIG, recipe.to_dict())
+        trainer.state.save_to_json(str(staging / "trainer_state.json"))
+        plan.save(staging / "freeze_plan.json")
+        plot_training_curves(trainer.state.log_history, staging / "training_curves.png")
+        plot_confusion_matrix(report["confusion_matrix"], data.labels, staging / "confusion_matrix.png")
+        write_model_card(staging)
+        publish(staging, output_dir)
+        _print_next_steps(output_dir, results)
+    trainer.accelerator.wait_for_everyone()
+    return results
+
+
+def _write_json(path: Path, value) -> None:
+    path.write_text(json.dumps(value, indent=2, default=str))
+
+
+def prepare_output_dir(output_dir: Path, recipe: Recipe) -> None:
+    """Refuse to mix two different runs in one folder; record which run this folder holds."""
+    config_file = output_dir / RUN_CONFIG
+    current = recipe.to_dict()
+    if recipe.run.overwrite and output_dir.exists():
+        shutil.rmtree(output_dir)
+    elif config_file.exists():
+        previous, now = _flatten(json.loads(config_file.read_text())), _flatten(current)
+        changed = sorted(k for k in set(previous) | set(now) if not k.startswith("run.") and previous.get(k) != now.get(k))
+        if changed:
+            raise OutputDirError(
+                f"{output_dir} already holds a different run (differs in: {', '.join(changed[:8])}). "
+                "Pass `--overwrite` to replace it, or choose another `--output_dir`."
+            )
+    elif output_dir.exists() and any(output_dir.iterdir()) and not recipe.run.resume:
+        raise OutputDirError(
+            f"{output_dir} is not empty and was not written by hf-transfer. Pass `--overwrite` to replace it, "
+            "or choose another `--output_dir`."
+        )
+    if recipe.run.resume and not any(output_dir.glob("checkpoint-*")):
+        raise OutputDirError(f"`--resume` found no checkpoint in {output_dir}. Run without `--resume` to start fresh.")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(config_file, current)
+
+
+def _flatten(sections: dict) -> dict:
+    return {f"{section}.{key}": value for section, values in sections.items() for key, value in values.items()}
+
+
+def publish(staging: Path, output_dir: Path) -> None:
+    """Move the staged files in; config.json goes last, so the folder never loads a mix of two models."""
+    (output_dir / "config.json").unlink(missing_ok=True)
+    files = sorted(staging.iterdir(), key=lambda path: path.name == "config.json")
+    for path in files:
+        target = output_dir / path.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(path, target)
+    staging.rmdir()
+
+
+def _print_next_steps(output_dir: Path, results: dict) -> None:
+    print(
+        f"\nTest accuracy {results['test_accuracy']:.2%}, macro-F1 {results['test_f1']:.4f} "
+        f"on {results['split_sizes']['test']} images.\n"
+        f"Model saved to {output_dir}/ (model card: {output_dir}/README.md). Use it with:\n"
+        f"  from transformers import pipeline\n"
+        f"  classifier = pipeline('image-classification', model='{output_dir}')\n"
+        f"  classifier('cat.jpg')\n"
+        f"Share it:   hf-transfer push {output_dir} --repo-id <user>/<name>\n"
+        f"Try it:     hf-transfer demo {output_dir}\n"
+    )
