@@ -116,15 +116,21 @@ class RunFiles:
         return (self.config.get("pretrained_cfg") or {}).get("license") or self.run.get("model", {}).get("license")
 
     @property
-    def dataset(self) -> tuple[str, str, bool]:
-        """(identifier, display name, is a Hub id) of the training data."""
+    def dataset(self) -> tuple[str, bool]:
+        """(identifier, is a Hub id) of the training data; a local folder is named by its base name."""
         requested = str(self.run.get("data", {}).get("dataset") or "")
         if not requested:
-            return "unknown", "an unrecorded dataset", False
+            return "unknown", False
         if Path(requested).exists() or requested.startswith((".", "/", "~")):
-            name = Path(requested).name
-            return name, f"local dataset folder `{name}`", False
-        return requested, requested, True
+            return Path(requested).name, False
+        return requested, True
+
+    @property
+    def dataset_text(self) -> str:
+        identifier, on_hub = self.dataset
+        if on_hub:
+            return f"[{identifier}](https://huggingface.co/datasets/{identifier})"
+        return f"the local dataset folder `{identifier}`" if identifier != "unknown" else "an unrecorded dataset"
 
     @property
     def image_size(self) -> tuple[int, int] | None:
@@ -140,10 +146,10 @@ class RunFiles:
 
 
 def build_card_data(run: RunFiles, repo_id: str | None) -> ModelCardData:
-    dataset_id, dataset_name, on_hub = run.dataset
+    dataset_id, on_hub = run.dataset
     test_split = run.run.get("data", {}).get("test_split") or "test"
     common = dict(task_type="image-classification", task_name="Image Classification", dataset_type=dataset_id,
-                  dataset_name=dataset_name, dataset_split=test_split,
+                  dataset_name=dataset_id, dataset_split=test_split,
                   dataset_config=run.run.get("data", {}).get("dataset_config"))
     eval_results = [
         EvalResult(metric_type="accuracy", metric_name="Test accuracy", metric_value=run.results["test_accuracy"],
@@ -170,8 +176,12 @@ def build_card_data(run: RunFiles, repo_id: str | None) -> ModelCardData:
 
 def _summary(run: RunFiles, repo_id: str | None, data: ModelCardData) -> str:
     labels, results = run.labels, run.results
-    origin = (f"[{data.base_model}](https://huggingface.co/{data.base_model})" if data.base_model
-              else f"`{run.architecture}` (no pretrained Hub checkpoint recorded)")
+    if data.base_model:
+        origin = f"fine-tuned from [{data.base_model}](https://huggingface.co/{data.base_model})"
+    elif run.run.get("model", {}).get("pretrained") is False:
+        origin = f"trained from a random initialisation of `{run.architecture}`"
+    else:
+        origin = f"fine-tuned from `{run.architecture}` (its pretrained checkpoint was not recorded)"
     n_test = (results.get("split_sizes") or {}).get("test")
     scored = f" on {n_test} held-out test images" if n_test else " on the held-out test split"
     source = repo_id or str(run.dir.resolve())
@@ -187,8 +197,8 @@ def _summary(run: RunFiles, repo_id: str | None, data: ModelCardData) -> str:
                     "```python", "import timm", "", f'model = timm.create_model("{timm_source}", pretrained=True)', "```"]
     return "\n".join([
         f"# {data.model_name}", "",
-        f"An image classifier for {len(labels)} classes ({', '.join(labels)}), fine-tuned from {origin} "
-        f"on {run.dataset[1]} with hf_transfer "
+        f"An image classifier for {len(labels)} classes ({', '.join(labels)}), {origin} "
+        f"on {run.dataset_text} with hf_transfer "
         f"(freeze strategy: `{(run.freeze or {}).get('strategy', 'not recorded')}`).", "",
         f"**Test accuracy {results['test_accuracy']:.2%}, macro-F1 {results['test_f1']:.4f}**{scored}.", "",
         "## How to use", "", *snippet,
@@ -200,7 +210,7 @@ def _data_section(run: RunFiles) -> str:
     skipped = run.results.get("skipped_images") or {}
     examples = run.results.get("skipped_image_examples") or {}
     rows = [[split, sizes.get(split), skipped.get(split, 0)] for split in ("train", "validation", "test")]
-    lines = ["## Training data", "", f"Dataset: {run.dataset[1]}.", "",
+    lines = ["## Training data", "", f"Dataset: {run.dataset_text}.", "",
              _table(["split", "images used", "skipped as unreadable"], rows), "",
              f"Classes ({len(run.labels)}): " + ", ".join(f"`{label}`" for label in run.labels) + "."]
     total_skipped = sum(skipped.values())
@@ -323,7 +333,7 @@ def _limitations_section(run: RunFiles) -> str:
         margin = 1.96 * math.sqrt(max(accuracy * (1 - accuracy), 1e-12) / n_test)
         caution = " That is a small test set; treat the scores as rough." if n_test < 1000 else ""
         notes.append(f"The test split has {n_test} images, so the accuracy is known to about "
-                     f"±{margin:.1%} (95% interval).{caution}")
+                     f"±{100 * margin:.1f} percentage points (95% interval).{caution}")
     if run.report:
         per_class = run.report["per_class"]
         worst = min(per_class, key=lambda label: per_class[label]["f1"])
@@ -344,7 +354,7 @@ def _limitations_section(run: RunFiles) -> str:
         notes.append(f"{skipped} unreadable image(s) were dropped from the data; the scores do not cover them.")
     if not run.license:
         notes.append("No license was recorded for the base model: check it before using this model.")
-    notes.append(f"It inherits the biases of {run.dataset[1]}: it was only evaluated on images from that source.")
+    notes.append(f"It inherits the biases of {run.dataset_text}: it was only evaluated on images from that source.")
     return "\n".join(["## Limitations", "", *[f"- {note}" for note in notes]])
 
 

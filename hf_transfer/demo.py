@@ -6,6 +6,7 @@ Both use the very app.py a Space runs, found next to this package in the reposit
 from __future__ import annotations
 
 import importlib.util
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -73,7 +74,7 @@ def save_examples(split: Dataset, dest: Path, *, image_column: str, label_column
         taken[label] = taken.get(label, 0) + 1
         image = row[image_column]
         suffix = Path(image["path"] or "").suffix or ".jpg"
-        name = names[label] if names else str(label)
+        name = re.sub(r"[^\w.-]+", "_", names[label] if names else str(label))  # a safe file name
         path = dest / f"{name}_{taken[label]}{suffix}"
         path.write_bytes(image["bytes"] if image["bytes"] is not None else Path(image["path"]).read_bytes())
         written.append(path)

@@ -52,7 +52,7 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], labels: Sequence[str]
     n = len(labels)
     # Colour by share of each true class so that rare classes stay readable.
     shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    side = min(max(4.5, 0.45 * n + 2.5), 30)
+    side = min(max(5.5, 0.45 * n + 2.5), 30)
     fig, ax = plt.subplots(figsize=(side, side * 0.9))
     image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of true class")
@@ -66,7 +66,7 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], labels: Sequence[str]
                         color="white" if shares[row, col] > 0.5 else "black")
     total, correct = counts.sum(), np.trace(counts)
     accuracy = f"accuracy {correct / total:.1%} on {int(total)} images" if total else "no images"
-    ax.set(title=f"Confusion matrix ({accuracy})", xlabel="predicted label", ylabel="true label")
+    ax.set(title=f"Confusion matrix, test split\n({accuracy})", xlabel="predicted label", ylabel="true label")
     fig.tight_layout()
     return _save(fig, path)
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
@@ -130,6 +132,9 @@ def parse_recipe(argv: list[str] | None = None, **overrides) -> Recipe:
         if key not in known_keys():
             raise RecipeError(f"Unknown option `{key}`.{_suggest(key)}")
     values.update(_flatten_freeze(overrides))
+    if "LOCAL_RANK" in os.environ and not torch.cuda.is_available():
+        # `accelerate launch --multi_gpu` with no GPU: run the processes on CPU with gloo instead of one each.
+        os.environ["ACCELERATE_USE_CPU"] = "true"
     arg_parser = parser()
     arg_parser.set_defaults(**{k: _as_default(v) for k, v in values.items()})
     parsed, remaining = _parse(arg_parser, argv)

@@ -190,7 +190,7 @@ def test_card_body_is_filled_from_the_run(fresh_run):
     assert "32 x 32" in body  # resolution, from preprocessor_config.json
     n_test = sizes["test"]
     margin = 1.96 * math.sqrt(max(results["test_accuracy"] * (1 - results["test_accuracy"]), 1e-12) / n_test)
-    assert f"±{margin:.1%}" in body and "small test set" in body
+    assert f"±{100 * margin:.1f} percentage points" in body and "small test set" in body
     for figure in ("confusion_matrix.png", "training_curves.png"):
         assert f"]({figure})" in body
         assert Image.open(fresh_run / figure).format == "PNG"  # drawn by the card when the run had none
