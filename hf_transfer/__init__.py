@@ -1,1 +1,17 @@
-"""Transfer learning for image classification with the Hugging Face stack."""
+"""Transfer learning for image classification with the Hugging Face stack.
+
+    from hf_transfer import finetune
+    results = finetune("recipes/quickstart.yaml", num_train_epochs=3, output_dir="outputs/mine")
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+
+def finetune(recipe: str | None = None, **options) -> dict:
+    """Run a recipe (a YAML path), with any recipe key overridden by keyword; returns all results."""
+    from .recipe import parse_recipe
+    from .training import run
+
+    return run(parse_recipe([recipe] if recipe else [], **options))

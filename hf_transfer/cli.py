@@ -79,3 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         run_training(argv[1:])
         return
     commands.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -6,6 +6,7 @@ Both use the very app.py a Space runs, found next to this package in the reposit
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import shutil
 import tempfile
@@ -16,8 +17,11 @@ from typing import TYPE_CHECKING
 from datasets import ClassLabel, Dataset
 from datasets import Image as ImageFeature
 from huggingface_hub import HfApi, SpaceCard
+from transformers import TrainingArguments
 
+from .data import DataArguments, DatasetError, load_image_dataset
 from .images import unreadable_reason
+from .training import RUN_CONFIG
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -44,10 +48,16 @@ def load_app() -> ModuleType:
 
 
 def start_demo(model: str, *, examples_dir: Path | None = None, port: int | None = None, top_k: int = 5) -> gr.Blocks:
-    """Serve the demo of `model` (output dir or Hub repo id) on 127.0.0.1 without blocking; close() stops it."""
+    """Serve the demo of `model` (output dir or Hub repo id) on 127.0.0.1 without blocking; close() stops it.
+
+    Without examples_dir, an output dir's examples are a few images of the test split its run was scored on.
+    """
     app = load_app()
-    demo = app.build_demo(model, examples_dir=examples_dir, top_k=top_k)
-    app.launch(demo, host="127.0.0.1", port=port, examples_dir=examples_dir, block=False)
+    with tempfile.TemporaryDirectory(prefix="hf_transfer_examples_") as scratch:
+        if examples_dir is None and (Path(model) / RUN_CONFIG).is_file():
+            examples_dir = examples_from_run(Path(model), Path(scratch))
+        demo = app.build_demo(model, examples_dir=examples_dir, top_k=top_k)  # copies the examples away
+    app.launch(demo, host="127.0.0.1", port=port, block=False)
     return demo
 
 
@@ -56,7 +66,23 @@ def run_demo(model: str, *, examples_dir: Path | None = None, port: int | None =
     start_demo(model, examples_dir=examples_dir, port=port, top_k=top_k).block_thread()
 
 
-def save_examples(split: Dataset, dest: Path, *, image_column: str, label_column: str, per_class: int = 2) -> list[Path]:
+def examples_from_run(output_dir: Path, dest: Path, per_class: int = 2) -> Path | None:
+    """Save a few test-split images of the dataset the run in output_dir trained on; None if it is unreachable."""
+    run_config = json.loads((output_dir / RUN_CONFIG).read_text())
+    # The run carved its splits with its own seed (recorded only when not the default).
+    seed = run_config.get("training", {}).get("seed", TrainingArguments.seed)
+    try:
+        data = load_image_dataset(DataArguments(**run_config["data"]), seed=seed)
+    except (DatasetError, OSError) as error:  # a moved folder, a Hub dataset offline: the demo runs without
+        print(f"No example images: {error}")
+        return None
+    save_examples(data.splits["test"], dest, image_column=data.image_column, label_column=data.label_column,
+                  per_class=per_class)
+    return dest
+
+
+def save_examples(split: Dataset, dest: Path, *, image_column: str, label_column: str,
+                  per_class: int = 2) -> list[Path]:
     """Write the first `per_class` images of each class of `split` (a test split) to dest, as `<label>_<n>.<ext>`.
 
     Unreadable images are passed over; the others keep their original encoded bytes.

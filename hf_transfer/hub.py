@@ -75,14 +75,16 @@ def push_to_hub(output_dir: str | Path, repo_id: str, private: bool = False, rev
     if not token:
         raise HubError("No Hugging Face token found. Run `hf auth login` (or set HF_TOKEN) with a token that "
                        "has write access, then push again.")
+    _check_no_token_inside(files, token, folder)
     api = HfApi(token=token)
     try:
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         if revision not in (None, constants.DEFAULT_REVISION):
             api.create_branch(repo_id, branch=revision, exist_ok=True)
+        card = folder / "README.md"
         write_model_card(folder, repo_id=repo_id)
-        files = _check_output_dir(folder)
-        _check_no_token_inside(files, token, folder)
+        files = _check_output_dir(folder)  # the card may have drawn the plots
+        _check_no_token_inside([card], token, folder)
         commit = api.upload_folder(
             repo_id=repo_id, folder_path=folder, revision=revision, ignore_patterns=TRAINER_CHECKPOINTS,
             commit_message=commit_message or f"Upload image classifier trained with hf_transfer ({len(files)} files)",
@@ -144,12 +146,11 @@ def verify_push(repo_id: str, output_dir: str | Path, images: list[ImageInput], 
 
     Raises VerificationError when a top label differs or a class score differs by more than `atol`.
     """
-    from transformers import pipeline  # heavy: only when verifying
-
     if not images:
         raise ValueError("verify_push needs at least one image (ideally held out from training).")
     cache_dir = tempfile.mkdtemp(prefix="hf-transfer-verify-")
     snapshot = download_model(repo_id, revision=revision, cache_dir=cache_dir, token=token)
+    from transformers import pipeline  # heavy: imported once the repo is known to exist
     commit = snapshot.name  # snapshots/<commit sha>
     hub_classifier = pipeline("image-classification", model=repo_id, revision=commit, token=token,
                               model_kwargs={"cache_dir": cache_dir})

@@ -79,7 +79,8 @@ class RecipeError(ValueError):
 
 
 def parser() -> HfArgumentParser:
-    return HfArgumentParser(ARGUMENT_CLASSES)
+    # No abbreviations: a misspelt `--num_train_epoch` must be reported, not silently completed.
+    return HfArgumentParser(ARGUMENT_CLASSES, allow_abbrev=False)
 
 
 def known_keys() -> set[str]:

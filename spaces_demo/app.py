@@ -35,12 +35,11 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"}
 
 def resolve_model(flag: str | None) -> str:
     """The model to serve: --model, else $HF_TRANSFER_MODEL, else the first `models:` entry of the Space README."""
-    if flag or os.environ.get(MODEL_ENV):
-        return flag or os.environ[MODEL_ENV]
-    models = SpaceCard.load(APP_DIR / "README.md").data.models
-    if not models:
+    pinned = SpaceCard.load(APP_DIR / "README.md").data.models or [None]
+    model = flag or os.environ.get(MODEL_ENV) or pinned[0]
+    if not model:
         raise SystemExit(f"No model to serve: pass --model <output dir | repo id> or set {MODEL_ENV}.")
-    return models[0]
+    return model
 
 
 def resolve_examples(flag: str | None) -> Path | None:
@@ -93,7 +92,7 @@ def card_summary(model_ref: str, label_names: list[str]) -> str:
 
     accuracy = _test_accuracy(results, card)
     accuracy_text = "not reported" if accuracy is None else f"{accuracy:.1%}"
-    test_size = results.get("split_sizes", {}).get("test")
+    test_size = (results.get("split_sizes") or {}).get("test")
     if accuracy is not None and test_size:
         accuracy_text += f" on {test_size:,} test images"
     classes = ", ".join(label_names) if len(label_names) <= 10 else f"{len(label_names)} classes"
@@ -135,7 +134,10 @@ def read_upload(path: Path) -> Image.Image:
 
 
 def build_demo(model_ref: str, examples_dir: Path | None = None, top_k: int = 5) -> gr.Blocks:
-    """The page: upload, top-k labels with confidences, examples, and the model card summary."""
+    """The page: upload, top-k labels with confidences, examples, and the model card summary.
+
+    Gradio copies the example images into its cache here: examples_dir is not needed afterwards.
+    """
     classifier = pipeline("image-classification", model=model_ref, device="cpu")
     label_names = list(classifier.model.config.id2label.values())
 
@@ -151,7 +153,8 @@ def build_demo(model_ref: str, examples_dir: Path | None = None, top_k: int = 5)
         gr.Markdown(f"# Image classifier: `{model_name}`\n{card_summary(model_ref, label_names)}")
         with gr.Row():
             with gr.Column():
-                image = gr.Image(type="filepath", sources=["upload", "clipboard"], label="Image")
+                image = gr.Image(type="filepath", sources=["upload", "clipboard"], label="Image",
+                                 elem_id="input-image")
                 with gr.Row():
                     clear = gr.ClearButton(value="Clear", elem_id="clear-button")
                     submit = gr.Button("Classify", variant="primary", elem_id="classify-button")
@@ -166,22 +169,25 @@ def build_demo(model_ref: str, examples_dir: Path | None = None, top_k: int = 5)
         if examples:
             gallery = gr.Examples(examples, inputs=image, label="Examples from the test split")
             # A click on an example classifies it at once, through the same raw-payload path as an upload.
-            gallery.load_input_event.then(classify, inputs=image, outputs=label, preprocess=False, api_visibility="undocumented")
+            gallery.load_input_event.then(classify, inputs=image, outputs=label, preprocess=False,
+                                          api_visibility="undocumented")
     return demo
 
 
-def launch(demo: gr.Blocks, host: str, port: int | None = None, examples_dir: Path | None = None,
-           block: bool = True) -> None:
-    """Serve with safe defaults: the given host only, no share link, upload size capped, no extra files."""
+def launch(demo: gr.Blocks, host: str, port: int | None = None, block: bool = True) -> None:
+    """Serve with safe defaults: the given host only, no share link, uploads capped in size.
+
+    No allowed_paths: Gradio serves only its own cache (the examples were copied there) and the uploads.
+    """
     demo.launch(
         server_name=host,
         server_port=port,
         share=False,
         max_file_size=MAX_IMAGE_BYTES,
-        allowed_paths=[str(examples_dir)] if examples_dir else None,
         prevent_thread_lock=not block,
         # System fonts: the default theme makes every visitor's browser fetch Google Fonts.
-        theme=gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]),
+        theme=gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                             font_mono=["ui-monospace", "monospace"]),
     )
 
 
@@ -194,9 +200,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, help="default: $GRADIO_SERVER_PORT, else the first free from 7860")
     args = parser.parse_args(argv)
-    examples_dir = resolve_examples(args.examples)
-    demo = build_demo(resolve_model(args.model), examples_dir, args.top_k)
-    launch(demo, host=args.host, port=args.port, examples_dir=examples_dir)
+    demo = build_demo(resolve_model(args.model), resolve_examples(args.examples), args.top_k)
+    launch(demo, host=args.host, port=args.port)
 
 
 if __name__ == "__main__":

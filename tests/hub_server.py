@@ -490,6 +490,7 @@ def metadata_errors(data: dict) -> list[str]:
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     hub: LocalHub
+    _log_entry: dict | None = None  # the hub.requests entry of the request being answered
 
     def log_message(self, format, *args) -> None:  # quiet: tests read hub.requests instead
         pass
@@ -541,24 +542,31 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
-        self._status = status
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        if self._log_entry is not None:  # logged before the client can see the answer
+            self._log_entry["status"] = code
+        super().send_response(code, message)
 
     def _dispatch(self, method: str) -> None:
-        self._status, chunked = 0, "chunked" in self.headers.get("Transfer-Encoding", "").lower()
         parsed = urlparse(self.path)
+        self._log_entry = {"method": method, "path": parsed.path, "status": 0,
+                           "chunked": "chunked" in self.headers.get("Transfer-Encoding", "").lower()}
+        with self.hub._lock:
+            self.hub.requests.append(self._log_entry)
         try:
             self._route(method, parsed.path, parse_qs(parsed.query))
         except HubError as err:
-            self.close_connection = True  # the body may be unread: never reuse this connection
             headers = {**err.headers, "X-Error-Message": err.message.encode("ascii", "replace").decode()}
+            if method == "PUT":  # an LFS body may be left unread: the connection cannot be reused
+                headers["Connection"] = "close"
             if err.code:
                 headers["X-Error-Code"] = err.code
             self._send(err.status, err.body or {"error": err.message}, headers)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
-        with self.hub._lock:
-            self.hub.requests.append({"method": method, "path": parsed.path, "status": self._status,
-                                      "chunked": chunked})
+        finally:
+            self._log_entry = None
 
     def _route(self, method: str, path: str, query: dict) -> None:
         hub = self.hub
@@ -663,7 +671,6 @@ class _Handler(BaseHTTPRequestHandler):
         for key, value in headers.items():
             self.send_header(key, value)
         self.end_headers()
-        self._status = status
         if self.command == "HEAD":
             return
         with open(hub.object_path(entry.sha256), "rb") as source:

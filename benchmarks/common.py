@@ -1,0 +1,130 @@
+"""Shared by the benchmark scripts: the machine and library versions, markdown tables, results files.
+
+Every script prints its table and appends it, with the date, machine and versions, to
+`benchmarks/results/<name>.md` (or to `$BENCH_RESULTS_DIR/<name>.md` when that is set).
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # the scripts run as `python benchmarks/x.py` from a checkout
+    sys.path.insert(0, str(REPO))
+
+RESULTS_DIR = Path(os.environ.get("BENCH_RESULTS_DIR", REPO / "benchmarks" / "results"))
+LIBRARIES = ("torch", "torchvision", "timm", "transformers", "accelerate", "datasets", "huggingface_hub")
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    """One line naming the machine: CPU, cores, torch threads, load, and the GPU if there is one."""
+    load = " / ".join(f"{value:.1f}" for value in os.getloadavg())
+    text = f"{cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, load average {load}"
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        text += f"; GPU {props.name} ({props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs, CUDA {torch.version.cuda})"
+    return text
+
+
+def versions() -> str:
+    found = []
+    for name in LIBRARIES:
+        try:
+            found.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return f"Python {platform.python_version()}, " + ", ".join(found)
+
+
+def git_commit() -> str:
+    """The checkout's commit, read from .git without running git."""
+    head = REPO / ".git" / "HEAD"
+    try:
+        ref = head.read_text().strip()
+        if ref.startswith("ref: "):
+            return (REPO / ".git" / ref[5:]).read_text().strip()[:10]
+        return ref[:10]
+    except OSError:
+        return "unknown"
+
+
+def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    columns = columns or list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(column, "")) for column in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:,.4g}" if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def report(name: str, title: str, rows: list[dict], notes: list[str] = (), columns: list[str] | None = None) -> str:
+    """Print the table and append it, with date, machine and versions, to the results file `name`.md."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    text = "\n".join([
+        f"## {title}",
+        "",
+        f"- date: {stamp}, commit {git_commit()}",
+        f"- machine: {machine()}",
+        f"- versions: {versions()}",
+        *[f"- {note}" for note in notes],
+        "",
+        markdown_table(rows, columns),
+        "",
+        "",
+    ])
+    print("\n" + text, flush=True)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS_DIR / f"{name}.md", "a") as results:
+        results.write(text)
+    return text
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class Stopwatch:
+    """Wall-clock seconds, with the GPU's queued work finished at start and stop."""
+
+    def __enter__(self):
+        synchronize()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        synchronize()
+        self.seconds = time.perf_counter() - self.start
+
+
+def median(values) -> float:
+    return statistics.median(values)

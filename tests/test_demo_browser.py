@@ -1,0 +1,125 @@
+"""`hf-transfer demo` in a real browser: headless Chromium uploads a cat photo and a corrupt file to the demo
+served on 127.0.0.1, and reads the prediction and the error message from the page."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+import pytest
+from huggingface_hub import ModelCard
+from playwright.sync_api import Page, expect, sync_playwright
+
+from hf_transfer.demo import start_demo
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CAT = Path(__file__).parent / "fixtures" / "cat.jpg"
+ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS_DIR", REPO_ROOT / "test-artifacts"))
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def demo(quickstart_model_dir):
+    served = start_demo(str(quickstart_model_dir))  # examples: from the run's test split
+    yield served
+    served.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser, demo):
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    requested_hosts = set()
+    page.on("request", lambda request: requested_hosts.add(urlparse(request.url).hostname))
+    page.goto(demo.local_url)
+    page.wait_for_selector("input[type=file]", state="attached")
+    yield page
+    # The page works offline: no fonts, scripts or analytics from anywhere but the demo server.
+    assert requested_hosts == {"127.0.0.1"}
+    page.close()
+
+
+def _submit(page: Page, upload: Path | None) -> None:
+    if upload is not None:
+        page.set_input_files("input[type=file]", str(upload))
+        # Uploaded: the preview now shows the server's copy of this file.
+        page.locator(f'#input-image img[src$="/{upload.name}"]').wait_for(timeout=10_000)
+    page.click("#classify-button")
+
+
+def _error_message(page: Page, phrase: str) -> str:
+    """The text of the error toast that contains `phrase` (waits for it to appear)."""
+    toast = page.get_by_test_id("toast-text").filter(has_text=phrase)
+    expect(toast).to_be_visible(timeout=10_000)
+    return toast.inner_text()
+
+
+def _screenshot(page: Page, name: str) -> None:
+    """Test artifact. The viewport with animations finished: full-page shots drop the fixed error toasts."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=ARTIFACTS / name, animations="disabled")
+
+
+def test_cat_photo_then_corrupt_file(page, quickstart_model_dir, tmp_path):
+    summary = page.locator("[data-testid=markdown]").first.inner_text()
+    card = ModelCard.load(quickstart_model_dir / "README.md").data
+    results = json.loads((quickstart_model_dir / "all_results.json").read_text())
+    assert f"Base model: {card.base_model}" in summary
+    assert f"Test accuracy: {results['test_accuracy']:.1%}" in summary
+
+    _submit(page, CAT)
+    top_label = page.locator("[data-testid=label-output-value]")
+    top_label.wait_for(timeout=20_000)
+    assert top_label.inner_text() == "cat"
+    meter = page.locator("[data-testid=cat-confidence-set] meter")
+    confidence = float(meter.get_attribute("value"))
+    shown = page.locator("[data-testid=cat-confidence-set] .confidence").inner_text()
+    assert confidence > 0.5 and shown == f"{round(confidence * 100)}%"
+    _screenshot(page, "demo_cat.png")
+
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(CAT.read_bytes()[: CAT.stat().st_size // 2])  # a download cut in half
+    _submit(page, corrupt)
+    message = _error_message(page, "truncated JPEG")
+    assert message.startswith("This file cannot be used as an image") and "Traceback" not in page.content()
+    _screenshot(page, "demo_corrupt_file.png")
+
+
+def test_examples_come_from_the_test_split_and_classify_on_click(page):
+    examples = page.locator("button.gallery-item img")
+    assert examples.count() == 4  # two per class
+    examples.first.click()  # cat_1.jpg: the examples are sorted by file name
+    top_label = page.locator("[data-testid=label-output-value]")
+    top_label.wait_for(timeout=20_000)
+    assert top_label.inner_text() in {"cat", "dog"}
+
+
+def test_empty_submit_and_non_image_get_messages(page, tmp_path):
+    _submit(page, None)
+    assert _error_message(page, "upload an image") == "Please upload an image first."
+    assert page.get_by_test_id("label-output-value").count() == 0
+
+    notes = tmp_path / "notes.jpg"
+    notes.write_text("These are my holiday pictures.\n")
+    _submit(page, notes)
+    assert "not an image (looks like text)" in _error_message(page, "not an image")
+
+
+def test_server_is_local_only_and_serves_no_other_files(demo):
+    assert urlparse(demo.local_url).hostname == "127.0.0.1" and demo.share is False and demo.share_url is None
+    for outside in (REPO_ROOT / "pyproject.toml", Path("/etc/hostname"), CAT):
+        response = httpx.get(f"{demo.local_url}gradio_api/file={outside}")
+        assert response.status_code == 403, outside
+    too_big = {"files": ("big.jpg", CAT.read_bytes() + bytes(11 * 2**20), "image/jpeg")}
+    assert httpx.post(f"{demo.local_url}gradio_api/upload", files=too_big).status_code == 413
