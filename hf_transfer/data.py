@@ -16,6 +16,7 @@ import torch
 from torchvision import transforms as T
 
 from .images import load_image, unreadable_reason
+from .offline import hub_reachable, offline_mode
 
 logger = logging.getLogger(__name__)
 
@@ -89,10 +90,27 @@ def _load(args: DataArguments) -> datasets.DatasetDict:
     local = Path(args.dataset).expanduser()
     if not local.exists() and (args.dataset.startswith((".", "/", "~")) or args.dataset.count("/") > 1):
         raise DatasetError(f"Dataset folder '{args.dataset}' does not exist. Give an existing folder or a Hub id such as `uoft-cs/cifar10`.")
-    raw = datasets.load_dataset(str(local) if local.exists() else args.dataset, args.dataset_config)
+    if local.exists():
+        raw = datasets.load_dataset(str(local), args.dataset_config)
+    elif hub_reachable():
+        raw = datasets.load_dataset(args.dataset, args.dataset_config)
+    else:
+        raw = _load_from_cache(args)
     if args.train_split not in raw:
         raise DatasetError(f"Dataset '{args.dataset}' has no '{args.train_split}' split (it has {list(raw)}). Set `train_split`.")
     return raw
+
+
+def _load_from_cache(args: DataArguments) -> datasets.DatasetDict:
+    try:
+        with offline_mode():
+            return datasets.load_dataset(args.dataset, args.dataset_config)
+    except (ConnectionError, FileNotFoundError) as error:
+        raise DatasetError(
+            f"Cannot load '{args.dataset}': the Hugging Face Hub is unreachable (or HF_HUB_OFFLINE=1) and the dataset "
+            f"is not in the datasets cache ({error.__class__.__name__}). Point `dataset` at a local copy instead, "
+            "e.g. a parquet export with the Hub layout or an image folder."
+        ) from None
 
 
 def _find_column(features, feature_type, preferred, kind, args) -> str:

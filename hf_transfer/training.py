@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback, set_seed
 
+from .cache import FeatureCache
 from .card import write_model_card
 from .data import attach_transforms, build_transforms, collate, load_image_dataset
 from .freezing import FreezeCallback, FreezePlan
@@ -56,8 +57,7 @@ def run(recipe: Recipe) -> dict:
     args.logging_nan_inf_filter = False  # a NaN must reach StopOnNonFiniteLoss, not be averaged away
     args.dataloader_pin_memory = args.dataloader_pin_memory and torch.cuda.is_available()
     output_dir = Path(args.output_dir)
-    if args.should_save:
-        prepare_output_dir(output_dir, recipe)
+    check_output_dir(output_dir, recipe)
     set_seed(args.seed)
 
     with args.main_process_first(desc="dataset preparation"):
@@ -84,9 +84,17 @@ def run(recipe: Recipe) -> dict:
         callbacks=[FreezeCallback(plan), StopOnNonFiniteLoss()],
     )
 
-    train_metrics = trainer.train(resume_from_checkpoint=True if recipe.run.resume else None).metrics
-    eval_metrics = trainer.evaluate()
-    test_output = trainer.predict(splits["test"], metric_key_prefix="test")
+    if args.should_save:
+        claim_output_dir(output_dir, recipe)
+    resume = True if recipe.run.resume else None
+    # Feature cache (issue 4): with a frozen backbone the head trains on cached features; None otherwise.
+    cache = FeatureCache.for_run(recipe, plan, trainer, data, (train_transform, eval_transform))
+    if cache is None:
+        train_metrics = trainer.train(resume_from_checkpoint=resume).metrics
+        eval_metrics = trainer.evaluate()
+        test_output = trainer.predict(splits["test"], metric_key_prefix="test")
+    else:
+        train_metrics, eval_metrics, test_output = cache.run(splits["test"], resume)
     for split, metrics in (("train", train_metrics), ("eval", eval_metrics), ("test", test_output.metrics)):
         trainer.log_metrics(split, metrics)
 
@@ -95,6 +103,7 @@ def run(recipe: Recipe) -> dict:
         "split_sizes": data.sizes,
         "skipped_images": {name: len(entries) for name, entries in data.skipped.items()},
         "skipped_image_examples": {name: entries[:20] for name, entries in data.skipped.items()},
+        **({"feature_cache": cache.summary} if cache else {}),
     }
     if trainer.is_world_process_zero():
         staging = output_dir / ".partial"
@@ -122,29 +131,34 @@ def _write_json(path: Path, value) -> None:
     path.write_text(json.dumps(value, indent=2, default=str))
 
 
-def prepare_output_dir(output_dir: Path, recipe: Recipe) -> None:
-    """Refuse to mix two different runs in one folder; record which run this folder holds."""
+def check_output_dir(output_dir: Path, recipe: Recipe) -> None:
+    """Refuse, before any work, to mix two different runs in one folder."""
     config_file = output_dir / RUN_CONFIG
-    current = recipe.to_dict()
-    if recipe.run.overwrite and output_dir.exists():
-        shutil.rmtree(output_dir)
-    elif config_file.exists():
-        previous, now = _flatten(json.loads(config_file.read_text())), _flatten(current)
+    if recipe.run.overwrite:
+        return
+    if config_file.exists():
+        previous, now = _flatten(json.loads(config_file.read_text())), _flatten(recipe.to_dict())
         changed = sorted(k for k in set(previous) | set(now) if not k.startswith("run.") and previous.get(k) != now.get(k))
         if changed:
             raise OutputDirError(
                 f"{output_dir} already holds a different run (differs in: {', '.join(changed[:8])}). "
                 "Pass `--overwrite` to replace it, or choose another `--output_dir`."
             )
-    elif output_dir.exists() and any(output_dir.iterdir()) and not recipe.run.resume:
+    elif output_dir.exists() and any(output_dir.iterdir()):
         raise OutputDirError(
             f"{output_dir} is not empty and was not written by hf-transfer. Pass `--overwrite` to replace it, "
             "or choose another `--output_dir`."
         )
     if recipe.run.resume and not any(output_dir.glob("checkpoint-*")):
         raise OutputDirError(f"`--resume` found no checkpoint in {output_dir}. Run without `--resume` to start fresh.")
+
+
+def claim_output_dir(output_dir: Path, recipe: Recipe) -> None:
+    """Record which run the folder holds, once data and model have loaded and training is about to start."""
+    if recipe.run.overwrite and output_dir.exists():
+        shutil.rmtree(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(config_file, current)
+    _write_json(output_dir / RUN_CONFIG, recipe.to_dict())
 
 
 def _flatten(sections: dict) -> dict:

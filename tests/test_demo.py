@@ -104,6 +104,17 @@ def test_examples_come_from_the_test_split_the_run_was_scored_on(quickstart_mode
     assert (tmp_path / "cat_1.jpg").read_bytes() == first_cat
 
 
+def test_no_examples_when_the_run_dataset_is_gone(quickstart_model_dir, tmp_path, capsys):
+    run_config = json.loads((quickstart_model_dir / "run_config.json").read_text())
+    run_config["data"]["dataset"] = str(tmp_path / "moved_away")
+    output_dir = tmp_path / "run"
+    output_dir.mkdir()
+    (output_dir / "run_config.json").write_text(json.dumps(run_config))
+    assert examples_from_run(output_dir, tmp_path / "examples") is None
+    assert "No example images: Dataset folder" in capsys.readouterr().out
+    assert examples_from_run(tmp_path, tmp_path / "examples") is None  # not a training output dir
+
+
 def test_stage_space_pins_the_model_and_ships_the_app(tmp_path):
     examples = tmp_path / "examples_in"
     examples.mkdir()

@@ -1,0 +1,352 @@
+"""Feature cache for frozen backbones: the pooled features (the head's input) are computed once per split,
+kept in the datasets cache, and the model's own head module is trained on them through `Trainer`.
+
+Keyed by model id, backbone weights, preprocessing, dataset fingerprint, split and views; a second run skips extraction.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from accelerate import PartialState
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+from transformers import Trainer, TrainerCallback, TimmWrapperForImageClassification, set_seed
+from transformers.modeling_outputs import ImageClassifierOutput
+
+from .data import attach_transforms, collate
+from .metrics import compute_metrics
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+KEY_FILE = "cache_key.json"  # written last: a folder without it is an unfinished extraction
+FLOAT16_MAX = 65504.0
+# Allowed full-model vs cache disagreement on test predictions: float16 rounding can flip only exact near-ties.
+MAX_DISAGREEMENT = 0.001
+
+
+class FeatureCacheMismatchError(RuntimeError):
+    """The full model's test predictions differ from those computed on cached features."""
+
+
+def cache_root() -> Path:
+    return Path(datasets.config.HF_DATASETS_CACHE) / "hf_transfer_features"
+
+
+def head_module(model: nn.Module, head_names: list[str]) -> tuple[str, nn.Module] | None:
+    """The module that owns exactly the head block's parameters (the classifier), with its dotted name."""
+    paths = [name.split(".")[:-1] for name in head_names]
+    prefix = []
+    for pieces in zip(*paths):
+        if len(set(pieces)) > 1:
+            break
+        prefix.append(pieces[0])
+    name = ".".join(prefix)
+    if not name:
+        return None
+    module = model.get_submodule(name)
+    owned = {f"{name}.{parameter}" for parameter, _ in module.named_parameters()}
+    return (name, module) if owned == set(head_names) else None
+
+
+def head_dropout(model: nn.Module, head_name: str) -> float:
+    """Dropout the model applies right before its classifier in training (timm: `drop_rate`)."""
+    if isinstance(model, TimmWrapperForImageClassification):
+        return float(getattr(model.timm_model, "drop_rate", 0.0))
+    dropout = getattr(model.get_submodule(head_name.rpartition(".")[0]), "dropout", None)
+    return dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+
+
+def weights_digest(model: nn.Module, head_name: str) -> str:
+    """A hash of every backbone tensor (weights and BatchNorm statistics), head excluded."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        if name.startswith(head_name + "."):
+            continue
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class FeatureCapture:
+    """Records the input of `head` (the pooled backbone features) for every forward pass inside the block."""
+
+    def __init__(self, head: nn.Module, gather=None):
+        self.head, self.gather, self.batches = head, gather, []
+
+    def __enter__(self):
+        self.handle = self.head.register_forward_pre_hook(self._record)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+    def _record(self, _module, inputs):
+        features = inputs[0].detach()
+        if features.ndim != 2:
+            raise RuntimeError(f"The head's input has shape {tuple(features.shape)}, not (batch, features): no pooled features to cache.")
+        # Under several processes, gather in the same order as Trainer gathers the logits.
+        self.batches.append((self.gather(features) if self.gather else features).float().cpu())
+
+    def features(self) -> torch.Tensor:
+        return torch.cat(self.batches)
+
+
+class CachedFeatures(Dataset):
+    """Features `(images, views, dim)` and labels in memory; `view` picks which fixed view this epoch sees."""
+
+    def __init__(self, features: np.ndarray, labels: np.ndarray):
+        self.features, self.labels = torch.from_numpy(features), torch.from_numpy(labels)
+        self.views, self.view = features.shape[1], 0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"features": self.features[index, self.view].float(), "labels": self.labels[index]}
+
+
+class CycleViews(TrainerCallback):
+    """Epoch e trains on view e mod K, so K fixed augmented views stand in for fresh augmentation."""
+
+    def __init__(self, dataset: CachedFeatures):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.view = int(state.epoch or 0) % self.dataset.views
+
+
+class HeadOnFeatures(nn.Module):
+    """The model's own head module (the same object, so training it trains the model) applied to features."""
+
+    def __init__(self, head: nn.Module, dropout: float, model):
+        super().__init__()
+        self.head, self.dropout = head, dropout
+        self.loss_function, self.config = model.loss_function, model.config
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> ImageClassifierOutput:
+        logits = self.head(F.dropout(features, self.dropout, self.training))
+        loss = None if labels is None else self.loss_function(labels, logits, self.config)
+        return ImageClassifierOutput(loss=loss, logits=logits)
+
+
+def store(path: Path, features: np.ndarray, labels: np.ndarray, key: dict) -> None:
+    """Write `(images, views, dim)` features as a datasets folder; float16 unless values overflow it."""
+    dtype = "float16" if np.isfinite(features).all() and np.abs(features).max() < FLOAT16_MAX else "float32"
+    stored = features.astype(dtype)
+    schema = datasets.Features({"features": datasets.Array2D(stored.shape[1:], dtype), "labels": datasets.Value("int64")})
+    dataset = datasets.Dataset.from_dict({"features": stored, "labels": labels.astype(np.int64)}, features=schema)
+    staging = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    dataset.save_to_disk(str(staging))
+    rounding = float(np.abs(stored.astype(np.float32) - features).max()) if len(features) else 0.0
+    record = {**key, "dtype": dtype, "shape": list(stored.shape), "max_rounding_error": rounding}
+    (staging / KEY_FILE).write_text(json.dumps(record, indent=2))
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(staging, path)
+
+
+def load(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    table = datasets.load_from_disk(str(path)).data
+    features = np.concatenate([chunk.to_numpy(zero_copy_only=False) for chunk in table.column("features").chunks])
+    return features, table.column("labels").to_numpy()
+
+
+def folder_size(path: Path) -> int:
+    return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
+
+
+class FeatureCache:
+    """Trains the head of a run whose backbone is frozen on cached features; see `run`."""
+
+    def __init__(self, recipe, plan, trainer: Trainer, data, transforms, head_name: str, head: nn.Module):
+        self.recipe, self.plan, self.trainer, self.data, self.head_name, self.head = recipe, plan, trainer, data, head_name, head
+        self.model, self.args = trainer.model, trainer.args
+        self.train_transform, self.eval_transform = transforms
+        self.views = recipe.run.feature_cache_views
+        self.summary = {"splits": {}}
+        self.model_key = {
+            "format": FORMAT_VERSION,
+            "model": recipe.model.model,
+            "revision": recipe.model.model_revision,
+            "class": type(self.model).__name__,
+            "weights": weights_digest(self.model, head_name),
+            "columns": [data.image_column, data.label_column],
+        }
+
+    @classmethod
+    def for_run(cls, recipe, plan, trainer: Trainer, data, transforms) -> FeatureCache | None:
+        """A cache when the recipe wants one and the whole run trains only the head on a frozen backbone."""
+        head_names = set(plan.blocks[-1].parameter_names)
+        if not recipe.run.feature_cache or plan.stage_sets[0] != head_names:
+            return None
+        if len(plan.stages) > 1:
+            logger.info("Feature cache not used: staged schedules train the backbone after the first stage.")
+            return None
+        if plan.args.batchnorm == "train" and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in trainer.model.modules()):
+            logger.info("Feature cache not used: `batchnorm: train` changes the backbone's features every step.")
+            return None
+        found = head_module(trainer.model, sorted(head_names))
+        if found is None:
+            logger.info("Feature cache not used: the head's parameters do not form one module.")
+            return None
+        if recipe.run.feature_cache_views == 0 and recipe.data.augmentation != "none":
+            logger.info(
+                "Feature cache: the head trains on un-augmented features (augmentation '%s' is not applied). "
+                "Set `feature_cache_views: K` for K fixed augmented views, or `feature_cache: false`.",
+                recipe.data.augmentation,
+            )
+        return cls(recipe, plan, trainer, data, transforms, *found)
+
+    # --- the run ------------------------------------------------------------------------------
+    def run(self, test_split, resume: bool | None):
+        """Train the head on cached train/validation features, then test the full model on images."""
+        train = CachedFeatures(*self.features("train"))
+        validation = CachedFeatures(*self.features("validation"))
+        head_trainer = self._head_trainer(train, validation)
+        train_metrics = head_trainer.train(resume_from_checkpoint=resume).metrics
+        eval_metrics = head_trainer.evaluate()
+        self.trainer.state = head_trainer.state  # log history and best checkpoint go into the output dir
+        with FeatureCapture(self.head, gather=self.trainer.accelerator.gather_for_metrics) as capture:
+            test_output = self.trainer.predict(test_split, metric_key_prefix="test")
+        self._check_test(capture.features().numpy(), test_output)
+        self.summary["bytes"] = sum(split["bytes"] for split in self.summary["splits"].values())
+        return train_metrics, eval_metrics, test_output
+
+    def _head_trainer(self, train: CachedFeatures, validation: CachedFeatures) -> Trainer:
+        args = copy.copy(self.args)
+        args.dataloader_num_workers, args.dataloader_persistent_workers = 0, False  # features are in memory
+        head_trainer = Trainer(
+            model=HeadOnFeatures(self.head, head_dropout(self.model, self.head_name), self.model),
+            args=args,
+            train_dataset=train,
+            eval_dataset=validation,
+            compute_metrics=compute_metrics,
+            optimizers=(self.trainer.optimizer, None),  # the run's optimizer: it holds the head's parameters
+        )
+        present = {type(callback) for callback in head_trainer.callback_handler.callbacks}
+        for callback in self.trainer.callback_handler.callbacks:
+            if type(callback) not in present:
+                head_trainer.add_callback(callback)
+        if train.views > 1:
+            head_trainer.add_callback(CycleViews(train))
+        return head_trainer
+
+    # --- the cache ----------------------------------------------------------------------------
+    def key(self, split: str, views: int) -> dict:
+        transform = self.train_transform if views else self.eval_transform
+        return {
+            **self.model_key,
+            "transform": repr(transform),
+            "views": views,
+            "seed": self.args.seed if views else None,
+            "dataset": self.data.splits[split]._fingerprint,
+            "split": split,
+        }
+
+    def path(self, key: dict) -> Path:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+        return cache_root() / f"{key['split']}-{digest}"
+
+    def features(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """The split's cached features, extracted first on a miss (train: K views when asked for)."""
+        views = self.views if split == "train" else 0
+        key = self.key(split, views)
+        path = self.path(key)
+        started = time.perf_counter()
+        hit = (path / KEY_FILE).is_file()
+        if hit:
+            logger.info("feature cache hit: skipping extraction of %s (%s)", split, path)
+        else:
+            self._extract(split, views, path, key)
+        features, labels = load(path)
+        self._record(split, path, hit, time.perf_counter() - started, features)
+        return features, labels
+
+    def _record(self, split: str, path: Path, hit: bool, seconds: float, features: np.ndarray) -> None:
+        self.summary["splits"][split] = {
+            "hit": hit, "seconds": round(seconds, 2), "images": len(features), "views": features.shape[1],
+            "dtype": str(features.dtype), "bytes": folder_size(path), "path": str(path),
+        }
+
+    def _extract(self, split: str, views: int, path: Path, key: dict) -> None:
+        """Each process extracts a contiguous shard; the main process joins them in order and stores the split."""
+        state = PartialState()
+        transform = self.train_transform if views else self.eval_transform
+        dataset = attach_transforms(self.data, transform, transform)[split]
+        shard = dataset.shard(state.num_processes, state.process_index, contiguous=True) if state.num_processes > 1 else dataset
+        loader = DataLoader(
+            shard, batch_size=self.args.per_device_eval_batch_size, collate_fn=collate,
+            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory,
+        )
+        started = time.perf_counter()
+        per_view, labels = [], []
+        self.model.eval()
+        for view in range(max(views, 1)):
+            if views:
+                set_seed(self.args.seed + view)  # fixed views: the same crops and flips on every extraction
+            description = f"Extracting {split} features" + (f" (view {view + 1}/{views})" if views else "")
+            with FeatureCapture(self.head) as capture, torch.inference_mode(), self.trainer.accelerator.autocast():
+                for batch in tqdm(loader, desc=description, disable=not state.is_main_process):
+                    self.model(pixel_values=batch["pixel_values"].to(self.args.device))
+                    if view == 0:
+                        labels.append(batch["labels"])
+            per_view.append(capture.features())
+        parts = path.with_name(f"{path.name}.parts")
+        parts.mkdir(parents=True, exist_ok=True)
+        np.save(parts / f"features-{state.process_index}.npy", torch.stack(per_view, dim=1).numpy())
+        np.save(parts / f"labels-{state.process_index}.npy", torch.cat(labels).numpy())
+        state.wait_for_everyone()
+        if state.is_main_process:
+            ranks = range(state.num_processes)
+            features = np.concatenate([np.load(parts / f"features-{rank}.npy") for rank in ranks])
+            store(path, features, np.concatenate([np.load(parts / f"labels-{rank}.npy") for rank in ranks]), key)
+            shutil.rmtree(parts)
+            seconds = time.perf_counter() - started
+            logger.info(
+                "feature cache: extracted %d %s image(s) x %d view(s) in %.1f s (%.1f images/s, %d process(es)) -> %s",
+                len(features), split, max(views, 1), seconds, len(features) * max(views, 1) / seconds, state.num_processes, path,
+            )
+        state.wait_for_everyone()
+
+    # --- the check ----------------------------------------------------------------------------
+    def _check_test(self, captured: np.ndarray, test_output) -> None:
+        """Test accuracy from cached features must equal the full model's (float16 rounding aside)."""
+        key = self.key("test", 0)
+        path = self.path(key)
+        started, hit = time.perf_counter(), (path / KEY_FILE).is_file()
+        if hit:
+            logger.info("feature cache hit: test features cached; checking them against the full model")
+        elif PartialState().is_main_process:
+            store(path, captured[:, None, :], test_output.label_ids, key)
+        PartialState().wait_for_everyone()
+        features, labels = load(path)
+        self._record("test", path, hit, time.perf_counter() - started, features)
+        self.head.eval()
+        with torch.inference_mode():
+            logits = self.head(torch.from_numpy(features[:, 0]).float().to(self.args.device))
+        cached = logits.argmax(-1).cpu().numpy()
+        full = np.argmax(test_output.predictions, axis=-1)
+        accuracy, agreement = float((cached == labels).mean()), float((cached == full).mean())
+        test_output.metrics["test_cache_accuracy"] = accuracy
+        test_output.metrics["test_cache_agreement"] = agreement
+        self.summary.update(test_cache_accuracy=accuracy, test_cache_agreement=agreement)
+        if 1 - agreement > max(MAX_DISAGREEMENT, 1 / len(full)):
+            raise FeatureCacheMismatchError(
+                f"The full model and the cached features disagree on {1 - agreement:.2%} of test images "
+                f"(accuracy {test_output.metrics['test_accuracy']:.4f} vs {accuracy:.4f} from the cache), so the cached "
+                f"features are not this model's. Set `feature_cache: false` and report the model id ({self.recipe.model.model})."
+            )
