@@ -22,7 +22,8 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from common import device, report
-from device_resize import DeviceResize, DeviceResizeTrainer, small_image_transforms
+from device_resize import DeviceResize, small_image_transforms
+from hf_transfer.cache import FeatureCache
 from hf_transfer.data import attach_transforms, build_transforms, collate, load_image_dataset
 from hf_transfer.freezing import FreezeCallback, FreezePlan
 from hf_transfer.metrics import compute_metrics
@@ -40,7 +41,8 @@ class EpochClock(TrainerCallback):
         self.evaluations: list[dict] = []
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.perf_counter()
+        if self.start is None:  # set earlier when feature extraction counts too
+            self.start = time.perf_counter()
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.epoch_start = time.perf_counter()
@@ -61,7 +63,7 @@ class EpochClock(TrainerCallback):
 def recipe_for(args, model: str, strategy: str, output_dir: str):
     overrides = dict(
         dataset=args.dataset, model=model, freeze=strategy, output_dir=output_dir,
-        validation_split=args.eval_split, num_train_epochs=args.epochs, learning_rate=args.lr,
+        validation_split=args.eval_split or None, num_train_epochs=args.epochs, learning_rate=args.lr,
         per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.eval_batch_size,
         dataloader_num_workers=args.workers, eval_strategy="epoch", save_strategy="no",
         load_best_model_at_end=False, lr_scheduler_type=args.scheduler,
@@ -76,6 +78,7 @@ def recipe_for(args, model: str, strategy: str, output_dir: str):
 
 
 def run_one(args, model_name: str, strategy: str) -> dict:
+    """One fine-tuning run as hf_transfer.training.run does it (feature cache included), timed per epoch."""
     with tempfile.TemporaryDirectory() as output_dir:
         recipe = recipe_for(args, model_name, strategy, output_dir)
         training = recipe.training
@@ -85,8 +88,11 @@ def run_one(args, model_name: str, strategy: str) -> dict:
         data = load_image_dataset(recipe.data, seed=training.seed)
         model, processor = load_model(recipe.model, data.labels)
         config = data_config(model, processor)
+        if args.image_size:
+            config["input_size"] = (3, args.image_size, args.image_size)
         if args.device_resize:
             train_transform, eval_transform = small_image_transforms(args.source_size)
+            DeviceResize(config, args.channels_last).attach(model)
         else:
             train_transform, eval_transform = build_transforms(config, recipe.data.augmentation, recipe.data.crop_min_scale)
         splits = attach_transforms(data, train_transform, eval_transform)
@@ -98,36 +104,35 @@ def run_one(args, model_name: str, strategy: str) -> dict:
             betas=(training.adam_beta1, training.adam_beta2), eps=training.adam_epsilon,
         )
         clock = EpochClock()
-        common = dict(
+        trainer = Trainer(
             model=model, args=training, train_dataset=splits["train"], eval_dataset=splits["validation"],
             data_collator=collate, compute_metrics=compute_metrics, processing_class=processor,
             optimizers=(optimizer, None), callbacks=[FreezeCallback(plan), StopOnNonFiniteLoss(), clock],
         )
-        if args.device_resize:
-            trainer = DeviceResizeTrainer(**common, device_resize=DeviceResize(config, args.channels_last))
-        else:
-            trainer = Trainer(**common)
+        cache = FeatureCache.for_run(recipe, plan, trainer, data, (train_transform, eval_transform))
         prepare_seconds = time.perf_counter() - prepare_start
-        train_start = time.perf_counter()
-        trainer.train()
-        train_wall = time.perf_counter() - train_start
-        test = trainer.predict(splits["test"], metric_key_prefix="test").metrics
+        clock.start = train_start = time.perf_counter()
+        if cache is None:
+            trainer.train()
+            test = trainer.predict(splits["test"], metric_key_prefix="test").metrics
+        else:  # extraction of the train and validation features counts in the time-to-accuracy
+            test = cache.run(splits["test"], None)[2].metrics
+        train_wall = clock.evaluations[-1]["seconds"] if clock.evaluations else time.perf_counter() - train_start
     seconds_to_target, epoch_to_target = clock.time_to(args.target)
-    images = len(splits["train"]) * args.epochs
-    _, height, width = config["input_size"]
+    _, height, _ = config["input_size"]
     return {
         "model": model_name.removeprefix("timm/").removesuffix(".in1k"),
-        "strategy": strategy,
+        "strategy": strategy + (" (cache)" if cache else ""),
         "train imgs": len(splits["train"]),
         "test imgs": len(splits["test"]),
-        "px": f"{height}",
+        "px": height,
         "epochs": args.epochs,
         "test acc %": 100 * test["test_accuracy"],
         "macro-F1": test["test_f1"],
-        "best epoch acc %": 100 * max(e.get("eval_accuracy", 0) for e in clock.evaluations),
+        "best epoch acc %": 100 * max((e.get("eval_accuracy", 0) for e in clock.evaluations), default=0),
         f"time to {100 * args.target:g}% (s)": "-" if seconds_to_target is None else f"{seconds_to_target:.0f} (ep {epoch_to_target:.0f})",
-        "train wall s": train_wall,
-        "train img/s": images / clock.training_seconds,
+        "wall s": train_wall,
+        "img/s": len(splits["train"]) * args.epochs / train_wall,
         "setup s": prepare_seconds,
     }
 
@@ -145,7 +150,7 @@ def main() -> None:
     parser.add_argument("--scheduler", default="linear")
     parser.add_argument("--label-smoothing", type=float, default=0.0)
     parser.add_argument("--workers", type=int, default=0, help="dataloader_num_workers (Trainer's default is 0)")
-    parser.add_argument("--eval-split", default="test", help="evaluated after each epoch, for time-to-accuracy")
+    parser.add_argument("--eval-split", default="test", help="evaluated after each epoch, for time-to-accuracy (\"\": carve a validation split)")
     parser.add_argument("--max-train-samples", type=int, default=None)
     parser.add_argument("--max-eval-samples", type=int, default=None)
     parser.add_argument("--max-test-samples", type=int, default=None)
@@ -153,6 +158,7 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.97)
     parser.add_argument("--device-resize", action="store_true", help="send 32 px images, upsample on the device")
     parser.add_argument("--source-size", type=int, default=32, help="image size for --device-resize")
+    parser.add_argument("--image-size", type=int, default=None, help="train and test at this size instead of the model's (CPU runs)")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--bf16", action="store_true", default=torch.cuda.is_available())
     parser.add_argument("--seed", type=int, default=42)
@@ -179,9 +185,10 @@ def main() -> None:
             f"AdamW lr {args.lr}, {args.scheduler} schedule with hf_transfer's 10% warm-up, batch {args.batch_size}, "
             f"label smoothing {args.label_smoothing}, layer decay {args.layer_decay}, {'bf16 autocast' if args.bf16 else 'fp32'}, "
             f"dataloader_num_workers {args.workers}, channels_last {args.channels_last}",
-            f"`{args.eval_split}` split evaluated after every epoch (time-to-accuracy, wall-clock from the start of train(), "
+            f"`{args.eval_split or 'validation (carved)'}` split evaluated after every epoch (time-to-accuracy, wall-clock from the start of train(), "
             "evaluations included); test acc = last epoch, no model selection",
-            "train img/s = training images x epochs / training time (evaluations excluded); setup = dataset preparation + model load",
+            "wall s = from the start of training to the end of the last epoch's evaluation (head_only: feature extraction included); "
+            "img/s = training images x epochs / wall s; setup = dataset preparation + model load (not in wall s)",
             *args.note,
         ],
     )

@@ -2,8 +2,9 @@
 
 hf_transfer's data path resizes every image to the model's input size on the CPU (32 -> 256 ->
 crop 224 for Lite0), which costs 49x the pixels in decoding, cropping and host-to-device copies.
-Here the workers only decode and augment at 32 px; `DeviceResizeTrainer` upsamples the uint8
-batch on the device. A proposal for hf_transfer, kept in the benchmarks until the library has it.
+Here the workers only decode and augment at 32 px; `DeviceResize.attach(model)` upsamples each uint8
+batch on the device, in a forward pre-hook, so Trainer, evaluation and the feature cache all see it.
+A proposal for hf_transfer, kept in the benchmarks until the library has it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torchvision import transforms as T
-from transformers import Trainer
 
 
 def small_image_transforms(size: int, pad: int = 4):
@@ -40,6 +40,17 @@ class DeviceResize:
         self.std = torch.tensor(data_config["std"]).view(1, 3, 1, 1)
         self.channels_last = channels_last
 
+    def attach(self, model: torch.nn.Module):
+        """Resize `pixel_values` before every forward of `model`; returns the hook's handle."""
+        return model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, _module, args, kwargs):
+        if "pixel_values" in kwargs:
+            kwargs["pixel_values"] = self(kwargs["pixel_values"])
+        elif args:
+            args = (self(args[0]), *args[1:])
+        return args, kwargs
+
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8:  # already float and sized (e.g. a cached batch): leave it
             return images
@@ -49,16 +60,3 @@ class DeviceResize:
             pixels = F.interpolate(pixels, size=(self.height, self.width), mode=self.mode, align_corners=False).clamp_(0, 1)
         pixels = pixels.sub_(mean).div_(std)
         return pixels.contiguous(memory_format=torch.channels_last) if self.channels_last else pixels
-
-
-class DeviceResizeTrainer(Trainer):
-    """A Trainer whose batches arrive as small uint8 images and are resized on the device."""
-
-    def __init__(self, *args, device_resize: DeviceResize, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.device_resize = device_resize
-
-    def _prepare_inputs(self, inputs):
-        inputs = super()._prepare_inputs(inputs)
-        inputs["pixel_values"] = self.device_resize(inputs["pixel_values"])
-        return inputs

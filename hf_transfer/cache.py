@@ -6,6 +6,7 @@ Keyed by model id, backbone weights, preprocessing, dataset fingerprint, split a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -162,7 +163,13 @@ def store(path: Path, features: np.ndarray, labels: np.ndarray, key: dict) -> No
 def load(path: Path) -> tuple[np.ndarray, np.ndarray]:
     table = datasets.load_from_disk(str(path)).data
     features = np.concatenate([chunk.to_numpy(zero_copy_only=False) for chunk in table.column("features").chunks])
-    return features, table.column("labels").to_numpy()
+    return features, table.column("labels").to_numpy().copy()  # writable, for torch
+
+
+def _autocast(args):
+    """The precision Trainer evaluates in (`bf16` / `fp16` autocast), so cached features match the test pass."""
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+    return torch.autocast(args.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
 def folder_size(path: Path) -> int:
@@ -299,7 +306,7 @@ class FeatureCache:
             if views:
                 set_seed(self.args.seed + view)  # fixed views: the same crops and flips on every extraction
             description = f"Extracting {split} features" + (f" (view {view + 1}/{views})" if views else "")
-            with FeatureCapture(self.head) as capture, torch.inference_mode(), self.trainer.accelerator.autocast():
+            with FeatureCapture(self.head) as capture, torch.inference_mode(), _autocast(self.args):
                 for batch in tqdm(loader, desc=description, disable=not state.is_main_process):
                     self.model(pixel_values=batch["pixel_values"].to(self.args.device))
                     if view == 0:

@@ -6,21 +6,26 @@ Metadata goes through huggingface_hub's ModelCardData/EvalResult so the Hub pars
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from safetensors import safe_open
+from scipy.stats import binomtest
 
-from .plots import plot_confusion_matrix, plot_training_curves
+from .plots import plot_confusion_matrix, plot_training_curves, training_log
 
 CURVES_PNG, CONFUSION_PNG = "training_curves.png", "confusion_matrix.png"
 
 
 def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _is_hub_id(value: str) -> bool:
+    """`user/name` or a legacy `name`, as opposed to a local path (which the run may record relative)."""
+    return value.count("/") <= 1 and not value.startswith((".", "/", "~")) and not Path(value).exists()
 
 
 def _table(headers: list[str], rows: list[list]) -> str:
@@ -91,7 +96,8 @@ class RunFiles:
     def timm_loadable(self) -> bool:
         """timm.create_model('hf-hub:...') needs timm's own key names and no null model_args."""
         weights = self.dir / "model.safetensors"
-        if not (self.is_timm and weights.is_file()) or ("model_args" in self.config and self.config["model_args"] is None):
+        null_model_args = "model_args" in self.config and self.config["model_args"] is None
+        if not (self.is_timm and weights.is_file()) or null_model_args:
             return False
         with safe_open(weights, "pt") as tensors:
             return not any(key.startswith("timm_model.") for key in tensors.keys())
@@ -106,14 +112,14 @@ class RunFiles:
         model_args = self.run.get("model", {})
         if model_args.get("pretrained") is False:
             return None
-        requested = model_args.get("model")
-        if requested and "/" in requested and not Path(requested).exists() and requested.count("/") == 1:
+        requested = str(model_args.get("model") or "")
+        if "/" in requested and _is_hub_id(requested):
             return requested
-        return (self.config.get("pretrained_cfg") or {}).get("hf_hub_id")
+        return (self.config.get("pretrained_cfg") or {}).get("hf_hub_id")  # bare timm names resolve here
 
     @property
     def license(self) -> str | None:
-        return (self.config.get("pretrained_cfg") or {}).get("license") or self.run.get("model", {}).get("license")
+        return (self.config.get("pretrained_cfg") or {}).get("license")
 
     @property
     def dataset(self) -> tuple[str, bool]:
@@ -121,9 +127,7 @@ class RunFiles:
         requested = str(self.run.get("data", {}).get("dataset") or "")
         if not requested:
             return "unknown", False
-        if Path(requested).exists() or requested.startswith((".", "/", "~")):
-            return Path(requested).name, False
-        return requested, True
+        return (requested, True) if _is_hub_id(requested) else (Path(requested).name, False)
 
     @property
     def dataset_text(self) -> str:
@@ -176,10 +180,13 @@ def build_card_data(run: RunFiles, repo_id: str | None) -> ModelCardData:
 
 def _summary(run: RunFiles, repo_id: str | None, data: ModelCardData) -> str:
     labels, results = run.labels, run.results
+    requested = str(run.run.get("model", {}).get("model") or "")
     if data.base_model:
         origin = f"fine-tuned from [{data.base_model}](https://huggingface.co/{data.base_model})"
     elif run.run.get("model", {}).get("pretrained") is False:
         origin = f"trained from a random initialisation of `{run.architecture}`"
+    elif requested and Path(requested).is_dir():
+        origin = f"fine-tuned from the local model folder `{Path(requested).name}` (`{run.architecture}`)"
     else:
         origin = f"fine-tuned from `{run.architecture}` (its pretrained checkpoint was not recorded)"
     n_test = (results.get("split_sizes") or {}).get("test")
@@ -194,7 +201,8 @@ def _summary(run: RunFiles, repo_id: str | None, data: ModelCardData) -> str:
     if run.timm_loadable:
         timm_source = f"hf-hub:{repo_id}" if repo_id else f"local-dir:{source}"
         snippet += ["", "The weights are timm's own layout, so timm loads them directly:", "",
-                    "```python", "import timm", "", f'model = timm.create_model("{timm_source}", pretrained=True)', "```"]
+                    "```python", "import timm", "",
+                    f'model = timm.create_model("{timm_source}", pretrained=True)', "```"]
     return "\n".join([
         f"# {data.model_name}", "",
         f"An image classifier for {len(labels)} classes ({', '.join(labels)}), {origin} "
@@ -255,34 +263,45 @@ def _freeze_section(run: RunFiles) -> str:
     plan = run.freeze
     if not plan:
         return "## Freeze plan\n\nThe run recorded no freeze plan (freeze_plan.json is absent)."
+    requested = plan.get("preset") or plan.get("freeze") or plan.get("strategy")
     lines = ["## Freeze plan", "",
-             _table(["strategy", "BatchNorm mode", "layer-wise lr decay"],
-                    [[plan.get("strategy"), plan.get("batchnorm"), plan.get("layer_decay")]])]
-    stages = plan.get("stages") or []
-    if stages and all(isinstance(stage, dict) for stage in stages):
-        keys = list(dict.fromkeys(key for stage in stages for key in stage))
-        lines += ["", "Stages:", "", _table(keys, [[stage.get(key) for key in keys] for stage in stages])]
-    elif stages:
-        lines += ["", "Stages:", "", *[f"{i}. {_cell(stage)}" for i, stage in enumerate(stages, 1)]]
+             _table(["requested", "strategy", "BatchNorm in frozen blocks", "layer-wise lr decay"],
+                    [[requested, plan.get("strategy"), plan.get("batchnorm"), plan.get("layer_decay")]])]
+    trainable, total = plan.get("trainable_parameters"), plan.get("total_parameters")
+    if trainable is not None and total:
+        lines += ["", f"Trainable parameters at the end: {trainable:,} of {total:,} ({trainable / total:.2%})."]
+    history = plan.get("history") or []
+    if len(history) > 1 or plan.get("stages"):
+        rows = [[h.get("stage"), h.get("train"), h.get("started_at_step"), f"{h.get('trainable_parameters', 0):,}"]
+                for h in history]
+        lines += ["", "Stages as they ran:", "",
+                  _table(["stage", "trains", "from step", "trainable parameters"], rows)]
     blocks = plan.get("blocks") or []
     if blocks:
         rows = [[b.get("name"), f"{b.get('params', 0):,}", "yes" if b.get("trainable") else "no", b.get("lr"),
                  b.get("batchnorm")] for b in blocks]
-        lines += ["", _table(["block", "parameters", "trainable", "learning rate", "BatchNorm"], rows)]
+        lines += ["", "Blocks (final stage):", "",
+                  _table(["block", "parameters", "trainable", "learning rate", "BatchNorm"], rows)]
+    integrity = plan.get("integrity") or {}
+    if integrity.get("frozen_unchanged") is not None:
+        verdict = "bit-identical to the start" if integrity["frozen_unchanged"] else "NOT identical to the start"
+        lines += ["", f"Weights that never trained were checked at step {integrity.get('at_step')}: {verdict}."]
     return "\n".join(lines)
 
 
 def _hyperparameters_section(run: RunFiles) -> str:
-    training = run.run.get("training") or {}
-    model_args = run.run.get("model") or {}
-    rows = [[key, value] for key, value in {**model_args, **training}.items() if "token" not in key.lower()]
+    """The resolved recipe (run_config.json): data, model and Trainer settings; unset ones are left out."""
+    rows = [[section, key, value] for section in ("data", "model", "training")
+            for key, value in (run.run.get(section) or {}).items()
+            if value is not None and "token" not in key.lower()]
     if not rows:
         return "## Training hyperparameters\n\nThe run recorded no run_config.json."
-    return "\n".join(["## Training hyperparameters", "", _table(["setting", "value"], rows)])
+    return "\n".join(["## Training hyperparameters", "", "The resolved recipe of this run:", "",
+                      _table(["section", "setting", "value"], rows)])
 
 
 def _results_section(run: RunFiles) -> str:
-    history = run.state.get("log_history") or []
+    history = training_log(run.state.get("log_history") or [])
     rows = []
     for entry in (e for e in history if "eval_loss" in e):
         train = [e["loss"] for e in history if "loss" in e and e.get("step", 0) <= entry.get("step", 0)]
@@ -296,11 +315,18 @@ def _results_section(run: RunFiles) -> str:
         lines += ["", "Per epoch (validation split):", "",
                   _table(["epoch", "step", "training loss", "validation loss", "validation accuracy",
                           "validation macro-F1"], rows)]
+    best = run.state.get("best_model_checkpoint")
+    if best:
+        metric = run.run.get("training", {}).get("metric_for_best_model") or "loss"
+        lines += ["", f"The published weights are the best checkpoint by validation {metric} "
+                      f"(`{Path(best).name}`, step {run.state.get('best_global_step')}, {metric} "
+                      f"{_cell(run.state.get('best_metric'))}), reloaded at the end of training."]
     if run.report:
         per_class = run.report["per_class"]
         lines += ["", "Per class (test split):", "",
                   _table(["class", "precision", "recall", "F1", "test images"],
-                         [[label, m["precision"], m["recall"], m["f1"], m["support"]] for label, m in per_class.items()])]
+                         [[label, m["precision"], m["recall"], m["f1"], m["support"]]
+                          for label, m in per_class.items()])]
     if (run.dir / CONFUSION_PNG).is_file():
         lines += ["", f"![Confusion matrix on the test split]({CONFUSION_PNG})"]
     if (run.dir / CURVES_PNG).is_file():
@@ -329,11 +355,11 @@ def _limitations_section(run: RunFiles) -> str:
              "(there is no 'none of these' answer), so check the score before trusting a prediction."]
     n_test = (results.get("split_sizes") or {}).get("test")
     if n_test:
-        accuracy = results["test_accuracy"]
-        margin = 1.96 * math.sqrt(max(accuracy * (1 - accuracy), 1e-12) / n_test)
+        # Wilson's interval stays honest near 0% and 100%, where the normal approximation claims too much.
+        interval = binomtest(round(results["test_accuracy"] * n_test), n_test).proportion_ci(method="wilson")
         caution = " That is a small test set; treat the scores as rough." if n_test < 1000 else ""
-        notes.append(f"The test split has {n_test} images, so the accuracy is known to about "
-                     f"±{100 * margin:.1f} percentage points (95% interval).{caution}")
+        notes.append(f"The test split has {n_test} images: the true accuracy lies between {interval.low:.1%} and "
+                     f"{interval.high:.1%} (95% Wilson interval).{caution}")
     if run.report:
         per_class = run.report["per_class"]
         worst = min(per_class, key=lambda label: per_class[label]["f1"])
@@ -342,7 +368,8 @@ def _limitations_section(run: RunFiles) -> str:
         errors = [(matrix[i][j], names[i], names[j]) for i in range(len(names)) for j in range(len(names)) if i != j]
         count, true, predicted = max(errors, default=(0, None, None))
         if count:
-            notes.append(f"The most frequent mistake is `{true}` predicted as `{predicted}` ({count} test images).")
+            notes.append(f"The most frequent mistake is `{true}` predicted as `{predicted}` "
+                         f"({count} test image{'s' if count > 1 else ''}).")
         supports = [m["support"] for m in per_class.values()]
         if supports and min(supports) and max(supports) / min(supports) >= 1.5:
             notes.append(f"The test classes are imbalanced ({min(supports)} to {max(supports)} images per class).")

@@ -6,20 +6,25 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
+from pathlib import Path
 
 import datasets
 import transformers
 from transformers import HfArgumentParser
 
+from .checkpoints import CheckpointError
 from .data import DataArguments, DatasetError
 from .freezing import FreezeArguments
+from .hub import HubError
 from .images import UnreadableImageError
 from .models import ModelArguments, ModelNotAvailableError
 from .recipe import TRAINING_DEFAULTS, RecipeError, RunArguments, parse_recipe, parser
 from .training import NonFiniteLossError, OutputDirError, run
 
 # Errors whose message already says what to do: shown without a traceback (HF_TRANSFER_DEBUG=1 shows it).
-USER_ERRORS = (RecipeError, DatasetError, ModelNotAvailableError, UnreadableImageError, OutputDirError, NonFiniteLossError)
+USER_ERRORS = (RecipeError, DatasetError, ModelNotAvailableError, UnreadableImageError, OutputDirError, NonFiniteLossError,
+               CheckpointError, HubError)
 
 TRAIN_USAGE = """usage: hf-transfer train RECIPE.yaml [--key value ...]
 
@@ -66,6 +71,32 @@ def run_training(argv: list[str] | None = None) -> dict:
     return _exit_on_user_error(run, recipe)
 
 
+def push_command(args: argparse.Namespace) -> None:
+    """Upload an output dir, check the Hub copy predicts like the local one, optionally publish a Space."""
+    from .demo import examples_from_run, push_space
+    from .hub import push_to_hub, verify_push
+
+    output_dir = Path(args.output_dir)
+    url = push_to_hub(output_dir, args.repo_id, private=args.private, revision=args.revision, commit_message=args.commit_message)
+    print(f"Pushed {output_dir} -> {url}")
+    with tempfile.TemporaryDirectory(prefix="hf_transfer_examples_") as scratch:
+        examples = examples_from_run(output_dir, Path(scratch))
+        if args.verify:
+            if examples is None:
+                print("Not verified: no held-out images of this run could be found (use --no-verify to silence).")
+            else:
+                report = verify_push(args.repo_id, output_dir, sorted(examples.iterdir()), revision=args.revision)
+                print(f"verified: {report}")
+        if args.space:
+            print(f"Space: {push_space(args.space, args.repo_id, examples_dir=examples, private=args.private)}")
+
+
+def demo_command(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(args.model, examples_dir=args.examples, port=args.port, top_k=args.top_k)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = argparse.ArgumentParser(
@@ -75,10 +106,30 @@ def main(argv: list[str] | None = None) -> None:
     )
     sub = commands.add_subparsers(dest="command", required=True)
     sub.add_parser("train", help="fine-tune a backbone from a recipe (recipes/quickstart.yaml)", add_help=False)
+
+    push = sub.add_parser("push", help="upload a trained output dir to the Hub with its model card, and verify it")
+    push.add_argument("output_dir", help="a folder written by `hf-transfer train`")
+    push.add_argument("--repo-id", required=True, help="user/name or org/name of the model repo (created if missing)")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--revision", help="branch to push to (created from main if missing)")
+    push.add_argument("--commit-message", help="message of the upload commit")
+    push.add_argument("--space", help="also create or update this Gradio Space (user/name) with the demo, pinned to the model")
+    push.add_argument("--no-verify", dest="verify", action="store_false",
+                      help="skip downloading the pushed repo into a fresh cache and comparing its predictions")
+    push.set_defaults(handler=push_command)
+
+    demo = sub.add_parser("demo", help="try a model in the browser (Gradio, on 127.0.0.1)")
+    demo.add_argument("model", help="an output dir or a Hub model id")
+    demo.add_argument("--examples", type=Path, help="folder of example images (default: a few from the run's test split)")
+    demo.add_argument("--port", type=int, help="port on 127.0.0.1 (default: 7860 or the next free one)")
+    demo.add_argument("--top-k", type=int, default=5, help="how many labels to show")
+    demo.set_defaults(handler=demo_command)
+
     if argv[:1] == ["train"]:
         run_training(argv[1:])
         return
-    commands.parse_args(argv)
+    args = commands.parse_args(argv)
+    _exit_on_user_error(args.handler, args)
 
 
 if __name__ == "__main__":

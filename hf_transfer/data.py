@@ -71,9 +71,13 @@ def load_image_dataset(args: DataArguments, seed: int = 42) -> PreparedData:
     train = raw[args.train_split]
     image_column = args.image_column or _find_column(train.features, datasets.Image, _PREFERRED_IMAGE_COLUMNS, "image", args)
     label_column = args.label_column or _find_column(train.features, datasets.ClassLabel, _PREFERRED_LABEL_COLUMNS, "label", args)
+    for kind, column in (("image", image_column), ("label", label_column)):
+        if column not in train.features:
+            raise DatasetError(f"Dataset '{args.dataset}' has no column '{column}' (it has {list(train.features)}). Set `{kind}_column` to one of them.")
     _check_label_feature(train.features, label_column)
     labels = train.features[label_column].names
 
+    _check_label_values({"train": train}, label_column, labels)  # before the stratified carving trips over a bad label
     splits = _carve_splits(raw, args, label_column, seed)
     limits = {"train": args.max_train_samples, "validation": args.max_eval_samples, "test": args.max_test_samples}
     splits = datasets.DatasetDict({
@@ -83,6 +87,9 @@ def load_image_dataset(args: DataArguments, seed: int = 42) -> PreparedData:
     _check_label_values(splits, label_column, labels)
     splits = splits.cast_column(image_column, datasets.Image(decode=False))
     splits, skipped = _drop_unreadable(splits, image_column, args.skip_unreadable_images)
+    for name, split in splits.items():
+        if len(split) == 0:
+            raise DatasetError(f"The {name} split has no usable images ({len(skipped[name])} were unreadable). Give it readable images.")
     return PreparedData(splits, labels, image_column, label_column, skipped)
 
 
@@ -91,7 +98,15 @@ def _load(args: DataArguments) -> datasets.DatasetDict:
     if not local.exists() and (args.dataset.startswith((".", "/", "~")) or args.dataset.count("/") > 1):
         raise DatasetError(f"Dataset folder '{args.dataset}' does not exist. Give an existing folder or a Hub id such as `uoft-cs/cifar10`.")
     if local.exists():
-        raw = datasets.load_dataset(str(local), args.dataset_config)
+        try:
+            raw = datasets.load_dataset(str(local), args.dataset_config)
+        except ValueError as error:
+            if "corresponds to no data" not in str(error):  # datasets' words for a split whose files hold no rows
+                raise
+            raise DatasetError(
+                f"Dataset folder '{args.dataset}' has an empty split (datasets says: {error}). Give every split images, "
+                "or delete the empty split's files so that it is carved from train."
+            ) from None
     elif hub_reachable():
         raw = datasets.load_dataset(args.dataset, args.dataset_config)
     else:
@@ -115,6 +130,9 @@ def _load_from_cache(args: DataArguments) -> datasets.DatasetDict:
 
 def _find_column(features, feature_type, preferred, kind, args) -> str:
     candidates = [name for name, feature in features.items() if isinstance(feature, feature_type)]
+    named = next((name for name in preferred if name in features), None)
+    if not candidates and kind == "label" and named:
+        _check_label_feature(features, named)  # a `label` column of strings or plain ints: say so
     if not candidates:
         hint = (
             "cast the label column with `dataset.class_encode_column(...)` or set `label_column`"

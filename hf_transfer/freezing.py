@@ -477,11 +477,7 @@ class FreezePlan:
     # --- proof that frozen stays frozen and ranks agree --------------------------------------
     def _checksum(self, names: list[str]) -> str:
         tensors = {**dict(self.model.named_buffers()), **self.parameters}
-        digest = hashlib.sha256()
-        for name in sorted(names):
-            digest.update(name.encode())
-            digest.update(tensors[name].detach().reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
-        return digest.hexdigest()
+        return checksum({name: tensors[name] for name in names})
 
     def verify(self, step: int) -> dict:
         """Check that what never trains is bit-identical to the start, and that all ranks hold the same weights.
@@ -489,11 +485,11 @@ class FreezePlan:
         Trained BatchNorm statistics are left out of the rank check: under DDP each rank updates
         them from its own last batch (rank 0's are the ones saved).
         """
-        checksum = self._checksum(list(self.parameters))
-        ranks = [checksum]
+        own = self._checksum(list(self.parameters))
+        ranks = [own]
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             ranks = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(ranks, checksum)
+            torch.distributed.all_gather_object(ranks, own)
         self.integrity = {
             "at_step": step,
             "frozen_unchanged": self._checksum(self._fixed) == self._fixed_checksum,
@@ -503,6 +499,15 @@ class FreezePlan:
         if not (self.integrity["frozen_unchanged"] and self.integrity["ranks_identical"]):
             logger.error("Freeze plan check failed at step %d: %s", step, self.integrity)
         return self.integrity
+
+
+def checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over names and raw bytes in name order: equal only for bit-identical tensors."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].detach().reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 class FreezeCallback(TrainerCallback):

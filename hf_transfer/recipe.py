@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import os
@@ -82,7 +83,8 @@ class RecipeError(ValueError):
 
 def parser() -> HfArgumentParser:
     # No abbreviations: a misspelt `--num_train_epoch` must be reported, not silently completed.
-    return HfArgumentParser(ARGUMENT_CLASSES, allow_abbrev=False)
+    # exit_on_error=False: a wrong value becomes a RecipeError, not argparse's usage dump of every option.
+    return HfArgumentParser(ARGUMENT_CLASSES, allow_abbrev=False, exit_on_error=False)
 
 
 def known_keys() -> set[str]:
@@ -139,6 +141,7 @@ def parse_recipe(argv: list[str] | None = None, **overrides) -> Recipe:
         # `accelerate launch --multi_gpu` with no GPU: run the processes on CPU with gloo instead of one each.
         os.environ["ACCELERATE_USE_CPU"] = "true"
     arg_parser = parser()
+    _check_single_values(arg_parser, values)
     arg_parser.set_defaults(**{k: _as_default(v) for k, v in values.items()})
     parsed, remaining = _parse(arg_parser, argv)
     if remaining:
@@ -155,9 +158,20 @@ def _as_default(value):
     return value if isinstance(value, (list, dict, str)) or value is None else str(value)
 
 
+def _check_single_values(arg_parser, values: dict) -> None:
+    # argparse converts strings only: a YAML list or mapping for a number, bool or choice would pass unchecked.
+    for key, value in values.items():
+        action = arg_parser._option_string_actions.get(f"--{key}")
+        if isinstance(value, (list, dict)) and action is not None and action.type is not str:
+            raise RecipeError(f"`{key}: {value}` has the wrong type: `{key}` takes a single value, e.g. `{key}: {action.default}`.")
+
+
 def _parse(arg_parser, argv):
     try:
         *parsed, remaining = arg_parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    except argparse.ArgumentError as error:
+        name = (error.argument_name or "").split("/")[0].lstrip("-")
+        raise RecipeError(f"Option `{name}`: {error.message.rstrip('.')}. Fix it in the recipe or on the command line.") from None
     except (ValueError, TypeError) as error:
         raise RecipeError(str(error)) from None
     return parsed, remaining

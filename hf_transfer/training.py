@@ -15,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import Trainer, TrainerCallback, set_seed
+from transformers import TrainerCallback, set_seed
 
 from .cache import FeatureCache
 from .card import write_model_card
+from .checkpoints import NonFiniteLossError, SafeTrainer, last_complete_checkpoint
 from .data import attach_transforms, build_transforms, collate, load_image_dataset
 from .freezing import FreezeCallback, FreezePlan
 from .metrics import compute_metrics, test_report
@@ -33,10 +34,6 @@ RUN_CONFIG = "run_config.json"
 
 class OutputDirError(RuntimeError):
     """The output folder holds something this run must not overwrite."""
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training diverged; the last good checkpoint is kept."""
 
 
 class StopOnNonFiniteLoss(TrainerCallback):
@@ -72,7 +69,9 @@ def run(recipe: Recipe) -> dict:
         plan.parameter_groups(args.weight_decay), lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
     )
-    trainer = Trainer(
+    if args.should_save:  # before the Trainer: recipe.to_dict() builds TrainingArguments, which resets accelerate's state
+        claim_output_dir(output_dir, recipe)
+    trainer = SafeTrainer(
         model=model,
         args=args,
         train_dataset=splits["train"],
@@ -84,8 +83,6 @@ def run(recipe: Recipe) -> dict:
         callbacks=[FreezeCallback(plan), StopOnNonFiniteLoss()],
     )
 
-    if args.should_save:
-        claim_output_dir(output_dir, recipe)
     resume = True if recipe.run.resume else None
     # Feature cache (issue 4): with a frozen backbone the head trains on cached features; None otherwise.
     cache = FeatureCache.for_run(recipe, plan, trainer, data, (train_transform, eval_transform))
@@ -149,7 +146,7 @@ def check_output_dir(output_dir: Path, recipe: Recipe) -> None:
             f"{output_dir} is not empty and was not written by hf-transfer. Pass `--overwrite` to replace it, "
             "or choose another `--output_dir`."
         )
-    if recipe.run.resume and not any(output_dir.glob("checkpoint-*")):
+    if recipe.run.resume and last_complete_checkpoint(output_dir) is None:
         raise OutputDirError(f"`--resume` found no checkpoint in {output_dir}. Run without `--resume` to start fresh.")
 
 

@@ -96,9 +96,12 @@ def card_summary(model_ref: str, label_names: list[str]) -> str:
     if accuracy is not None and test_size:
         accuracy_text += f" on {test_size:,} test images"
     classes = ", ".join(label_names) if len(label_names) <= 10 else f"{len(label_names)} classes"
+    # A local dataset folder has no Hub id; the model-index still names it.
+    dataset = listed(card.datasets) if card.datasets else next(
+        (result.dataset_name for result in card.eval_results or []), "not stated")
     return "\n".join([
         f"- **Base model:** {listed(card.base_model)}",
-        f"- **Dataset:** {listed(card.datasets)}",
+        f"- **Dataset:** {dataset}",
         f"- **Test accuracy:** {accuracy_text}",
         f"- **Classes:** {classes}",
     ])
@@ -109,13 +112,13 @@ def _bad_input(message: str) -> gr.Error:
     return gr.Error(message, print_exception=False)
 
 
-def _pixel_count(data: bytes) -> int:
-    """Width x height from the header alone, before any pixel is decoded; 0 when the header is unreadable."""
+def _header_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the header alone, before any pixel is decoded; (0, 0) when it is unreadable."""
     try:
         with Image.open(io.BytesIO(data)) as header:
-            return header.width * header.height
+            return header.size
     except Exception:  # any Pillow failure: load_image then names the problem
-        return 0
+        return 0, 0
 
 
 def read_upload(path: Path) -> Image.Image:
@@ -124,9 +127,10 @@ def read_upload(path: Path) -> Image.Image:
     if size > MAX_IMAGE_BYTES:
         raise _bad_input(f"The file is {size / 2**20:.1f} MB; the limit is {MAX_IMAGE_BYTES // 2**20} MB.")
     data = path.read_bytes()
-    pixels = _pixel_count(data)
-    if pixels > MAX_IMAGE_PIXELS:
-        raise _bad_input(f"The image has {pixels / 1e6:.0f} megapixels; the limit is {MAX_IMAGE_PIXELS / 1e6:.0f}.")
+    width, height = _header_size(data)
+    if width * height > MAX_IMAGE_PIXELS:
+        raise _bad_input(f"The image is {width}×{height} pixels ({width * height / 1e6:.1f} megapixels); "
+                         f"the limit is {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels.")
     try:
         return load_image(data)
     except UnreadableImageError as error:

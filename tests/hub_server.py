@@ -34,8 +34,6 @@ LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".onnx", 
                 ".npy", ".npz", ".pkl", ".pickle", ".zip", ".gz", ".tar", ".msgpack", ".tflite", ".zst")
 GITATTRIBUTES = "".join(f"*{suffix} filter=lfs diff=lfs merge=lfs -text\n" for suffix in LFS_SUFFIXES)
 MAX_REGULAR_SIZE = 10 * 1024 * 1024
-PIPELINE_TAGS = {"image-classification", "image-feature-extraction", "text-classification", "object-detection",
-                 "image-segmentation", "feature-extraction", "zero-shot-image-classification"}
 
 
 class HubError(Exception):
@@ -141,9 +139,10 @@ class LocalHub:
 
     def client_env(self, hf_home: str | os.PathLike, token: str | None = None) -> dict[str, str]:
         """Environment for a client process (must be set before huggingface_hub is imported)."""
-        host = urlparse(self.url).hostname or ""
-        assert ipaddress.ip_address(host).is_loopback, f"refusing a non-loopback Hub endpoint: {self.url}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+        if not ipaddress.ip_address(urlparse(self.url).hostname or "0.0.0.0").is_loopback:
+            raise RuntimeError(f"refusing a non-loopback Hub endpoint: {self.url}")
+        # Drop the caller's Hub settings (a real token, offline switches) so nothing else is used.
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_OFFLINE"))}
         env.update(HF_ENDPOINT=self.url, HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_TELEMETRY="1",
                    HF_HOME=str(hf_home), HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_OFFLINE="0")
         if token is not None:
@@ -460,8 +459,8 @@ def metadata_errors(data: dict) -> list[str]:
             errors.append(f'"{key}" must be a string or a list of strings')
     if "license" in data and not isinstance(data["license"], str):
         errors.append('"license" must be a string')
-    if data.get("pipeline_tag") is not None and data["pipeline_tag"] not in PIPELINE_TAGS:
-        errors.append(f'"pipeline_tag" must be a known task, got {data["pipeline_tag"]!r}')
+    if data.get("pipeline_tag") is not None and not re.fullmatch(r"[a-z0-9-]+", str(data["pipeline_tag"])):
+        errors.append(f'"pipeline_tag" must be a task id such as image-classification, got {data["pipeline_tag"]!r}')
     model_index = data.get("model-index")
     if model_index is None:
         return errors
@@ -495,20 +494,6 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format, *args) -> None:  # quiet: tests read hub.requests instead
         pass
 
-    def do_GET(self):
-        self._dispatch("GET")
-
-    def do_HEAD(self):
-        self._dispatch("HEAD")
-
-    def do_POST(self):
-        self._dispatch("POST")
-
-    def do_PUT(self):
-        self._dispatch("PUT")
-
-    def do_DELETE(self):
-        self._dispatch("DELETE")
 
     # ---- plumbing --------------------------------------------------------------------------
     def _chunks(self):
@@ -548,8 +533,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._log_entry["status"] = code
         super().send_response(code, message)
 
-    def _dispatch(self, method: str) -> None:
-        parsed = urlparse(self.path)
+    def _dispatch(self) -> None:
+        method, parsed = self.command, urlparse(self.path)
         self._log_entry = {"method": method, "path": parsed.path, "status": 0,
                            "chunked": "chunked" in self.headers.get("Transfer-Encoding", "").lower()}
         with self.hub._lock:
@@ -567,6 +552,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         finally:
             self._log_entry = None
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = _dispatch
 
     def _route(self, method: str, path: str, query: dict) -> None:
         hub = self.hub
@@ -662,7 +649,8 @@ class _Handler(BaseHTTPRequestHandler):
                 start = max(0, entry.size - int(match.group(2)))
             end = min(end, entry.size - 1)
             if start > end:
-                raise HubError(416, "Requested range not satisfiable", headers={"Content-Range": f"bytes */{entry.size}"})
+                raise HubError(416, "Requested range not satisfiable",
+                               headers={"Content-Range": f"bytes */{entry.size}"})
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end}/{entry.size}"
         self.send_response(status)

@@ -1,125 +1,69 @@
-"""Model card and plots, built from a real (tiny) training run on cats_vs_dogs images.
+"""Model card and plots, built from a real (tiny) hf_transfer training run.
 
-`build_run_dir` trains a small ViT for two epochs with transformers.Trainer and writes the output-dir
-files of the contract; test_hub.py pushes the same run.
+`train_tiny_run` runs `hf_transfer.finetune` on a small ViT and 40 photos of the shipped cats-vs-dogs
+sample (one of them truncated); test_hub.py pushes the same run.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
+import re
 import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 
-from hf_transfer.card import RunFiles, write_model_card
-from hf_transfer.data import DataArguments
-from hf_transfer.images import UnreadableImageError, load_image
-from hf_transfer import metrics  # not `import test_report`: pytest would collect it as a test
+from hf_transfer.card import RunFiles, describe_hardware, write_model_card
 from hf_transfer.models import ModelArguments
-from hf_transfer.plots import plot_confusion_matrix, plot_training_curves
+from hf_transfer.plots import plot_confusion_matrix, plot_training_curves, training_log
 
+SAMPLE = Path(__file__).resolve().parents[1] / "recipes" / "data" / "cats_vs_dogs_sample" / "data"
 CATS_VS_DOGS = Path("/work/shared/datasets/cats_vs_dogs")
 LABELS = ["cat", "dog"]
-PLACEHOLDERS = ("[More Information Needed]", "{{", "}}", "TODO", "TBD", "None", "nan")
+PLACEHOLDERS = (r"\[More Information Needed\]", r"\{\{", r"\bTODO\b", r"\bTBD\b", r"\bNone\b", r"\bnan\b", r"\.partial")
 
 
-def _rows(split: str, count: int) -> list[dict]:
-    table = pq.read_table(CATS_VS_DOGS / "data" / f"{split}-00000-of-00001.parquet").slice(0, count)
-    return table.to_pylist()
+def train_tiny_run(workdir: Path) -> Path:
+    """Fine-tune a ViT with hidden size 256 (a 6.5 MB model.safetensors, so a push takes the LFS path)."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
+    from hf_transfer import finetune
 
-class _Images(torch.utils.data.Dataset):
-    def __init__(self, items, processor):
-        self.items, self.processor = items, processor
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, index):
-        image, label = self.items[index]
-        return {"pixel_values": self.processor(image, return_tensors="pt")["pixel_values"][0], "labels": label}
-
-
-def build_run_dir(out: Path, hidden_size: int = 256) -> Path:
-    """Train a ViT (hidden 256: a >5 MB model.safetensors, so pushes take the LFS path) and write the run files."""
-    from transformers import Trainer, TrainingArguments, ViTConfig, ViTForImageClassification, ViTImageProcessor
-
-    torch.manual_seed(0)
-    rows = _rows("train", 48)
+    dataset = workdir / "cats-dogs-40" / "data"
+    dataset.mkdir(parents=True)
+    train = pq.read_table(SAMPLE / "train-00000-of-00001.parquet")
+    rows = train.slice(0, 40).to_pylist()
     rows[5]["image"]["bytes"] = rows[5]["image"]["bytes"][:300]  # a truncated JPEG, as real datasets have
-    decoded, skipped = [], []
-    for row in rows:
-        try:
-            decoded.append((load_image(row["image"]), row["labels"]))
-        except UnreadableImageError:
-            skipped.append(row["image"]["path"])
-    train, validation = decoded[:32], decoded[32:]
-    test = [(load_image(row["image"]), row["labels"]) for row in _rows("test", 16)]
+    pq.write_table(pa.Table.from_pylist(rows, schema=train.schema), dataset / "train-00000-of-00001.parquet")
+    pq.write_table(pq.read_table(SAMPLE / "test-00000-of-00001.parquet").slice(0, 16),
+                   dataset / "test-00000-of-00001.parquet")
 
-    config = ViTConfig(image_size=32, patch_size=8, hidden_size=hidden_size, num_hidden_layers=2,
-                       num_attention_heads=2, intermediate_size=4 * hidden_size, num_labels=2,
-                       id2label=dict(enumerate(LABELS)), label2id={label: i for i, label in enumerate(LABELS)})
-    model = ViTForImageClassification(config)
-    processor = ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    for parameter in model.vit.embeddings.parameters():  # a real (small) freeze plan: patch embeddings stay fixed
-        parameter.requires_grad = False
-    args = TrainingArguments(output_dir=str(out), num_train_epochs=2, per_device_train_batch_size=8,
-                             learning_rate=1e-3, eval_strategy="epoch", logging_strategy="epoch",
-                             save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True)
-    trainer = Trainer(model=model, args=args, train_dataset=_Images(train, processor),
-                      eval_dataset=_Images(validation, processor), compute_metrics=metrics.compute_metrics)
-    train_output = trainer.train()
-    trainer.save_state()
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
+    base = workdir / "tiny-vit"  # a local "pretrained" model: random weights, real architecture and processor
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=256, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=1024)
+    ViTForImageClassification(config).save_pretrained(base)
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(base)
 
-    evaluation = trainer.evaluate()
-    prediction = trainer.predict(_Images(test, processor), metric_key_prefix="test")
-    report = metrics.test_report(prediction.predictions.argmax(-1), prediction.label_ids, LABELS)
-    results = {
-        **{k: v for k, v in prediction.metrics.items() if k in ("test_accuracy", "test_f1", "test_loss")},
-        **{k: v for k, v in evaluation.items() if k in ("eval_accuracy", "eval_f1")},
-        "train_runtime": train_output.metrics["train_runtime"], "train_loss": train_output.training_loss,
-        "split_sizes": {"train": len(train), "validation": len(validation), "test": len(test)},
-        "skipped_images": {"train": len(skipped), "validation": 0, "test": 0},
-        "skipped_image_examples": {"train": skipped, "validation": [], "test": []},
-    }
-    blocks = [("vit.embeddings", model.vit.embeddings, False)] + [
-        (f"vit.layers.{i}", layer, True) for i, layer in enumerate(model.vit.layers)
-    ] + [("vit.layernorm", model.vit.layernorm, True), ("classifier", model.classifier, True)]
-    freeze_plan = {
-        "strategy": "partial", "batchnorm": "frozen", "layer_decay": None,
-        "stages": [{"epoch": 0, "trainable": [name for name, _, trainable in blocks if trainable]}],
-        "blocks": [{"name": name, "params": sum(p.numel() for p in module.parameters()), "trainable": trainable,
-                    "lr": args.learning_rate if trainable else 0.0, "batchnorm": "n/a"}
-                   for name, module, trainable in blocks],
-    }
-    run_config = {
-        "data": asdict(DataArguments(dataset=str(CATS_VS_DOGS), max_train_samples=48)),
-        "model": asdict(ModelArguments(model="tiny-vit (random init)", pretrained=False)),
-        "training": {"learning_rate": args.learning_rate, "num_train_epochs": args.num_train_epochs,
-                     "per_device_train_batch_size": args.per_device_train_batch_size, "seed": args.seed},
-    }
-    for name, content in [("all_results.json", results), ("test_report.json", report),
-                          ("freeze_plan.json", freeze_plan), ("run_config.json", run_config)]:
-        (out / name).write_text(json.dumps(content, indent=2))
-    return out
+    output_dir = workdir / "run"
+    finetune(dataset=str(dataset.parent), model=str(base), output_dir=str(output_dir), freeze="fastai",
+             num_train_epochs=2, validation_size=8, per_device_train_batch_size=8, seed=0, disable_tqdm=True)
+    return output_dir
 
 
 @pytest.fixture(scope="session")
 def run_dir(tmp_path_factory) -> Path:
     """One training run per session, shared by the card and hub tests (a fresh copy per module)."""
-    built = tmp_path_factory.getbasetemp() / "tiny-vit-run"
-    if not (built / "all_results.json").is_file():
-        build_run_dir(built)
-    return built
+    workdir = tmp_path_factory.getbasetemp() / "tiny-vit-run"
+    if not (workdir / "run" / "all_results.json").is_file():
+        train_tiny_run(workdir)
+    return workdir / "run"
 
 
 @pytest.fixture
@@ -149,15 +93,15 @@ def test_model_index_equals_all_results(fresh_run):
     assert by_metric["accuracy"].metric_value == results["test_accuracy"]
     assert by_metric["f1"].metric_value == results["test_f1"]
     assert {r.task_type for r in eval_results} == {"image-classification"}
-    assert {r.dataset_type for r in eval_results} == {"cats_vs_dogs"}
+    assert {r.dataset_type for r in eval_results} == {"cats-dogs-40"}
     assert {r.dataset_split for r in eval_results} == {"test"}
 
     # The same card read back through huggingface_hub's own parser.
     card = ModelCard.load(fresh_run / "README.md")
     assert card.data.pipeline_tag == "image-classification"
     assert card.data.library_name == "transformers"
-    assert {"transfer-learning", "freeze-partial", "image-classification"} <= set(card.data.tags)
-    assert card.data.base_model is None and card.data.datasets is None  # random init, local data folder
+    assert {"transfer-learning", "freeze-staged", "image-classification"} <= set(card.data.tags)
+    assert card.data.base_model is None and card.data.datasets is None  # local model and data folders
 
 
 def test_card_body_is_filled_from_the_run(fresh_run):
@@ -166,7 +110,7 @@ def test_card_body_is_filled_from_the_run(fresh_run):
     assert text == str(card) + ("" if text.endswith("\n") and str(card).endswith("\n") else "\n")
     body = text.split("\n---\n", 1)[1]
     for placeholder in PLACEHOLDERS:
-        assert placeholder not in body, placeholder
+        assert not re.search(placeholder, body), placeholder
     results = json.loads((fresh_run / "all_results.json").read_text())
     report = json.loads((fresh_run / "test_report.json").read_text())
     state = json.loads((fresh_run / "trainer_state.json").read_text())
@@ -180,25 +124,31 @@ def test_card_body_is_filled_from_the_run(fresh_run):
         assert name in body
     for label, metrics in report["per_class"].items():
         assert f"| {label} | {metrics['precision']:.4g} | {metrics['recall']:.4g} | {metrics['f1']:.4g} |" in body
-    epochs = [entry for entry in state["log_history"] if "eval_loss" in entry]
-    assert len(epochs) == 2
+    epochs = [entry for entry in training_log(state["log_history"]) if "eval_loss" in entry]
+    assert len(epochs) == 2  # the evaluation of the reloaded best model after training is no epoch
     for entry in epochs:
         assert f"| {entry['eval_loss']:.4g} | {entry['eval_accuracy']:.4g} |" in body
+    assert f"best checkpoint by validation accuracy (`{Path(state['best_model_checkpoint']).name}`" in body
     for block in json.loads((fresh_run / "freeze_plan.json").read_text())["blocks"]:
         assert f"| {block['name']} | {block['params']:,} |" in body
     assert f"{results['test_accuracy']:.2%}" in body
     assert "32 x 32" in body  # resolution, from preprocessor_config.json
-    n_test = sizes["test"]
-    margin = 1.96 * math.sqrt(max(results["test_accuracy"] * (1 - results["test_accuracy"]), 1e-12) / n_test)
-    assert f"±{100 * margin:.1f} percentage points" in body and "small test set" in body
+    n, p, z = sizes["test"], results["test_accuracy"], 1.96  # Wilson's score interval, by its formula
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    assert f"between {centre - half:.1%} and {centre + half:.1%} (95% Wilson interval)" in body
+    assert "small test set" in body
     for figure in ("confusion_matrix.png", "training_curves.png"):
         assert f"]({figure})" in body
         assert Image.open(fresh_run / figure).format == "PNG"  # drawn by the card when the run had none
 
 
-def test_card_uses_the_repo_id_when_pushed(fresh_run):
+def test_card_uses_the_repo_id_and_the_recorded_hardware(fresh_run):
+    results = json.loads((fresh_run / "all_results.json").read_text())
+    (fresh_run / "all_results.json").write_text(json.dumps({**results, "hardware": describe_hardware()}))
     write_model_card(fresh_run, repo_id="user/tiny-vit-cats")
     text = (fresh_run / "README.md").read_text()
+    assert f"- Hardware: {describe_hardware()}" in text and "CPU cores" in text
     assert 'pipeline("image-classification", model="user/tiny-vit-cats")' in text
     assert str(fresh_run.resolve()) not in text
     assert _front_matter(text)["model-index"][0]["name"] == "tiny-vit-cats"

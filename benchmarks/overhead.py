@@ -1,0 +1,222 @@
+"""Framework overhead: time per training step of hf_transfer's Trainer path vs. a minimal PyTorch loop.
+
+Same backbone weights, batch, images, precision and threads, in one process; the contenders
+alternate round by round (the order rotates), and each round's time per step is taken between
+two synchronised step ends. Reported: the median over rounds of (Trainer step / plain step).
+
+- plain: the bare timm model, `F.cross_entropy`, AdamW (decay / no-decay groups), zero_grad.
+- trainer: what hf_transfer.training.run builds: recipe defaults, TimmWrapperForImageClassification,
+  FreezePlan + its callbacks and BatchNorm hooks, AdamW on the plan's per-block groups,
+  transformers.Trainer (grad clipping at 1.0).
+- trainer_noclip: the same with `max_grad_norm: 0`, to show what the clipping costs.
+
+    python benchmarks/overhead.py                                  # CPU: fp32, batch 16
+    python benchmarks/overhead.py --batch-size 256 --bf16          # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from transformers import Trainer, TrainerCallback
+
+from common import device, median, report, synchronize
+from hf_transfer.data import collate
+from hf_transfer.freezing import FreezeCallback, FreezePlan
+from hf_transfer.models import load_model
+from hf_transfer.recipe import parse_recipe
+from hf_transfer.training import StopOnNonFiniteLoss
+
+
+class Images(Dataset):
+    """Fixed, already transformed images in memory: loading costs both contenders the same (almost nothing)."""
+
+    def __init__(self, pixels: torch.Tensor, labels: torch.Tensor):
+        self.pixels, self.labels = pixels, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"pixel_values": self.pixels[index], "labels": int(self.labels[index])}
+
+
+class StepClock(TrainerCallback):
+    """Time between the end of step `first` and the end of step `last` (GPU synchronised at both)."""
+
+    def __init__(self, first: int, last: int):
+        self.first, self.last, self.seconds = first, last, None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step in (self.first, self.last):
+            synchronize()
+            now = time.perf_counter()
+            if state.global_step == self.first:
+                self.start = now
+            else:
+                self.seconds = now - self.start
+
+
+def build_recipe(args, output_dir: str, clip: bool):
+    return parse_recipe(
+        [], dataset="in-memory", model=args.model, pretrained=False, freeze=args.freeze, output_dir=output_dir,
+        per_device_train_batch_size=args.batch_size, max_steps=args.warmup + args.steps,
+        eval_strategy="no", save_strategy="no", load_best_model_at_end=False, bf16=args.bf16,
+        max_grad_norm=1.0 if clip else 0.0, dataloader_num_workers=0,
+        disable_tqdm=True, seed=args.seed,
+    )
+
+
+def optimizer_for(plan: FreezePlan, training) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(
+        plan.parameter_groups(training.weight_decay), lr=training.learning_rate,
+        betas=(training.adam_beta1, training.adam_beta2), eps=training.adam_epsilon,
+    )
+
+
+class TrainerPath:
+    """hf_transfer's Trainer, built as training.run builds it; each round is one `train()` of warmup + steps."""
+
+    def __init__(self, args, dataset: Images, labels: list[str], clip: bool):
+        self.folder = tempfile.TemporaryDirectory()
+        recipe = build_recipe(args, self.folder.name, clip)
+        recipe.training.logging_nan_inf_filter = False
+        recipe.training.dataloader_pin_memory = torch.cuda.is_available()
+        torch.manual_seed(args.seed)
+        self.model, _ = load_model(recipe.model, labels)
+        if args.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        plan = FreezePlan(self.model, recipe.freeze, recipe.training.learning_rate)
+        self.clock = StepClock(args.warmup, args.warmup + args.steps)
+        self.trainer = Trainer(
+            model=self.model, args=recipe.training, train_dataset=dataset, data_collator=collate,
+            optimizers=(optimizer_for(plan, recipe.training), None),
+            callbacks=[FreezeCallback(plan), StopOnNonFiniteLoss(), self.clock],
+        )
+
+    def round(self) -> float:
+        self.trainer.lr_scheduler = None  # a fresh schedule each round, as a new run would have
+        self.trainer.train()
+        return self.clock.seconds
+
+
+class PlainPath:
+    """The minimal loop a PyTorch user writes, on the same weights (no hf_transfer code in the step)."""
+
+    def __init__(self, args, dataset: Images, labels: list[str]):
+        recipe = build_recipe(args, tempfile.gettempdir(), clip=False)
+        torch.manual_seed(args.seed)
+        self.model = load_model(recipe.model, labels)[0].timm_model.to(device())
+        if args.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        head = {id(p) for p in self.model.get_classifier().parameters()}
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(args.freeze == "full" or id(parameter) in head)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        training = recipe.training
+        self.optimizer = torch.optim.AdamW(
+            [{"params": [p for p in trainable if p.ndim > 1], "weight_decay": training.weight_decay},
+             {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0}],
+            lr=training.learning_rate, betas=(training.adam_beta1, training.adam_beta2), eps=training.adam_epsilon,
+        )
+        self.frozen_norms = [m for m in self.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                             and not any(p.requires_grad for p in m.parameters())]
+        self.loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, collate_fn=collate,
+                                 pin_memory=torch.cuda.is_available(), drop_last=True)
+        self.args = args
+
+    def round(self) -> float:
+        self.model.train()
+        for module in self.frozen_norms:  # frozen BatchNorm keeps its statistics, as in hf_transfer
+            module.eval()
+        for step, batch in enumerate(self.loader, start=1):
+            images = batch["pixel_values"].to(device(), non_blocking=True)
+            labels = batch["labels"].to(device(), non_blocking=True)
+            if self.args.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device().type, dtype=torch.bfloat16, enabled=self.args.bf16):
+                loss = F.cross_entropy(self.model(images), labels)
+            loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if step == self.args.warmup:
+                synchronize()
+                start = time.perf_counter()
+        synchronize()
+        return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="timm/tf_efficientnet_lite0.in1k")
+    parser.add_argument("--freeze", default="full", choices=("full", "head_only"))
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--image-size", type=int, default=None, help="default: the model's input size")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of each round")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--seed", type=int, default=42)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.backends.cudnn.benchmark = True
+
+    labels = [f"class_{index}" for index in range(10)]
+    probe, _ = load_model(build_recipe(args, tempfile.gettempdir(), True).model, labels)
+    size = args.image_size or probe.config.pretrained_cfg["input_size"][-1]
+    del probe
+    generator = torch.Generator().manual_seed(args.seed)
+    count = args.batch_size * (args.warmup + args.steps)  # one round = one epoch, as in a real run
+    dataset = Images(torch.randn(count, 3, size, size, generator=generator), torch.randint(0, 10, (count,), generator=generator))
+
+    contenders = {
+        "plain PyTorch loop": PlainPath(args, dataset, labels),
+        "hf_transfer Trainer": TrainerPath(args, dataset, labels, clip=True),
+        "hf_transfer Trainer, no grad clipping": TrainerPath(args, dataset, labels, clip=False),
+    }
+    names = list(contenders)
+    seconds = {name: [] for name in names}
+    for round_index in range(args.rounds + 1):  # round 0 warms everything up and is not counted
+        order = names[round_index % len(names):] + names[:round_index % len(names)]
+        for name in order:
+            elapsed = contenders[name].round()
+            if round_index:
+                seconds[name].append(elapsed / args.steps)
+        if round_index:
+            print({name: f"{1000 * seconds[name][-1]:.1f} ms" for name in names}, flush=True)
+
+    plain = seconds[names[0]]
+    rows = []
+    for name in names:
+        ratios = [mine / base for mine, base in zip(seconds[name], plain)]
+        rows.append({
+            "path": name,
+            "median step ms": 1000 * median(seconds[name]),
+            "img/s": args.batch_size / median(seconds[name]),
+            "median ratio to plain": median(ratios),
+            "overhead %": 100 * (median(ratios) - 1),
+            "min..max ratio": f"{min(ratios):.3f}..{max(ratios):.3f}",
+        })
+    report(
+        "overhead",
+        f"Framework overhead per training step ({device().type}, {args.model.split('/')[-1]}, {args.freeze})",
+        rows,
+        notes=[
+            f"batch {args.batch_size} at {size} px, {'bf16 autocast' if args.bf16 else 'fp32'}, channels_last {args.channels_last}, "
+            f"torch threads {args.threads}, random-init weights (identical for all paths), in-memory random images, "
+            "dataloader_num_workers 0 (the input pipeline is measured by input_pipeline.py)",
+            f"{args.rounds} rounds after one warm-up round, order rotated each round; per round {args.warmup} untimed + {args.steps} timed steps",
+            "ratio = Trainer step time / plain step time in the same round; target: overhead at most 5%",
+        ],
+    )
+
+
+if __name__ == "__main__":
+    main()

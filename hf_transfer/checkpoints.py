@@ -1,0 +1,257 @@
+"""Trainer checkpoints made only of safetensors and JSON, that resume exactly and never hold NaN weights.
+
+Trainer pickles the optimizer, scheduler, RNG states and arguments (`*.pt`, `*.pth`, `*.bin`); here the
+tensors go to safetensors and everything else to JSON, so loading a checkpoint can never run code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+from pathlib import Path
+
+import datasets
+import numpy as np
+import safetensors.torch
+import torch
+from transformers import PreTrainedModel, Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import SAFE_WEIGHTS_NAME
+
+OPTIMIZER = "optimizer"  # optimizer.safetensors (state tensors) + optimizer.json (param groups, scalars)
+SCHEDULER = "scheduler.json"
+SCALER = "scaler.json"
+TRAINING_ARGS = "training_args.json"
+TRAINER_STATE = "trainer_state.json"  # written last by Trainer: a checkpoint without it is incomplete
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training diverged; the last good checkpoint is kept."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from safely; the message says what to do."""
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest checkpoint that was fully written (a kill while saving leaves one that is not)."""
+    complete = [path for path in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if _is_complete(path)]
+    return max(complete, key=lambda path: int(path.name.rsplit("-", 1)[1]), default=None)
+
+
+def _is_complete(checkpoint: Path) -> bool:
+    try:
+        json.loads((checkpoint / TRAINER_STATE).read_text())
+    except (OSError, ValueError):
+        return False
+    return checkpoint.name.rsplit("-", 1)[1].isdigit()
+
+
+class SeededAugmentation(torch.utils.data.Dataset):
+    """The train split, with each image's random augmentation drawn from its own seed (run seed, epoch, row).
+
+    Loading data then never advances the global RNGs, so a resumed run sees the same augmentations and
+    the model's own randomness (dropout, drop-path) continues from the checkpoint's RNG state, whatever
+    the prefetching or the number of dataloader workers.
+    """
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        with _seeded_rngs(int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])):
+            return self.dataset[index]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
+@contextlib.contextmanager
+def _seeded_rngs(seed: int):
+    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.random.default_generator.manual_seed(seed)  # CPU only: transforms run on CPU, CUDA RNG stays untouched
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
+
+
+class SafeTrainer(Trainer):
+    """A Trainer whose checkpoints hold only safetensors + JSON, resume exactly, and stop on NaN/inf."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        persistent_workers = self.args.dataloader_num_workers > 0 and self.args.dataloader_persistent_workers
+        # Random augmentations run in the transforms of a `datasets` split; persistent workers never see a new epoch.
+        if isinstance(self.train_dataset, datasets.Dataset) and not persistent_workers:
+            self.train_dataset = SeededAugmentation(self.train_dataset, self.args.seed)
+        self._resumed = False
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        if resume_from_checkpoint is True:  # Trainer would take the newest checkpoint, even a half-written one
+            complete = last_complete_checkpoint(self.args.output_dir)
+            resume_from_checkpoint = str(complete) if complete else True
+        return super().train(resume_from_checkpoint, **kwargs)
+
+    def _run_epoch(self, model, epoch, *args, **kwargs):
+        if isinstance(self.train_dataset, SeededAugmentation):
+            self.train_dataset.set_epoch(epoch)
+        return super()._run_epoch(model, epoch, *args, **kwargs)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss):  # stop now: the optimizer step would spread it into every weight
+            raise NonFiniteLossError(
+                f"Loss became {loss.item()} at step {self.state.global_step + 1}. Lower `learning_rate` or use "
+                f"`bf16` instead of `fp16`; {self._kept_checkpoint()}"
+            )
+        return loss
+
+    def _kept_checkpoint(self) -> str:
+        kept = last_complete_checkpoint(self.args.output_dir)
+        if kept is None:
+            return "no checkpoint was saved before it, so start again with `--overwrite`."
+        return f"the last good checkpoint {kept} is kept (`--resume` continues from it)."
+
+    # ---- saving --------------------------------------------------------------------------------
+    def _save_checkpoint(self, model, trial) -> None:
+        # --resume would continue from whatever is saved, so a NaN or inf weight must never get there.
+        if not all(torch.isfinite(parameter).all() for parameter in model.parameters()):
+            raise NonFiniteLossError(
+                f"Weights became NaN or inf at step {self.state.global_step}, so they were not saved. "
+                f"Lower `learning_rate`; {self._kept_checkpoint()}"
+            )
+        super()._save_checkpoint(model, trial)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Model, processor and arguments; the arguments as JSON (tokens masked), not `training_args.bin`."""
+        if not self.args.should_save:
+            return
+        output = Path(output_dir or self.args.output_dir)
+        output.mkdir(parents=True, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if isinstance(model, PreTrainedModel):
+            model.save_pretrained(output, state_dict=state_dict)
+        else:  # e.g. the head trained on cached features: its weights alone, as Trainer does
+            safetensors.torch.save_file(state_dict or model.state_dict(), output / SAFE_WEIGHTS_NAME, metadata={"format": "pt"})
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output)
+        (output / TRAINING_ARGS).write_text(self.args.to_json_string())
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.args.should_save:
+            return
+        _save_tensors_and_json(self.optimizer.state_dict(), Path(output_dir) / OPTIMIZER)
+        _write_json(Path(output_dir) / SCHEDULER, self.lr_scheduler.state_dict())
+
+    def _save_scaler(self, output_dir: str) -> None:
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and self.args.should_save:
+            _write_json(Path(output_dir) / SCALER, scaler.state_dict())
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        """RNG states and the loss not yet logged, per process: what an exact continuation needs."""
+        output = Path(output_dir)
+        output.mkdir(parents=True, exist_ok=True)
+        generators = {"cpu": torch.random.get_rng_state()}
+        if torch.cuda.is_available():
+            generators.update({f"cuda.{index}": state for index, state in enumerate(torch.cuda.get_rng_state_all())})
+        safetensors.torch.save_file(generators, output / f"{self._resume_file()}.safetensors")
+        numpy_state = np.random.get_state()
+        _write_json(output / f"{self._resume_file()}.json", {
+            "python_random": random.getstate(),
+            "numpy_random": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+            "loss_since_last_log": self._tr_loss.item(),
+            "loss_logged_total": self._total_loss_scalar,
+            "last_logged_step": self._globalstep_last_logged,
+        })
+
+    def _resume_file(self) -> str:
+        return "resume_state" if self.args.world_size <= 1 else f"resume_state_{self.args.process_index}"
+
+    # ---- resuming ------------------------------------------------------------------------------
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None:
+            return
+        folder = Path(checkpoint)
+        if not (folder / f"{OPTIMIZER}.safetensors").is_file():
+            raise CheckpointError(
+                f"{folder} has no {OPTIMIZER}.safetensors: it was not written by hf-transfer, which never loads "
+                "pickled optimizer states (optimizer.pt). Start again with `--overwrite`."
+            )
+        state = _load_tensors_and_json(folder / OPTIMIZER, "cpu")
+        for saved, current in zip(state["param_groups"], self.optimizer.param_groups):
+            saved.update({key: tuple(saved[key]) for key, value in current.items() if isinstance(value, tuple)})
+        self.optimizer.load_state_dict(state)
+        self.lr_scheduler.load_state_dict(json.loads((folder / SCHEDULER).read_text()))
+
+    def _load_scaler(self, checkpoint: str | None) -> None:
+        scaler = getattr(self.accelerator, "scaler", None)
+        if checkpoint is not None and scaler is not None and (Path(checkpoint) / SCALER).is_file():
+            scaler.load_state_dict(json.loads((Path(checkpoint) / SCALER).read_text()))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        """Trainer calls this right before the first step after the checkpoint."""
+        if checkpoint is None:
+            return
+        folder = Path(checkpoint)
+        generators = safetensors.torch.load_file(folder / f"{self._resume_file()}.safetensors")
+        saved = json.loads((folder / f"{self._resume_file()}.json").read_text())
+        torch.random.set_rng_state(generators["cpu"])
+        for index in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+            if f"cuda.{index}" in generators:
+                torch.cuda.set_rng_state(generators[f"cuda.{index}"], device=index)
+        version, internal, gauss = saved["python_random"]
+        random.setstate((version, tuple(internal), gauss))
+        name, keys, *rest = saved["numpy_random"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+        # The loss tallies as they stood, so logged losses and train_loss match an uninterrupted run.
+        self._tr_loss = torch.tensor(saved["loss_since_last_log"], device=self.args.device)
+        self._total_loss_scalar = saved["loss_logged_total"]
+        self._globalstep_last_logged = saved["last_logged_step"]
+        self._resumed = True
+
+    def _finalize_training(self, trial, num_train_samples, start_time):
+        output = super()._finalize_training(trial, num_train_samples, start_time)
+        if not self._resumed:
+            return output
+        # Trainer divides by the steps of this call only; the restored loss total covers the whole run.
+        train_loss = self._total_loss_scalar / max(self.state.global_step, 1)
+        output.metrics["train_loss"] = train_loss
+        if self.state.log_history and "train_loss" in self.state.log_history[-1]:
+            self.state.log_history[-1]["train_loss"] = train_loss
+        return output._replace(training_loss=train_loss)
+
+
+def _write_json(path: Path, value) -> None:
+    path.write_text(json.dumps(value, indent=1))
+
+
+def _save_tensors_and_json(state_dict: dict, stem: Path) -> None:
+    """An optimizer state dict: tensors to `<stem>.safetensors`, everything else to `<stem>.json`."""
+    tensors, scalars = {}, {}
+    for param_id, values in state_dict["state"].items():
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{param_id}.{name}"] = value.detach().contiguous()
+            else:
+                scalars.setdefault(str(param_id), {})[name] = value
+    safetensors.torch.save_file(tensors, f"{stem}.safetensors")
+    _write_json(Path(f"{stem}.json"), {"param_groups": state_dict["param_groups"], "state": scalars})
+
+
+def _load_tensors_and_json(stem: Path, device: str) -> dict:
+    saved = json.loads(Path(f"{stem}.json").read_text())
+    state = {int(param_id): values for param_id, values in saved["state"].items()}
+    for key, tensor in safetensors.torch.load_file(f"{stem}.safetensors", device=device).items():
+        param_id, name = key.split(".", 1)
+        state.setdefault(int(param_id), {})[name] = tensor
+    return {"state": state, "param_groups": saved["param_groups"]}

@@ -1,0 +1,138 @@
+"""Feature cache (issue 4): real tiny runs on the shipped cats-vs-dogs photos with a random-init timm ConvNeXt
+(its classifier sits inside a head module, after a frozen norm: the general case).
+
+Hits and misses are read from the run's own record and the cache folders' modification times, never from timing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from conftest import SAMPLE
+from safetensors.torch import load_file
+from transformers import pipeline
+
+from hf_transfer import finetune
+from hf_transfer.cache import KEY_FILE, load, weights_digest
+
+TINY = dict(
+    dataset=str(SAMPLE), model="test_convnext", pretrained=False, validation_size=16, max_train_samples=32,
+    max_test_samples=16, num_train_epochs=2, per_device_train_batch_size=16, learning_rate=3e-3,
+    augmentation="none", save_strategy="no", load_best_model_at_end=False,
+)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("datasets_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(datasets.config, "HF_DATASETS_CACHE", str(path))
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        yield path
+
+
+def _train(tmp_path, name, **options):
+    return finetune(output_dir=str(tmp_path / name), **{**TINY, **options})
+
+
+def _mtimes(results) -> dict:
+    return {split: os.stat(info["path"]).st_mtime_ns for split, info in results["feature_cache"]["splits"].items()}
+
+
+@pytest.fixture(scope="module")
+def first_run(cache_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    return out, _train(out, "first")
+
+
+def test_first_run_extracts_float16_features_into_the_datasets_cache(first_run, cache_dir):
+    _, results = first_run
+    splits = results["feature_cache"]["splits"]
+    assert {split: info["hit"] for split, info in splits.items()} == {"train": False, "validation": False, "test": False}
+    for split, size in results["split_sizes"].items():
+        info = splits[split]
+        assert info["path"].startswith(str(cache_dir)) and info["images"] == size and info["dtype"] == "float16"
+        features, labels = load(info["path"])
+        assert features.dtype == np.float16 and features.shape == (size, 1, 64) and len(labels) == size
+        key = json.loads((Path(info["path"]) / KEY_FILE).read_text())
+        assert key["split"] == split and key["model"] == "test_convnext" and "Normalize" in key["transform"]
+
+
+def test_full_model_test_accuracy_equals_the_cached_features_accuracy(first_run):
+    _, results = first_run
+    assert results["test_accuracy"] == results["test_cache_accuracy"]
+    assert results["test_cache_agreement"] == 1.0
+
+
+def test_output_dir_loads_with_pipeline_and_predicts_like_the_trained_head(first_run):
+    out, results = first_run
+    model_dir = out / "first"
+    classifier = pipeline("image-classification", model=str(model_dir))
+    test = datasets.load_dataset(str(SAMPLE), split="test").shuffle(seed=42).select(range(16))
+    answers = classifier(list(test["image"]), top_k=1)
+    piped = np.array([classifier.model.config.label2id[answer[0]["label"]] for answer in answers])
+
+    # The same predictions from the saved head applied to the cached test features.
+    weights = load_file(model_dir / "model.safetensors")
+    features, labels = load(results["feature_cache"]["splits"]["test"]["path"])
+    logits = torch.from_numpy(features[:, 0]).float() @ weights["timm_model.head.fc.weight"].T + weights["timm_model.head.fc.bias"]
+    assert np.array_equal(labels, np.array(test["labels"]))
+    assert np.array_equal(piped, logits.argmax(-1).numpy())
+    assert (piped == labels).mean() == pytest.approx(results["test_accuracy"])
+
+
+def test_second_run_skips_extraction_and_says_so(first_run, caplog):
+    out, first = first_run
+    caplog.set_level(logging.INFO, logger="hf_transfer")
+    second = _train(out, "second")
+    assert all(info["hit"] for info in second["feature_cache"]["splits"].values())
+    assert _mtimes(second) == _mtimes(first), "cached folders were rewritten"
+    assert "feature cache hit: skipping extraction of train" in caplog.text
+    assert "extracted" not in caplog.text
+    assert second["test_accuracy"] == first["test_accuracy"] and second["eval_loss"] == pytest.approx(first["eval_loss"])
+
+
+def test_changed_data_invalidates_only_that_split(first_run):
+    out, first = first_run
+    results = _train(out, "fewer", max_train_samples=24)
+    hits = {split: info["hit"] for split, info in results["feature_cache"]["splits"].items()}
+    assert hits == {"train": False, "validation": True, "test": True}
+    assert results["feature_cache"]["splits"]["train"]["path"] != first["feature_cache"]["splits"]["train"]["path"]
+
+
+def test_augmented_views_are_cached_separately_and_used_one_per_epoch(first_run):
+    out, first = first_run
+    results = _train(out, "views", augmentation="default", feature_cache_views=2)
+    train = results["feature_cache"]["splits"]["train"]
+    assert not train["hit"] and train["views"] == 2
+    features, _ = load(train["path"])
+    assert features.shape[1] == 2 and not np.array_equal(features[:, 0], features[:, 1]), "two different augmented views"
+    assert results["feature_cache"]["splits"]["validation"]["hit"], "evaluation splits stay un-augmented"
+
+
+def test_cached_and_uncached_training_reach_the_same_head(first_run):
+    out, first = first_run
+    uncached = _train(out, "uncached", feature_cache=False)
+    assert "feature_cache" not in uncached
+    assert uncached["train_loss"] == pytest.approx(first["train_loss"], rel=1e-2)
+    assert uncached["eval_loss"] == pytest.approx(first["eval_loss"], rel=1e-2)
+    assert uncached["test_accuracy"] == first["test_accuracy"]
+
+
+def test_weights_digest_follows_the_backbone_not_the_head():
+    import timm
+
+    model = timm.create_model("test_efficientnet", num_classes=2)
+    digest = weights_digest(model, "classifier")
+    with torch.no_grad():
+        model.classifier.weight.add_(1.0)
+        assert weights_digest(model, "classifier") == digest
+        model.bn1.running_mean.add_(1e-3)
+        assert weights_digest(model, "classifier") != digest
