@@ -1,6 +1,8 @@
 """Framework overhead: time per training step of hf_transfer's Trainer path vs. a minimal PyTorch loop.
 
-Same backbone weights, batch, images, precision and threads, in one process; the contenders
+Same backbone weights, batch, images, precision and threads, in one process. The images are 32 px
+uint8 (CIFAR-10's size) held in memory and upsampled on the device by the same code in every path
+(benchmarks/device_resize.py), so that loading costs all paths the same and little. The contenders
 alternate round by round (the order rotates), and each round's time per step is taken between
 two synchronised step ends. Reported: the median over rounds of (Trainer step / plain step).
 
@@ -26,15 +28,16 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import Trainer, TrainerCallback
 
 from common import device, median, report, synchronize
+from device_resize import DeviceResize
 from hf_transfer.data import collate
 from hf_transfer.freezing import FreezeCallback, FreezePlan
-from hf_transfer.models import load_model
+from hf_transfer.models import data_config, load_model
 from hf_transfer.recipe import parse_recipe
 from hf_transfer.training import StopOnNonFiniteLoss
 
 
 class Images(Dataset):
-    """Fixed, already transformed images in memory: loading costs both contenders the same (almost nothing)."""
+    """Fixed 32 px uint8 images in memory."""
 
     def __init__(self, pixels: torch.Tensor, labels: torch.Tensor):
         self.pixels, self.labels = pixels, labels
@@ -72,6 +75,13 @@ def build_recipe(args, output_dir: str, clip: bool):
     )
 
 
+def resize_config(model, processor, args) -> dict:
+    config = data_config(model, processor)
+    if args.image_size:
+        config["input_size"] = (3, args.image_size, args.image_size)
+    return config
+
+
 def optimizer_for(plan: FreezePlan, training) -> torch.optim.Optimizer:
     return torch.optim.AdamW(
         plan.parameter_groups(training.weight_decay), lr=training.learning_rate,
@@ -88,9 +98,10 @@ class TrainerPath:
         recipe.training.logging_nan_inf_filter = False
         recipe.training.dataloader_pin_memory = torch.cuda.is_available()
         torch.manual_seed(args.seed)
-        self.model, _ = load_model(recipe.model, labels)
+        self.model, processor = load_model(recipe.model, labels)
         if args.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        DeviceResize(resize_config(self.model, processor, args), args.channels_last).attach(self.model)
         plan = FreezePlan(self.model, recipe.freeze, recipe.training.learning_rate)
         self.clock = StepClock(args.warmup, args.warmup + args.steps)
         self.trainer = Trainer(
@@ -111,7 +122,9 @@ class PlainPath:
     def __init__(self, args, dataset: Images, labels: list[str]):
         recipe = build_recipe(args, tempfile.gettempdir(), clip=False)
         torch.manual_seed(args.seed)
-        self.model = load_model(recipe.model, labels)[0].timm_model.to(device())
+        wrapper, processor = load_model(recipe.model, labels)
+        self.model = wrapper.timm_model.to(device())
+        self.resize = DeviceResize(resize_config(wrapper, processor, args), args.channels_last)
         if args.channels_last:
             self.model.to(memory_format=torch.channels_last)
         head = {id(p) for p in self.model.get_classifier().parameters()}
@@ -135,10 +148,8 @@ class PlainPath:
         for module in self.frozen_norms:  # frozen BatchNorm keeps its statistics, as in hf_transfer
             module.eval()
         for step, batch in enumerate(self.loader, start=1):
-            images = batch["pixel_values"].to(device(), non_blocking=True)
+            images = self.resize(batch["pixel_values"].to(device(), non_blocking=True))
             labels = batch["labels"].to(device(), non_blocking=True)
-            if self.args.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device().type, dtype=torch.bfloat16, enabled=self.args.bf16):
                 loss = F.cross_entropy(self.model(images), labels)
             loss.backward()
@@ -169,12 +180,13 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True
 
     labels = [f"class_{index}" for index in range(10)]
-    probe, _ = load_model(build_recipe(args, tempfile.gettempdir(), True).model, labels)
-    size = args.image_size or probe.config.pretrained_cfg["input_size"][-1]
+    probe, processor = load_model(build_recipe(args, tempfile.gettempdir(), True).model, labels)
+    size = resize_config(probe, processor, args)["input_size"][-1]
     del probe
     generator = torch.Generator().manual_seed(args.seed)
     count = args.batch_size * (args.warmup + args.steps)  # one round = one epoch, as in a real run
-    dataset = Images(torch.randn(count, 3, size, size, generator=generator), torch.randint(0, 10, (count,), generator=generator))
+    pixels = torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    dataset = Images(pixels, torch.randint(0, 10, (count,), generator=generator))
 
     contenders = {
         "plain PyTorch loop": PlainPath(args, dataset, labels),
@@ -209,8 +221,8 @@ def main() -> None:
         f"Framework overhead per training step ({device().type}, {args.model.split('/')[-1]}, {args.freeze})",
         rows,
         notes=[
-            f"batch {args.batch_size} at {size} px, {'bf16 autocast' if args.bf16 else 'fp32'}, channels_last {args.channels_last}, "
-            f"torch threads {args.threads}, random-init weights (identical for all paths), in-memory random images, "
+            f"batch {args.batch_size}, 32 px uint8 images upsampled to {size} px on the device, {'bf16 autocast' if args.bf16 else 'fp32'}, channels_last {args.channels_last}, "
+            f"torch threads {args.threads}, random-init weights (identical for all paths), "
             "dataloader_num_workers 0 (the input pipeline is measured by input_pipeline.py)",
             f"{args.rounds} rounds after one warm-up round, order rotated each round; per round {args.warmup} untimed + {args.steps} timed steps",
             "ratio = Trainer step time / plain step time in the same round; target: overhead at most 5%",

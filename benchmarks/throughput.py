@@ -22,8 +22,8 @@ from hf_transfer.models import ModelArguments, load_model
 MODELS = ("tf_efficientnet_lite0", "resnet50", "vit_base_patch16_224")
 VARIANTS = ("eager", "eager_cl", "compile", "compile_cl")
 # A training step = forward + backward (gradients of inputs and of weights): about 3 forwards.
-# For ViT-B/16 FlopCounterMode's own backward count agrees (3.0x); for Lite0 it gave 41x, because
-# its formula for the backward of grouped (depthwise) convolutions ignores the groups.
+# For ViT-B/16 FlopCounterMode's own backward count agrees (3.0x); for Lite0 it gave 41x the forward,
+# apparently counting the backward of grouped (depthwise) convolutions as dense ones.
 TRAINING_TO_FORWARD = 3
 
 

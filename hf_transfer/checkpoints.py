@@ -109,26 +109,21 @@ class SafeTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss):  # stop now: the optimizer step would spread it into every weight
-            raise NonFiniteLossError(
-                f"Loss became {loss.item()} at step {self.state.global_step + 1}. Lower `learning_rate` or use "
-                f"`bf16` instead of `fp16`; {self._kept_checkpoint()}"
-            )
+            raise NonFiniteLossError(f"Loss became {loss.item()} at step {self.state.global_step + 1}. {self._advice()}")
         return loss
 
-    def _kept_checkpoint(self) -> str:
+    def _advice(self) -> str:
         kept = last_complete_checkpoint(self.args.output_dir)
-        if kept is None:
-            return "no checkpoint was saved before it, so start again with `--overwrite`."
-        return f"the last good checkpoint {kept} is kept (`--resume` continues from it)."
+        return (
+            "Lower `learning_rate` (or use `bf16` instead of `fp16`) and start again with `--overwrite`; "
+            + (f"the last good checkpoint, {kept}, is kept." if kept else "no checkpoint had been saved yet.")
+        )
 
     # ---- saving --------------------------------------------------------------------------------
     def _save_checkpoint(self, model, trial) -> None:
         # --resume would continue from whatever is saved, so a NaN or inf weight must never get there.
-        if not all(torch.isfinite(parameter).all() for parameter in model.parameters()):
-            raise NonFiniteLossError(
-                f"Weights became NaN or inf at step {self.state.global_step}, so they were not saved. "
-                f"Lower `learning_rate`; {self._kept_checkpoint()}"
-            )
+        if not all(torch.isfinite(tensor).all() for tensor in model.state_dict().values()):
+            raise NonFiniteLossError(f"Weights became NaN or inf at step {self.state.global_step}, so they were not saved. {self._advice()}")
         super()._save_checkpoint(model, trial)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:

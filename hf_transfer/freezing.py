@@ -1,8 +1,7 @@
 """What trains, and how fast: blocks, freeze plans, BatchNorm control, layer-wise LRs, staged unfreezing.
 
-Every parameter that trains at any stage is registered with the optimizer (and DDP) from the
-start; a block waiting for its stage gets zero gradients and no optimizer update, so unfreezing
-mid-run needs no re-wrapping and stays identical across ranks.
+Every parameter that trains at any stage is registered with the optimizer (and DDP) from the start; a block
+waiting for its stage gets zero gradients (one process: none) and no update, so unfreezing needs no re-wrapping.
 """
 
 from __future__ import annotations
@@ -300,6 +299,8 @@ class FreezePlan:
         self.block_lr = [learning_rate * (self.layer_decay or 1.0) ** (depth - index) for index in range(len(self.blocks))]
         self.stage_starts: list[int] | None = None
         self.stage_index: int | None = None
+        # With a single process nobody needs the waiting blocks' zero gradients: skip their backward pass.
+        self.skip_waiting_backward = False
         self.history: list[dict] = []
         self.integrity: dict | None = None
 
@@ -398,6 +399,9 @@ class FreezePlan:
 
     def _activate(self, index: int) -> None:
         self.active = self.stage_sets[index]
+        if self.skip_waiting_backward:
+            for name in self.ever_trained:
+                self.parameters[name].requires_grad_(name in self.active)
         self._frozen_norm_ids = {id(module) for name, (module, _) in self._norms.items() if self.norm_mode(name) == "frozen"}
 
     def norm_mode(self, norm_name: str) -> str:
@@ -517,6 +521,8 @@ class FreezeCallback(TrainerCallback):
         self.plan = plan
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        # Under DDP every rank's reducer expects a gradient for every parameter it registered, every step.
+        self.plan.skip_waiting_backward = args.world_size == 1
         batches = len(train_dataloader) if train_dataloader is not None else None
         # Trainer's own count of optimizer steps per epoch (a last partial accumulation still steps).
         steps_per_epoch = math.ceil(batches / args.gradient_accumulation_steps) if batches else state.max_steps

@@ -71,6 +71,9 @@ def push_to_hub(output_dir: str | Path, repo_id: str, private: bool = False, rev
     The repo is created if needed (`private` applies only then); `revision` is a branch, created from main
     if missing. The model card is re-written with the real repo id before the upload.
     """
+    if repo_id.count("/") != 1:
+        raise HubError(f"Give the full repo id, `<user or org>/<name>` (e.g. `your-username/{repo_id}`), "
+                       f"not '{repo_id}'.")
     folder = Path(output_dir)
     files = _check_output_dir(folder)
     token = token or get_token()
@@ -126,7 +129,6 @@ class ImageCheck:
 class VerifyReport:
     repo_id: str
     commit: str
-    snapshot: Path
     checks: list[ImageCheck] = field(default_factory=list)
 
     @property
@@ -141,33 +143,37 @@ class VerifyReport:
 
 
 def verify_push(repo_id: str, output_dir: str | Path, images: list[ImageInput], revision: str | None = None,
-                token: str | None = None, atol: float = 1e-4) -> VerifyReport:
+                token: str | None = None, atol: float = 1e-4, cache_dir: str | Path | None = None) -> VerifyReport:
     """Download `repo_id` into a fresh cache, classify `images` with it and with the local model, compare.
 
-    Raises VerificationError when a top label differs or a class score differs by more than `atol`.
+    `cache_dir` defaults to a temporary folder, removed afterwards. Raises VerificationError when a top
+    label differs or any class score differs by more than `atol`.
     """
     if not images:
         raise ValueError("verify_push needs at least one image (ideally held out from training).")
-    cache_dir = tempfile.mkdtemp(prefix="hf-transfer-verify-")
-    snapshot = download_model(repo_id, revision=revision, cache_dir=cache_dir, token=token)
+    with tempfile.TemporaryDirectory(prefix="hf-transfer-verify-") as scratch:
+        return _compare(repo_id, Path(output_dir), images, revision, token, atol, Path(cache_dir or scratch))
+
+
+def _compare(repo_id: str, output_dir: Path, images: list[ImageInput], revision: str | None, token: str | None,
+             atol: float, cache_dir: Path) -> VerifyReport:
+    commit = download_model(repo_id, revision=revision, cache_dir=cache_dir, token=token).name  # snapshots/<sha>
     from transformers import pipeline  # heavy: imported once the repo is known to exist
-    commit = snapshot.name  # snapshots/<commit sha>
+
     hub_classifier = pipeline("image-classification", model=repo_id, revision=commit, token=token,
-                              model_kwargs={"cache_dir": cache_dir})
+                              model_kwargs={"cache_dir": str(cache_dir)})
     local_classifier = pipeline("image-classification", model=str(output_dir))
-    num_labels = len(local_classifier.model.config.id2label)
-    if len(hub_classifier.model.config.id2label) != num_labels:
-        raise VerificationError(f"{repo_id} has {len(hub_classifier.model.config.id2label)} labels, "
-                                f"the local model {num_labels}: the pushed model is not this one.")
-    report = VerifyReport(repo_id, commit, snapshot)
+    top_k = max(len(local_classifier.model.config.id2label), len(hub_classifier.model.config.id2label))
+    report = VerifyReport(repo_id, commit)
     for index, item in enumerate(images):
         name = Path(item).name if isinstance(item, (str, Path)) else f"image #{index}"
         image = load_image(item)
-        local = {p["label"]: p["score"] for p in local_classifier(image, top_k=num_labels)}
-        hub = {p["label"]: p["score"] for p in hub_classifier(image, top_k=num_labels)}
-        local_top, hub_top = max(local, key=local.get), max(hub, key=hub.get)
+        local = {p["label"]: p["score"] for p in local_classifier(image, top_k=top_k)}
+        hub = {p["label"]: p["score"] for p in hub_classifier(image, top_k=top_k)}
         if local.keys() != hub.keys():
-            raise VerificationError(f"{repo_id} has labels {sorted(hub)}, the local model {sorted(local)}.")
+            raise VerificationError(f"{repo_id}@{commit[:10]} has the labels {sorted(hub)}, {output_dir} has "
+                                    f"{sorted(local)}: the pushed model is not this run.")
+        local_top, hub_top = max(local, key=local.get), max(hub, key=hub.get)
         difference = max(abs(local[label] - hub[label]) for label in local)
         report.checks.append(ImageCheck(name, local_top, hub_top, local[local_top], hub[hub_top], difference))
         if local_top != hub_top or difference > atol:

@@ -18,7 +18,7 @@ import torch
 from transformers import TrainerCallback, set_seed
 
 from .cache import FeatureCache
-from .card import write_model_card
+from .card import describe_hardware, write_model_card
 from .checkpoints import NonFiniteLossError, SafeTrainer, last_complete_checkpoint
 from .data import attach_transforms, build_transforms, collate, load_image_dataset
 from .freezing import FreezeCallback, FreezePlan
@@ -98,6 +98,7 @@ def run(recipe: Recipe) -> dict:
     results = {
         **train_metrics, **eval_metrics, **test_output.metrics,
         "split_sizes": data.sizes,
+        "hardware": describe_hardware(),
         "skipped_images": {name: len(entries) for name, entries in data.skipped.items()},
         "skipped_image_examples": {name: entries[:20] for name, entries in data.skipped.items()},
         **({"feature_cache": cache.summary} if cache else {}),
@@ -117,8 +118,8 @@ def run(recipe: Recipe) -> dict:
         plan.save(staging / "freeze_plan.json")
         plot_training_curves(trainer.state.log_history, staging / "training_curves.png")
         plot_confusion_matrix(report["confusion_matrix"], data.labels, staging / "confusion_matrix.png")
-        write_model_card(staging)
         publish(staging, output_dir)
+        write_model_card(output_dir)  # after the move, so the card names the folder users load
         _print_next_steps(output_dir, results)
     trainer.accelerator.wait_for_everyone()
     return results

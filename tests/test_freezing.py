@@ -37,7 +37,7 @@ LABELS = ["cat", "dog"]
 LABEL_MAPS = dict(num_labels=2, id2label=dict(enumerate(LABELS)), label2id={label: i for i, label in enumerate(LABELS)})
 
 
-def save_timm_model(path: Path, architecture: str, image_size: int = 64, **model_args) -> Path:
+def save_timm_model(path: Path, architecture: str, image_size: int = 32, **model_args) -> Path:
     """A randomly initialised timm model at a small input size, saved as a local model folder."""
     pretrained_cfg = timm.models.get_pretrained_cfg(architecture).to_dict()
     pretrained_cfg.pop("num_classes", None)
@@ -54,8 +54,7 @@ def calibrate_batchnorm(model: TimmWrapperForImageClassification) -> None:
     """BatchNorm statistics of a fresh model are 0 / 1, and in eval mode its activations then vanish
     (features ~1e-14, no gradient). Set them from real photos, as pretraining would have."""
     norms = [module for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
-    transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model.timm_model))
-    images = torch.stack([transform(load_image(row["image"])) for row in sample_rows("train")[:32]])
+    images, _ = photos(model, 16)
     for module in norms:
         module.reset_running_stats()
         module.momentum = None  # a plain average over the batch
@@ -64,6 +63,13 @@ def calibrate_batchnorm(model: TimmWrapperForImageClassification) -> None:
         model(pixel_values=images)
     for module in norms:
         module.momentum = 0.1
+
+
+def photos(model: TimmWrapperForImageClassification, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` cat and dog photos from the repo's sample, preprocessed for `model`, with their labels."""
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model.timm_model))
+    rows = sample_rows("train")[:count]
+    return torch.stack([transform(load_image(row["image"])) for row in rows]), torch.tensor([row["labels"] for row in rows])
 
 
 def save_transformers_vit(path: Path) -> Path:
@@ -80,7 +86,7 @@ def model_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
     return {
         "timm_cnn": save_timm_model(root / "timm_cnn", "test_efficientnet"),
-        "timm_vit": save_timm_model(root / "timm_vit", "test_vit", img_size=64),
+        "timm_vit": save_timm_model(root / "timm_vit", "test_vit", img_size=32),
         "hf_vit": save_transformers_vit(root / "hf_vit"),
     }
 
@@ -190,6 +196,23 @@ def test_each_strategy_trains_exactly_what_it_says(model_dirs, options, expected
     assert in_optimizer == {id(p) for p in model.parameters() if p.requires_grad}
 
 
+def test_a_waiting_block_gets_zero_gradients_and_no_update(model_dirs):
+    model = load(model_dirs["timm_cnn"])
+    stages = [{"at_step": 0, "train": "head"}, {"at_step": 5, "train": "all"}]
+    plan = FreezePlan(model, FreezeArguments(freeze="staged", stages=stages), learning_rate=0.01)
+    optimizer = torch.optim.AdamW(plan.parameter_groups(weight_decay=0.5))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    pixels, labels = photos(model, 8)
+    model(pixel_values=pixels, labels=labels).loss.backward()
+    waiting = {name: p for name, p in model.named_parameters() if name not in plan.stage_sets[0]}
+    # A gradient for every registered parameter keeps DDP's reducers in step; zero keeps clipping to the head's.
+    assert all(p.grad is not None and not p.grad.any() for p in waiting.values())
+    plan.drop_waiting_gradients()
+    optimizer.step()
+    assert all(torch.equal(before[name], p) for name, p in waiting.items()), "not even weight decay moves a waiting block"
+    assert all(not torch.equal(before[name], p) for name, p in model.named_parameters() if name not in waiting)
+
+
 def test_a_pattern_that_matches_nothing_names_real_parameters(model_dirs):
     with pytest.raises(FreezePlanError, match=r"'\*backbone\*' matches no parameter.*timm_model\.conv_stem\.weight"):
         FreezePlan(load(model_dirs["timm_cnn"]), FreezeArguments(freeze="patterns", train_patterns=["*backbone*"]), 1e-3)
@@ -267,7 +290,7 @@ def test_only_batchnorm_layers_of_frozen_blocks_are_held_in_eval_mode(model_dirs
     cnn = load(model_dirs["timm_cnn"])
     plan = FreezePlan(cnn, FreezeArguments(freeze="last_n:1"), 1e-3)
     cnn.train()  # as Trainer does before every step
-    cnn(pixel_values=torch.randn(2, 3, 64, 64))
+    cnn(pixel_values=torch.randn(2, 3, 32, 32))
     last_block = set(plan.blocks[-2].parameter_names)
     norms = {name: m for name, m in cnn.named_modules() if isinstance(m, nn.BatchNorm2d)}
     assert type(norms["timm_model.bn1"]).__name__ == "BatchNormAct2d", "timm's fused BatchNorm + activation is covered"
@@ -276,7 +299,7 @@ def test_only_batchnorm_layers_of_frozen_blocks_are_held_in_eval_mode(model_dirs
     vit = load(model_dirs["timm_vit"])
     FreezePlan(vit, FreezeArguments(freeze="head_only"), 1e-3)
     vit.train()
-    vit(pixel_values=torch.randn(2, 3, 64, 64))
+    vit(pixel_values=torch.randn(2, 3, 32, 32))
     layer_norms = [m for m in vit.modules() if isinstance(m, nn.LayerNorm)]
     assert layer_norms and all(m.training for m in layer_norms), "LayerNorm has no running statistics: left alone"
 

@@ -35,7 +35,7 @@ def hub():
 
 @pytest.fixture(scope="module")
 def held_out_images(tmp_path_factory) -> list[str]:
-    """Four test-split photos the tiny run never saw (it tested on the first 16)."""
+    """Four photos of the cats_vs_dogs test split (pets 4001-5000): the tiny run trained on pets 1-1000."""
     folder = tmp_path_factory.mktemp("held-out")
     rows = pq.read_table(CATS_VS_DOGS / "data" / "test-00000-of-00001.parquet").slice(16, 4).to_pylist()
     for row in rows:
@@ -64,14 +64,17 @@ def copy_run(run_dir: Path, tmp_path: Path, name: str) -> Path:  # noqa: F811
 
 
 PUSH_AND_PULL = """
+import os
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageClassification, pipeline
-from hf_transfer.hub import push_to_hub, verify_push
+from hf_transfer.hub import VerificationError, push_to_hub, verify_push
 
 run, repo, images = params["run"], params["repo"], params["images"]
 first = push_to_hub(run, repo, commit_message="First push")
-first_check = verify_push(repo, run, images)
+cache = os.path.join(os.environ["HF_HOME"], "verify-cache")
+first_check = verify_push(repo, run, images, cache_dir=cache)
+default_cache_untouched = not os.path.exists(os.path.join(os.environ["HF_HOME"], "hub"))
 
 # An independent pull: from_pretrained and pipeline by repo id, into this process's fresh HF_HOME.
 hub_model = AutoModelForImageClassification.from_pretrained(repo)
@@ -80,10 +83,15 @@ first_predictions = [local_pipe(image, top_k=2) for image in images]
 
 # Second push: new weights (the classifier leans to 'cat'), so new content and a new commit.
 weights = load_file(f"{run}/model.safetensors")
-weights["classifier.bias"] = weights["classifier.bias"] + torch.tensor([3.0, -3.0])
+weights["classifier.bias"] = weights["classifier.bias"] + torch.tensor([20.0, -20.0])
 save_file(weights, f"{run}/model.safetensors", metadata={"format": "pt"})
 second = push_to_hub(run, repo)
 second_check = verify_push(repo, run, images)
+try:  # the first commit holds the old weights: verifying the changed run against it must fail
+    verify_push(repo, run, images, revision=first.rsplit("/", 1)[1])
+    mismatch = None
+except VerificationError as error:
+    mismatch = str(error)
 old = pipeline("image-classification", model=repo, revision=first.rsplit("/", 1)[1])
 branch = push_to_hub(run, repo, revision="experiment", commit_message="On a branch")
 branch_check = verify_push(repo, run, images, revision="experiment")
@@ -91,7 +99,8 @@ second_pipe = pipeline("image-classification", model=run)
 
 report({
     "first": first, "second": second, "branch": branch,
-    "first_check": [vars(c) for c in first_check.checks], "first_snapshot": str(first_check.snapshot),
+    "first_check": [vars(c) for c in first_check.checks], "default_cache_untouched": default_cache_untouched,
+    "verify_cache": sorted(os.listdir(cache)), "mismatch": mismatch,
     "second_check": [vars(c) for c in second_check.checks], "branch_commit": branch_check.commit,
     "id2label": {str(k): v for k, v in hub_model.config.id2label.items()},
     "hub_pipe": [hub_pipe(image, top_k=2) for image in images], "first_local": first_predictions,
@@ -125,8 +134,8 @@ def test_push_then_pull_predicts_like_the_local_model(hub, pushed):
         assert _close(hub_preds, local_preds)
     checks = pushed["first_check"]
     assert len(checks) == 4 and all(c["local_label"] == c["hub_label"] for c in checks)
-    # verify_push downloaded into its own fresh cache, not this process's HF_HOME.
-    assert "hf-transfer-verify-" in pushed["first_snapshot"]
+    # verify_push downloaded into its own fresh cache, not into the default one of HF_HOME.
+    assert "models--user--tiny-vit" in pushed["verify_cache"] and pushed["default_cache_untouched"]
 
     repo = hub.repos[("model", "user/tiny-vit")]
     files = repo.commits[_commit_of(pushed["first"])].files
@@ -156,6 +165,7 @@ def test_second_push_makes_a_new_commit_and_keeps_the_old_one(hub, pushed):
     for old_preds, first_preds in zip(pushed["old_revision"], pushed["first_local"]):
         assert _close(old_preds, first_preds)
     assert all(_close(a, b) is False for a, b in zip(pushed["second_local"], pushed["first_local"]))
+    assert "predicts differently" in pushed["mismatch"] and "user/tiny-vit@" in pushed["mismatch"]
     # --revision pushes to a branch created from main.
     assert repo.branches["experiment"] == _commit_of(pushed["branch"]) == pushed["branch_commit"]
     assert repo.branches["main"] == second
@@ -292,11 +302,13 @@ def test_token_never_leaves_the_client(hub, pushed, run_dir, tmp_path):  # noqa:
     assert ("model", "user/leaky") not in hub.repos
 
 
-def test_push_refuses_pickle_weights(run_dir, tmp_path):  # noqa: F811
+def test_push_refuses_pickles_and_ids_without_namespace(run_dir, tmp_path):  # noqa: F811
     run = copy_run(run_dir, tmp_path, "run")
     (run / "training_args.bin").write_bytes(b"\x80\x04pickle")
     with pytest.raises(HubError, match=r"pickle files.*training_args\.bin"):
         push_to_hub(run, "user/never-pushed", token="unused")  # refused before any network call
+    with pytest.raises(HubError, match="full repo id"):
+        push_to_hub(run, "no-namespace", token="unused")
 
 
 def _call(hub: LocalHub, method: str, path: str, body: bytes | None = None, token: str | None = SENTINEL,

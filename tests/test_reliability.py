@@ -171,10 +171,10 @@ def test_diverging_run_stops_clearly_and_keeps_the_last_good_checkpoint(tmp_path
     output_dir = tmp_path / "out"
     message = user_error(capsys, *RESUMABLE_RUN, "--learning_rate", "1e6", "--save_steps", "1",
                          "--output_dir", str(output_dir))
-    assert "Lower `learning_rate`" in message and "`--resume` continues from it" in message
-    assert "became nan" in message.lower() or "became inf" in message.lower() or "NaN or inf" in message
+    assert "Lower `learning_rate` (or use `bf16` instead of `fp16`) and start again with `--overwrite`" in message
+    assert "Loss became nan at step" in message or "Loss became inf at step" in message or "Weights became NaN or inf" in message
     kept = last_complete_checkpoint(output_dir)
-    assert kept is not None and str(kept) in message
+    assert kept is not None and f"the last good checkpoint, {kept}, is kept." in message
     for name, tensor in safetensors.torch.load_file(kept / "model.safetensors").items():
         assert torch.isfinite(tensor).all(), name
     assert not (output_dir / "config.json").exists()  # no final model was published

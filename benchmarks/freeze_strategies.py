@@ -1,0 +1,136 @@
+"""What trains, side by side: head_only, last_n, full and staged + layer decay at the same budget.
+
+Every run is `hf_transfer.training.run` with the same data, epochs, learning rate, batch, seed and
+starting weights (one local copy of the backbone with its new head, saved once); only the freeze
+options differ. The feature cache is off, so head_only sees the same augmented images as the others.
+Test accuracy is that of the best epoch by validation accuracy (the tool's default); the validation
+accuracy after every epoch shows whether a strategy first collapses the pretrained features.
+
+    # CPU, a stated subset at a reduced resolution
+    python benchmarks/freeze_strategies.py --dataset ../shared/datasets/cats_vs_dogs \
+        --max-train-samples 400 --max-test-samples 400 --image-size 128
+    # GPU (Trainer uses CUDA by itself): the whole mirror at the model's own resolution
+    python benchmarks/freeze_strategies.py --dataset ../shared/datasets/cifar10 --epochs 5 --bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import timm
+from transformers import TimmWrapperForImageClassification, set_seed
+
+from common import device, report
+from hf_transfer.data import DataArguments, load_image_dataset
+from hf_transfer.models import ModelArguments, load_model
+from hf_transfer.recipe import parse_recipe
+from hf_transfer.training import run
+
+DEFAULT_STAGES = "[{at_epoch: 0, train: head}, {at_epoch: 1, train: 'last_n:2'}, {at_epoch: 2, train: all}]"
+
+
+def starting_point(args, folder: Path) -> Path:
+    """The backbone with its new head, saved once so every strategy starts from the same weights.
+
+    With `--image-size`, the saved preprocessing asks for that input size (timm CNNs work at any size).
+    """
+    data = DataArguments(dataset=args.dataset, max_train_samples=args.max_train_samples,
+                         max_eval_samples=args.max_eval_samples, max_test_samples=args.max_test_samples)
+    labels = load_image_dataset(data, seed=args.seed).labels
+    set_seed(args.seed)
+    model, _ = load_model(ModelArguments(model=args.model), labels)
+    image_size = args.image_size
+    if image_size:
+        if not isinstance(model, TimmWrapperForImageClassification) or model.timm_model.pretrained_cfg.get("fixed_input_size"):
+            raise SystemExit(f"--image-size needs a timm model that accepts any input size; {args.model} does not.")
+        cfg = model.config.pretrained_cfg
+        cfg["input_size"] = [3, image_size, image_size]
+        cfg.pop("test_input_size", None)
+    model.save_pretrained(folder)
+    return folder
+
+
+def run_strategy(args, model_dir: Path, name: str, output_dir: Path) -> dict:
+    freeze = dict(freeze=name)
+    if name == "staged":
+        freeze = dict(freeze="staged", stages=args.stages, layer_decay=args.layer_decay)
+    recipe = parse_recipe([], **freeze, **dict(
+        dataset=args.dataset, model=str(model_dir), output_dir=str(output_dir), overwrite=True,
+        max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
+        max_test_samples=args.max_test_samples, feature_cache=False,
+        num_train_epochs=args.epochs, learning_rate=args.lr, per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.eval_batch_size, dataloader_num_workers=args.workers,
+        bf16=args.bf16, seed=args.seed, save_total_limit=1, disable_tqdm=True,
+    ))
+    started = time.perf_counter()
+    results = run(recipe)
+    wall = time.perf_counter() - started
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    by_step = {}
+    for entry in state["log_history"]:
+        if "eval_accuracy" in entry:
+            by_step.setdefault(entry["step"], entry["eval_accuracy"])  # first: the epoch's own evaluation
+    plan = json.loads((output_dir / "freeze_plan.json").read_text())
+    return {
+        "strategy": name if name != "staged" else f"staged, layer_decay {args.layer_decay}",
+        "trainable params": plan["trainable_parameters"],
+        "test acc %": 100 * results["test_accuracy"],
+        "macro-F1": results["test_f1"],
+        "val acc % by epoch": " / ".join(f"{100 * value:.1f}" for value in by_step.values()),
+        "train s": results["train_runtime"],
+        "wall s": wall,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="../shared/datasets/cats_vs_dogs", help="a Hub id or local folder (the offline mirrors)")
+    parser.add_argument("--model", default="timm/tf_efficientnet_lite0.in1k")
+    parser.add_argument("--strategies", default="head_only,last_n:2,full,staged")
+    parser.add_argument("--stages", default=DEFAULT_STAGES, help="for `staged`")
+    parser.add_argument("--layer-decay", type=float, default=0.7, help="for `staged`")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--eval-batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=0, help="dataloader_num_workers")
+    parser.add_argument("--max-train-samples", type=int, default=None)
+    parser.add_argument("--max-eval-samples", type=int, default=200)
+    parser.add_argument("--max-test-samples", type=int, default=None)
+    parser.add_argument("--image-size", type=int, default=None, help="input size instead of the model's (CPU runs)")
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--name", default="freeze_strategies", help="results file: benchmarks/results/<name>.md")
+    parser.add_argument("--note", action="append", default=[], help="extra line(s) for the results file")
+    args = parser.parse_args()
+
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        model_dir = starting_point(args, Path(scratch) / "start")
+        for name in args.strategies.split(","):
+            rows.append(run_strategy(args, model_dir, name, Path(scratch) / name.replace(":", "_")))
+            print(rows[-1], flush=True)
+    size = args.image_size or timm.models.get_pretrained_cfg(args.model.removeprefix("timm/")).input_size[-1]
+    dataset = args.dataset.rstrip("/").split("/")[-1]
+    report(
+        args.name,
+        f"Freeze strategies at the same budget ({device().type}): {dataset}, {args.model}",
+        rows,
+        notes=[
+            f"train {args.max_train_samples or 'all'} images (validation {args.max_eval_samples}, carved from train), "
+            f"test {args.max_test_samples or 'all'} images of the `test` split, {size} px",
+            f"{args.epochs} epochs, AdamW lr {args.lr} (linear decay, 10% warm-up), batch {args.batch_size}, "
+            f"augmentation: random-resized-crop + flip, {'bf16' if args.bf16 else 'fp32'}, seed {args.seed}, feature cache off",
+            f"staged: {args.stages}, layer_decay {args.layer_decay}, batchnorm frozen in frozen blocks",
+            "test acc = best epoch by validation accuracy; wall s = the whole run (data checks, training, evaluations, test, saving)",
+            *args.note,
+        ],
+    )
+
+
+if __name__ == "__main__":
+    main()
