@@ -6,7 +6,6 @@ import argparse
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import datasets
@@ -72,23 +71,10 @@ def run_training(argv: list[str] | None = None) -> dict:
 
 
 def push_command(args: argparse.Namespace) -> None:
-    """Upload an output dir, check the Hub copy predicts like the local one, optionally publish a Space."""
-    from .demo import examples_from_run, push_space
-    from .hub import push_to_hub, verify_push
+    from .hub import share
 
-    output_dir = Path(args.output_dir)
-    url = push_to_hub(output_dir, args.repo_id, private=args.private, revision=args.revision, commit_message=args.commit_message)
-    print(f"Pushed {output_dir} -> {url}")
-    with tempfile.TemporaryDirectory(prefix="hf_transfer_examples_") as scratch:
-        examples = examples_from_run(output_dir, Path(scratch))
-        if args.verify:
-            if examples is None:
-                print("Not verified: no held-out images of this run could be found (use --no-verify to silence).")
-            else:
-                report = verify_push(args.repo_id, output_dir, sorted(examples.iterdir()), revision=args.revision)
-                print(f"verified: {report}")
-        if args.space:
-            print(f"Space: {push_space(args.space, args.repo_id, examples_dir=examples, private=args.private)}")
+    share(args.output_dir, args.repo_id, private=args.private, revision=args.revision,
+          commit_message=args.commit_message, verify=args.verify, space=args.space)
 
 
 def demo_command(args: argparse.Namespace) -> None:

@@ -67,6 +67,9 @@ class FreezeArguments:
                     setattr(self, key, value)
         if isinstance(self.stages, str):
             self.stages = yaml.safe_load(self.stages)
+        for key in ("train_patterns", "freeze_patterns"):
+            if isinstance(getattr(self, key), str):  # `patterns: {train: "*.blocks.5.*"}` in YAML
+                setattr(self, key, [getattr(self, key)])
         self._validate()
 
     def _validate(self) -> None:
@@ -107,10 +110,10 @@ class FreezeArguments:
 
 
 def _check_target(target, where: str) -> None:
-    target = _TARGET_ALIASES.get(target, target)
+    target = _TARGET_ALIASES.get(target, target) if isinstance(target, str) else repr(target)
     if target in ("head", "all", "patterns"):
         return
-    count = target.split(":", 1)[1] if isinstance(target, str) and target.startswith("last_n:") else None
+    count = target.split(":", 1)[1] if target.startswith("last_n:") else None
     if count is None or not count.isdigit():
         raise ValueError(
             f"{where} cannot be '{target}': use {' | '.join(TARGETS)}"
@@ -293,6 +296,9 @@ class FreezePlan:
         self.parameters = dict(model.named_parameters())
         self.stages = args.schedule()
         self.stage_sets = [self._trainable_in(stage["train"]) for stage in self.stages]
+        for stage, trainable in zip(self.stages, self.stage_sets):
+            if not trainable:
+                raise FreezePlanError(f"Nothing would train in stage {stage}: check `freeze_patterns`.")
         self.ever_trained = set().union(*self.stage_sets)
         self.layer_decay = args.decay_for(len(self.blocks) - 1)
         depth = len(self.blocks) - 1

@@ -183,3 +183,20 @@ def _compare(repo_id: str, output_dir: Path, images: list[ImageInput], revision:
                 f"largest score difference {difference:.2e} > {atol:.0e}. Push again, or check that "
                 "--revision points at this run.")
     return report
+
+
+def share(output_dir: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
+          commit_message: str | None = None, verify: bool = True, space: str | None = None) -> None:
+    """`hf-transfer push` and `push_to_hub: true`: upload, check the Hub copy on held-out images, add a Space."""
+    from .demo import examples_from_run, push_space  # the demo pulls in gradio; only needed here
+
+    output_dir = Path(output_dir)
+    print(f"Pushed {output_dir} -> {push_to_hub(output_dir, repo_id, private, revision, commit_message)}")
+    with tempfile.TemporaryDirectory(prefix="hf_transfer_examples_") as scratch:
+        examples = examples_from_run(output_dir, Path(scratch))
+        if verify and examples is None:
+            print("Not verified: no held-out images of this run could be found (--no-verify silences this).")
+        elif verify:
+            print(f"verified: {verify_push(repo_id, output_dir, sorted(examples.iterdir()), revision=revision)}")
+        if space:
+            print(f"Space: {push_space(space, repo_id, examples_dir=examples, private=private)}")

@@ -150,6 +150,8 @@ def parse_recipe(argv: list[str] | None = None, **overrides) -> Recipe:
     data, model, freeze, run, training = parsed
     if not data.dataset:
         raise RecipeError("No dataset given: set `dataset:` in the recipe or pass `--dataset <hub id or folder>`.")
+    if training.push_to_hub and (training.hub_model_id or "").count("/") != 1:
+        raise RecipeError("`push_to_hub: true` needs `hub_model_id: <user>/<name>`, the model repo to push to.")
     return Recipe(data, model, freeze, run, training)
 
 

@@ -22,6 +22,7 @@ from .card import describe_hardware, write_model_card
 from .checkpoints import NonFiniteLossError, SafeTrainer, last_complete_checkpoint
 from .data import attach_transforms, build_transforms, collate, load_image_dataset
 from .freezing import FreezeCallback, FreezePlan
+from .hub import share
 from .metrics import compute_metrics, test_report
 from .models import data_config, load_model
 from .plots import plot_confusion_matrix, plot_training_curves
@@ -53,6 +54,8 @@ def run(recipe: Recipe) -> dict:
     args = recipe.training
     args.logging_nan_inf_filter = False  # a NaN must reach StopOnNonFiniteLoss, not be averaged away
     args.dataloader_pin_memory = args.dataloader_pin_memory and torch.cuda.is_available()
+    # We push once, at the end, with our card and a verification; Trainer must not push checkpoints.
+    push_requested, args.push_to_hub = args.push_to_hub, False
     output_dir = Path(args.output_dir)
     check_output_dir(output_dir, recipe)
     set_seed(args.seed)
@@ -121,6 +124,8 @@ def run(recipe: Recipe) -> dict:
         publish(staging, output_dir)
         write_model_card(output_dir)  # after the move, so the card names the folder users load
         _print_next_steps(output_dir, results)
+        if push_requested:
+            share(output_dir, args.hub_model_id, private=bool(args.hub_private_repo), revision=args.hub_revision)
     trainer.accelerator.wait_for_everyone()
     return results
 

@@ -213,9 +213,12 @@ def test_a_waiting_block_gets_zero_gradients_and_no_update(model_dirs):
     assert all(not torch.equal(before[name], p) for name, p in model.named_parameters() if name not in waiting)
 
 
-def test_a_pattern_that_matches_nothing_names_real_parameters(model_dirs):
+def test_patterns_that_match_nothing_or_freeze_everything_are_refused(model_dirs):
+    model = load(model_dirs["timm_cnn"])
     with pytest.raises(FreezePlanError, match=r"'\*backbone\*' matches no parameter.*timm_model\.conv_stem\.weight"):
-        FreezePlan(load(model_dirs["timm_cnn"]), FreezeArguments(freeze="patterns", train_patterns=["*backbone*"]), 1e-3)
+        FreezePlan(model, FreezeArguments(freeze="patterns", train_patterns=["*backbone*"]), 1e-3)
+    with pytest.raises(FreezePlanError, match="Nothing would train"):
+        FreezePlan(model, FreezeArguments(freeze="patterns", freeze_patterns=["*"]), 1e-3)
 
 
 def test_layer_decay_learning_rates_are_geometric_in_depth(model_dirs):
@@ -280,6 +283,7 @@ def test_grouped_yaml_form_from_the_recipe_file(tmp_path):
     (["--layer_decay", "1.5"], r"`layer_decay` must be in \(0, 1\]"),
     (["--freeze", "patterns"], "needs `train_patterns` and/or `freeze_patterns`"),
     (["--train_patterns", "*stem*"], "only apply to `freeze: patterns`"),
+    (["--freeze", "staged", "--stages", "[{at_step: 0, train: [head]}]"], r"cannot be \"\['head'\]\""),
 ])
 def test_invalid_options_say_what_to_write_instead(options, message):
     with pytest.raises(RecipeError, match=message):
