@@ -383,3 +383,29 @@ def test_server_protocol_details(hub):
     (info,) = json.loads(body)
     assert info["path"] == "docs/a.txt" and info["size"] == 5 and info["lastCommit"]["title"] == "reshuffle"
     assert _call(hub, "GET", "/user/raw/resolve/feature%2Fx/docs/a.txt")[2] == b"hello"
+
+
+def test_recipe_push_to_hub_uploads_and_verifies_at_the_end_of_training(hub, run_dir, tmp_path):  # noqa: F811
+    """`push_to_hub: true` + `hub_model_id` in a recipe: the real `hf-transfer train` path, then a fresh pull."""
+    base_model = run_dir.parent / "tiny-vit"  # a local model folder: this Hub holds no pretrained models
+    env = hub.client_env(hf_home=tmp_path / "home", token=SENTINEL)
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    output_dir = tmp_path / "run"
+    process = subprocess.run(
+        [sys.executable, "-m", "hf_transfer.cli", "train", str(REPO_ROOT / "recipes" / "quickstart.yaml"),
+         "--model", str(base_model), "--output_dir", str(output_dir), "--max_train_samples", "24", "--max_test_samples", "16",
+         "--num_train_epochs", "1", "--push_to_hub", "true", "--hub_model_id", "user/quickstart-pushed"],
+        env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+    )
+    output = process.stdout + process.stderr
+    assert process.returncode == 0, output[-4000:]
+    assert SENTINEL not in output
+    assert "verified: user/quickstart-pushed@" in output
+    pulled = run_client(hub, """
+        from huggingface_hub import ModelCard, list_repo_files
+        card = ModelCard.load("user/quickstart-pushed")
+        report({"files": list_repo_files("user/quickstart-pushed"), "accuracy": card.data.eval_results[0].metric_value})
+    """, tmp_path / "pull")
+    assert {"model.safetensors", "config.json", "README.md", "all_results.json"} <= set(pulled["files"])
+    assert not any(name.startswith("checkpoint-") for name in pulled["files"])
+    assert pulled["accuracy"] == json.loads((output_dir / "all_results.json").read_text())["test_accuracy"]
