@@ -21,19 +21,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import timm
 from transformers import TimmWrapperForImageClassification, set_seed
 
 from common import device, report
 from hf_transfer.data import DataArguments, load_image_dataset
-from hf_transfer.models import ModelArguments, load_model
+from hf_transfer.models import ModelArguments, data_config, load_model
 from hf_transfer.recipe import parse_recipe
 from hf_transfer.training import run
 
 DEFAULT_STAGES = "[{at_epoch: 0, train: head}, {at_epoch: 1, train: 'last_n:2'}, {at_epoch: 2, train: all}]"
 
 
-def starting_point(args, folder: Path) -> Path:
+def starting_point(args, folder: Path) -> int:
     """The backbone with its new head, saved once so every strategy starts from the same weights.
 
     With `--image-size`, the saved preprocessing asks for that input size (timm CNNs work at any size).
@@ -42,19 +41,19 @@ def starting_point(args, folder: Path) -> Path:
                          max_eval_samples=args.max_eval_samples, max_test_samples=args.max_test_samples)
     labels = load_image_dataset(data, seed=args.seed).labels
     set_seed(args.seed)
-    model, _ = load_model(ModelArguments(model=args.model), labels)
-    image_size = args.image_size
-    if image_size:
+    model, processor = load_model(ModelArguments(model=args.model), labels)
+    if args.image_size:
         if not isinstance(model, TimmWrapperForImageClassification) or model.timm_model.pretrained_cfg.get("fixed_input_size"):
             raise SystemExit(f"--image-size needs a timm model that accepts any input size; {args.model} does not.")
         cfg = model.config.pretrained_cfg
-        cfg["input_size"] = [3, image_size, image_size]
+        cfg["input_size"] = [3, args.image_size, args.image_size]
         cfg.pop("test_input_size", None)
     model.save_pretrained(folder)
-    return folder
+    return args.image_size or data_config(model, processor)["input_size"][-1]
 
 
-def run_strategy(args, model_dir: Path, name: str, output_dir: Path) -> dict:
+def run_strategy(args, model_dir: Path, name: str, output_dir: Path) -> tuple[dict, dict]:
+    """One run; returns the split sizes and its table row."""
     freeze = dict(freeze=name)
     if name == "staged":
         freeze = dict(freeze="staged", stages=args.stages, layer_decay=args.layer_decay)
@@ -75,7 +74,7 @@ def run_strategy(args, model_dir: Path, name: str, output_dir: Path) -> dict:
         if "eval_accuracy" in entry:
             by_step.setdefault(entry["step"], entry["eval_accuracy"])  # first: the epoch's own evaluation
     plan = json.loads((output_dir / "freeze_plan.json").read_text())
-    return {
+    return results["split_sizes"], {
         "strategy": name if name != "staged" else f"staged, layer_decay {args.layer_decay}",
         "trainable params": plan["trainable_parameters"],
         "test acc %": 100 * results["test_accuracy"],
@@ -110,19 +109,20 @@ def main() -> None:
 
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
-        model_dir = starting_point(args, Path(scratch) / "start")
+        model_dir = Path(scratch) / "start"
+        size = starting_point(args, model_dir)
         for name in args.strategies.split(","):
-            rows.append(run_strategy(args, model_dir, name, Path(scratch) / name.replace(":", "_")))
-            print(rows[-1], flush=True)
-    size = args.image_size or timm.models.get_pretrained_cfg(args.model.removeprefix("timm/")).input_size[-1]
+            sizes, row = run_strategy(args, model_dir, name, Path(scratch) / name.replace(":", "_"))
+            rows.append(row)
+            print(row, flush=True)
     dataset = args.dataset.rstrip("/").split("/")[-1]
     report(
         args.name,
         f"Freeze strategies at the same budget ({device().type}): {dataset}, {args.model}",
         rows,
         notes=[
-            f"train {args.max_train_samples or 'all'} images (validation {args.max_eval_samples}, carved from train), "
-            f"test {args.max_test_samples or 'all'} images of the `test` split, {size} px",
+            f"images: train {sizes['train']:,}, validation {sizes['validation']:,} (carved from train), "
+            f"test {sizes['test']:,} (the `test` split); {size} px",
             f"{args.epochs} epochs, AdamW lr {args.lr} (linear decay, 10% warm-up), batch {args.batch_size}, "
             f"augmentation: random-resized-crop + flip, {'bf16' if args.bf16 else 'fp32'}, seed {args.seed}, feature cache off",
             f"staged: {args.stages}, layer_decay {args.layer_decay}, batchnorm frozen in frozen blocks",

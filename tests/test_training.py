@@ -63,3 +63,16 @@ def test_help_explains_the_commands():
     assert train_help.returncode == 0, train_help.stderr
     for option in ("--dataset", "--model", "--freeze", "--stages", "--layer_decay", "--resume", "TrainingArguments"):
         assert option in train_help.stdout, option
+
+
+def test_timm_itself_loads_the_output_dir(quickstart_model_dir):
+    import timm
+    import torch
+    from transformers import AutoModelForImageClassification
+
+    with_transformers = AutoModelForImageClassification.from_pretrained(quickstart_model_dir).eval()
+    with_timm = timm.create_model(f"local-dir:{quickstart_model_dir}", pretrained=True).eval()
+    pixels = torch.rand(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(with_transformers(pixels).logits, with_timm(pixels), atol=1e-5)
+    assert with_timm.pretrained_cfg["label_names"] == ["cat", "dog"]
