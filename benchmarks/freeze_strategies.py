@@ -24,6 +24,7 @@ from pathlib import Path
 from transformers import TimmWrapperForImageClassification, set_seed
 
 from common import device, report
+from hf_transfer.cli import setup_logging
 from hf_transfer.data import DataArguments, load_image_dataset
 from hf_transfer.models import ModelArguments, data_config, load_model
 from hf_transfer.recipe import parse_recipe
@@ -106,6 +107,7 @@ def main() -> None:
     parser.add_argument("--name", default="freeze_strategies", help="results file: benchmarks/results/<name>.md")
     parser.add_argument("--note", action="append", default=[], help="extra line(s) for the results file")
     args = parser.parse_args()
+    setup_logging(main_process=True)  # the freeze plan's audit tables go to the log
 
     rows = []
     with tempfile.TemporaryDirectory() as scratch:

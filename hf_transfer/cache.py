@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, TimmWrapperForImageClassification, set_seed
 from transformers.modeling_outputs import ImageClassifierOutput
 
+from .checkpoints import SafeTrainer
 from .data import attach_transforms, collate
 from .metrics import compute_metrics
 
@@ -261,7 +262,7 @@ class FeatureCache:
         args = copy.copy(self.args)
         args.dataloader_num_workers, args.dataloader_persistent_workers = 0, False  # features are in memory
         args.remove_unused_columns = False  # batches come whole from `CachedFeatures.__getitems__`
-        head_trainer = Trainer(
+        head_trainer = SafeTrainer(
             model=HeadOnFeatures(self.head, head_dropout(self.model, self.head_name), self.model),
             args=args,
             train_dataset=train,

@@ -242,18 +242,16 @@ def _transformers_blocks(model: PreTrainedModel) -> list[Block] | None:
     list_name = f"{prefix}.{found[0]}"
     names = [name for name, _ in model.named_parameters()]
     head = [name for name in names if not name.startswith(prefix + ".")]
+    if not head:
+        return None
     before, after, per_layer = [], [], [[] for _ in found[1]]
-    for name in names:
-        if name in head:
-            continue
+    for name in (name for name in names if name.startswith(prefix + ".")):
         if name.startswith(list_name + "."):
             per_layer[int(name[len(list_name) + 1:].split(".")[0])].append(name)
         elif not any(per_layer):
             before.append(name)
         else:
             after.append(name)
-    if not head:
-        return None
     blocks = [_named_block(before)] if before else []
     blocks += [Block(f"{list_name}.{index}", layer) for index, layer in enumerate(per_layer) if layer]
     if after:
