@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import random
 from pathlib import Path
 
@@ -18,6 +19,8 @@ import torch
 from transformers import PreTrainedModel, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import SAFE_WEIGHTS_NAME
+
+logger = logging.getLogger(__name__)
 
 OPTIMIZER = "optimizer"  # optimizer.safetensors (state tensors) + optimizer.json (param groups, scalars)
 SCHEDULER = "scheduler.json"
@@ -118,6 +121,22 @@ class SafeTrainer(Trainer):
             "Lower `learning_rate` (or use `bf16` instead of `fp16`) and start again with `--overwrite`; "
             + (f"the last good checkpoint, {kept}, is kept." if kept else "no checkpoint had been saved yet.")
         )
+
+    # ---- loading weights ---------------------------------------------------------------------
+    # Trainer reloads with load_state_dict(strict=False) on the names save_pretrained writes, which
+    # for some architectures (ViT in transformers 5) are legacy names: those layers would silently
+    # keep their last-epoch values. from_pretrained maps the names, so reload through it.
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        model = model or self.model
+        if not isinstance(model, PreTrainedModel):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        _load_weights(model, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        if not isinstance(self.model, PreTrainedModel):
+            return super()._load_best_model()
+        logger.info("Loading the best model from %s (%s).", self.state.best_model_checkpoint, self.state.best_metric)
+        _load_weights(self.model, self.state.best_model_checkpoint)
 
     # ---- saving --------------------------------------------------------------------------------
     def _save_checkpoint(self, model, trial) -> None:
@@ -224,6 +243,11 @@ class SafeTrainer(Trainer):
         if self.state.log_history and "train_loss" in self.state.log_history[-1]:
             self.state.log_history[-1]["train_loss"] = train_loss
         return output._replace(training_loss=train_loss)
+
+
+def _load_weights(model: PreTrainedModel, checkpoint: str) -> None:
+    saved = type(model).from_pretrained(checkpoint, config=model.config)
+    model.load_state_dict(saved.state_dict(), strict=True)
 
 
 def _write_json(path: Path, value) -> None:
