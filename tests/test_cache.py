@@ -82,7 +82,7 @@ def test_output_dir_loads_with_pipeline_and_predicts_like_the_trained_head(first
     # The same predictions from the saved head applied to the cached test features.
     weights = load_file(model_dir / "model.safetensors")
     features, labels = load(results["feature_cache"]["splits"]["test"]["path"])
-    logits = torch.from_numpy(features[:, 0]).float() @ weights["timm_model.head.fc.weight"].T + weights["timm_model.head.fc.bias"]
+    logits = torch.from_numpy(features[:, 0]).float() @ weights["head.fc.weight"].T + weights["head.fc.bias"]  # timm layout
     assert np.array_equal(labels, np.array(test["labels"]))
     assert np.array_equal(piped, logits.argmax(-1).numpy())
     assert (piped == labels).mean() == pytest.approx(results["test_accuracy"])
