@@ -181,7 +181,7 @@ def main() -> None:
             row = run_one(args, model_name, strategy)
             rows.append(row)
             print(row, flush=True)
-    path = "device-resize: workers decode and augment at 32 px (random crop, pad 4, flip), upsampled on the device" if args.device_resize \
+    path = "device-resize: workers only decode the 32 px images; random crop (pad 4, reflect) + flip and the upsampling run on the device, batched" if args.device_resize \
         else "hf_transfer's data path: decode + timm transforms to the model's input size on the CPU (random-resized-crop + flip)"
     report(
         args.name,

@@ -20,6 +20,7 @@ from pathlib import Path
 import datasets
 from common import REPO, Stopwatch, device, report
 from hf_transfer.cache import cache_root
+from hf_transfer.cli import setup_logging
 from hf_transfer.recipe import parse_recipe
 from hf_transfer.training import run
 
@@ -100,6 +101,7 @@ def one_run(name: str, mirror: Path, path: str, options: argparse.Namespace) -> 
 def main() -> None:
     options = arguments()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    setup_logging(main_process=True)  # the cache's hit / extraction lines
     datasets.config.HF_DATASETS_CACHE = options.cache_dir
     rows, notes = [], []
     for name in options.datasets.split(","):

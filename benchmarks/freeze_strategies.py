@@ -8,7 +8,7 @@ accuracy after every epoch shows whether a strategy first collapses the pretrain
 
     # CPU, a stated subset at a reduced resolution
     python benchmarks/freeze_strategies.py --dataset ../shared/datasets/cats_vs_dogs \
-        --max-train-samples 400 --max-test-samples 400 --image-size 128
+        --max-train-samples 600 --max-test-samples 600 --image-size 128
     # GPU (Trainer uses CUDA by itself): the whole mirror at the model's own resolution
     python benchmarks/freeze_strategies.py --dataset ../shared/datasets/cifar10 --epochs 5 --bf16
 """
@@ -53,11 +53,11 @@ def starting_point(args, folder: Path) -> int:
     return args.image_size or data_config(model, processor)["input_size"][-1]
 
 
-def run_strategy(args, model_dir: Path, name: str, output_dir: Path) -> tuple[dict, dict]:
+def run_strategy(args, model_dir: Path, name: str, batchnorm: str, output_dir: Path) -> tuple[dict, dict]:
     """One run; returns the split sizes and its table row."""
-    freeze = dict(freeze=name)
+    freeze = dict(freeze=name, batchnorm=batchnorm)
     if name == "staged":
-        freeze = dict(freeze="staged", stages=args.stages, layer_decay=args.layer_decay)
+        freeze.update(stages=args.stages, layer_decay=args.layer_decay)
     recipe = parse_recipe([], **freeze, **dict(
         dataset=args.dataset, model=str(model_dir), output_dir=str(output_dir), overwrite=True,
         max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
@@ -77,6 +77,7 @@ def run_strategy(args, model_dir: Path, name: str, output_dir: Path) -> tuple[di
     plan = json.loads((output_dir / "freeze_plan.json").read_text())
     return results["split_sizes"], {
         "strategy": name if name != "staged" else f"staged, layer_decay {args.layer_decay}",
+        "batchnorm": batchnorm,
         "trainable params": plan["trainable_parameters"],
         "test acc %": 100 * results["test_accuracy"],
         "macro-F1": results["test_f1"],
@@ -92,6 +93,7 @@ def main() -> None:
     parser.add_argument("--model", default="timm/tf_efficientnet_lite0.in1k")
     parser.add_argument("--strategies", default="head_only,last_n:2,full,staged")
     parser.add_argument("--stages", default=DEFAULT_STAGES, help="for `staged`")
+    parser.add_argument("--batchnorm", default="frozen,eval", help="BatchNorm modes to compare (head_only runs once: they are the same for it)")
     parser.add_argument("--layer-decay", type=float, default=0.7, help="for `staged`")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -113,10 +115,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = Path(scratch) / "start"
         size = starting_point(args, model_dir)
+        modes = args.batchnorm.split(",")
         for name in args.strategies.split(","):
-            sizes, row = run_strategy(args, model_dir, name, Path(scratch) / name.replace(":", "_"))
-            rows.append(row)
-            print(row, flush=True)
+            for batchnorm in modes[:1] if name == "head_only" else modes:
+                output_dir = Path(scratch) / f"{name.replace(':', '_')}-{batchnorm}"
+                sizes, row = run_strategy(args, model_dir, name, batchnorm, output_dir)
+                rows.append(row)
+                print(row, flush=True)
     dataset = args.dataset.rstrip("/").split("/")[-1]
     report(
         args.name,
@@ -127,7 +132,8 @@ def main() -> None:
             f"test {sizes['test']:,} (the `test` split); {size} px",
             f"{args.epochs} epochs, AdamW lr {args.lr} (linear decay, 10% warm-up), batch {args.batch_size}, "
             f"augmentation: random-resized-crop + flip, {'bf16' if args.bf16 else 'fp32'}, seed {args.seed}, feature cache off",
-            f"staged: {args.stages}, layer_decay {args.layer_decay}, batchnorm frozen in frozen blocks",
+            f"staged: {args.stages}, layer_decay {args.layer_decay}",
+            "batchnorm: frozen = statistics kept in frozen blocks, updated in trained ones; eval = kept everywhere",
             "test acc = best epoch by validation accuracy; wall s = the whole run (data checks, training, evaluations, test, saving)",
             *args.note,
         ],

@@ -2,8 +2,9 @@
 
 Loader paths, each through a torch DataLoader with hf_transfer's collate:
 - `cpu-resize`: hf_transfer's own (decode, timm transforms to the model's input size, on the CPU).
-- `device-resize`: decode and augment at the images' own size (32 px for CIFAR-10) on the CPU; the
-  upsampling to the input size runs on the device (benchmarks/device_resize.py), timed separately.
+- `device-resize`: only decode at the images' own size (32 px for CIFAR-10) on the CPU; the
+  augmentation and the upsampling to the input size run on the device (benchmarks/device_resize.py),
+  timed separately (`device resize img/s`).
 Model rates, on random tensors at the input size: a full fine-tuning step and a frozen-backbone
 forward (what the feature cache's extraction needs), at the same batch and precision.
 
@@ -25,13 +26,18 @@ from hf_transfer.data import DataArguments, attach_transforms, build_transforms,
 from hf_transfer.models import ModelArguments, data_config, load_model
 
 
-def loader_rate(dataset, batch_size: int, workers: int) -> float:
-    """Images/s of one pass, worker start-up included (Trainer starts them again every epoch)."""
+def loader_rates(dataset, batch_size: int, workers: int) -> tuple[float, float]:
+    """Images/s of one pass: with worker start-up (Trainer restarts workers every epoch unless
+    `dataloader_persistent_workers`) and in steady state (from the first batch on)."""
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
     next(iter(DataLoader(dataset, batch_size=batch_size, collate_fn=collate)))  # warm caches and lazy imports
     start = time.perf_counter()
-    count = sum(len(batch["labels"]) for batch in loader)
-    return count / (time.perf_counter() - start)
+    batches = iter(loader)
+    first = len(next(batches)["labels"])
+    steady_start = time.perf_counter()
+    rest = sum(len(batch["labels"]) for batch in batches)
+    end = time.perf_counter()
+    return (first + rest) / (end - start), rest / (end - steady_start)
 
 
 def model_rates(model, config: dict, batch_size: int, bf16: bool, channels_last: bool, steps: int) -> dict:
@@ -77,10 +83,10 @@ def device_resize_rate(config: dict, batch_size: int, source: int, steps: int = 
     batch = torch.randint(0, 256, (batch_size, 3, source, source), dtype=torch.uint8)
     if device().type == "cuda":
         batch = batch.pin_memory()
-    resize(batch.to(device()))
+    resize(batch.to(device()), augment=True)
     with Stopwatch() as watch:
         for _ in range(steps):
-            resize(batch.to(device(), non_blocking=True))
+            resize(batch.to(device(), non_blocking=True), augment=True)
     return batch_size * steps / watch.seconds
 
 
@@ -116,9 +122,9 @@ def main() -> None:
     rows = []
     for path, dataset in paths.items():
         for workers in (int(w) for w in args.workers.split(",")):
-            rate = loader_rate(dataset, args.batch_size, workers)
+            with_start, rate = loader_rates(dataset, args.batch_size, workers)
             row = {
-                "loader path": path, "workers": workers, "loader img/s": rate,
+                "loader path": path, "workers": workers, "loader img/s": rate, "incl. worker start-up": with_start,
                 "device resize img/s": resize_rate if path == "device-resize" else "-",
                 "train step img/s": rates["train step"], "frozen forward img/s": rates["frozen forward"],
                 "loader / train step": rate / rates["train step"], "loader / frozen forward": rate / rates["frozen forward"],
@@ -135,7 +141,7 @@ def main() -> None:
         rows,
         notes=[
             f"{args.images} train images (first one {source[0]}x{source[1]} px -> {height} px), batch {args.batch_size}; "
-            "loader img/s = one DataLoader pass incl. worker start-up",
+            "loader img/s = one DataLoader pass in steady state (after the first batch); `incl. worker start-up` from the DataLoader's creation",
             f"model rates on random tensors, {'bf16 autocast' if args.bf16 else 'fp32'}, channels_last {args.channels_last}, torch threads {torch.get_num_threads()}",
             "bottleneck = the slower of loader and model for a full fine-tuning step / for the feature cache's extraction forward",
             "Trainer's default `dataloader_num_workers` is 0 (hf_transfer does not change it; recipes/cifar10.yaml sets 2)",

@@ -11,6 +11,8 @@ two synchronised step ends. Reported: the median over rounds of (Trainer step / 
   FreezePlan + its callbacks and BatchNorm hooks, AdamW on the plan's per-block groups,
   transformers.Trainer (grad clipping at 1.0).
 - trainer_noclip: the same with `max_grad_norm: 0`, to show what the clipping costs.
+- plain_block_groups: the plain loop with hf_transfer's optimizer groups (one or two per block, for
+  layer-wise learning rates) instead of two, to show what the extra groups cost.
 
     python benchmarks/overhead.py                                  # CPU: fp32, batch 16
     python benchmarks/overhead.py --batch-size 256 --bf16          # GPU
@@ -119,7 +121,7 @@ class TrainerPath:
 class PlainPath:
     """The minimal loop a PyTorch user writes, on the same weights (no hf_transfer code in the step)."""
 
-    def __init__(self, args, dataset: Images, labels: list[str]):
+    def __init__(self, args, dataset: Images, labels: list[str], block_groups: bool = False):
         recipe = build_recipe(args, tempfile.gettempdir(), clip=False)
         torch.manual_seed(args.seed)
         wrapper, processor = load_model(recipe.model, labels)
@@ -132,16 +134,27 @@ class PlainPath:
             parameter.requires_grad_(args.freeze == "full" or id(parameter) in head)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         training = recipe.training
+        groups = [{"params": [p for p in trainable if p.ndim > 1], "weight_decay": training.weight_decay},
+                  {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0}]
+        if block_groups:
+            groups = self.block_groups(recipe, labels, training.weight_decay)
         self.optimizer = torch.optim.AdamW(
-            [{"params": [p for p in trainable if p.ndim > 1], "weight_decay": training.weight_decay},
-             {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0}],
-            lr=training.learning_rate, betas=(training.adam_beta1, training.adam_beta2), eps=training.adam_epsilon,
+            groups, lr=training.learning_rate, betas=(training.adam_beta1, training.adam_beta2), eps=training.adam_epsilon,
         )
         self.frozen_norms = [m for m in self.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
                              and not any(p.requires_grad for p in m.parameters())]
         self.loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, collate_fn=collate,
                                  pin_memory=torch.cuda.is_available(), drop_last=True)
         self.args = args
+
+    def block_groups(self, recipe, labels, weight_decay: float) -> list[dict]:
+        """hf_transfer's optimizer groups (one or two per block), taken from a FreezePlan on a throwaway
+        copy of the model so that none of the plan's hooks land on this one."""
+        copy, _ = load_model(recipe.model, labels)
+        plan = FreezePlan(copy, recipe.freeze, recipe.training.learning_rate)
+        names = {id(p): name.removeprefix("timm_model.") for name, p in copy.named_parameters()}
+        mine = dict(self.model.named_parameters())
+        return [{**group, "params": [mine[names[id(p)]] for p in group["params"]]} for group in plan.parameter_groups(weight_decay)]
 
     def round(self) -> float:
         self.model.train()
@@ -188,10 +201,14 @@ def main() -> None:
     pixels = torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8, generator=generator)
     dataset = Images(pixels, torch.randint(0, 10, (count,), generator=generator))
 
+    # The plain paths first: a new TrainingArguments resets accelerate's state under existing Trainers.
+    plain = PlainPath(args, dataset, labels)
+    plain_block_groups = PlainPath(args, dataset, labels, block_groups=True)
     contenders = {
-        "plain PyTorch loop": PlainPath(args, dataset, labels),
+        "plain PyTorch loop": plain,
         "hf_transfer Trainer": TrainerPath(args, dataset, labels, clip=True),
         "hf_transfer Trainer, no grad clipping": TrainerPath(args, dataset, labels, clip=False),
+        "plain loop, hf_transfer's per-block AdamW groups": plain_block_groups,
     }
     names = list(contenders)
     seconds = {name: [] for name in names}

@@ -24,7 +24,10 @@ from transformers import PreTrainedModel, TimmWrapperForImageClassification, Tra
 logger = logging.getLogger(__name__)
 
 STRATEGIES = ("head_only", "last_n", "full", "patterns", "staged")
-BATCHNORM_MODES = ("frozen", "train")
+# frozen: BatchNorm layers of frozen blocks keep their statistics (eval mode), trained blocks update theirs;
+# eval: every BatchNorm layer keeps its pretrained statistics (small data, low resolution, staged unfreezing);
+# train: every BatchNorm layer updates its statistics, frozen blocks too.
+BATCHNORM_MODES = ("frozen", "eval", "train")
 # What a stage trains; `head_only` and `full` are accepted as synonyms of `head` and `all`.
 TARGETS = ("head", "all", "last_n:<k>", "patterns")
 _TARGET_ALIASES = {"head_only": "head", "full": "all"}
@@ -53,7 +56,10 @@ class FreezeArguments:
         default=None,
         metadata={"help": "For `staged`: a YAML list such as `[{at_epoch: 0, train: head}, {at_epoch: 1, train: 'last_n:2'}, {at_epoch: 2, train: all}]` (or `at_step`)."},
     )
-    batchnorm: str = field(default="frozen", metadata={"help": "BatchNorm layers in frozen blocks: `frozen` (eval mode, statistics kept) or `train`."})
+    batchnorm: str = field(
+        default="frozen",
+        metadata={"help": "BatchNorm statistics: `frozen` (kept in frozen blocks, updated in trained ones), `eval` (kept everywhere) or `train` (updated everywhere)."},
+    )
     layer_decay: float | None = field(default=None, metadata={"help": "Learning rate of a block = lr * layer_decay ** (depth from the head), 0 < layer_decay <= 1."})
     train_patterns: list[str] | None = field(default=None, metadata={"help": "For `patterns`: glob(s) over parameter names that train besides the head (default: all)."})
     freeze_patterns: list[str] | None = field(default=None, metadata={"help": "For `patterns`: glob(s) over parameter names kept frozen (wins over train_patterns)."})
@@ -298,8 +304,8 @@ class FreezePlan:
             if not trainable:
                 raise FreezePlanError(f"Nothing would train in stage {stage}: check `freeze_patterns`.")
         self.ever_trained = set().union(*self.stage_sets)
-        self.layer_decay = args.decay_for(len(self.blocks) - 1)
-        depth = len(self.blocks) - 1
+        depth = len(self.blocks) - 1  # of the stem, counted from the head
+        self.layer_decay = args.decay_for(depth)
         self.block_lr = [learning_rate * (self.layer_decay or 1.0) ** (depth - index) for index in range(len(self.blocks))]
         self.stage_starts: list[int] | None = None
         self.stage_index: int | None = None
@@ -319,10 +325,13 @@ class FreezePlan:
         for module, _ in self._norms.values():
             module.register_forward_pre_hook(self._keep_frozen_norm_in_eval)
         self._activate(0)
-        never_trained_norms = [name for name, (_, owner) in self._norms.items() if not self.ever_trained & set(owner)]
+        # What must end bit-identical: parameters that never train and the statistics that are never updated.
+        kept_norms = [
+            name for name, (_, owner) in self._norms.items()
+            if args.batchnorm == "eval" or (args.batchnorm == "frozen" and not self.ever_trained & set(owner))
+        ]
         self._fixed = [n for n in self.parameters if n not in self.ever_trained]
-        if args.batchnorm == "frozen":
-            self._fixed += [f"{norm}.{b}" for norm in never_trained_norms for b, _ in self._norms[norm][0].named_buffers()]
+        self._fixed += [f"{norm}.{b}" for norm in kept_norms for b, _ in self._norms[norm][0].named_buffers()]
         self._fixed_checksum = self._checksum(self._fixed)
 
     def _trainable_in(self, target: str) -> set[str]:
@@ -410,6 +419,8 @@ class FreezePlan:
 
     def norm_mode(self, norm_name: str) -> str:
         owner = self._norms[norm_name][1]
+        if self.args.batchnorm == "eval":
+            return "frozen"
         return "train" if self.args.batchnorm == "train" or self.active & set(owner) else "frozen"
 
     def _gradient_gate(self, name: str):

@@ -279,7 +279,7 @@ def test_grouped_yaml_form_from_the_recipe_file(tmp_path):
     (["--freeze", "staged", "--stages", "[{at_step: 0}]"], "a stage needs `train`"),
     (["--freeze", "staged", "--stages", "[{at_step: -1, train: head}]"], "must be a number >= 0"),
     (["--stages", "[{at_step: 0, train: head}]"], "only apply to `freeze: staged`"),
-    (["--batchnorm", "eval"], "`batchnorm` must be one of frozen, train"),
+    (["--batchnorm", "stats"], "`batchnorm` must be one of frozen, eval, train"),
     (["--layer_decay", "1.5"], r"`layer_decay` must be in \(0, 1\]"),
     (["--freeze", "patterns"], "needs `train_patterns` and/or `freeze_patterns`"),
     (["--train_patterns", "*stem*"], "only apply to `freeze: patterns`"),
@@ -294,11 +294,23 @@ def test_only_batchnorm_layers_of_frozen_blocks_are_held_in_eval_mode(model_dirs
     cnn = load(model_dirs["timm_cnn"])
     plan = FreezePlan(cnn, FreezeArguments(freeze="last_n:1"), 1e-3)
     cnn.train()  # as Trainer does before every step
-    cnn(pixel_values=torch.randn(2, 3, 32, 32))
+    cnn(pixel_values=photos(cnn, 4)[0])
     last_block = set(plan.blocks[-2].parameter_names)
     norms = {name: m for name, m in cnn.named_modules() if isinstance(m, nn.BatchNorm2d)}
     assert type(norms["timm_model.bn1"]).__name__ == "BatchNormAct2d", "timm's fused BatchNorm + activation is covered"
     assert {name for name, m in norms.items() if m.training} == {name for name in norms if f"{name}.weight" in last_block}
+    assert [row["batchnorm"] for row in plan.table()] == ["frozen"] * 5 + ["train", "-"]
+
+
+def test_batchnorm_eval_keeps_statistics_of_trained_blocks_too(model_dirs):
+    cnn = load(model_dirs["timm_cnn"])
+    statistics = {name: b.clone() for name, b in cnn.named_buffers()}
+    plan = FreezePlan(cnn, FreezeArguments(freeze="full", batchnorm="eval"), 1e-3)
+    cnn.train()
+    cnn(pixel_values=photos(cnn, 4)[0])
+    assert all(torch.equal(statistics[name], b) for name, b in cnn.named_buffers())
+    assert all(p.requires_grad for p in cnn.parameters()), "their scale and shift still train"
+    assert {row["batchnorm"] for row in plan.table()[:-1]} == {"frozen"}
 
     vit = load(model_dirs["timm_vit"])
     FreezePlan(vit, FreezeArguments(freeze="head_only"), 1e-3)
