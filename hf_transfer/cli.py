@@ -12,14 +12,14 @@ import datasets
 import transformers
 from transformers import HfArgumentParser
 
-from .checkpoints import CheckpointError
+from .checkpoints import CheckpointError, NonFiniteLossError
 from .data import DataArguments, DatasetError
 from .freezing import FreezeArguments
 from .hub import HubError
 from .images import UnreadableImageError
 from .models import ModelArguments, ModelNotAvailableError
 from .recipe import TRAINING_DEFAULTS, RecipeError, RunArguments, parse_recipe, parser
-from .training import NonFiniteLossError, OutputDirError, run
+from .training import OutputDirError, run
 
 # Errors whose message already says what to do: shown without a traceback (HF_TRANSFER_DEBUG=1 shows it).
 USER_ERRORS = (RecipeError, DatasetError, ModelNotAvailableError, UnreadableImageError, OutputDirError, NonFiniteLossError,

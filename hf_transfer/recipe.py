@@ -67,13 +67,14 @@ class Recipe:
         """The resolved recipe by section; TrainingArguments only where they differ from default; no tokens."""
         resolved = {name: dataclasses.asdict(getattr(self, name)) for name in ("data", "model", "freeze", "run")}
         resolved["freeze"]["preset"] = self.freeze.preset
-        defaults = TrainingArguments(output_dir=self.training.output_dir)
         resolved["training"] = {}
         for f in dataclasses.fields(TrainingArguments):
             value = getattr(self.training, f.name, None)
-            if "token" in f.name or not f.init or value == getattr(defaults, f.name, None):
-                continue
-            resolved["training"][f.name] = value if isinstance(value, (str, int, float, bool, list, type(None))) else str(value)
+            # Compared with the declared defaults: building a TrainingArguments would reset accelerate's state.
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            plain = isinstance(value, (str, int, float, bool, list, type(None)))  # not the objects post-init derives
+            if "token" not in f.name and f.init and plain and value != default:
+                resolved["training"][f.name] = value
         return resolved
 
 

@@ -8,25 +8,24 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import TrainerCallback, set_seed
+from transformers import set_seed
 
 from .cache import FeatureCache
 from .card import describe_hardware, write_model_card
-from .checkpoints import NonFiniteLossError, SafeTrainer, last_complete_checkpoint
+from .checkpoints import SafeTrainer, last_complete_checkpoint
 from .data import attach_transforms, build_transforms, collate, load_image_dataset
 from .freezing import FreezeCallback, FreezePlan
 from .hub import share
 from .metrics import compute_metrics, test_report
 from .models import data_config, load_model, save_model
 from .plots import plot_confusion_matrix, plot_training_curves
-from .recipe import Recipe
+from .recipe import Recipe, RunArguments
 
 logger = logging.getLogger(__name__)
 
@@ -37,27 +36,15 @@ class OutputDirError(RuntimeError):
     """The output folder holds something this run must not overwrite."""
 
 
-class StopOnNonFiniteLoss(TrainerCallback):
-    """Trainer quietly averages NaN losses away; stop instead, before a NaN weight is ever saved."""
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(loss):
-            raise NonFiniteLossError(
-                f"Loss became {loss} at step {state.global_step}. Lower `learning_rate` (or use `bf16` instead of "
-                f"`fp16`) and start again with `--overwrite`; the checkpoints saved so far in {args.output_dir} are kept."
-            )
-
-
 def run(recipe: Recipe) -> dict:
     """Train, evaluate on the test split and write a complete model repo; returns all results."""
     args = recipe.training
-    args.logging_nan_inf_filter = False  # a NaN must reach StopOnNonFiniteLoss, not be averaged away
     args.dataloader_pin_memory = args.dataloader_pin_memory and torch.cuda.is_available()
     # We push once, at the end, with our card and a verification; Trainer must not push checkpoints.
     push_requested, args.push_to_hub = args.push_to_hub, False
     output_dir = Path(args.output_dir)
-    check_output_dir(output_dir, recipe)
+    run_config = recipe.to_dict()
+    check_output_dir(output_dir, run_config, recipe.run)
     set_seed(args.seed)
 
     with args.main_process_first(desc="dataset preparation"):
@@ -72,8 +59,8 @@ def run(recipe: Recipe) -> dict:
         plan.parameter_groups(args.weight_decay), lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
     )
-    if args.should_save:  # before the Trainer: recipe.to_dict() builds TrainingArguments, which resets accelerate's state
-        claim_output_dir(output_dir, recipe)
+    if args.should_save:
+        claim_output_dir(output_dir, run_config, recipe.run.overwrite)
     trainer = SafeTrainer(
         model=model,
         args=args,
@@ -83,11 +70,11 @@ def run(recipe: Recipe) -> dict:
         compute_metrics=compute_metrics,
         processing_class=image_processor,
         optimizers=(optimizer, None),
-        callbacks=[FreezeCallback(plan), StopOnNonFiniteLoss()],
+        callbacks=[FreezeCallback(plan)],
     )
 
     resume = True if recipe.run.resume else None
-    # Feature cache (issue 4): with a frozen backbone the head trains on cached features; None otherwise.
+    # With a fully frozen backbone the head trains on features computed once; None otherwise.
     cache = FeatureCache.for_run(recipe, plan, trainer, data, (train_transform, eval_transform))
     if cache is None:
         train_metrics = trainer.train(resume_from_checkpoint=resume).metrics
@@ -115,7 +102,7 @@ def run(recipe: Recipe) -> dict:
         report = test_report(np.argmax(test_output.predictions, axis=-1), test_output.label_ids, data.labels)
         _write_json(staging / "all_results.json", results)
         _write_json(staging / "test_report.json", report)
-        _write_json(staging / RUN_CONFIG, recipe.to_dict())
+        _write_json(staging / RUN_CONFIG, run_config)
         trainer.state.save_to_json(str(staging / "trainer_state.json"))
         plan.save(staging / "freeze_plan.json")
         plot_training_curves(trainer.state.log_history, staging / "training_curves.png")
@@ -133,13 +120,13 @@ def _write_json(path: Path, value) -> None:
     path.write_text(json.dumps(value, indent=2, default=str))
 
 
-def check_output_dir(output_dir: Path, recipe: Recipe) -> None:
+def check_output_dir(output_dir: Path, run_config: dict, options: RunArguments) -> None:
     """Refuse, before any work, to mix two different runs in one folder."""
     config_file = output_dir / RUN_CONFIG
-    if recipe.run.overwrite:
+    if options.overwrite:
         return
     if config_file.exists():
-        previous, now = _flatten(json.loads(config_file.read_text())), _flatten(recipe.to_dict())
+        previous, now = _flatten(json.loads(config_file.read_text())), _flatten(run_config)
         changed = sorted(k for k in set(previous) | set(now) if not k.startswith("run.") and previous.get(k) != now.get(k))
         if changed:
             raise OutputDirError(
@@ -151,16 +138,16 @@ def check_output_dir(output_dir: Path, recipe: Recipe) -> None:
             f"{output_dir} is not empty and was not written by hf-transfer. Pass `--overwrite` to replace it, "
             "or choose another `--output_dir`."
         )
-    if recipe.run.resume and last_complete_checkpoint(output_dir) is None:
+    if options.resume and last_complete_checkpoint(output_dir) is None:
         raise OutputDirError(f"`--resume` found no checkpoint in {output_dir}. Run without `--resume` to start fresh.")
 
 
-def claim_output_dir(output_dir: Path, recipe: Recipe) -> None:
+def claim_output_dir(output_dir: Path, run_config: dict, overwrite: bool) -> None:
     """Record which run the folder holds, once data and model have loaded and training is about to start."""
-    if recipe.run.overwrite and output_dir.exists():
+    if overwrite and output_dir.exists():
         shutil.rmtree(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(output_dir / RUN_CONFIG, recipe.to_dict())
+    _write_json(output_dir / RUN_CONFIG, run_config)
 
 
 def _flatten(sections: dict) -> dict:
