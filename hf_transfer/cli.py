@@ -14,7 +14,7 @@ from transformers import HfArgumentParser
 
 from .checkpoints import CheckpointError, NonFiniteLossError
 from .data import DataArguments, DatasetError
-from .freezing import FreezeArguments
+from .freezing import FreezeArguments, FreezePlanError
 from .hub import HubError
 from .images import UnreadableImageError
 from .models import ModelArguments, ModelNotAvailableError
@@ -23,7 +23,7 @@ from .training import OutputDirError, run
 
 # Errors whose message already says what to do: shown without a traceback (HF_TRANSFER_DEBUG=1 shows it).
 USER_ERRORS = (RecipeError, DatasetError, ModelNotAvailableError, UnreadableImageError, OutputDirError, NonFiniteLossError,
-               CheckpointError, HubError)
+               CheckpointError, HubError, FreezePlanError)
 
 TRAIN_USAGE = """usage: hf-transfer train RECIPE.yaml [--key value ...]
 
