@@ -24,7 +24,6 @@ from hf_transfer.models import ModelArguments
 from hf_transfer.plots import plot_confusion_matrix, plot_training_curves, training_log
 
 SAMPLE = Path(__file__).resolve().parents[1] / "recipes" / "data" / "cats_vs_dogs_sample" / "data"
-CATS_VS_DOGS = Path("/work/shared/datasets/cats_vs_dogs")
 LABELS = ["cat", "dog"]
 PLACEHOLDERS = (r"\[More Information Needed\]", r"\{\{", r"\bTODO\b", r"\bTBD\b", r"\bNone\b", r"\bnan\b", r"\.partial")
 
