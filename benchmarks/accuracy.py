@@ -20,17 +20,17 @@ import time
 
 import datasets
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import TrainerCallback
 
 from common import device, report
 from device_resize import DeviceResize, small_image_transforms
 from hf_transfer.cache import FeatureCache
+from hf_transfer.checkpoints import SafeTrainer
 from hf_transfer.data import attach_transforms, build_transforms, collate, load_image_dataset
 from hf_transfer.freezing import FreezeCallback, FreezePlan
 from hf_transfer.metrics import compute_metrics
 from hf_transfer.models import data_config, load_model
 from hf_transfer.recipe import parse_recipe
-from hf_transfer.training import StopOnNonFiniteLoss
 
 
 class EpochClock(TrainerCallback):
@@ -84,7 +84,6 @@ def run_one(args, model_name: str, strategy: str) -> dict:
     with tempfile.TemporaryDirectory() as output_dir:
         recipe = recipe_for(args, model_name, strategy, output_dir)
         training = recipe.training
-        training.logging_nan_inf_filter = False  # as hf_transfer.training.run sets it
         training.dataloader_pin_memory = training.dataloader_pin_memory and torch.cuda.is_available()
         prepare_start = time.perf_counter()
         data = load_image_dataset(recipe.data, seed=training.seed)
@@ -106,10 +105,10 @@ def run_one(args, model_name: str, strategy: str) -> dict:
             betas=(training.adam_beta1, training.adam_beta2), eps=training.adam_epsilon,
         )
         clock = EpochClock()
-        trainer = Trainer(
+        trainer = SafeTrainer(
             model=model, args=training, train_dataset=splits["train"], eval_dataset=splits["validation"],
             data_collator=collate, compute_metrics=compute_metrics, processing_class=processor,
-            optimizers=(optimizer, None), callbacks=[FreezeCallback(plan), StopOnNonFiniteLoss(), clock],
+            optimizers=(optimizer, None), callbacks=[FreezeCallback(plan), clock],
         )
         cache = FeatureCache.for_run(recipe, plan, trainer, data, (train_transform, eval_transform))
         prepare_seconds = time.perf_counter() - prepare_start

@@ -8,8 +8,8 @@ two synchronised step ends. Reported: the median over rounds of (Trainer step / 
 
 - plain: the bare timm model, `F.cross_entropy`, AdamW (decay / no-decay groups), zero_grad.
 - trainer: what hf_transfer.training.run builds: recipe defaults, TimmWrapperForImageClassification,
-  FreezePlan + its callbacks and BatchNorm hooks, AdamW on the plan's per-block groups,
-  transformers.Trainer (grad clipping at 1.0).
+  FreezePlan + its callback and BatchNorm hooks, AdamW on the plan's per-block groups,
+  hf_transfer's SafeTrainer (a transformers.Trainer that checks every loss; grad clipping at 1.0).
 - trainer_noclip: the same with `max_grad_norm: 0`, to show what the clipping costs.
 - plain_block_groups: the plain loop with hf_transfer's optimizer groups (one or two per block, for
   layer-wise learning rates) instead of two, to show what the extra groups cost.
@@ -27,15 +27,15 @@ import time
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
-from transformers import Trainer, TrainerCallback
+from transformers import TrainerCallback
 
 from common import device, median, report, synchronize
 from device_resize import DeviceResize
+from hf_transfer.checkpoints import SafeTrainer
 from hf_transfer.data import collate
 from hf_transfer.freezing import FreezeCallback, FreezePlan
 from hf_transfer.models import data_config, load_model
 from hf_transfer.recipe import parse_recipe
-from hf_transfer.training import StopOnNonFiniteLoss
 
 
 class Images(Dataset):
@@ -97,7 +97,6 @@ class TrainerPath:
     def __init__(self, args, dataset: Images, labels: list[str], clip: bool):
         self.folder = tempfile.TemporaryDirectory()
         recipe = build_recipe(args, self.folder.name, clip)
-        recipe.training.logging_nan_inf_filter = False
         recipe.training.dataloader_pin_memory = torch.cuda.is_available()
         torch.manual_seed(args.seed)
         self.model, processor = load_model(recipe.model, labels)
@@ -106,10 +105,10 @@ class TrainerPath:
         DeviceResize(resize_config(self.model, processor, args), args.channels_last).attach(self.model)
         plan = FreezePlan(self.model, recipe.freeze, recipe.training.learning_rate)
         self.clock = StepClock(args.warmup, args.warmup + args.steps)
-        self.trainer = Trainer(
+        self.trainer = SafeTrainer(
             model=self.model, args=recipe.training, train_dataset=dataset, data_collator=collate,
             optimizers=(optimizer_for(plan, recipe.training), None),
-            callbacks=[FreezeCallback(plan), StopOnNonFiniteLoss(), self.clock],
+            callbacks=[FreezeCallback(plan), self.clock],
         )
 
     def round(self) -> float:
