@@ -29,6 +29,7 @@ from transformers.modeling_outputs import ImageClassifierOutput
 
 from .checkpoints import SafeTrainer
 from .data import attach_transforms, collate
+from .freezing import checksum
 from .metrics import compute_metrics
 
 logger = logging.getLogger(__name__)
@@ -74,13 +75,7 @@ def head_dropout(model: nn.Module, head_name: str) -> float:
 
 def weights_digest(model: nn.Module, head_name: str) -> str:
     """A hash of every backbone tensor (weights and BatchNorm statistics), head excluded."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        if name.startswith(head_name + "."):
-            continue
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return checksum({name: tensor for name, tensor in model.state_dict().items() if not name.startswith(head_name + ".")})
 
 
 class FeatureCapture:
