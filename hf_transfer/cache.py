@@ -2,6 +2,7 @@
 kept in the datasets cache, and the model's own head module is trained on them through `Trainer`.
 
 Keyed by model id, backbone weights, preprocessing, dataset fingerprint, split and views; a second run skips extraction.
+A `staged` schedule trains its head-only first stage on the cache, then resumes on images from the stage boundary.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -24,10 +26,11 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
-from transformers import Trainer, TrainerCallback, TimmWrapperForImageClassification, set_seed
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TimmWrapperForImageClassification, set_seed
 from transformers.modeling_outputs import ImageClassifierOutput
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .checkpoints import SafeTrainer
+from .checkpoints import SafeTrainer, last_complete_checkpoint, load_weights
 from .data import attach_transforms, collate
 from .freezing import checksum
 from .metrics import compute_metrics
@@ -121,6 +124,36 @@ class CachedFeatures(Dataset):
         return {"features": self.features[index, self.view].float(), "labels": self.labels[index]}
 
 
+class HeadTrainer(SafeTrainer):
+    """Trains `HeadOnFeatures`; its checkpoints hold the whole model, so they load like any run's checkpoint
+    (`pipeline`, `--resume`, best-model reloading) and a staged run's later stages resume from one."""
+
+    def model_to_save(self) -> nn.Module:
+        return self.model.whole_model[0]
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        load_weights(self.model_to_save(), resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        logger.info("Loading the best model from %s (%s).", self.state.best_model_checkpoint, self.state.best_metric)
+        load_weights(self.model_to_save(), self.state.best_model_checkpoint)
+
+
+class StopAtStep(TrainerCallback):
+    """Ends training after optimizer step `step`, with a checkpoint whatever `save_strategy` says."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:  # saved after Trainer's epoch-end logging and evaluation
+            control.should_save = True
+
+
 def collated(batch: dict) -> dict:
     """The data collator for `CachedFeatures`: `__getitems__` already returns the batch."""
     return batch
@@ -139,10 +172,11 @@ class CycleViews(TrainerCallback):
 class HeadOnFeatures(nn.Module):
     """The model's own head module (the same object, so training it trains the model) applied to features."""
 
-    def __init__(self, head: nn.Module, dropout: float, model):
+    def __init__(self, head: nn.Module, dropout: float, model: PreTrainedModel):
         super().__init__()
         self.head, self.dropout = head, dropout
         self.loss_function, self.config = model.loss_function, model.config
+        self.whole_model = [model]  # in a list: not a submodule, so Trainer and DDP see only the head
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> ImageClassifierOutput:
         logits = self.head(F.dropout(features, self.dropout, self.training))
@@ -191,6 +225,22 @@ def _one_cpu_thread(device: torch.device):
         torch.set_num_threads(threads)
 
 
+def _later_stages_start(plan, trainer: Trainer) -> int | None:
+    """The optimizer step from which a staged schedule trains more than the head; None if it never does."""
+    if len(plan.stages) == 1:
+        return None
+    args = trainer.args
+    steps_per_epoch = max(math.ceil(len(trainer.get_train_dataloader()) / args.gradient_accumulation_steps), 1)  # as Trainer counts
+    max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    plan.set_steps_per_epoch(steps_per_epoch, max_steps)
+    start = plan.stage_starts[1]
+    return start if start < max_steps else None
+
+
+def _global_step(checkpoint: Path) -> int:
+    return int(checkpoint.name.rsplit("-", 1)[1])
+
+
 def folder_size(path: Path) -> int:
     return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
 
@@ -198,8 +248,9 @@ def folder_size(path: Path) -> int:
 class FeatureCache:
     """Trains the head of a run whose backbone is frozen on cached features; see `run`."""
 
-    def __init__(self, recipe, plan, trainer: Trainer, data, transforms, head_name: str, head: nn.Module):
+    def __init__(self, recipe, plan, trainer: Trainer, data, transforms, head_name: str, head: nn.Module, later_stages_start: int | None):
         self.recipe, self.plan, self.trainer, self.data, self.head_name, self.head = recipe, plan, trainer, data, head_name, head
+        self.later_stages_start = later_stages_start
         self.model, self.args = trainer.model, trainer.args
         self.train_transform, self.eval_transform = transforms
         self.views = recipe.run.feature_cache_views
@@ -215,12 +266,10 @@ class FeatureCache:
 
     @classmethod
     def for_run(cls, recipe, plan, trainer: Trainer, data, transforms) -> FeatureCache | None:
-        """A cache when the recipe wants one and the whole run trains only the head on a frozen backbone."""
+        """A cache when the recipe wants one and the run (or a staged run's first stage) trains only the head
+        on a frozen backbone."""
         head_names = set(plan.blocks[-1].parameter_names)
         if not recipe.run.feature_cache or plan.stage_sets[0] != head_names:
-            return None
-        if len(plan.stages) > 1:
-            logger.info("Feature cache not used: staged schedules train the backbone after the first stage.")
             return None
         if plan.args.batchnorm == "train" and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in trainer.model.modules()):
             logger.info("Feature cache not used: `batchnorm: train` changes the backbone's features every step.")
@@ -229,20 +278,30 @@ class FeatureCache:
         if found is None:
             logger.info("Feature cache not used: the head's parameters do not form one module.")
             return None
+        later_stages_start = _later_stages_start(plan, trainer)
+        if later_stages_start == 0:
+            logger.info("Feature cache not used: the head-only first stage is shorter than one optimizer step.")
+            return None
         if recipe.run.feature_cache_views == 0 and recipe.data.augmentation != "none":
             logger.info(
-                "Feature cache: the head trains on un-augmented features (augmentation '%s' is not applied). "
+                "Feature cache: the head trains on un-augmented features (augmentation '%s' is not applied%s). "
                 "Set `feature_cache_views: K` for K fixed augmented views, or `feature_cache: false`.",
-                recipe.data.augmentation,
+                recipe.data.augmentation, " in the head-only stage" if later_stages_start else "",
             )
-        return cls(recipe, plan, trainer, data, transforms, *found)
+        return cls(recipe, plan, trainer, data, transforms, *found, later_stages_start=later_stages_start)
 
     # --- the run ------------------------------------------------------------------------------
     def run(self, test_split, resume: bool | None):
-        """Train the head on cached train/validation features, then test the full model on images."""
-        train = CachedFeatures(*self.features("train"))
-        validation = CachedFeatures(*self.features("validation"))
-        head_trainer = self._head_trainer(train, validation)
+        """Train the head on cached features, then test the full model on images.
+
+        A staged schedule trains only its head-only first stage on the cache, up to a checkpoint at the
+        stage boundary; the later stages then train on images, resumed from that checkpoint."""
+        if self.later_stages_start is None:
+            return self._head_only_run(test_split, resume)
+        return self._staged_run(test_split, resume, self.later_stages_start)
+
+    def _head_only_run(self, test_split, resume: bool | None):
+        head_trainer = self._head_trainer()
         with _one_cpu_thread(self.args.device):
             train_metrics = head_trainer.train(resume_from_checkpoint=resume).metrics
             eval_metrics = head_trainer.evaluate()
@@ -250,20 +309,45 @@ class FeatureCache:
         with FeatureCapture(self.head, gather=self.trainer.accelerator.gather_for_metrics) as capture:
             test_output = self.trainer.predict(test_split, metric_key_prefix="test")
         self._check_test(capture.features().numpy(), test_output)
-        self.summary["bytes"] = sum(split["bytes"] for split in self.summary["splits"].values())
+        self._total_size()
         return train_metrics, eval_metrics, test_output
 
-    def _head_trainer(self, train: CachedFeatures, validation: CachedFeatures) -> Trainer:
+    def _staged_run(self, test_split, resume: bool | None, boundary: int):
+        checkpoint = last_complete_checkpoint(self.args.output_dir) if resume else None
+        if checkpoint is None or _global_step(checkpoint) < boundary:
+            head_trainer = self._head_trainer(stop_at=boundary)
+            with _one_cpu_thread(self.args.device):
+                self.summary["head_stage"] = head_trainer.train(resume_from_checkpoint=resume).metrics
+            checkpoint = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{boundary}"
+            self._total_size()
+        logger.info("Feature cache: head-only stage done at step %d; the later stages train on images from %s.", boundary, checkpoint)
+        train_metrics = self.trainer.train(resume_from_checkpoint=str(checkpoint)).metrics
+        eval_metrics = self.trainer.evaluate()
+        test_output = self.trainer.predict(test_split, metric_key_prefix="test")
+        if self.args.save_strategy == "no" and self.args.should_save:
+            shutil.rmtree(Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{boundary}", ignore_errors=True)  # only a hand-over
+        return train_metrics, eval_metrics, test_output
+
+    def _total_size(self) -> None:
+        self.summary["bytes"] = sum(split["bytes"] for split in self.summary["splits"].values())
+
+    def _head_trainer(self, stop_at: int | None = None) -> Trainer:
+        train = CachedFeatures(*self.features("train"))
+        validation = CachedFeatures(*self.features("validation"))
         args = copy.copy(self.args)
         args.dataloader_num_workers, args.dataloader_persistent_workers = 0, False  # features are in memory
         args.remove_unused_columns = False  # batches come whole from `CachedFeatures.__getitems__`
-        head_trainer = SafeTrainer(
+        if stop_at is not None:  # the run goes on after this stage: no end-of-run best-model reload or pruning
+            args.load_best_model_at_end = False
+            args.save_total_limit = None if args.save_total_limit == 1 else args.save_total_limit
+        head_trainer = HeadTrainer(
             model=HeadOnFeatures(self.head, head_dropout(self.model, self.head_name), self.model),
             args=args,
             train_dataset=train,
             eval_dataset=validation,
             data_collator=collated,
             compute_metrics=compute_metrics,
+            processing_class=self.trainer.processing_class,  # checkpoints are complete model repos
             optimizers=(self.trainer.optimizer, None),  # the run's optimizer: it holds the head's parameters
         )
         present = {type(callback) for callback in head_trainer.callback_handler.callbacks}
@@ -272,6 +356,8 @@ class FeatureCache:
                 head_trainer.add_callback(callback)
         if train.views > 1:
             head_trainer.add_callback(CycleViews(train))
+        if stop_at is not None:
+            head_trainer.add_callback(StopAtStep(stop_at))
         return head_trainer
 
     # --- the cache ----------------------------------------------------------------------------

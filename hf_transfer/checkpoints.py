@@ -18,7 +18,6 @@ import safetensors.torch
 import torch
 from transformers import PreTrainedModel, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-from transformers.utils import SAFE_WEIGHTS_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -130,13 +129,13 @@ class SafeTrainer(Trainer):
         model = model or self.model
         if not isinstance(model, PreTrainedModel):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        _load_weights(model, resume_from_checkpoint)
+        load_weights(model, resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
         if not isinstance(self.model, PreTrainedModel):
             return super()._load_best_model()
         logger.info("Loading the best model from %s (%s).", self.state.best_model_checkpoint, self.state.best_metric)
-        _load_weights(self.model, self.state.best_model_checkpoint)
+        load_weights(self.model, self.state.best_model_checkpoint)
 
     # ---- saving --------------------------------------------------------------------------------
     def _save_checkpoint(self, model, trial) -> None:
@@ -145,17 +144,16 @@ class SafeTrainer(Trainer):
             raise NonFiniteLossError(f"Weights became NaN or inf at step {self.state.global_step}, so they were not saved. {self._advice()}")
         super()._save_checkpoint(model, trial)
 
+    def model_to_save(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Model, processor and arguments; the arguments as JSON (tokens masked), not `training_args.bin`."""
         if not self.args.should_save:
             return
         output = Path(output_dir or self.args.output_dir)
         output.mkdir(parents=True, exist_ok=True)
-        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        if isinstance(model, PreTrainedModel):
-            model.save_pretrained(output, state_dict=state_dict)
-        else:  # e.g. the head trained on cached features: its weights alone, as Trainer does
-            safetensors.torch.save_file(state_dict or model.state_dict(), output / SAFE_WEIGHTS_NAME, metadata={"format": "pt"})
+        self.model_to_save().save_pretrained(output, state_dict=state_dict)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output)
         (output / TRAINING_ARGS).write_text(self.args.to_json_string())
@@ -245,7 +243,7 @@ class SafeTrainer(Trainer):
         return output._replace(training_loss=train_loss)
 
 
-def _load_weights(model: PreTrainedModel, checkpoint: str) -> None:
+def load_weights(model: PreTrainedModel, checkpoint: str) -> None:
     saved = type(model).from_pretrained(checkpoint, config=model.config)
     model.load_state_dict(saved.state_dict(), strict=True)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import datasets
@@ -136,3 +137,66 @@ def test_weights_digest_follows_the_backbone_not_the_head():
         assert weights_digest(model, "classifier") == digest
         model.bn1.running_mean.add_(1e-3)
         assert weights_digest(model, "classifier") != digest
+
+
+# --- staged schedules: the head-only first stage trains on the cache, the later stages on images ----------
+# 32 train images in batches of 16: 2 steps an epoch; stage 1 (everything trains) starts at epoch 1 = step 2.
+STAGED = dict(freeze="staged", stages="[{at_epoch: 0, train: head}, {at_epoch: 1, train: all}]")
+
+
+@pytest.fixture(scope="module")
+def staged_run(cache_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("staged")
+    return out, _train(out, "staged", **STAGED)
+
+
+def test_staged_schedule_trains_its_head_stage_on_the_cache_then_everything_on_images(staged_run):
+    out, results = staged_run
+    cache = results["feature_cache"]
+    assert set(cache["splits"]) == {"train", "validation"}, "no test check: the backbone changes after stage 0"
+    assert cache["head_stage"]["train_steps_per_second"] > 0
+    plan = json.loads((out / "staged" / "freeze_plan.json").read_text())
+    assert [(stage["train"], stage["started_at_step"]) for stage in plan["history"]] == [("head", 0), ("all", 2)]
+    assert plan["integrity"]["frozen_unchanged"]
+    history = json.loads((out / "staged" / "trainer_state.json").read_text())["log_history"]
+    assert [entry["epoch"] for entry in history if "eval_loss" in entry][:2] == [1.0, 2.0], "both epochs are in the record"
+    assert not list((out / "staged").glob("checkpoint-*")), "the hand-over checkpoint is removed with save_strategy 'no'"
+    classifier = pipeline("image-classification", model=str(out / "staged"))
+    test = datasets.load_dataset(str(SAMPLE), split="test").shuffle(seed=42).select(range(16))
+    predicted = [classifier.model.config.label2id[answer[0]["label"]] for answer in classifier(list(test["image"]), top_k=1)]
+    assert np.mean(np.array(predicted) == np.array(test["labels"])) == pytest.approx(results["test_accuracy"])
+
+
+def test_staged_on_the_cache_trains_like_staged_on_images(staged_run):
+    out, cached = staged_run
+    uncached = _train(out, "staged_uncached", feature_cache=False, **STAGED)
+    assert "feature_cache" not in uncached
+    # The head-only stage sees float16-rounded features instead of float32 ones; nothing else differs.
+    assert uncached["train_loss"] == pytest.approx(cached["train_loss"], rel=2e-2)
+    assert uncached["eval_loss"] == pytest.approx(cached["eval_loss"], rel=2e-2)
+
+
+@pytest.mark.parametrize("kept", [2, 4], ids=["inside_the_cached_stage", "after_it"])
+def test_staged_cached_run_resumes_exactly_from_either_stage(cache_dir, tmp_path_factory, kept):
+    # 3 epochs, stage 1 from epoch 2 (step 4); a checkpoint every epoch: steps 2 (head stage), 4 (boundary), 6.
+    out = tmp_path_factory.mktemp(f"resume_{kept}")
+    options = dict(
+        STAGED, stages="[{at_epoch: 0, train: head}, {at_epoch: 2, train: all}]", num_train_epochs=3,
+        save_strategy="epoch", save_total_limit=None,
+    )
+    _train(out, "whole", **options)
+    shutil.copytree(out / "whole", out / "killed")
+    for step in (2, 4, 6):
+        if step > kept:
+            shutil.rmtree(out / "killed" / f"checkpoint-{step}")
+    (out / "killed" / "model.safetensors").unlink()
+    # A tracer in the kept checkpoint's state: only a run that really resumed from it carries it to the end.
+    state_file = out / "killed" / f"checkpoint-{kept}" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["log_history"][0]["resumed_from"] = kept
+    state_file.write_text(json.dumps(state))
+    _train(out, "killed", resume=True, **options)
+    assert json.loads((out / "killed" / "trainer_state.json").read_text())["log_history"][0]["resumed_from"] == kept
+    whole, resumed = (load_file(out / name / "model.safetensors") for name in ("whole", "killed"))
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[name], resumed[name]) for name in whole)

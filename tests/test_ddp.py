@@ -1,4 +1,5 @@
-"""Staged unfreezing under `accelerate launch --multi_gpu --num_processes 2` (two CPU processes with gloo here).
+"""Staged unfreezing under `accelerate launch --multi_gpu --num_processes 2` (two CPU processes with gloo here),
+its head-only first stage trained on the feature cache.
 
 DDP runs strict (`ddp_find_unused_parameters false`): a block waiting for its stage must still get a
 (zero) gradient every step, the stage change must need no re-wrapping, and every rank must end
@@ -33,12 +34,14 @@ def test_staged_unfreezing_under_two_process_ddp(tmp_path):
         "--freeze", "staged", "--layer_decay", "0.7", "--batchnorm", "frozen",
         "--stages", "[{at_step: 0, train: head}, {at_step: 3, train: 'last_n:2'}]",
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "datasets")}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
 
     plan = json.loads((out / "freeze_plan.json").read_text())
     assert [(h["train"], h["started_at_step"]) for h in plan["history"]] == [("head", 0), ("last_n:2", 3)]
+    cache = json.loads((out / "all_results.json").read_text())["feature_cache"]
+    assert cache["head_stage"]["epoch"] > 0 and cache["splits"]["train"]["images"] == 32, "the head stage trained on cached features"
     integrity = plan["integrity"]
     assert integrity["at_step"] == 6 and integrity["frozen_unchanged"]
     ranks = integrity["parameter_checksums_by_rank"]
