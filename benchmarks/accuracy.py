@@ -23,10 +23,10 @@ import torch
 from transformers import TrainerCallback
 
 from common import device, report
-from device_resize import DeviceResize, small_image_transforms
 from hf_transfer.cache import FeatureCache
 from hf_transfer.checkpoints import SafeTrainer
 from hf_transfer.data import attach_transforms, build_transforms, collate, load_image_dataset
+from hf_transfer.device_resize import DeviceResize, device_transforms
 from hf_transfer.freezing import FreezeCallback, FreezePlan
 from hf_transfer.metrics import compute_metrics
 from hf_transfer.models import data_config, load_model
@@ -92,8 +92,8 @@ def run_one(args, model_name: str, strategy: str) -> dict:
         if args.image_size:
             config["input_size"] = (3, args.image_size, args.image_size)
         if args.device_resize:
-            train_transform, eval_transform = small_image_transforms(args.source_size)
-            DeviceResize(config, args.channels_last).attach(model)
+            train_transform, eval_transform, _ = device_transforms(config, recipe.data.augmentation)
+            DeviceResize(config, args.channels_last).attach(model)  # hf_transfer's `resize_on_device: true`, with channels_last
         else:
             train_transform, eval_transform = build_transforms(config, recipe.data.augmentation, recipe.data.crop_min_scale)
         splits = attach_transforms(data, train_transform, eval_transform)
@@ -158,8 +158,7 @@ def main() -> None:
     parser.add_argument("--max-test-samples", type=int, default=None)
     parser.add_argument("--augmentation", default=None)
     parser.add_argument("--target", type=float, default=0.97)
-    parser.add_argument("--device-resize", action="store_true", help="send 32 px images, upsample on the device")
-    parser.add_argument("--source-size", type=int, default=32, help="image size for --device-resize")
+    parser.add_argument("--device-resize", action="store_true", help="send 32 px images, upsample on the device (`resize_on_device: true`)")
     parser.add_argument("--image-size", type=int, default=None, help="train and test at this size instead of the model's (CPU runs)")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--bf16", action="store_true", default=torch.cuda.is_available())
@@ -180,7 +179,7 @@ def main() -> None:
             row = run_one(args, model_name, strategy)
             rows.append(row)
             print(row, flush=True)
-    path = "device-resize: workers only decode the 32 px images; random crop (pad 4, reflect) + flip and the upsampling run on the device, batched" if args.device_resize \
+    path = "device-resize (`resize_on_device: true`): workers decode the 32 px images and shift (reflect, 1/8 of the side) + flip them; resize, centre crop and normalisation run on the device, batched" if args.device_resize \
         else "hf_transfer's data path: decode + timm transforms to the model's input size on the CPU (random-resized-crop + flip)"
     report(
         args.name,

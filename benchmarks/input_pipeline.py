@@ -2,9 +2,9 @@
 
 Loader paths, each through a torch DataLoader with hf_transfer's collate:
 - `cpu-resize`: hf_transfer's own (decode, timm transforms to the model's input size, on the CPU).
-- `device-resize`: only decode at the images' own size (32 px for CIFAR-10) on the CPU; the
-  augmentation and the upsampling to the input size run on the device (benchmarks/device_resize.py),
-  timed separately (`device resize img/s`).
+- `device-resize`: hf_transfer's `resize_on_device` path: the CPU decodes at the images' own size
+  (32 px for CIFAR-10) and shifts/flips them there; the upsampling to the input size, the crop and
+  the normalisation run on the device (`hf_transfer.device_resize.DeviceResize`), timed separately (`device resize img/s`).
 Model rates, on random tensors at the input size: a full fine-tuning step and a frozen-backbone
 forward (what the feature cache's extraction needs), at the same batch and precision.
 
@@ -20,9 +20,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from common import Stopwatch, device, median, report
-from device_resize import DeviceResize, small_image_transforms
-from hf_transfer.images import load_image
 from hf_transfer.data import DataArguments, attach_transforms, build_transforms, collate, load_image_dataset
+from hf_transfer.device_resize import DeviceResize, device_transforms
+from hf_transfer.images import load_image
 from hf_transfer.models import ModelArguments, data_config, load_model
 
 
@@ -83,10 +83,10 @@ def device_resize_rate(config: dict, batch_size: int, source: int, steps: int = 
     batch = torch.randint(0, 256, (batch_size, 3, source, source), dtype=torch.uint8)
     if device().type == "cuda":
         batch = batch.pin_memory()
-    resize(batch.to(device()), augment=True)
+    resize(batch.to(device()))
     with Stopwatch() as watch:
         for _ in range(steps):
-            resize(batch.to(device(), non_blocking=True), augment=True)
+            resize(batch.to(device(), non_blocking=True))
     return batch_size * steps / watch.seconds
 
 
@@ -101,7 +101,7 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", default=torch.cuda.is_available())
     parser.add_argument("--channels-last", action="store_true", default=torch.cuda.is_available())
     parser.add_argument("--device-resize", action="store_true", default=None, help="also measure the device-resize path (default: when images are small)")
-    parser.add_argument("--source-size", type=int, default=32)
+    parser.add_argument("--source-size", type=int, default=32, help="image size of the device resize timing's random batches")
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
 
@@ -113,7 +113,7 @@ def main() -> None:
     paths = {"cpu-resize": attach_transforms(data, train_cpu, train_cpu)["train"]}
     small = args.device_resize if args.device_resize is not None else args.dataset.rstrip("/").endswith("cifar10")
     if small:
-        train_small, _ = small_image_transforms(args.source_size)
+        train_small, _, _ = device_transforms(config)
         paths["device-resize"] = attach_transforms(data, train_small, train_small)["train"]
 
     rates = model_rates(model, config, args.batch_size, args.bf16, args.channels_last, args.model_steps)
@@ -144,7 +144,7 @@ def main() -> None:
             "loader img/s = one DataLoader pass in steady state (after the first batch); `incl. worker start-up` from the DataLoader's creation",
             f"model rates on random tensors, {'bf16 autocast' if args.bf16 else 'fp32'}, channels_last {args.channels_last}, torch threads {torch.get_num_threads()}",
             "bottleneck = the slower of loader and model for a full fine-tuning step / for the feature cache's extraction forward",
-            "Trainer's default `dataloader_num_workers` is 0 (hf_transfer does not change it; recipes/cifar10.yaml sets 2)",
+            "`dataloader_num_workers` defaults to Trainer's 0 on a CPU and to min(8, cores) on CUDA (hf_transfer.recipe.device_defaults)",
         ],
     )
 

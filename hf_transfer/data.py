@@ -2,6 +2,7 @@
 
 Images stay undecoded in the Arrow table (`Image(decode=False)`); every access decodes them
 through `images.load_image`, so unreadable files are found once, counted and skipped.
+Small images of one size can skip the CPU resize: see `device_resize`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .offline import hub_reachable, offline_mode
 logger = logging.getLogger(__name__)
 
 AUGMENTATIONS = ("default", "none", "randaugment", "trivialaugment")
+RESIZE_ON_DEVICE = ("auto", "true", "false")
 _PREFERRED_IMAGE_COLUMNS = ("image", "img", "pixel_values", "picture")
 _PREFERRED_LABEL_COLUMNS = ("label", "labels", "fine_label", "class", "target")
 
@@ -45,6 +47,19 @@ class DataArguments:
     augmentation: str = field(default="default", metadata={"help": f"Train-time augmentation: {' | '.join(AUGMENTATIONS)}. `default` = random-resized-crop + flip."})
     crop_min_scale: float = field(default=0.35, metadata={"help": "Smallest area fraction kept by the random-resized-crop."})
     skip_unreadable_images: bool = field(default=True, metadata={"help": "Skip (and count) images that cannot be decoded; false = stop and list them."})
+    resize_on_device: str = field(
+        default="auto",
+        metadata={"help": (
+            "Send images of one size to the training device at that size and resize, crop and normalise them there, batched "
+            "(the CPU only decodes): auto = on a CUDA device when the images are smaller than the model's input (CIFAR's 32 px) "
+            "| true | false. `default` augmentation is then a random shift by 1/8 of the side (reflect padding) + flip."
+        )},
+    )
+
+    def __post_init__(self):
+        self.resize_on_device = str(self.resize_on_device).lower()  # YAML `true` arrives as True or "True"
+        if self.resize_on_device not in RESIZE_ON_DEVICE:
+            raise ValueError(f"`resize_on_device: {self.resize_on_device}` is not one of {' | '.join(RESIZE_ON_DEVICE)}.")
 
 
 @dataclass
@@ -214,7 +229,7 @@ def _drop_unreadable(splits, image_column, skip) -> tuple[datasets.DatasetDict, 
             batched=True, remove_columns=[image_column], desc=f"Checking {name} images",
         )["reason"]
         bad = [index for index, reason in enumerate(reasons) if reason]
-        skipped[name] = [f"{_image_name(split[index][image_column], index)}: {reasons[index]}" for index in bad]
+        skipped[name] = [f"{image_name(split[index][image_column], index)}: {reasons[index]}" for index in bad]
         if bad:
             logger.warning("Skipping %d unreadable image(s) in %s, e.g. %s", len(bad), name, skipped[name][0])
             splits[name] = split.select(sorted(set(range(len(split))) - set(bad)))
@@ -224,7 +239,7 @@ def _drop_unreadable(splits, image_column, skip) -> tuple[datasets.DatasetDict, 
     return splits, skipped
 
 
-def _image_name(cell, index) -> str:
+def image_name(cell, index) -> str:
     return (cell or {}).get("path") or f"#{index}"
 
 
@@ -260,7 +275,14 @@ def attach_transforms(data: PreparedData, train_transform, eval_transform) -> da
 
 
 def collate(examples) -> dict[str, torch.Tensor]:
+    pixels = [example["pixel_values"] for example in examples]
+    shapes = {tuple(pixel.shape) for pixel in pixels}
+    if len(shapes) > 1:  # only images resized on the device keep their own size
+        raise DatasetError(
+            f"Images of different sizes {sorted(shapes)[:3]} in one batch: `resize_on_device` needs one image size. "
+            "Set `resize_on_device: false` to resize every image on the CPU."
+        )
     return {
-        "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
+        "pixel_values": torch.stack(pixels),
         "labels": torch.tensor([example["labels"] for example in examples]),
     }

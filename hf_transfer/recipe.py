@@ -52,6 +52,8 @@ TRAINING_DEFAULTS = {
     "warmup_steps": 0.1,
     "weight_decay": 0.01,
     "report_to": "none",
+    # Trainer's filter reads every step's loss on the host (a GPU sync per step); SafeTrainer stops on a NaN/inf loss instead.
+    "logging_nan_inf_filter": False,
 }
 
 
@@ -128,10 +130,30 @@ def load_yaml(path: str | Path) -> dict:
     return values
 
 
+def device_defaults(device_type: str, cpu_count: int | None, processes: int = 1) -> dict:
+    """Defaults that depend on where training runs; a recipe or the command line overrides them.
+
+    On CUDA, Trainer's `dataloader_num_workers: 0` decodes and resizes every batch in the training loop while
+    the GPU waits (the loader was the bottleneck for Lite0 on an H100); on a CPU, workers only take its cores.
+    The `processes` of one machine (`accelerate launch`) share its cores.
+    """
+    if device_type != "cuda":
+        return {}
+    return {"dataloader_num_workers": max(1, min(8, (cpu_count or 1) // processes))}
+
+
 def parse_recipe(argv: list[str] | None = None, **overrides) -> Recipe:
     """`[recipe.yaml] [--key value ...]` -> Recipe. Keyword overrides win over both."""
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: the fastest convolution algorithms are found once
+    return parse_recipe_for("cuda" if cuda else "cpu", argv, **overrides)
+
+
+def parse_recipe_for(device_type: str, argv: list[str] | None = None, **overrides) -> Recipe:
+    """`parse_recipe` with the defaults of training on `device_type` ("cuda" or "cpu")."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    values = dict(TRAINING_DEFAULTS)
+    values = {**TRAINING_DEFAULTS, **device_defaults(device_type, os.cpu_count(), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))}
     if argv and not argv[0].startswith("-"):
         values.update(load_yaml(argv.pop(0)))
     for key in overrides:

@@ -19,7 +19,8 @@ from transformers import set_seed
 from .cache import FeatureCache
 from .card import describe_hardware, write_model_card
 from .checkpoints import SafeTrainer, last_complete_checkpoint
-from .data import attach_transforms, build_transforms, collate, load_image_dataset
+from .data import attach_transforms, collate, load_image_dataset
+from .device_resize import transforms_for_run
 from .freezing import FreezeCallback, FreezePlan
 from .hub import share
 from .metrics import compute_metrics, test_report
@@ -30,6 +31,7 @@ from .recipe import Recipe, RunArguments
 logger = logging.getLogger(__name__)
 
 RUN_CONFIG = "run_config.json"
+MOVABLE = {"training.output_dir", "training.logging_dir"}
 
 
 class OutputDirError(RuntimeError):
@@ -50,10 +52,12 @@ def run(recipe: Recipe) -> dict:
     with args.main_process_first(desc="dataset preparation"):
         data = load_image_dataset(recipe.data, seed=args.seed)
     model, image_processor = load_model(recipe.model, data.labels)
-    train_transform, eval_transform = build_transforms(
-        data_config(model, image_processor), recipe.data.augmentation, recipe.data.crop_min_scale
+    train_transform, eval_transform, device_step = transforms_for_run(
+        recipe.data, data, data_config(model, image_processor), args.device
     )
     splits = attach_transforms(data, train_transform, eval_transform)
+    # Small images of one size reach the model as uint8 at their own size; this hook resizes them on the device.
+    device_hook = device_step.attach(model) if device_step else None
     plan = FreezePlan(model, recipe.freeze, args.learning_rate)
     optimizer = torch.optim.AdamW(
         plan.parameter_groups(args.weight_decay), lr=args.learning_rate,
@@ -85,6 +89,8 @@ def run(recipe: Recipe) -> dict:
     for split, metrics in (("train", train_metrics), ("eval", eval_metrics), ("test", test_output.metrics)):
         trainer.log_metrics(split, metrics)
 
+    if device_hook:
+        device_hook.remove()  # the saved model takes images preprocessed as usual (pipeline, timm)
     results = {
         **train_metrics, **eval_metrics, **test_output.metrics,
         "split_sizes": data.sizes,
@@ -127,7 +133,8 @@ def check_output_dir(output_dir: Path, run_config: dict, options: RunArguments) 
         return
     if config_file.exists():
         previous, now = _flatten(json.loads(config_file.read_text())), _flatten(run_config)
-        changed = sorted(k for k in set(previous) | set(now) if not k.startswith("run.") and previous.get(k) != now.get(k))
+        # Run options and the folder's own path (it may have been moved) do not make it another run.
+        changed = sorted(k for k in set(previous) | set(now) if k not in MOVABLE and not k.startswith("run.") and previous.get(k) != now.get(k))
         if changed:
             raise OutputDirError(
                 f"{output_dir} already holds a different run (differs in: {', '.join(changed[:8])}). "
