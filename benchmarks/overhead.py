@@ -2,40 +2,52 @@
 
 Same backbone weights, batch, images, precision and threads, in one process. The images are 32 px
 uint8 (CIFAR-10's size) held in memory and upsampled on the device by the same code in every path
-(benchmarks/device_resize.py), so that loading costs all paths the same and little. The contenders
-alternate round by round (the order rotates), and each round's time per step is taken between
-two synchronised step ends. Reported: the median over rounds of (Trainer step / plain step).
+(hf_transfer.device_resize.DeviceResize; no augmentation), so that loading costs all paths the same
+and little. The contenders alternate round by round (the order rotates), and each round's time per
+step is taken between two synchronised step ends. Reported: the median over rounds of (Trainer step
+/ plain step).
 
 - plain: the bare timm model, `F.cross_entropy`, AdamW (decay / no-decay groups), zero_grad.
 - trainer: what hf_transfer.training.run builds: recipe defaults, TimmWrapperForImageClassification,
   FreezePlan + its callback and BatchNorm hooks, AdamW on the plan's per-block groups,
-  hf_transfer's SafeTrainer (a transformers.Trainer that checks every loss; grad clipping at 1.0).
-- trainer_noclip: the same with `max_grad_norm: 0`, to show what the clipping costs.
-- plain_block_groups: the plain loop with hf_transfer's optimizer groups (one or two per block, for
-  layer-wise learning rates) instead of two, to show what the extra groups cost.
+  hf_transfer's SafeTrainer (a transformers.Trainer that stops on a NaN/inf loss; grad clipping at 1.0).
+- trainer_noclip: the same with `max_grad_norm: 0` (Trainer still computes the norm, for its log).
+- plain_recipe: the plain loop doing what the recipe does besides: hf_transfer's optimizer groups (one
+  or two per block, for layer-wise learning rates), grad clipping at 1.0 and the linear warmup/decay
+  schedule. The Trainer's ratio to it is the framework's own cost; the ratio to `plain` adds the recipe's.
 
     python benchmarks/overhead.py                                  # CPU: fp32, batch 16
     python benchmarks/overhead.py --batch-size 256 --bf16          # GPU
+    python benchmarks/overhead.py --threads 1 --clock cpu          # CPU shared with other jobs
+
+`--clock cpu` times the main thread's CPU time instead of the wall clock: with one torch thread, no
+GPU and no dataloader workers the whole step runs on that thread, and what other processes take of
+a shared machine's cores is left out, so fixed per-step costs can be compared under load.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
-from transformers import TrainerCallback
+from transformers import TrainerCallback, get_scheduler
 
 from common import device, median, report, synchronize
-from device_resize import DeviceResize
 from hf_transfer.checkpoints import SafeTrainer
 from hf_transfer.data import collate
+from hf_transfer.device_resize import DeviceResize
 from hf_transfer.freezing import FreezeCallback, FreezePlan
 from hf_transfer.models import data_config, load_model
 from hf_transfer.recipe import parse_recipe
+
+
+RECIPE_LOOP = "plain loop + recipe's groups, clipping, schedule"
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 
 
 class Images(Dataset):
@@ -54,13 +66,13 @@ class Images(Dataset):
 class StepClock(TrainerCallback):
     """Time between the end of step `first` and the end of step `last` (GPU synchronised at both)."""
 
-    def __init__(self, first: int, last: int):
-        self.first, self.last, self.seconds = first, last, None
+    def __init__(self, first: int, last: int, clock):
+        self.first, self.last, self.clock, self.seconds = first, last, clock, None
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step in (self.first, self.last):
             synchronize()
-            now = time.perf_counter()
+            now = self.clock()
             if state.global_step == self.first:
                 self.start = now
             else:
@@ -104,7 +116,7 @@ class TrainerPath:
             self.model.to(memory_format=torch.channels_last)
         DeviceResize(resize_config(self.model, processor, args), args.channels_last).attach(self.model)
         plan = FreezePlan(self.model, recipe.freeze, recipe.training.learning_rate)
-        self.clock = StepClock(args.warmup, args.warmup + args.steps)
+        self.clock = StepClock(args.warmup, args.warmup + args.steps, CLOCKS[args.clock])
         self.trainer = SafeTrainer(
             model=self.model, args=recipe.training, train_dataset=dataset, data_collator=collate,
             optimizers=(optimizer_for(plan, recipe.training), None),
@@ -118,10 +130,11 @@ class TrainerPath:
 
 
 class PlainPath:
-    """The minimal loop a PyTorch user writes, on the same weights (no hf_transfer code in the step)."""
+    """The minimal loop a PyTorch user writes, on the same weights (no hf_transfer code in the step);
+    with `as_recipe`, also the recipe's optimizer groups, grad clipping and learning-rate schedule."""
 
-    def __init__(self, args, dataset: Images, labels: list[str], block_groups: bool = False):
-        recipe = build_recipe(args, tempfile.gettempdir(), clip=False)
+    def __init__(self, args, dataset: Images, labels: list[str], as_recipe: bool = False):
+        recipe = build_recipe(args, tempfile.gettempdir(), clip=as_recipe)
         torch.manual_seed(args.seed)
         wrapper, processor = load_model(recipe.model, labels)
         self.model = wrapper.timm_model.to(device())
@@ -135,11 +148,12 @@ class PlainPath:
         training = recipe.training
         groups = [{"params": [p for p in trainable if p.ndim > 1], "weight_decay": training.weight_decay},
                   {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0}]
-        if block_groups:
+        if as_recipe:
             groups = self.block_groups(recipe, labels, training.weight_decay)
         self.optimizer = torch.optim.AdamW(
             groups, lr=training.learning_rate, betas=(training.adam_beta1, training.adam_beta2), eps=training.adam_epsilon,
         )
+        self.trainable, self.training_args, self.as_recipe = trainable, training, as_recipe
         self.frozen_norms = [m for m in self.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
                              and not any(p.requires_grad for p in m.parameters())]
         self.loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, collate_fn=collate,
@@ -159,19 +173,29 @@ class PlainPath:
         self.model.train()
         for module in self.frozen_norms:  # frozen BatchNorm keeps its statistics, as in hf_transfer
             module.eval()
+        schedule = None
+        if self.as_recipe:  # a fresh schedule each round, as the Trainer path has
+            schedule = get_scheduler(
+                self.training_args.lr_scheduler_type, self.optimizer, num_training_steps=len(self.loader),
+                num_warmup_steps=self.training_args.get_warmup_steps(len(self.loader)),
+            )
         for step, batch in enumerate(self.loader, start=1):
             images = self.resize(batch["pixel_values"].to(device(), non_blocking=True))
             labels = batch["labels"].to(device(), non_blocking=True)
             with torch.autocast(device().type, dtype=torch.bfloat16, enabled=self.args.bf16):
                 loss = F.cross_entropy(self.model(images), labels)
             loss.backward()
+            if self.as_recipe:
+                torch.nn.utils.clip_grad_norm_(self.trainable, self.training_args.max_grad_norm)
             self.optimizer.step()
+            if schedule is not None:
+                schedule.step()
             self.optimizer.zero_grad(set_to_none=True)
             if step == self.args.warmup:
                 synchronize()
-                start = time.perf_counter()
+                start = CLOCKS[self.args.clock]()
         synchronize()
-        return time.perf_counter() - start
+        return CLOCKS[self.args.clock]() - start
 
 
 def main() -> None:
@@ -187,8 +211,12 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--clock", default="wall", choices=list(CLOCKS), help="`cpu`: see above (CPU only, with --threads 1)")
     args = parser.parse_args()
+    if args.clock == "cpu" and (torch.cuda.is_available() or args.threads != 1):
+        parser.error("--clock cpu needs --threads 1 and no GPU: the step must run on the main thread alone")
     torch.set_num_threads(args.threads)
+    load_at_start = " / ".join(f"{load:.1f}" for load in os.getloadavg())
     torch.backends.cudnn.benchmark = True
 
     labels = [f"class_{index}" for index in range(10)]
@@ -202,12 +230,12 @@ def main() -> None:
 
     # The plain paths first: a new TrainingArguments resets accelerate's state under existing Trainers.
     plain = PlainPath(args, dataset, labels)
-    plain_block_groups = PlainPath(args, dataset, labels, block_groups=True)
+    plain_recipe = PlainPath(args, dataset, labels, as_recipe=True)
     contenders = {
         "plain PyTorch loop": plain,
         "hf_transfer Trainer": TrainerPath(args, dataset, labels, clip=True),
         "hf_transfer Trainer, no grad clipping": TrainerPath(args, dataset, labels, clip=False),
-        "plain loop, hf_transfer's per-block AdamW groups": plain_block_groups,
+        RECIPE_LOOP: plain_recipe,
     }
     names = list(contenders)
     seconds = {name: [] for name in names}
@@ -220,10 +248,10 @@ def main() -> None:
         if round_index:
             print({name: f"{1000 * seconds[name][-1]:.1f} ms" for name in names}, flush=True)
 
-    plain = seconds[names[0]]
     rows = []
     for name in names:
-        ratios = [mine / base for mine, base in zip(seconds[name], plain)]
+        ratios = [mine / base for mine, base in zip(seconds[name], seconds[names[0]])]
+        to_recipe = [mine / base for mine, base in zip(seconds[name], seconds[RECIPE_LOOP])]
         rows.append({
             "path": name,
             "median step ms": 1000 * median(seconds[name]),
@@ -231,6 +259,7 @@ def main() -> None:
             "median ratio to plain": median(ratios),
             "overhead %": 100 * (median(ratios) - 1),
             "min..max ratio": f"{min(ratios):.3f}..{max(ratios):.3f}",
+            "% vs recipe by hand": 100 * (median(to_recipe) - 1) if "Trainer" in name else "",
         })
     report(
         "overhead",
@@ -240,8 +269,11 @@ def main() -> None:
             f"batch {args.batch_size}, 32 px uint8 images upsampled to {size} px on the device, {'bf16 autocast' if args.bf16 else 'fp32'}, channels_last {args.channels_last}, "
             f"torch threads {args.threads}, random-init weights (identical for all paths), "
             "dataloader_num_workers 0 (the input pipeline is measured by input_pipeline.py)",
-            f"{args.rounds} rounds after one warm-up round, order rotated each round; per round {args.warmup} untimed + {args.steps} timed steps",
+            f"{args.rounds} rounds after one warm-up round, order rotated each round; per round {args.warmup} untimed + {args.steps} timed steps, "
+            f"{'wall clock' if args.clock == 'wall' else 'CPU time of the main thread (--clock cpu)'}",
             "ratio = Trainer step time / plain step time in the same round; target: overhead at most 5%",
+            f"`% vs recipe by hand`: the same ratio against `{RECIPE_LOOP}` (what the Trainer adds by itself)",
+            f"load average at the start: {load_at_start} (at the end: see machine)",
         ],
     )
 

@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, Trainer, TrainerCallback, TimmWrapperForImageClassification, set_seed
+from transformers import PreTrainedModel, TimmWrapperForImageClassification, Trainer, TrainerCallback, set_seed
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 

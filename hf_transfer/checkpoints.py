@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import random
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import datasets
 import numpy as np
 import safetensors.torch
 import torch
+from accelerate.utils import DistributedType
 from transformers import PreTrainedModel, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -26,6 +28,7 @@ SCHEDULER = "scheduler.json"
 SCALER = "scaler.json"
 TRAINING_ARGS = "training_args.json"
 TRAINER_STATE = "trainer_state.json"  # written last by Trainer: a checkpoint without it is incomplete
+_REPLICATED = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)  # one process or DDP
 
 
 class NonFiniteLossError(RuntimeError):
@@ -96,11 +99,14 @@ class SafeTrainer(Trainer):
         if isinstance(self.train_dataset, datasets.Dataset) and not persistent_workers:
             self.train_dataset = SeededAugmentation(self.train_dataset, self.args.seed)
         self._resumed = False
+        self._pending_loss: PendingLoss | None = None
+        self._parameter_count: tuple[torch.nn.Module, int] | None = None
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         if resume_from_checkpoint is True:  # Trainer would take the newest checkpoint, even a half-written one
             complete = last_complete_checkpoint(self.args.output_dir)
             resume_from_checkpoint = str(complete) if complete else True
+        self._pending_loss = None
         return super().train(resume_from_checkpoint, **kwargs)
 
     def _run_epoch(self, model, epoch, *args, **kwargs):
@@ -108,11 +114,52 @@ class SafeTrainer(Trainer):
             self.train_dataset.set_epoch(epoch)
         return super()._run_epoch(model, epoch, *args, **kwargs)
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        if not torch.isfinite(loss):  # stop now: the optimizer step would spread it into every weight
-            raise NonFiniteLossError(f"Loss became {loss.item()} at step {self.state.global_step + 1}. {self._advice()}")
-        return loss
+    # ---- stopping on a NaN / inf loss, without a host-device synchronisation per step -------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        output = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if model.training:
+            # Why one step late: reading this loss now would make the CPU wait for the GPU to finish the
+            # forward pass, and the GPU then wait for the CPU, every step. The previous step's loss was
+            # copied to the host behind its own forward pass, a backward and an optimizer step ago, so
+            # reading it stalls nothing; a diverging run still stops at the next step, before its backward
+            # pass, and every log, evaluation and save checks the latest loss first.
+            self._raise_if_loss_was_not_finite()
+            self._pending_loss = PendingLoss(output[0] if return_outputs else output, self.state.global_step + 1)
+        return output
+
+    def _maybe_log_save_evaluate(self, *args, **kwargs):
+        if self.control.should_log or self.control.should_evaluate or self.control.should_save:
+            self._raise_if_loss_was_not_finite()
+        return super()._maybe_log_save_evaluate(*args, **kwargs)
+
+    def _raise_if_loss_was_not_finite(self) -> None:
+        pending, self._pending_loss = self._pending_loss, None
+        if pending is not None and not math.isfinite(loss := pending.value()):
+            raise NonFiniteLossError(f"Loss became {loss} at step {pending.step}. {self._advice()}")
+
+    def floating_point_ops(self, inputs) -> int:
+        """Trainer's estimate (6 x input size x parameters), with the parameters counted once, not every step."""
+        main_input = getattr(self.model, "main_input_name", "input_ids")
+        if main_input not in inputs or not hasattr(self.model, "num_parameters"):
+            return 0
+        if self._parameter_count is None or self._parameter_count[0] is not self.model:
+            self._parameter_count = (self.model, self.model.num_parameters(exclude_embeddings=True))
+        return 6 * inputs[main_input].numel() * self._parameter_count[1]
+
+    # Trainer collects the gradients to clip by walking every module of the model each step; the optimizer
+    # holds the same ones in a list (frozen parameters have none). DeepSpeed, FSDP and XLA keep Trainer's way.
+    def _clip_grad_norm(self, model):
+        if self.accelerator.distributed_type not in _REPLICATED:
+            return super()._clip_grad_norm(model)
+        return self.accelerator.clip_grad_norm_(self._optimized_parameters(), self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        if grad_norm is None and self.accelerator.distributed_type in _REPLICATED:  # no clipping: the norm, for the log
+            grad_norm = self.accelerator.clip_grad_norm_(self._optimized_parameters(), float("inf"))
+        return super()._get_grad_norm(model, grad_norm)
+
+    def _optimized_parameters(self) -> list[torch.nn.Parameter]:
+        return [parameter for group in self.optimizer.param_groups for parameter in group["params"]]
 
     def _advice(self) -> str:
         kept = last_complete_checkpoint(self.args.output_dir)
@@ -232,6 +279,7 @@ class SafeTrainer(Trainer):
         self._resumed = True
 
     def _finalize_training(self, trial, num_train_samples, start_time):
+        self._raise_if_loss_was_not_finite()  # the last step's, when nothing logged or saved after it
         output = super()._finalize_training(trial, num_train_samples, start_time)
         if not self._resumed:
             return output
@@ -241,6 +289,26 @@ class SafeTrainer(Trainer):
         if self.state.log_history and "train_loss" in self.state.log_history[-1]:
             self.state.log_history[-1]["train_loss"] = train_loss
         return output._replace(training_loss=train_loss)
+
+
+class PendingLoss:
+    """A training step's loss on its way to the host. On CUDA it is copied into pinned memory behind the
+    step's kernels, and the event says when it has landed; on the CPU there is nothing to wait for (other
+    devices read it where it is, when asked: a step late, so their wait is short)."""
+
+    def __init__(self, loss: torch.Tensor, step: int):
+        self.step, self.copied = step, None
+        loss = loss.detach()
+        if loss.is_cuda:
+            loss = loss.to("cpu", non_blocking=True)
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+        self.loss = loss
+
+    def value(self) -> float:
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.loss.float().mean().item()  # the mean: one value per GPU under DataParallel
 
 
 def load_weights(model: PreTrainedModel, checkpoint: str) -> None:

@@ -314,17 +314,20 @@ class FreezePlan:
         self.history: list[dict] = []
         self.integrity: dict | None = None
 
+        self._gradient_gates = []
         for name, parameter in self.parameters.items():
             parameter.requires_grad_(name in self.ever_trained)
             if name in self.ever_trained and len(self.stages) > 1:
-                parameter.register_hook(self._gradient_gate(name))
+                self._gradient_gates.append(parameter.register_hook(self._gradient_gate(name)))
         self._norms = {
             name: (module, _norm_owner(name, module, list(self.parameters)))
             for name, module in model.named_modules() if isinstance(module, _BATCHNORM)
         }
-        for module, _ in self._norms.values():
-            module.register_forward_pre_hook(self._keep_frozen_norm_in_eval)
         self._activate(0)
+        # A hook costs every forward pass: only on norm layers that some stage keeps frozen (none for `full`).
+        for name, (module, _) in self._norms.items():
+            if any(self.norm_mode(name, trained) == "frozen" for trained in self.stage_sets):
+                module.register_forward_pre_hook(self._keep_frozen_norm_in_eval)
         # What must end bit-identical: parameters that never train and the statistics that are never updated.
         kept_norms = [
             name for name, (_, owner) in self._norms.items()
@@ -412,16 +415,28 @@ class FreezePlan:
 
     def _activate(self, index: int) -> None:
         self.active = self.stage_sets[index]
+        self._waiting = [self.parameters[name] for name in self.ever_trained - self.active]
         if self.skip_waiting_backward:
             for name in self.ever_trained:
                 self.parameters[name].requires_grad_(name in self.active)
         self._frozen_norm_ids = {id(module) for name, (module, _) in self._norms.items() if self.norm_mode(name) == "frozen"}
 
-    def norm_mode(self, norm_name: str) -> str:
+    def use_one_process(self) -> None:
+        """With a single process nobody needs a waiting block's zero gradients: from the next stage entered
+        (the first at the start of training) waiting blocks get none, which skips their backward pass,
+        and the gradient gates, pass-throughs from then on, are removed."""
+        self.skip_waiting_backward = True
+        for gate in self._gradient_gates:
+            gate.remove()
+        self._gradient_gates = []
+
+    def norm_mode(self, norm_name: str, trained: set[str] | None = None) -> str:
+        """`frozen` or `train` for a norm layer, in the current stage or the one that trains `trained`."""
         owner = self._norms[norm_name][1]
         if self.args.batchnorm == "eval":
             return "frozen"
-        return "train" if self.args.batchnorm == "train" or self.active & set(owner) else "frozen"
+        trained = self.active if trained is None else trained
+        return "train" if self.args.batchnorm == "train" or trained & set(owner) else "frozen"
 
     def _gradient_gate(self, name: str):
         # A block waiting for its stage still gets a gradient tensor (so DDP stays in step), but it is zero.
@@ -429,8 +444,8 @@ class FreezePlan:
 
     def drop_waiting_gradients(self) -> None:
         """Called before each optimizer step: no update at all (not even weight decay) for waiting blocks."""
-        for name in self.ever_trained - self.active:
-            self.parameters[name].grad = None
+        for parameter in self._waiting:
+            parameter.grad = None
 
     def _keep_frozen_norm_in_eval(self, module: nn.Module, _inputs) -> None:
         # Trainer calls model.train() every step; frozen BatchNorm layers must keep their statistics.
@@ -537,7 +552,8 @@ class FreezeCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
         # Under DDP every rank's reducer expects a gradient for every parameter it registered, every step.
-        self.plan.skip_waiting_backward = args.world_size == 1
+        if args.world_size == 1:
+            self.plan.use_one_process()
         batches = len(train_dataloader) if train_dataloader is not None else None
         # Trainer's own count of optimizer steps per epoch (a last partial accumulation still steps).
         steps_per_epoch = math.ceil(batches / args.gradient_accumulation_steps) if batches else state.max_steps

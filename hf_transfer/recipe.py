@@ -135,11 +135,13 @@ def device_defaults(device_type: str, cpu_count: int | None, processes: int = 1)
 
     On CUDA, Trainer's `dataloader_num_workers: 0` decodes and resizes every batch in the training loop while
     the GPU waits (the loader was the bottleneck for Lite0 on an H100); on a CPU, workers only take its cores.
-    The `processes` of one machine (`accelerate launch`) share its cores.
+    The `processes` of one machine (`accelerate launch`) share its cores. Trainer copies each batch to the GPU
+    with a blocking copy, which first waits for all the work queued so far (a sync per step); from pinned
+    memory (Trainer's default) it can queue behind that work instead: `non_blocking`.
     """
     if device_type != "cuda":
         return {}
-    return {"dataloader_num_workers": max(1, min(8, (cpu_count or 1) // processes))}
+    return {"dataloader_num_workers": max(1, min(8, (cpu_count or 1) // processes)), "accelerator_config": {"non_blocking": True}}
 
 
 def parse_recipe(argv: list[str] | None = None, **overrides) -> Recipe:

@@ -225,10 +225,10 @@ def test_a_run_resizes_on_the_device_and_saves_a_model_that_pipeline_preprocesse
 # --- CUDA defaults -----------------------------------------------------------------------------------------
 
 def test_on_cuda_loader_workers_default_to_the_cores_up_to_8_unless_the_recipe_sets_them():
-    assert device_defaults("cuda", 16) == {"dataloader_num_workers": 8}
-    assert device_defaults("cuda", 4) == {"dataloader_num_workers": 4}
-    assert device_defaults("cuda", 16, processes=4) == {"dataloader_num_workers": 4}, "processes share the cores"
-    assert device_defaults("cuda", None) == {"dataloader_num_workers": 1}
+    assert device_defaults("cuda", 16)["dataloader_num_workers"] == 8
+    assert device_defaults("cuda", 4)["dataloader_num_workers"] == 4
+    assert device_defaults("cuda", 16, processes=4)["dataloader_num_workers"] == 4, "processes share the cores"
+    assert device_defaults("cuda", None)["dataloader_num_workers"] == 1
     assert device_defaults("cpu", 16) == {}
     quickstart, cifar10 = "recipes/quickstart.yaml", "recipes/cifar10.yaml"  # unset / `dataloader_num_workers: 2`
     unset = parse_recipe_for("cuda", [quickstart]).training.dataloader_num_workers
@@ -237,3 +237,6 @@ def test_on_cuda_loader_workers_default_to_the_cores_up_to_8_unless_the_recipe_s
     assert parse_recipe_for("cuda", [quickstart, "--dataloader_num_workers", "0"]).training.dataloader_num_workers == 0
     assert parse_recipe_for("cuda", [quickstart], dataloader_num_workers=3).training.dataloader_num_workers == 3
     assert parse_recipe_for("cpu", [quickstart]).training.dataloader_num_workers == 0, "Trainer's default on a CPU"
+    training = parse_recipe_for("cuda", [quickstart]).training  # batches copied to the GPU without a sync per step
+    assert training.accelerator_config.non_blocking and training.dataloader_pin_memory
+    assert not parse_recipe_for("cpu", [quickstart]).training.accelerator_config.non_blocking

@@ -1,9 +1,11 @@
 """Interrupted and failed runs: a SIGKILLed run resumes to the very same weights and losses, a kill while
-publishing never leaves half a model, a diverging run stops and keeps its last good checkpoint, and a
-dataset with unreadable files still trains (skipping and counting them) or, if asked, stops and lists them."""
+publishing never leaves half a model, a diverging run stops at the next step (without a host-device sync
+per step) and keeps its last good checkpoint, and a dataset with unreadable files still trains (skipping
+and counting them) or, if asked, stops and lists them."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -11,17 +13,25 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from transformers import AutoModelForImageClassification, TimmWrapperConfig, TimmWrapperForImageClassification
+from PIL import Image
+from torch.overrides import TorchFunctionMode
+from transformers import AutoModelForImageClassification, TimmWrapperConfig, TimmWrapperForImageClassification, TrainerCallback
 
 from bad_images import build_corpus
 from conftest import REPO, SAMPLE, sample_rows
-from hf_transfer.checkpoints import last_complete_checkpoint
+from hf_transfer.checkpoints import NonFiniteLossError, SafeTrainer, last_complete_checkpoint
 from hf_transfer.cli import main
+from hf_transfer.data import collate
+from hf_transfer.freezing import FreezeCallback, FreezePlan
+from hf_transfer.models import load_model
+from hf_transfer.recipe import parse_recipe
 from hf_transfer.training import publish
 from test_errors import TINY_RUN, offline_hub, user_error  # noqa: F401 (offline_hub: autouse fixture)
 
@@ -178,6 +188,90 @@ def test_diverging_run_stops_clearly_and_keeps_the_last_good_checkpoint(tmp_path
     for name, tensor in safetensors.torch.load_file(kept / "model.safetensors").items():
         assert torch.isfinite(tensor).all(), name
     assert not (output_dir / "config.json").exists()  # no final model was published
+
+
+class Photos(torch.utils.data.Dataset):
+    """16 real photos (64 px); the `poisoned`-th one fetched, if any, turns to NaN. Records how many were fetched."""
+
+    def __init__(self, poisoned: int | None = None):
+        self.poisoned, self.fetched = poisoned, 0
+        rows = sample_rows("train")[:16]
+        images = [Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB").resize((64, 64)) for row in rows]
+        self.pixels = [torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255 for image in images]
+        self.labels = [row["labels"] for row in rows]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict:
+        self.fetched += 1
+        pixels = torch.full_like(self.pixels[index], float("nan")) if self.fetched == self.poisoned else self.pixels[index]
+        return {"pixel_values": pixels, "labels": self.labels[index]}
+
+
+def _trainer(output_dir: Path, photos: Photos, *callbacks: TrainerCallback) -> SafeTrainer:
+    """What training.run builds, on the recipe defaults (log and save once per epoch): one photo per step."""
+    recipe = parse_recipe([], dataset="in-memory", model="test_efficientnet", pretrained=False, freeze="full",
+                          output_dir=str(output_dir), per_device_train_batch_size=1, num_train_epochs=1,
+                          eval_strategy="no", load_best_model_at_end=False, dataloader_num_workers=0, disable_tqdm=True)
+    model, _ = load_model(recipe.model, ["cat", "dog"])
+    plan = FreezePlan(model, recipe.freeze, recipe.training.learning_rate)
+    return SafeTrainer(model=model, args=recipe.training, train_dataset=photos, data_collator=collate,
+                       callbacks=[FreezeCallback(plan), *callbacks])
+
+
+def test_a_nan_loss_stops_the_run_at_the_next_step_not_at_the_end_of_the_epoch(tmp_path):
+    photos = Photos(poisoned=4)  # one photo per step, no workers: the 4th photo fetched is step 4's
+    with pytest.raises(NonFiniteLossError, match="Loss became nan at step 4. Lower `learning_rate`") as stopped:
+        _trainer(tmp_path / "out", photos).train()
+    assert "no checkpoint had been saved yet" in str(stopped.value)
+    # Checked one step late, during step 5; the loader also fetches one batch ahead. Not 16: the epoch's end.
+    assert photos.fetched <= 6, photos.fetched
+    assert last_complete_checkpoint(tmp_path / "out") is None
+
+
+class HostReads(TorchFunctionMode):
+    """Every read of a tensor's value by the host: on a GPU each one waits for all the work queued so far."""
+
+    READS = frozenset({"__bool__", "item", "__float__", "__int__", "__index__", "tolist", "numpy"})
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.READS:
+            self.reads.append((args[0], traceback.extract_stack(limit=8)[:-1]))
+        return func(*args, **(kwargs or {}))
+
+
+class WatchSteps(TrainerCallback):
+    """Records host reads from the end of step 2 to the end of step 6."""
+
+    def __init__(self):
+        self.mode = HostReads()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            self.mode.__enter__()
+        elif state.global_step == 6:
+            self.mode.__exit__(None, None, None)
+
+
+def test_training_steps_read_no_tensor_value_on_the_host_except_the_previous_steps_loss(tmp_path):
+    """A GPU cannot be watched here; a read of a tensor's value by the host is what would stop it."""
+    watch = WatchSteps()
+    trainer = _trainer(tmp_path / "out", Photos(), watch)
+    trainer.train()
+    counters = {id(state["step"]) for state in trainer.optimizer.state.values()}  # kept on the host by torch
+    late_loss_reads = 0
+    for tensor, stack in watch.mode.reads:
+        if id(tensor) in counters:
+            continue
+        where = "\n".join(f"{frame.filename}:{frame.lineno} {frame.name}" for frame in stack)
+        assert any(frame.name == "value" and frame.filename.endswith("checkpoints.py") for frame in stack), where
+        late_loss_reads += 1
+    assert late_loss_reads == 4  # steps 3 to 6 each checked the loss of the step before: a copy on the host already
 
 
 # ---- a dataset with unreadable files ---------------------------------------------------------------
