@@ -252,6 +252,12 @@ def _preprocessing_section(run: RunFiles) -> str:
         rows.append(["train-time augmentation", described])
     if data_args.get("crop_min_scale") is not None and augmentation not in (None, "none"):
         rows.append(["random crop area", f"{data_args['crop_min_scale']:.0%} to 100% of the image"])
+    cache = run.results.get("feature_cache")
+    if cache:
+        views = run.run.get("run", {}).get("feature_cache_views") or 0
+        seen = f"{views} fixed augmented views per image, one per epoch" if views else "un-augmented images (the augmentation above not applied)"
+        stage = "the head-only first stage" if "head_stage" in cache else "the head"
+        rows.append(["feature cache", f"{stage} trained on backbone features computed once, from {seen}"])
     rows = [row for row in rows if row[1] is not None]
     return "\n".join(["## Preprocessing and augmentation", "",
                       "Every image is decoded to RGB, then (evaluation and inference) resized, center-cropped and "

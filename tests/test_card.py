@@ -132,6 +132,8 @@ def test_card_body_is_filled_from_the_run(fresh_run):
         assert f"| {block['name']} | {block['params']:,} |" in body
     assert f"{results['test_accuracy']:.2%}" in body
     assert "32 x 32" in body  # resolution, from preprocessor_config.json
+    assert "head_stage" in results["feature_cache"]  # fastai's head-only epoch ran on cached features, and the card says so
+    assert "| feature cache | the head-only first stage trained on backbone features computed once, from un-augmented images" in body
     n, p, z = sizes["test"], results["test_accuracy"], 1.96  # Wilson's score interval, by its formula
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
