@@ -248,9 +248,14 @@ def _preprocessing_section(run: RunFiles) -> str:
     described = {"default": "random-resized-crop + horizontal flip", "none": "none (eval transform only)",
                  "randaugment": "random-resized-crop + flip + RandAugment",
                  "trivialaugment": "random-resized-crop + flip + TrivialAugmentWide"}.get(augmentation, augmentation)
+    on_device = run.results.get("resized_on_device")
+    if on_device and augmentation not in (None, "none"):  # device_resize: small images are shifted, not cropped
+        described = "random shift by up to 1/8 of the side (reflect) + horizontal flip" + described.partition("flip")[2]
     if augmentation:
         rows.append(["train-time augmentation", described])
-    if data_args.get("crop_min_scale") is not None and augmentation not in (None, "none"):
+    if on_device:
+        rows.append(["where", "decoded (and augmented) at their own size on the CPU, resized and normalised on the training device"])
+    elif data_args.get("crop_min_scale") is not None and augmentation not in (None, "none"):
         rows.append(["random crop area", f"{data_args['crop_min_scale']:.0%} to 100% of the image"])
     cache = run.results.get("feature_cache")
     if cache:

@@ -97,6 +97,7 @@ def run(recipe: Recipe) -> dict:
         "hardware": describe_hardware(),
         "skipped_images": {name: len(entries) for name, entries in data.skipped.items()},
         "skipped_image_examples": {name: entries[:20] for name, entries in data.skipped.items()},
+        "resized_on_device": device_step is not None,  # what `resize_on_device: auto` decided
         **({"feature_cache": cache.summary} if cache else {}),
     }
     if trainer.is_world_process_zero():

@@ -220,6 +220,21 @@ def test_a_run_resizes_on_the_device_and_saves_a_model_that_pipeline_preprocesse
     labels = ["cat", "dog"]
     assert metrics.test_report(predicted, np.array(test["label"]), labels)["confusion_matrix"] == in_run["confusion_matrix"]
     assert np.mean(predicted == np.array(test["label"])) == pytest.approx(results["test_accuracy"])
+    assert results["resized_on_device"]
+
+
+def test_training_steps_go_through_the_device_resize_and_the_card_says_so(cifar_like, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # The last block trains on images, so every training step's uint8 32 px batch must pass the hook
+    # (the convolutions would refuse uint8 input otherwise).
+    results = finetune(
+        dataset=cifar_like, validation_size=8, resize_on_device=True, freeze="last_n:1", num_train_epochs=1,
+        per_device_train_batch_size=16, save_strategy="no", load_best_model_at_end=False, output_dir=str(tmp_path / "model"),
+    )
+    assert results["resized_on_device"] and results["train_loss"] > 0
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert "| train-time augmentation | random shift by up to 1/8 of the side (reflect) + horizontal flip |" in card
+    assert "resized and normalised on the training device" in card
 
 
 # --- CUDA defaults -----------------------------------------------------------------------------------------
