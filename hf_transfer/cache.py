@@ -30,7 +30,7 @@ from transformers import PreTrainedModel, TimmWrapperForImageClassification, Tra
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .checkpoints import SafeTrainer, last_complete_checkpoint, load_weights
+from .checkpoints import SafeTrainer, last_complete_checkpoint
 from .data import attach_transforms, collate
 from .freezing import checksum
 from .metrics import compute_metrics
@@ -130,13 +130,6 @@ class HeadTrainer(SafeTrainer):
 
     def model_to_save(self) -> nn.Module:
         return self.model.whole_model[0]
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        load_weights(self.model_to_save(), resume_from_checkpoint)
-
-    def _load_best_model(self) -> None:
-        logger.info("Loading the best model from %s (%s).", self.state.best_model_checkpoint, self.state.best_metric)
-        load_weights(self.model_to_save(), self.state.best_model_checkpoint)
 
 
 class StopAtStep(TrainerCallback):
@@ -313,19 +306,20 @@ class FeatureCache:
         return train_metrics, eval_metrics, test_output
 
     def _staged_run(self, test_split, resume: bool | None, boundary: int):
+        hand_over = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{boundary}"
         checkpoint = last_complete_checkpoint(self.args.output_dir) if resume else None
         if checkpoint is None or _global_step(checkpoint) < boundary:
             head_trainer = self._head_trainer(stop_at=boundary)
             with _one_cpu_thread(self.args.device):
                 self.summary["head_stage"] = head_trainer.train(resume_from_checkpoint=resume).metrics
-            checkpoint = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{boundary}"
+            checkpoint = hand_over
             self._total_size()
         logger.info("Feature cache: head-only stage done at step %d; the later stages train on images from %s.", boundary, checkpoint)
         train_metrics = self.trainer.train(resume_from_checkpoint=str(checkpoint)).metrics
         eval_metrics = self.trainer.evaluate()
         test_output = self.trainer.predict(test_split, metric_key_prefix="test")
         if self.args.save_strategy == "no" and self.args.should_save:
-            shutil.rmtree(Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{boundary}", ignore_errors=True)  # only a hand-over
+            shutil.rmtree(hand_over, ignore_errors=True)  # saved only to hand the run over
         return train_metrics, eval_metrics, test_output
 
     def _total_size(self) -> None:

@@ -173,16 +173,17 @@ class SafeTrainer(Trainer):
     # for some architectures (ViT in transformers 5) are legacy names: those layers would silently
     # keep their last-epoch values. from_pretrained maps the names, so reload through it.
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        model = model or self.model
+        model = model or self.model_to_save()
         if not isinstance(model, PreTrainedModel):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         load_weights(model, resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
-        if not isinstance(self.model, PreTrainedModel):
+        model = self.model_to_save()
+        if not isinstance(model, PreTrainedModel):
             return super()._load_best_model()
         logger.info("Loading the best model from %s (%s).", self.state.best_model_checkpoint, self.state.best_metric)
-        load_weights(self.model, self.state.best_model_checkpoint)
+        load_weights(model, self.state.best_model_checkpoint)
 
     # ---- saving --------------------------------------------------------------------------------
     def _save_checkpoint(self, model, trial) -> None:
@@ -192,6 +193,7 @@ class SafeTrainer(Trainer):
         super()._save_checkpoint(model, trial)
 
     def model_to_save(self) -> torch.nn.Module:
+        """The model that checkpoints hold, and that resuming and best-model reloading load into."""
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:

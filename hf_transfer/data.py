@@ -243,10 +243,14 @@ def image_name(cell, index) -> str:
     return (cell or {}).get("path") or f"#{index}"
 
 
-def build_transforms(data_config: dict, augmentation: str = "default", crop_min_scale: float = 0.35):
-    """Train and eval transforms from the model's data config; augmentation is train-only."""
+def check_augmentation(augmentation: str) -> None:
     if augmentation not in AUGMENTATIONS:
         raise ValueError(f"Unknown augmentation '{augmentation}'; choose one of {AUGMENTATIONS}.")
+
+
+def build_transforms(data_config: dict, augmentation: str = "default", crop_min_scale: float = 0.35):
+    """Train and eval transforms from the model's data config; augmentation is train-only."""
+    check_augmentation(augmentation)
     eval_transform = timm.data.create_transform(**data_config, is_training=False)
     if augmentation == "none":
         return eval_transform, eval_transform

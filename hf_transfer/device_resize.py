@@ -15,7 +15,7 @@ from torch.nn import functional as F
 from torch.utils.hooks import RemovableHandle
 from torchvision import transforms as T
 
-from .data import AUGMENTATIONS, DataArguments, DatasetError, PreparedData, build_transforms, image_name
+from .data import DataArguments, DatasetError, PreparedData, build_transforms, check_augmentation, image_name
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +78,7 @@ def _header_size(cell: dict) -> tuple[int, int]:
 def device_transforms(data_config: dict, augmentation: str = "default"):
     """`(train, eval, device_step)` when `device_step` resizes on the device: the CPU decodes each image to a
     uint8 tensor at its own size and, in training, augments it there (cheap at 32 px: a shift, a flip)."""
-    if augmentation not in AUGMENTATIONS:
-        raise ValueError(f"Unknown augmentation '{augmentation}'; choose one of {AUGMENTATIONS}.")
+    check_augmentation(augmentation)
     device_step = DeviceResize(data_config)
     eval_transform = DecodeForDevice([T.PILToTensor()], device_step)
     if augmentation == "none":

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from huggingface_hub import HfApi, constants, get_token, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.utils import filter_repo_objects
 
 from .card import write_model_card
 from .images import ImageInput, load_image
@@ -32,9 +33,9 @@ class VerificationError(HubError):
 
 
 def _files_to_upload(folder: Path) -> list[Path]:
-    """What upload_folder sends with NOT_UPLOADED as ignore_patterns."""
-    return [p for p in sorted(folder.rglob("*")) if p.is_file() and not any(
-        part.startswith(("checkpoint-", ".")) for part in p.relative_to(folder).parts)]
+    """What upload_folder sends with NOT_UPLOADED as ignore_patterns (the same filter it applies)."""
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file()]
+    return list(filter_repo_objects(files, ignore_patterns=NOT_UPLOADED, key=lambda p: p.relative_to(folder).as_posix()))
 
 
 def _check_output_dir(folder: Path) -> list[Path]:
