@@ -32,6 +32,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .checkpoints import SafeTrainer, last_complete_checkpoint
 from .data import attach_transforms, collate
+from .errors import HFTransferError
 from .freezing import checksum
 from .metrics import compute_metrics
 
@@ -44,7 +45,7 @@ FLOAT16_MAX = 65504.0
 MAX_DISAGREEMENT = 0.001
 
 
-class FeatureCacheMismatchError(RuntimeError):
+class FeatureCacheMismatchError(HFTransferError, RuntimeError):
     """The full model's test predictions differ from those computed on cached features."""
 
 

@@ -21,6 +21,8 @@ from accelerate.utils import DistributedType
 from transformers import PreTrainedModel, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .errors import HFTransferError
+
 logger = logging.getLogger(__name__)
 
 OPTIMIZER = "optimizer"  # optimizer.safetensors (state tensors) + optimizer.json (param groups, scalars)
@@ -31,11 +33,11 @@ TRAINER_STATE = "trainer_state.json"  # written last by Trainer: a checkpoint wi
 _REPLICATED = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)  # one process or DDP
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(HFTransferError, RuntimeError):
     """Training diverged; the last good checkpoint is kept."""
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(HFTransferError, RuntimeError):
     """A checkpoint that cannot be resumed from safely; the message says what to do."""
 
 

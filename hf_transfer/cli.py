@@ -12,18 +12,17 @@ import datasets
 import transformers
 from transformers import HfArgumentParser
 
-from .checkpoints import CheckpointError, NonFiniteLossError
-from .data import DataArguments, DatasetError
-from .freezing import FreezeArguments, FreezePlanError
-from .hub import HubError
+from .data import DataArguments
+from .errors import HFTransferError
+from .freezing import FreezeArguments
 from .images import UnreadableImageError
-from .models import ModelArguments, ModelNotAvailableError
-from .recipe import TRAINING_DEFAULTS, RecipeError, RunArguments, parse_recipe, parser
-from .training import OutputDirError, run
+from .models import ModelArguments
+from .recipe import TRAINING_DEFAULTS, RunArguments, parse_recipe, parser
+from .training import run
 
 # Errors whose message already says what to do: shown without a traceback (HF_TRANSFER_DEBUG=1 shows it).
-USER_ERRORS = (RecipeError, DatasetError, ModelNotAvailableError, UnreadableImageError, OutputDirError, NonFiniteLossError,
-               CheckpointError, HubError, FreezePlanError)
+# images.py is shipped alone to Spaces, so its error cannot derive from HFTransferError.
+USER_ERRORS = (HFTransferError, UnreadableImageError)
 
 TRAIN_USAGE = """usage: hf-transfer train RECIPE.yaml [--key value ...]
 

@@ -16,6 +16,7 @@ import timm.data
 import torch
 from torchvision import transforms as T
 
+from .errors import HFTransferError
 from .images import load_image, unreadable_reason
 from .offline import hub_reachable, offline_mode
 
@@ -77,7 +78,7 @@ class PreparedData:
         return {name: len(split) for name, split in self.splits.items()}
 
 
-class DatasetError(ValueError):
+class DatasetError(HFTransferError, ValueError):
     """A dataset that cannot be used as it is; the message says how to fix it."""
 
 

@@ -21,6 +21,8 @@ import yaml
 from torch import nn
 from transformers import PreTrainedModel, TimmWrapperForImageClassification, TrainerCallback
 
+from .errors import HFTransferError
+
 logger = logging.getLogger(__name__)
 
 STRATEGIES = ("head_only", "last_n", "full", "patterns", "staged")
@@ -42,7 +44,7 @@ FASTAI_LR_SPREAD = 100  # fastai's slice(lr / 100, lr): the stem learns 100x slo
 _BATCHNORM = nn.modules.batchnorm._BatchNorm  # the norm layers with running statistics (not Layer/GroupNorm)
 
 
-class FreezePlanError(ValueError):
+class FreezePlanError(HFTransferError, ValueError):
     """A freeze option that does not fit the model (a pattern that matches nothing...); the message says why."""
 
 

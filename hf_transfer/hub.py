@@ -15,6 +15,7 @@ from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, Revi
 from huggingface_hub.utils import filter_repo_objects
 
 from .card import write_model_card
+from .errors import HFTransferError
 from .images import ImageInput, load_image
 
 logger = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")  # can run
 NOT_UPLOADED = ["checkpoint-*", ".*", "*/.*"]  # fnmatch: `*` also matches `/`
 
 
-class HubError(RuntimeError):
+class HubError(HFTransferError, RuntimeError):
     """A push, pull or check against the Hub that cannot go on; the message says how to fix it."""
 
 

@@ -26,6 +26,7 @@ from transformers import (
     TimmWrapperImageProcessor,
 )
 
+from .errors import HFTransferError
 from .offline import OFFLINE_WEIGHTS, hub_reachable, load_offline_state_dict, offline_hub_id
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class ModelArguments:
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow code from the model repo to run. Off unless you trust the repo."})
 
 
-class ModelNotAvailableError(RuntimeError):
+class ModelNotAvailableError(HFTransferError, RuntimeError):
     """The model id cannot be loaded here; the message says what can."""
 
 

@@ -21,6 +21,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from .data import DataArguments
+from .errors import HFTransferError
 from .freezing import FreezeArguments
 from .models import ModelArguments
 
@@ -80,7 +81,7 @@ class Recipe:
         return resolved
 
 
-class RecipeError(ValueError):
+class RecipeError(HFTransferError, ValueError):
     """A recipe or command-line option that cannot be used; the message says what to write instead."""
 
 

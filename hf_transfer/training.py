@@ -21,6 +21,7 @@ from .card import describe_hardware, write_model_card
 from .checkpoints import SafeTrainer, last_complete_checkpoint
 from .data import attach_transforms, collate, load_image_dataset
 from .device_resize import transforms_for_run
+from .errors import HFTransferError
 from .freezing import FreezeCallback, FreezePlan
 from .hub import share
 from .metrics import compute_metrics, test_report
@@ -34,7 +35,7 @@ RUN_CONFIG = "run_config.json"
 MOVABLE = {"training.output_dir", "training.logging_dir"}
 
 
-class OutputDirError(RuntimeError):
+class OutputDirError(HFTransferError, RuntimeError):
     """The output folder holds something this run must not overwrite."""
 
 
