@@ -25,7 +25,7 @@ from torch.overrides import TorchFunctionMode
 from transformers import AutoModelForImageClassification, TimmWrapperConfig, TimmWrapperForImageClassification, TrainerCallback
 
 from bad_images import build_corpus
-from conftest import REPO, SAMPLE, sample_rows
+from conftest import REPO, SAMPLE, TINY_RUN, sample_rows, user_error
 from hf_transfer.checkpoints import NonFiniteLossError, SafeTrainer, last_complete_checkpoint
 from hf_transfer.cli import main
 from hf_transfer.data import collate
@@ -33,7 +33,8 @@ from hf_transfer.freezing import FreezeCallback, FreezePlan
 from hf_transfer.models import load_model
 from hf_transfer.recipe import parse_recipe
 from hf_transfer.training import publish
-from test_errors import TINY_RUN, offline_hub, user_error  # noqa: F401 (offline_hub: autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("offline_hub")
 
 # 8 training photos in batches of 2 for 2 epochs: 8 steps, a checkpoint at steps 3 and 6 (both mid-epoch),
 # a logged loss every 2 steps, so a resumed run must also restore the loss not yet logged.

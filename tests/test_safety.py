@@ -15,7 +15,8 @@ from conftest import SAMPLE
 from hf_transfer.checkpoints import CheckpointError, SafeTrainer
 from hf_transfer.cli import main
 from hf_transfer.models import ModelArguments, ModelNotAvailableError, load_model
-from test_errors import offline_hub  # noqa: F401 (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("offline_hub")
 
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 ENV_TOKEN = "hf_sentinelFromTheEnvironment0123456789"
