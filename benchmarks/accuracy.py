@@ -23,11 +23,12 @@ import torch
 from transformers import TrainerCallback
 
 from common import device, report
-from hf_transfer.cache import FeatureCache
+from hf_transfer.cached_head import CachedHeadTraining
 from hf_transfer.checkpoints import SafeTrainer
 from hf_transfer.data import attach_transforms, build_transforms, collate, load_image_dataset
 from hf_transfer.device_resize import DeviceResize, device_transforms
-from hf_transfer.freezing import FreezeCallback, FreezePlan
+from hf_transfer.callbacks import FreezeCallback
+from hf_transfer.freezing import FreezePlan
 from hf_transfer.metrics import compute_metrics
 from hf_transfer.models import data_config, load_model
 from hf_transfer.recipe import parse_recipe
@@ -110,7 +111,7 @@ def run_one(args, model_name: str, strategy: str) -> dict:
             data_collator=collate, compute_metrics=compute_metrics, processing_class=processor,
             optimizers=(optimizer, None), callbacks=[FreezeCallback(plan), clock],
         )
-        cache = FeatureCache.for_run(recipe, plan, trainer, data, (train_transform, eval_transform))
+        cache = CachedHeadTraining.for_run(recipe, plan, trainer, data, (train_transform, eval_transform))
         prepare_seconds = time.perf_counter() - prepare_start
         clock.start = train_start = time.perf_counter()
         if cache is None:

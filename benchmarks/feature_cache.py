@@ -19,7 +19,7 @@ from pathlib import Path
 
 import datasets
 from common import REPO, Stopwatch, device, report
-from hf_transfer.cache import cache_root
+from hf_transfer.feature_store import cache_root
 from hf_transfer.cli import setup_logging
 from hf_transfer.recipe import parse_recipe
 from hf_transfer.training import run

@@ -41,7 +41,8 @@ from common import device, median, report, synchronize
 from hf_transfer.checkpoints import SafeTrainer
 from hf_transfer.data import collate
 from hf_transfer.device_resize import DeviceResize
-from hf_transfer.freezing import FreezeCallback, FreezePlan
+from hf_transfer.callbacks import FreezeCallback
+from hf_transfer.freezing import FreezePlan
 from hf_transfer.models import data_config, load_model
 from hf_transfer.recipe import parse_recipe
 

@@ -68,6 +68,7 @@ class RunFiles:
 
     def __init__(self, output_dir: str | Path):
         self.dir = Path(output_dir)
+        self.location = self.dir.resolve()  # the folder users load the model from; write_model_card may name another
         self.config = _read_json(self.dir / "config.json")
         self.results = _read_json(self.dir / "all_results.json")
         if self.config is None or self.results is None:
@@ -166,7 +167,7 @@ def build_card_data(run: RunFiles, repo_id: str | None) -> ModelCardData:
     tags += ["timm"] if run.is_timm else []
     tags += [f"freeze-{strategy}".replace("_", "-").lower()] if strategy else []
     return ModelCardData(
-        model_name=(repo_id or str(run.dir.resolve())).split("/")[-1],
+        model_name=(repo_id or str(run.location)).split("/")[-1],
         base_model=run.base_model,
         datasets=[dataset_id] if on_hub else None,
         license=run.license,
@@ -191,7 +192,7 @@ def _summary(run: RunFiles, repo_id: str | None, data: ModelCardData) -> str:
         origin = f"fine-tuned from `{run.architecture}` (its pretrained checkpoint was not recorded)"
     n_test = (results.get("split_sizes") or {}).get("test")
     scored = f" on {n_test} held-out test images" if n_test else " on the held-out test split"
-    source = repo_id or str(run.dir.resolve())
+    source = repo_id or str(run.location)
     snippet = [
         "```python", "from transformers import pipeline", "",
         f'classifier = pipeline("image-classification", model="{source}")',
@@ -283,10 +284,10 @@ def _freeze_section(run: RunFiles) -> str:
         lines += ["", f"Trainable parameters at the end: {trainable:,} of {total:,} ({trainable / total:.2%})."]
     history = plan.get("history") or []
     if len(history) > 1 or plan.get("stages"):
-        rows = [[h.get("stage"), h.get("train"), h.get("started_at_step"), f"{h.get('trainable_parameters', 0):,}"]
-                for h in history]
+        rows = [[h.get("stage"), h.get("train"), h.get("started_at_step"), h.get("reason", "—"), h.get("lr_scale", 1.0),
+                 f"{h.get('trainable_parameters', 0):,}"] for h in history]
         lines += ["", "Stages as they ran:", "",
-                  _table(["stage", "trains", "from step", "trainable parameters"], rows)]
+                  _table(["stage", "trains", "from step", "why it started", "lr scale", "trainable parameters"], rows)]
     blocks = plan.get("blocks") or []
     if blocks:
         rows = [[b.get("name"), f"{b.get('params', 0):,}", "yes" if b.get("trainable") else "no", b.get("lr"),
@@ -297,6 +298,42 @@ def _freeze_section(run: RunFiles) -> str:
     if integrity.get("frozen_unchanged") is not None:
         verdict = "bit-identical to the start" if integrity["frozen_unchanged"] else "NOT identical to the start"
         lines += ["", f"Weights that never trained were checked at step {integrity.get('at_step')}: {verdict}."]
+    return "\n".join(lines)
+
+
+def _procedure_section(run: RunFiles) -> str:
+    """How the weights were trained, read back from the objects that trained them (all_results.json)."""
+    results = run.results
+    optimizer, schedule = results.get("optimizer"), results.get("lr_scheduler")
+    lines = ["## Training procedure", ""]
+    if optimizer:
+        ignored = ("lr", "weight_decay", "foreach", "capturable", "differentiable", "maximize")  # per group, or not about the math
+        hyper = {k: v for k, v in optimizer["hyperparameters"].items() if k not in ignored}
+        decays = optimizer.get("weight_decays") or []
+        low, high = (optimizer.get("learning_rates") or [None, None])[:2] if optimizer.get("learning_rates") else (None, None)
+        rates = f"{low:.3g}" if low == high else f"{low:.3g} to {high:.3g} across blocks"
+        lines.append(f"- Optimizer: `{optimizer['class']}` ({_cell(hyper)}), {optimizer['parameter_groups']} parameter groups, "
+                     f"learning rate {rates}, weight decay {' or '.join(f'{d:g}' for d in decays) or 'as above'} "
+                     "(none on biases and norm weights).")
+    if schedule:
+        kwargs = f" with {_cell(schedule['kwargs'])}" if schedule.get("kwargs") else ""
+        unit = " (step_size in epochs)" if schedule["type"] == "step" else ""
+        lines.append(f"- Learning-rate schedule: `{schedule['type']}`{kwargs}{unit}, {schedule['warmup_steps']} warm-up step(s).")
+    stopping = results.get("early_stopping")
+    if stopping:
+        what = (f"stopped training at epoch {stopping['epoch']:g} (step {stopping['step']}): {stopping['reason']}" if stopping["stopped_early"]
+                else "was on but did not stop training")
+        lines.append(f"- Early stopping (patience {stopping['patience']}, threshold {stopping['threshold']}) {what}.")
+    published = results.get("published_weights")
+    if published and published["kind"] == "best":
+        lines.append(f"- The published weights are the best checkpoint by validation {published['metric']} "
+                     f"(`{published['checkpoint']}`, step {published['step']}, {published['metric']} {_cell(published['value'])}), "
+                     "reloaded at the end of training.")
+    elif published:
+        lines.append(f"- The published weights are those after the last training step (step {published['step']}, "
+                     f"epoch {published['epoch']:g}); no checkpoint was reloaded.")
+    if len(lines) == 2:
+        return "## Training procedure\n\nThis run recorded no optimizer, schedule or checkpoint information."
     return "\n".join(lines)
 
 
@@ -314,24 +351,22 @@ def _hyperparameters_section(run: RunFiles) -> str:
 def _results_section(run: RunFiles) -> str:
     history = training_log(run.state.get("log_history") or [])
     rows = []
+    test_by_step = {e.get("step"): e for e in history if "test_accuracy" in e}  # `eval_test_each_epoch`
     for entry in (e for e in history if "eval_loss" in e):
         train = [e["loss"] for e in history if "loss" in e and e.get("step", 0) <= entry.get("step", 0)]
+        test = test_by_step.get(entry.get("step"), {})
         rows.append([round(entry.get("epoch", 0), 2), entry.get("step"), train[-1] if train else None,
-                     entry.get("eval_loss"), entry.get("eval_accuracy"), entry.get("eval_f1")])
+                     entry.get("eval_loss"), entry.get("eval_accuracy"), entry.get("eval_f1"),
+                     *([test.get("test_accuracy"), test.get("test_f1")] if test_by_step else [])])
     results = run.results
     lines = ["## Results", "",
              _table(["test accuracy", "test macro-F1", "test loss"],
                     [[results["test_accuracy"], results["test_f1"], results.get("test_loss")]])]
     if rows:
-        lines += ["", "Per epoch (validation split):", "",
-                  _table(["epoch", "step", "training loss", "validation loss", "validation accuracy",
-                          "validation macro-F1"], rows)]
-    best = run.state.get("best_model_checkpoint")
-    if best:
-        metric = run.run.get("training", {}).get("metric_for_best_model") or "loss"
-        lines += ["", f"The published weights are the best checkpoint by validation {metric} "
-                      f"(`{Path(best).name}`, step {run.state.get('best_global_step')}, {metric} "
-                      f"{_cell(run.state.get('best_metric'))}), reloaded at the end of training."]
+        title = "Per epoch (validation split; the test columns never chose a checkpoint):" if test_by_step else "Per epoch (validation split):"
+        lines += ["", title, "",
+                  _table(["epoch", "step", "training loss", "validation loss", "validation accuracy", "validation macro-F1",
+                          *(["test accuracy", "test macro-F1"] if test_by_step else [])], rows)]
     if run.report:
         per_class = run.report["per_class"]
         lines += ["", "Per class (test split):", "",
@@ -349,14 +384,27 @@ def _compute_section(run: RunFiles) -> str:
     hardware = run.results.get("hardware") or run.run.get("hardware")
     runtime = run.results.get("train_runtime")
     epochs = run.state.get("epoch") or run.run.get("training", {}).get("num_train_epochs")
+    cache = run.results.get("feature_cache")
     lines = ["## Hardware and training time", ""]
     lines.append(f"- Hardware: {hardware}" if hardware else "- Hardware: not recorded by this run")
     if runtime is not None:
-        lines.append(f"- Training time: {_duration(runtime)}" + (f" for {epochs:g} epochs" if epochs else ""))
+        on_cache = " (the head, on cached backbone features)" if cache and "head_stage" not in cache else ""
+        lines.append(f"- Training time: {_duration(runtime)}" + (f" for {epochs:g} epochs" if epochs else "") + on_cache)
     speed = next((e["train_samples_per_second"] for e in reversed(run.state.get("log_history") or [])
                   if "train_samples_per_second" in e), None)
-    if speed:
+    if cache and "head_stage" not in cache:
+        # The head trained on cached features: Trainer's speed is of the head alone, not of the model on images.
+        extraction = [(split["images"] * split["views"], split["seconds"]) for split in cache["splits"].values() if not split["hit"]]
+        if extraction and sum(seconds for _, seconds in extraction):
+            rate = sum(images for images, _ in extraction) / sum(seconds for _, seconds in extraction)
+            lines.append(f"- Backbone feature extraction (the full model on images, once): {rate:.1f} images per second")
+        else:
+            lines.append("- Backbone features came from the feature cache of an earlier run (no extraction in this run)")
+    elif speed:
         lines.append(f"- Throughput: {speed:.1f} training images per second")
+    inference = run.results.get("test_samples_per_second")
+    if inference:
+        lines.append(f"- Inference on the test split (the full model on images): {inference:.1f} images per second")
     return "\n".join(lines)
 
 
@@ -405,13 +453,16 @@ def ensure_plots(run: RunFiles) -> None:
         plot_confusion_matrix(run.report["confusion_matrix"], run.report["labels"], run.dir / CONFUSION_PNG)
 
 
-def write_model_card(output_dir: str | Path, repo_id: str | None = None) -> ModelCard:
-    """Write `output_dir/README.md` for the run; `repo_id` (user/name) goes into the usage snippet."""
+def write_model_card(output_dir: str | Path, repo_id: str | None = None, final_dir: str | Path | None = None) -> ModelCard:
+    """Write `output_dir/README.md` for the run; `repo_id` (user/name) goes into the usage snippet, else the folder's
+    path: `final_dir` for a card written in a staging folder, to be published with the model into `final_dir`."""
     run = RunFiles(output_dir)
+    if final_dir is not None:
+        run.location = Path(final_dir).resolve()
     ensure_plots(run)
     data = build_card_data(run, repo_id)
     sections = [_summary(run, repo_id, data), _data_section(run), _preprocessing_section(run), _freeze_section(run),
-                _hyperparameters_section(run), _results_section(run), _compute_section(run),
+                _procedure_section(run), _hyperparameters_section(run), _results_section(run), _compute_section(run),
                 _limitations_section(run)]
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
     card.save(run.dir / "README.md")

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import random
+import re
 from pathlib import Path
 
 import datasets
@@ -20,8 +21,10 @@ import torch
 from accelerate.utils import DistributedType
 from transformers import PreTrainedModel, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from .errors import HFTransferError
+from .optimization import STEP, STEP_DEFAULTS, step_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -41,18 +44,78 @@ class CheckpointError(HFTransferError, RuntimeError):
     """A checkpoint that cannot be resumed from safely; the message says what to do."""
 
 
-def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest checkpoint that was fully written (a kill while saving leaves one that is not)."""
-    complete = [path for path in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if _is_complete(path)]
-    return max(complete, key=lambda path: int(path.name.rsplit("-", 1)[1]), default=None)
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    """The checkpoint folders in `output_dir`, newest first."""
+    found = [path for path in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if path.name.rsplit("-", 1)[1].isdigit()]
+    return sorted((path for path in found if path.is_dir()), key=lambda path: int(path.name.rsplit("-", 1)[1]), reverse=True)
 
 
-def _is_complete(checkpoint: Path) -> bool:
+def last_complete_checkpoint(output_dir: str | Path, processes: int | None = None) -> Path | None:
+    """The newest checkpoint holding every file a resume reads (a kill or a full disk while saving leaves one that does not)."""
+    return next((path for path in checkpoints(output_dir) if not missing_files(path, processes)), None)
+
+
+def missing_files(checkpoint: Path, processes: int | None = None) -> list[str]:
+    """The files a resume reads that `checkpoint` lacks, or holds cut short; [] for a complete checkpoint.
+
+    Each process resumes from its own RNG state: `processes` is how many will resume; None accepts any full set."""
+    present = {path.name for path in checkpoint.iterdir()} if checkpoint.is_dir() else set()
+    if (checkpoint / SAFE_WEIGHTS_INDEX_NAME).is_file():
+        try:
+            shards = sorted(set(json.loads((checkpoint / SAFE_WEIGHTS_INDEX_NAME).read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError):
+            shards = [f"{SAFE_WEIGHTS_INDEX_NAME} (unreadable)"]
+    else:
+        shards = [SAFE_WEIGHTS_NAME]
+    if processes is None:
+        ranks = sorted(int(name[len("resume_state_"):-len(".json")]) for name in present if re.fullmatch(r"resume_state_\d+\.json", name))
+        processes = ranks[-1] + 1 if ranks else 1
+    rng_states = ["resume_state"] if processes <= 1 else [f"resume_state_{rank}" for rank in range(processes)]
+    needed = [*shards, f"{OPTIMIZER}.safetensors", f"{OPTIMIZER}.json", SCHEDULER, *(f"{stem}.{suffix}" for stem in rng_states
+              for suffix in ("safetensors", "json")), TRAINER_STATE]
+    missing = []
+    for name in needed:
+        if name not in present:
+            missing.append(name)
+        elif not (_whole_safetensors if name.endswith(".safetensors") else _whole_json)(checkpoint / name):
+            missing.append(f"{name} (cut short)")
+    return missing
+
+
+def _whole_safetensors(path: Path) -> bool:
+    """The header parses and the file is as long as the header says (8-byte length, JSON header, tensor data)."""
     try:
-        json.loads((checkpoint / TRAINER_STATE).read_text())
+        with path.open("rb") as file:
+            length = int.from_bytes(file.read(8), "little")
+            header = json.loads(file.read(length))
+        end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
+        return path.stat().st_size == 8 + length + end
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return False
+
+
+def _whole_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
     except (OSError, ValueError):
         return False
-    return checkpoint.name.rsplit("-", 1)[1].isdigit()
+    return True
+
+
+def describe_incomplete(checkpoint: Path, missing: list[str], name_only: bool = False) -> str:
+    pickled = f"{OPTIMIZER}.safetensors" in missing and (checkpoint / "optimizer.pt").is_file()
+    why = " (it holds a pickled optimizer.pt: written by another Trainer, and hf-transfer never loads pickles)" if pickled else ""
+    return f"{checkpoint.name if name_only else checkpoint} lacks {', '.join(missing)}{why}"
+
+
+def no_complete_checkpoint(output_dir: str | Path, processes: int | None = None) -> str:
+    """The message for `--resume` when no checkpoint in `output_dir` can be resumed from."""
+    found = checkpoints(output_dir)
+    if not found:
+        return f"`--resume` found no checkpoint in {output_dir}. Run without `--resume` to start fresh."
+    details = "; ".join(describe_incomplete(path, missing_files(path, processes), name_only=True) for path in found[:5])
+    return (f"`--resume` found no complete checkpoint in {output_dir}: {details}. Restore the missing files, or start again "
+            "without `--resume` (and with `--overwrite`, which deletes these checkpoints).")
 
 
 class SeededAugmentation(torch.utils.data.Dataset):
@@ -94,8 +157,13 @@ def _seeded_rngs(seed: int):
 class SafeTrainer(Trainer):
     """A Trainer whose checkpoints hold only safetensors + JSON, resume exactly, and stop on NaN/inf."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, test_dataset=None, **kwargs):
         super().__init__(*args, **kwargs)
+        # Scored after every evaluation during training (`eval_test_each_epoch`); never used to choose a checkpoint.
+        self.test_dataset = test_dataset
+        self.steps_per_epoch: int | None = None
+        self.reloaded_best: str | None = None  # the checkpoint `load_best_model_at_end` reloaded, once it has
+        self._training = False
         persistent_workers = self.args.dataloader_num_workers > 0 and self.args.dataloader_persistent_workers
         # Random augmentations run in the transforms of a `datasets` split; persistent workers never see a new epoch.
         if isinstance(self.train_dataset, datasets.Dataset) and not persistent_workers:
@@ -106,10 +174,47 @@ class SafeTrainer(Trainer):
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         if resume_from_checkpoint is True:  # Trainer would take the newest checkpoint, even a half-written one
-            complete = last_complete_checkpoint(self.args.output_dir)
-            resume_from_checkpoint = str(complete) if complete else True
+            resume_from_checkpoint = str(self._newest_complete_checkpoint())
+        elif resume_from_checkpoint and (missing := missing_files(Path(resume_from_checkpoint), self.args.world_size)):
+            raise CheckpointError(f"{describe_incomplete(Path(resume_from_checkpoint), missing)}, so it cannot be resumed from. "
+                                  "Restore the missing files, or resume from another checkpoint.")
         self._pending_loss = None
-        return super().train(resume_from_checkpoint, **kwargs)
+        self._training = True
+        try:
+            return super().train(resume_from_checkpoint, **kwargs)
+        finally:
+            self._training = False
+
+    def set_initial_training_values(self, args, dataloader):
+        values = super().set_initial_training_values(args, dataloader)
+        self.steps_per_epoch = values[1]  # num_update_steps_per_epoch, for the `step` schedule
+        return values
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """Trainer's schedules, plus `step` (lr x gamma every `step_size` epochs, after the warm-up)."""
+        if self.lr_scheduler is None and self.args.lr_scheduler_type == STEP:
+            kwargs = {**STEP_DEFAULTS, **(self.args.lr_scheduler_kwargs or {})}
+            warmup = self.args.get_warmup_steps(num_training_steps)
+            self.lr_scheduler = step_schedule(optimizer or self.optimizer, warmup, self.steps_per_epoch or 1, **kwargs)
+            self._created_lr_scheduler = True  # as Trainer.create_scheduler: rebuilt if train() runs again
+        return super().create_scheduler(num_training_steps, optimizer)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        if self._training and self.test_dataset is not None and eval_dataset is None and metric_key_prefix == "eval":
+            super().evaluate(self.test_dataset, ignore_keys, metric_key_prefix="test")  # logged beside the epoch's validation
+        return metrics
+
+    def _newest_complete_checkpoint(self) -> Path:
+        processes = self.args.world_size
+        complete = last_complete_checkpoint(self.args.output_dir, processes)
+        if complete is None:
+            raise CheckpointError(no_complete_checkpoint(self.args.output_dir, processes))
+        for newer in checkpoints(self.args.output_dir):
+            if newer == complete:
+                break
+            logger.warning("%s: resuming from %s", describe_incomplete(newer, missing_files(newer, processes)), complete)
+        return complete
 
     def _run_epoch(self, model, epoch, *args, **kwargs):
         if isinstance(self.train_dataset, SeededAugmentation):
@@ -183,9 +288,12 @@ class SafeTrainer(Trainer):
     def _load_best_model(self) -> None:
         model = self.model_to_save()
         if not isinstance(model, PreTrainedModel):
-            return super()._load_best_model()
+            super()._load_best_model()
+            self.reloaded_best = self.state.best_model_checkpoint
+            return
         logger.info("Loading the best model from %s (%s).", self.state.best_model_checkpoint, self.state.best_metric)
         load_weights(model, self.state.best_model_checkpoint)
+        self.reloaded_best = self.state.best_model_checkpoint
 
     # ---- saving --------------------------------------------------------------------------------
     def _save_checkpoint(self, model, trial) -> None:
@@ -245,7 +353,7 @@ class SafeTrainer(Trainer):
         if checkpoint is None:
             return
         folder = Path(checkpoint)
-        if not (folder / f"{OPTIMIZER}.safetensors").is_file():
+        if not (folder / f"{OPTIMIZER}.safetensors").is_file() and (folder / "optimizer.pt").is_file():
             raise CheckpointError(
                 f"{folder} has no {OPTIMIZER}.safetensors: it was not written by hf-transfer, which never loads "
                 "pickled optimizer states (optimizer.pt). Start again with `--overwrite`."

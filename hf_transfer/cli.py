@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -32,13 +33,18 @@ Multi-GPU / mixed precision: accelerate launch [--multi_gpu --num_processes N] [
 
 Defaults that differ from Trainer's: {defaults}
 Every TrainingArguments option works too (--num_train_epochs, --learning_rate, --output_dir, --bf16, ...):
-see `hf-transfer train --help-all`.
+see `hf-transfer train --help-all`. The ones that shape training most:
+  --optim NAME            the optimizer, as Trainer builds it (adamw_torch, sgd, adafactor, adagrad, rmsprop, ...),
+                          over the freeze plan's per-block parameter groups; --optim_args momentum=0.9 for SGD
+  --lr_scheduler_type T   Trainer's schedules (linear, cosine, constant, ...) or `step`: lr x gamma every step_size
+                          epochs, --lr_scheduler_kwargs '{{"step_size": 2, "gamma": 0.1}}'; --warmup_steps applies to all
+  --metric_for_best_model the validation metric that chooses the best checkpoint, `at_plateau` stages and early stopping
 """
 
 
 def setup_logging(main_process: bool) -> None:
     # Our own steps at INFO; the libraries' INFO chatter (config saved, cache found...) stays quiet.
-    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.WARNING)
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.WARNING)  # no-op if configured
     logging.getLogger("hf_transfer").setLevel(logging.INFO if main_process else logging.WARNING)
     transformers.utils.logging.set_verbosity_warning()
     datasets.utils.logging.set_verbosity_warning()
@@ -52,6 +58,17 @@ def _exit_on_user_error(function, *args):
             raise
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as interrupted:  # Ctrl-C; a run's own message says how to continue (output_dir.RunInterrupted)
+        if os.environ.get("HF_TRANSFER_DEBUG"):
+            raise
+        print(f"error: {interrupted or 'interrupted'}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # End by SIGINT, as Python does on an uncaught Ctrl-C: the shell sees status 130 and also stops the script or
+        # loop that ran this command, which a plain exit code would let go on to its next command.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+        sys.exit(130)  # only if the signal has not ended the process yet
 
 
 def run_training(argv: list[str] | None = None) -> dict:

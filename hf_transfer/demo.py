@@ -9,6 +9,7 @@ import importlib.util
 import json
 import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from types import ModuleType
@@ -17,7 +18,10 @@ from typing import TYPE_CHECKING
 from datasets import ClassLabel, Dataset
 from datasets import Image as ImageFeature
 from huggingface_hub import HfApi, SpaceCard
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
+from .errors import HFTransferError
 from .images import unreadable_reason
 
 if TYPE_CHECKING:
@@ -28,7 +32,16 @@ SPACE_DIR = PACKAGE_DIR.parent / "spaces_demo"
 SPACE_FILES = ("app.py", "requirements.txt")
 # The app decodes uploads with the training's own policy; on a Space it imports it under this name.
 SHIPPED_IMAGES_MODULE = "hf_transfer_images.py"
+# ... and draws its class-activation maps with this module (hf_transfer/explain.py), likewise.
+SHIPPED_EXPLAIN_MODULE = "hf_transfer_explain.py"
+SHIPPED_MODULES = {"images.py": SHIPPED_IMAGES_MODULE, "explain.py": SHIPPED_EXPLAIN_MODULE}
 EXAMPLES_IN_SPACE = "examples"
+MODEL_HINT = ("Pass the output dir of a run (`hf-transfer train` writes config.json and model.safetensors there) "
+              "or a Hub model id (user/name).")
+
+
+class DemoError(HFTransferError):
+    """`hf-transfer demo` cannot start; the message says what to pass instead."""
 
 
 def load_app() -> ModuleType:
@@ -44,17 +57,64 @@ def load_app() -> ModuleType:
     return app
 
 
+def check_model(model: str) -> None:
+    """Refuse, before anything loads, a path that is not a model folder; a Hub id is left to the download."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise DemoError(f"'{model}' is not a model folder: it has no config.json. {MODEL_HINT}")
+        return
+    try:
+        validate_repo_id(model)
+        looks_like_repo_id = model.count("/") == 1 and not model.startswith((".", "~"))
+    except HFValidationError:
+        looks_like_repo_id = False
+    if not looks_like_repo_id:
+        raise DemoError(f"The model folder '{model}' does not exist. {MODEL_HINT}")
+
+
+def check_port(port: int | None) -> None:
+    """Refuse a busy --port before the model loads (Gradio binds 127.0.0.1 with SO_REUSEADDR the same way)."""
+    if port is None:
+        return
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            raise DemoError(_busy_port_message(port)) from None
+
+
+def _busy_port_message(port: int | None) -> str:
+    if port is None:  # Gradio tries 7860 and the next 99 ports
+        return "No free port between 7860 and 7959 on 127.0.0.1. Pick a free one with --port N."
+    return (f"Port {port} on 127.0.0.1 is in use. Stop the program that holds it, or pick another port with "
+            "--port N (without --port the demo takes the first free port from 7860).")
+
+
 def start_demo(model: str, *, examples_dir: Path | None = None, port: int | None = None, top_k: int = 5) -> gr.Blocks:
     """Serve the demo of `model` (output dir or Hub repo id) on 127.0.0.1 without blocking; close() stops it.
 
     Without examples_dir, an output dir's examples are a few images of the test split its run was scored on.
     """
+    check_model(model)
+    check_port(port)
     app = load_app()
     with tempfile.TemporaryDirectory(prefix="hf_transfer_examples_") as scratch:
         if examples_dir is None and Path(model).is_dir():
             examples_dir = examples_from_run(Path(model), Path(scratch))
-        demo = app.build_demo(model, examples_dir=examples_dir, top_k=top_k)  # copies the examples away
-    app.launch(demo, host="127.0.0.1", port=port, block=False)
+        try:
+            demo = app.build_demo(model, examples_dir=examples_dir, top_k=top_k)  # copies the examples away
+        except OSError as error:  # transformers: not on the Hub, the Hub unreachable, or offline and not cached
+            if Path(model).exists():
+                raise
+            raise DemoError(f"Cannot load the model '{model}': there is no such folder here, and it could not be "
+                            f"loaded from the Hub ({str(error).splitlines()[0]}). {MODEL_HINT}") from None
+    try:
+        app.launch(demo, host="127.0.0.1", port=port, block=False)
+    except OSError:  # Gradio found no free port: taken since check_port, or all of 7860-7959
+        demo.close()
+        raise DemoError(_busy_port_message(port)) from None
     return demo
 
 
@@ -116,11 +176,13 @@ def save_examples(split: Dataset, dest: Path, *, image_column: str, label_column
 
 
 def stage_space(dest: Path, model_repo_id: str, examples_dir: Path | None = None) -> Path:
-    """Lay out the Space in dest: app files, the image decoding module, README pinned to model_repo_id, examples."""
+    """Lay out the Space in dest: app files, the image decoding and explanation modules, README pinned to
+    model_repo_id, examples."""
     dest.mkdir(parents=True, exist_ok=True)
     for name in SPACE_FILES:
         shutil.copy2(SPACE_DIR / name, dest / name)
-    shutil.copy2(PACKAGE_DIR / "images.py", dest / SHIPPED_IMAGES_MODULE)
+    for module, shipped_as in SHIPPED_MODULES.items():
+        shutil.copy2(PACKAGE_DIR / module, dest / shipped_as)
     card = SpaceCard.load(SPACE_DIR / "README.md")
     # `models:` is what app.py serves by default; it also links the Space from the model page.
     card.data.models = [model_repo_id]

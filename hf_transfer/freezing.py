@@ -10,18 +10,17 @@ import fnmatch
 import hashlib
 import json
 import logging
-import math
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import timm.models
 import torch
-import yaml
 from torch import nn
-from transformers import PreTrainedModel, TimmWrapperForImageClassification, TrainerCallback
+from transformers import PreTrainedModel, TimmWrapperForImageClassification
 
 from .errors import HFTransferError
+from .recipe_yaml import load_recipe_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +55,11 @@ class FreezeArguments:
     )
     stages: str | None = field(
         default=None,
-        metadata={"help": "For `staged`: a YAML list such as `[{at_epoch: 0, train: head}, {at_epoch: 1, train: 'last_n:2'}, {at_epoch: 2, train: all}]` (or `at_step`)."},
+        metadata={"help": (
+            "For `staged`: a YAML list such as `[{at_epoch: 0, train: head}, {at_plateau: 2, train: 'last_n:2', lr_scale: 0.1}]`. "
+            "Each stage starts `at_epoch` or `at_step` (fixed), or `at_plateau: k` (once `metric_for_best_model` has not improved "
+            "for k evaluations); `lr_scale` multiplies every learning rate from that stage on."
+        )},
     )
     batchnorm: str = field(
         default="frozen",
@@ -74,7 +77,7 @@ class FreezeArguments:
                 if key == "freeze" or getattr(self, key) == defaults[key]:  # what the user set wins
                     setattr(self, key, value)
         if isinstance(self.stages, str):
-            self.stages = yaml.safe_load(self.stages)
+            self.stages = load_recipe_yaml(self.stages, "`stages`")  # no duplicate keys or alias bombs, as in a recipe file
         for key in ("train_patterns", "freeze_patterns"):
             if isinstance(getattr(self, key), str):  # `patterns: {train: "*.blocks.5.*"}` in YAML
                 setattr(self, key, [getattr(self, key)])
@@ -88,6 +91,10 @@ class FreezeArguments:
             _check_target(self.freeze, where="`freeze`")
         if self.batchnorm not in BATCHNORM_MODES:
             raise ValueError(f"`batchnorm` must be one of {', '.join(BATCHNORM_MODES)}, not '{self.batchnorm}'.")
+        for key in ("train_patterns", "freeze_patterns"):
+            patterns = getattr(self, key)
+            if patterns is not None and not (isinstance(patterns, list) and all(isinstance(pattern, str) for pattern in patterns)):
+                raise ValueError(f"`{key}` must be a list of globs over parameter names, e.g. ['*.blocks.5.*'], not {patterns!r}.")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             raise ValueError(f"`layer_decay` must be in (0, 1] (e.g. 0.7: each block deeper from the head learns 0.7x as fast), not {self.layer_decay}.")
         if self.strategy == "staged":
@@ -129,24 +136,42 @@ def _check_target(target, where: str) -> None:
         )
 
 
+STAGE_STARTS = ("at_epoch", "at_step", "at_plateau")
+STAGE_KEYS = (*STAGE_STARTS, "train", "lr_scale")
+
+
 def _check_stages(stages) -> None:
-    example = "e.g. [{at_epoch: 0, train: head}, {at_epoch: 1, train: 'last_n:2'}, {at_epoch: 2, train: all}]"
+    example = "e.g. [{at_epoch: 0, train: head}, {at_epoch: 1, train: 'last_n:2'}, {at_plateau: 2, train: all, lr_scale: 0.1}]"
     if not isinstance(stages, list) or not stages or not all(isinstance(stage, dict) for stage in stages):
-        raise ValueError(f"`freeze: staged` needs `stages`, a list of {{at_epoch|at_step, train}} mappings, {example}.")
-    units = set()
+        raise ValueError(f"`freeze: staged` needs `stages`, a list of {{at_epoch|at_step|at_plateau, train, lr_scale}} mappings, {example}.")
     for index, stage in enumerate(stages):
-        unit = [key for key in ("at_epoch", "at_step") if key in stage]
-        if set(stage) - {"at_epoch", "at_step", "train"} or "train" not in stage or len(unit) != 1:
-            raise ValueError(f"Stage {index} is {stage}: a stage needs `train` and one of `at_epoch` / `at_step`, {example}.")
-        units.add(unit[0])
-        start = stage[unit[0]]
+        unknown = sorted(set(stage) - set(STAGE_KEYS))
+        if unknown:
+            raise ValueError(f"Stage {index} has unknown key(s) {unknown}: a stage takes {', '.join(STAGE_KEYS)}, {example}.")
+        starts = [key for key in STAGE_STARTS if key in stage]
+        if "train" not in stage or len(starts) != 1:
+            raise ValueError(f"Stage {index} is {stage}: a stage needs `train` and exactly one of {', '.join(STAGE_STARTS)}, {example}.")
+        start = stage[starts[0]]
         if isinstance(start, bool) or not isinstance(start, (int, float)) or start < 0:
-            raise ValueError(f"Stage {index}: `{unit[0]}` must be a number >= 0, not {start!r}.")
+            raise ValueError(f"Stage {index}: `{starts[0]}` must be a number >= 0, not {start!r}.")
+        if starts[0] == "at_plateau" and (index == 0 or not isinstance(start, int) or start < 1):
+            raise ValueError(
+                f"Stage {index}: `at_plateau: {start}` "
+                + ("cannot start the first stage (it says what trains from the start)." if index == 0 else
+                   "is a patience: the whole number of evaluations without improvement of `metric_for_best_model`, >= 1.")
+            )
+        scale = stage.get("lr_scale", 1.0)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0:
+            raise ValueError(f"Stage {index}: `lr_scale` multiplies every learning rate from that stage on; it must be > 0, not {scale!r}.")
         _check_target(stage["train"], where=f"Stage {index}'s `train`")
+    fixed = [stage for stage in stages if "at_plateau" not in stage]
+    units = {key for stage in fixed for key in ("at_epoch", "at_step") if key in stage}
     if len(units) > 1:
-        raise ValueError("Use `at_epoch` in every stage or `at_step` in every stage, not both.")
+        raise ValueError("Use `at_epoch` in every stage or `at_step` in every stage, not both (`at_plateau` mixes with either).")
     unit = units.pop()
-    starts = [stage[unit] for stage in stages]
+    if any("at_plateau" in earlier and "at_plateau" not in later for earlier, later in zip(stages, stages[1:])):
+        raise ValueError("A stage that starts `at_plateau` can only be followed by more `at_plateau` stages: when it starts is known only during the run.")
+    starts = [stage[unit] for stage in fixed]
     if starts[0] != 0:
         raise ValueError(f"The first stage must start at 0 (it says what trains from the start), not {starts[0]}.")
     if any(later <= earlier for earlier, later in zip(starts, starts[1:])):
@@ -309,8 +334,13 @@ class FreezePlan:
         depth = len(self.blocks) - 1  # of the stem, counted from the head
         self.layer_decay = args.decay_for(depth)
         self.block_lr = [learning_rate * (self.layer_decay or 1.0) ** (depth - index) for index in range(len(self.blocks))]
-        self.stage_starts: list[int] | None = None
+        self.lr_scales = [float(stage.get("lr_scale", 1.0)) for stage in self.stages]
+        self.stage_starts: list[int | None] | None = None
         self.stage_index: int | None = None
+        # A stage waiting for a plateau: the best metric and the evaluations without improvement since its predecessor began.
+        self.plateau = {"best": None, "evaluations": 0}
+        self.reasons: dict[int, str] = {}
+        self._applied_scale = 1.0
         # With a single process nobody needs the waiting blocks' zero gradients: skip their backward pass.
         self.skip_waiting_backward = False
         self.history: list[dict] = []
@@ -390,17 +420,50 @@ class FreezePlan:
 
     # --- stage changes -----------------------------------------------------------------------
     def set_steps_per_epoch(self, steps_per_epoch: int, max_steps: int) -> None:
-        """Turn `at_epoch` into optimizer steps; warn about stages the run never reaches."""
-        self.stage_starts = [
-            stage["at_step"] if "at_step" in stage else round(stage["at_epoch"] * steps_per_epoch) for stage in self.stages
-        ]
+        """Turn `at_epoch` into optimizer steps; warn about stages the run never reaches. `at_plateau` stages stay
+        undecided (None) until `observe` sees the plateau, unless a resumed run already decided them."""
+        decided = dict(enumerate(self.stage_starts or []))
+        self.stage_starts = []
+        for index, stage in enumerate(self.stages):
+            if "at_plateau" in stage:
+                self.stage_starts.append(decided.get(index))
+            else:
+                self.stage_starts.append(stage["at_step"] if "at_step" in stage else round(stage["at_epoch"] * steps_per_epoch))
+                self.reasons[index] = f"at_{'step' if 'at_step' in stage else 'epoch'} {stage.get('at_step', stage.get('at_epoch'))}"
         for index, start in enumerate(self.stage_starts):
-            if start >= max_steps > 0:
+            if start is not None and start >= max_steps > 0:
                 logger.warning("Stage %d (%s) starts at step %d but training ends at step %d: it never runs.",
                                index, self.stages[index]["train"], start, max_steps)
 
     def stage_for_step(self, step: int) -> int:
-        return max(index for index, start in enumerate(self.stage_starts) if step >= start)
+        return max(index for index, start in enumerate(self.stage_starts) if start is not None and step >= start)
+
+    @property
+    def waits_for_plateau(self) -> bool:
+        """True while the next stage starts at a plateau that has not come yet."""
+        following = (self.stage_index or 0) + 1
+        return following < len(self.stages) and self.stage_starts[following] is None
+
+    @property
+    def in_last_stage(self) -> bool:
+        return self.stage_index == len(self.stages) - 1
+
+    def observe(self, metric: str, value: float, greater_is_better: bool, step: int) -> None:
+        """An evaluation of `metric_for_best_model`: start the next `at_plateau` stage once it has not improved
+        for that many evaluations of the current stage. Every rank sees the same gathered metrics, so all decide alike."""
+        if not self.waits_for_plateau:
+            return
+        following = self.stage_index + 1
+        best = self.plateau["best"]
+        if best is None or (value > best if greater_is_better else value < best):
+            self.plateau = {"best": value, "evaluations": 0}
+            return
+        self.plateau["evaluations"] += 1
+        patience = self.stages[following]["at_plateau"]
+        if self.plateau["evaluations"] >= patience:
+            self.stage_starts[following] = step
+            self.reasons[following] = (f"at_plateau {patience}: validation {metric} did not improve on {best:.4g} "
+                                       f"for {patience} evaluation(s)")
 
     def enter_stage(self, index: int, step: int) -> None:
         """Make stage `index` the one in force from optimizer step `step` on; print and record the plan."""
@@ -408,12 +471,34 @@ class FreezePlan:
             return
         self._activate(index)
         self.stage_index = index
+        self.plateau = {"best": None, "evaluations": 0}
         declared = {key: value for key, value in self.stages[index].items() if key != "train"}
         self.history.append({
             "stage": index, "train": self.stages[index]["train"], **declared, "started_at_step": step,
+            "reason": self.reasons.get(index, "start"), "lr_scale": self.lr_scales[index],
             "trainable_parameters": self.trainable_parameters(), "blocks": self.table(),
         })
-        logger.info("Freeze plan, stage %d (train %s) from step %d:\n%s", index, self.stages[index]["train"], step, self.render())
+        logger.info("Freeze plan, stage %d (train %s, %s) from step %d:\n%s",
+                    index, self.stages[index]["train"], self.reasons.get(index, "start"), step, self.render())
+
+    def scale_learning_rates(self, optimizer, scheduler) -> None:
+        """Multiply every group's rate by the current stage's `lr_scale`, on top of the schedule and layer decay.
+
+        transformers' schedules are LambdaLRs (lr = base_lr x factor(step)): scaling their base rates composes with them
+        and is saved with the scheduler, so a resumed run continues at the scaled rate. Others (ReduceLROnPlateau) get
+        their current rates scaled once per stage change.
+        """
+        scale = self.lr_scales[self.stage_index]
+        optimizer = getattr(optimizer, "optimizer", optimizer)
+        scheduler = getattr(scheduler, "scheduler", scheduler)  # accelerate's AcceleratedScheduler
+        if hasattr(scheduler, "lr_lambdas"):
+            scheduler.base_lrs = [group["initial_lr"] * scale for group in optimizer.param_groups]
+            for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                group["lr"] = base * factor(scheduler.last_epoch)
+        elif scale != self._applied_scale:
+            for group in optimizer.param_groups:
+                group["lr"] *= scale / self._applied_scale
+        self._applied_scale = scale
 
     def _activate(self, index: int) -> None:
         self.active = self.stage_sets[index]
@@ -474,7 +559,7 @@ class FreezePlan:
                 "params": sum(self.parameters[n].numel() for n in block.parameter_names),
                 "trainable": trained > 0,
                 "trainable_params": trained,
-                "lr": lr if trained else 0.0,
+                "lr": lr * self.lr_scales[self.stage_index or 0] if trained else 0.0,
                 "batchnorm": modes.pop() if len(modes) == 1 else ("mixed" if modes else "-"),
             })
         return rows
@@ -544,32 +629,3 @@ def checksum(tensors: dict[str, torch.Tensor]) -> str:
         digest.update(name.encode())
         digest.update(tensors[name].detach().reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
     return digest.hexdigest()
-
-
-class FreezeCallback(TrainerCallback):
-    """Moves the plan through its stages at the declared epoch or step (also after `--resume`)."""
-
-    def __init__(self, plan: FreezePlan):
-        self.plan = plan
-
-    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
-        # Under DDP every rank's reducer expects a gradient for every parameter it registered, every step.
-        if args.world_size == 1:
-            self.plan.use_one_process()
-        batches = len(train_dataloader) if train_dataloader is not None else None
-        # Trainer's own count of optimizer steps per epoch (a last partial accumulation still steps).
-        steps_per_epoch = math.ceil(batches / args.gradient_accumulation_steps) if batches else state.max_steps
-        self.plan.set_steps_per_epoch(max(steps_per_epoch, 1), state.max_steps)
-        self._sync(state)
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._sync(state)
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.plan.drop_waiting_gradients()
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        self.plan.verify(state.global_step)
-
-    def _sync(self, state):
-        self.plan.enter_stage(self.plan.stage_for_step(state.global_step), step=state.global_step)

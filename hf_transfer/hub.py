@@ -5,14 +5,24 @@ Uses huggingface_hub's HfApi; the token comes from `token=`, HF_TOKEN or `hf aut
 
 from __future__ import annotations
 
+import importlib
 import logging
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from huggingface_hub import HfApi, constants, get_token, snapshot_download
-from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
-from huggingface_hub.utils import filter_repo_objects
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
 from .card import write_model_card
 from .errors import HFTransferError
@@ -31,6 +41,43 @@ class HubError(HFTransferError, RuntimeError):
 
 class VerificationError(HubError):
     """The model downloaded from the Hub does not predict like the local one."""
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """The errors of a request that never got an answer: huggingface_hub 1.x sends with httpx, 2.x with httpx2."""
+    errors = []
+    for module in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(module).TransportError)
+        except ImportError:
+            pass
+    return tuple(errors)
+
+
+@contextmanager
+def reaching_hub() -> Iterator[None]:
+    """Turn "no answer from the Hub" (offline mode, a refused connection, a timeout) into a HubError."""
+    try:
+        yield
+    except OfflineModeIsEnabled:
+        raise HubError("HF_HUB_OFFLINE is set, so the Hub cannot be reached. Unset it (`unset HF_HUB_OFFLINE`) "
+                       "and push again.") from None
+    except _transport_errors() as error:
+        raise HubError(f"Cannot reach the Hugging Face Hub at {constants.ENDPOINT} ({type(error).__name__}: "
+                       f"{error}). Check your network connection, or HF_ENDPOINT if you set it, then try again.") from None
+
+
+def check_repo_id(repo_id: str, repo_type: str = "model") -> None:
+    """Refuse an id the Hub would refuse, before anything is sent."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise HubError(f"'{repo_id}' is not a valid {repo_type} repo id. Use `<user or org>/<name>` "
+                       "(e.g. `your-username/lite0-cats-vs-dogs`): letters, digits, '-', '_' and '.', no spaces, "
+                       "one '/'.") from None
+    if repo_id.count("/") != 1:
+        raise HubError(f"Give the full repo id, `<user or org>/<name>` (e.g. `your-username/{repo_id}`), "
+                       f"not '{repo_id}'.")
 
 
 def _files_to_upload(folder: Path) -> list[Path]:
@@ -73,9 +120,7 @@ def push_to_hub(output_dir: str | Path, repo_id: str, private: bool = False, rev
     The repo is created if needed (`private` applies only then); `revision` is a branch, created from main
     if missing. The model card is re-written with the real repo id before the upload.
     """
-    if repo_id.count("/") != 1:
-        raise HubError(f"Give the full repo id, `<user or org>/<name>` (e.g. `your-username/{repo_id}`), "
-                       f"not '{repo_id}'.")
+    check_repo_id(repo_id)
     folder = Path(output_dir)
     files = _check_output_dir(folder)
     token = token or get_token()
@@ -115,6 +160,9 @@ def download_model(repo_id: str, revision: str | None = None, cache_dir: str | P
                        "Use a branch, tag or commit it has (default: main).") from None
     except RepositoryNotFoundError:
         raise HubError(_missing_repo_message(repo_id, revision)) from None
+    except LocalEntryNotFoundError:  # no answer from the Hub, and nothing in the cache
+        raise HubError(f"Cannot download '{repo_id}': the Hugging Face Hub at {constants.ENDPOINT} did not answer. "
+                       "Check your network connection, or HF_ENDPOINT and HF_HUB_OFFLINE if you set them.") from None
 
 
 @dataclass
@@ -192,9 +240,13 @@ def share(output_dir: str | Path, repo_id: str, *, private: bool = False, revisi
     """`hf-transfer push` and `push_to_hub: true`: upload, check the Hub copy on held-out images, add a Space."""
     from .demo import examples_from_run, push_space  # the demo pulls in gradio; only needed here
 
+    check_repo_id(repo_id)
+    if space:
+        check_repo_id(space, "Space")
     output_dir = Path(output_dir)
-    print(f"Pushed {output_dir} -> {push_to_hub(output_dir, repo_id, private, revision, commit_message)}")
-    with tempfile.TemporaryDirectory(prefix="hf_transfer_examples_") as scratch:
+    with reaching_hub():
+        print(f"Pushed {output_dir} -> {push_to_hub(output_dir, repo_id, private, revision, commit_message)}")
+    with reaching_hub(), tempfile.TemporaryDirectory(prefix="hf_transfer_examples_") as scratch:
         examples = examples_from_run(output_dir, Path(scratch))
         if verify and examples is None:
             print("Not verified: no held-out images of this run could be found (--no-verify silences this).")

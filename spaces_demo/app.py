@@ -1,16 +1,20 @@
 """Gradio demo of an image classifier fine-tuned with hf_transfer, run locally or as a Hugging Face Space.
 
 A Space installs requirements.txt only, never hf_transfer: besides those packages this file needs just
-hf_transfer/images.py, which `hf-transfer push --space` ships next to it as hf_transfer_images.py.
+hf_transfer/images.py and hf_transfer/explain.py, which `hf-transfer push --space` ships next to it as
+hf_transfer_images.py and hf_transfer_explain.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import io
 import json
 import os
-from pathlib import Path
+import stat
+from pathlib import Path, PurePath
 
 import gradio as gr
 from huggingface_hub import ModelCard, ModelCardData, SpaceCard, hf_hub_download
@@ -23,13 +27,28 @@ try:
     from hf_transfer.images import UnreadableImageError, load_image
 except ModuleNotFoundError:  # on a Space: `hf-transfer push --space` ships hf_transfer/images.py under this name
     from hf_transfer_images import UnreadableImageError, load_image
+# Class-activation maps (Grad-CAM) of the pipeline's own model and preprocessing.
+try:
+    from hf_transfer.explain import Explainer, display_size, overlay
+except ModuleNotFoundError as missing:
+    if not (missing.name or "").startswith("hf_transfer"):  # grad-cam itself missing: say so, not "no hf_transfer_explain"
+        raise
+    from hf_transfer_explain import Explainer, display_size, overlay
 
 APP_DIR = Path(__file__).resolve().parent
 MODEL_ENV = "HF_TRANSFER_MODEL"
 EXAMPLES_ENV = "HF_TRANSFER_EXAMPLES"
 MAX_IMAGE_BYTES = 10 * 1024 * 1024
+# One answer for every path a request names that Gradio did not store for it, so a caller learns nothing about the
+# server's files: not whether one exists, nor its size or content.
+NOT_UPLOADED_MESSAGE = "Only images uploaded to this page can be classified. Upload the image again."
 MAX_IMAGE_PIXELS = 40_000_000
 MAX_EXAMPLES = 12
+# The map is drawn on a copy of the upload this large at most: about twice the width of its column on a laptop screen,
+# and a 40-megapixel upload would otherwise come back as a PNG of tens of MB.
+MAX_MAP_SIDE = 768
+# classify and explain share one model, and explain hooks its layers for Grad-CAM while it runs: one event at a time.
+MODEL_QUEUE = "model"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"}
 
 
@@ -121,12 +140,99 @@ def _header_size(data: bytes) -> tuple[int, int]:
         return 0, 0
 
 
-def read_upload(path: Path) -> Image.Image:
-    """Decode an uploaded file into an RGB image, enforcing the size limits on the server."""
-    size = path.stat().st_size
-    if size > MAX_IMAGE_BYTES:
-        raise _bad_input(f"The file is {size / 2**20:.1f} MB; the limit is {MAX_IMAGE_BYTES // 2**20} MB.")
-    data = path.read_bytes()
+def _too_big(size_mb: float) -> gr.Error:
+    return _bad_input(f"The file is {size_mb:.1f} MB; the limit is {MAX_IMAGE_BYTES // 2**20} MB.")
+
+
+def _relative_parts(path: object, upload_dir: str | Path) -> tuple[str, ...] | None:
+    """The names leading from upload_dir to `path` (absolute, lexically inside it, no `..`); None otherwise."""
+    if not isinstance(path, str) or "\0" in path or not os.path.isabs(path):
+        return None
+    parts = PurePath(path).parts
+    if ".." in parts:
+        return None
+    for root in {os.path.abspath(upload_dir), os.path.realpath(upload_dir)}:  # as configured, or resolved
+        root_parts = PurePath(root).parts
+        if parts[:len(root_parts)] == root_parts and len(parts) > len(root_parts):
+            return parts[len(root_parts):]
+    return None
+
+
+def _open_regular_file(upload_dir: str | Path, parts: tuple[str, ...]) -> int:
+    """A read-only descriptor of upload_dir/parts, reached without following any link; OSError unless it is a
+    regular file. Devices and FIFOs are never opened (opening a FIFO waits for a writer, stalling the queue)."""
+    if os.open not in os.supports_dir_fd:  # Windows: no openat(); check every step with lstat, then open
+        current = Path(upload_dir)
+        for name in parts:
+            current = current / name
+            if stat.S_ISLNK(os.lstat(current).st_mode):
+                raise OSError(f"{current} is a link")
+        if not stat.S_ISREG(os.lstat(current).st_mode):
+            raise OSError(f"{current} is not a regular file")
+        return os.open(current, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    no_follow = os.O_NOFOLLOW | os.O_CLOEXEC
+    folder = os.open(upload_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # the cache itself: trusted config
+    try:
+        for name in parts[:-1]:
+            inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY | no_follow, dir_fd=folder)
+            os.close(folder)
+            folder = inner
+        if not stat.S_ISREG(os.stat(parts[-1], dir_fd=folder, follow_symlinks=False).st_mode):
+            raise OSError(f"{parts[-1]} is not a regular file")
+        # O_NONBLOCK: should the name become a FIFO after the check, open() still returns at once.
+        return os.open(parts[-1], os.O_RDONLY | os.O_NONBLOCK | no_follow, dir_fd=folder)
+    finally:
+        os.close(folder)
+
+
+def read_uploaded_file(path: object, upload_dir: str | Path) -> bytes:
+    """The bytes of a file Gradio stored under upload_dir, at most MAX_IMAGE_BYTES of them.
+
+    Any other path (elsewhere, a link, a folder, a FIFO or device, a missing file) gets NOT_UPLOADED_MESSAGE.
+    """
+    parts = _relative_parts(path, upload_dir)
+    try:
+        if parts is None:
+            raise OSError("not inside the upload folder")
+        descriptor = _open_regular_file(upload_dir, parts)
+    except OSError:
+        raise _bad_input(NOT_UPLOADED_MESSAGE) from None
+    try:
+        info = os.fstat(descriptor)
+        if not stat.S_ISREG(info.st_mode):  # replaced between the check and the open
+            raise _bad_input(NOT_UPLOADED_MESSAGE)
+        if info.st_size > MAX_IMAGE_BYTES:
+            raise _too_big(info.st_size / 2**20)
+        chunks, left = [], MAX_IMAGE_BYTES + 1  # bounded even if the file grows while it is read
+        while left > 0 and (chunk := os.read(descriptor, min(left, 2**20))):
+            chunks.append(chunk)
+            left -= len(chunk)
+    finally:
+        os.close(descriptor)
+    data = b"".join(chunks)
+    if len(data) > MAX_IMAGE_BYTES:
+        raise _too_big(len(data) / 2**20)
+    return data
+
+
+def _data_url_bytes(url: str) -> bytes:
+    """The image of a `data:image/...;base64,...` URL, decoded only when it fits the size limit."""
+    header, _, encoded = url.partition(",")
+    if not header.startswith("data:image/") or not header.endswith(";base64"):
+        raise _bad_input("Image data must be a base64 `data:image/...` URL.")
+    if len(encoded) * 3 // 4 > MAX_IMAGE_BYTES + 2:  # 4 base64 characters per 3 bytes, up to 2 of padding
+        raise _too_big(len(encoded) * 3 / 4 / 2**20)
+    try:
+        data = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise _bad_input("This image data is not valid base64.") from None
+    if len(data) > MAX_IMAGE_BYTES:
+        raise _too_big(len(data) / 2**20)
+    return data
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Decode an uploaded file's bytes into an RGB image, enforcing the pixel limit before decoding."""
     width, height = _header_size(data)
     if width * height > MAX_IMAGE_PIXELS:
         raise _bad_input(f"The image is {width}×{height} pixels ({width * height / 1e6:.1f} megapixels); "
@@ -137,20 +243,42 @@ def read_upload(path: Path) -> Image.Image:
         raise _bad_input(f"This file cannot be used as an image: {error.reason}.") from None
 
 
+def read_upload(upload: object, upload_dir: str | Path) -> Image.Image:
+    """The image of one classify request: a file Gradio stored under upload_dir for it, or a data URL.
+
+    The payload comes raw (preprocess=False) and a caller can put any path in it, so nothing outside
+    upload_dir is ever opened.
+    """
+    if not isinstance(upload, dict) or not (upload.get("path") or upload.get("url")):
+        raise _bad_input("Please upload an image first.")
+    if not upload.get("path") and isinstance(upload["url"], str) and upload["url"].startswith("data:"):
+        return decode_image(_data_url_bytes(upload["url"]))
+    return decode_image(read_uploaded_file(upload.get("path"), upload_dir))
+
+
 def build_demo(model_ref: str, examples_dir: Path | None = None, top_k: int = 5) -> gr.Blocks:
-    """The page: upload, top-k labels with confidences, examples, and the model card summary.
+    """The page: upload, top-k labels with confidences, on request a map of where the model looked, examples,
+    and the model card summary.
 
     Gradio copies the example images into its cache here: examples_dir is not needed afterwards.
     """
     classifier = pipeline("image-classification", model=model_ref, device="cpu")
+    explainer = Explainer.from_pipeline(classifier)  # nothing runs until the first explanation
     label_names = list(classifier.model.config.id2label.values())
 
     def classify(upload: dict | None) -> dict[str, float]:
-        # Raw upload payload (preprocess=False): this app decodes the file itself, with limits.
-        if not upload or not upload.get("path"):
-            raise _bad_input("Please upload an image first.")
-        predictions = classifier(read_upload(Path(upload["path"])), top_k=top_k)
+        # Raw upload payload (preprocess=False): this app checks and decodes the file itself, with limits.
+        # Uploads and the examples' copies both live in the image component's cache (Gradio's upload folder).
+        predictions = classifier(read_upload(upload, image.GRADIO_CACHE), top_k=top_k)
         return {p["label"]: p["score"] for p in predictions}
+
+    def explain(upload: dict | None) -> gr.Image:
+        """The upload with the Grad-CAM map of its top class drawn over it; the same checks as classify."""
+        picture = read_upload(upload, image.GRADIO_CACHE)
+        shown = picture.resize(display_size(picture.size, MAX_MAP_SIDE), Image.Resampling.BILINEAR)
+        result = explainer.explain(picture, size=shown.size)  # computed on the full upload, drawn at the shown size
+        return gr.Image(value=overlay(shown, result.heatmap),
+                        label=f"Where the model looked for '{result.label}' ({result.score:.0%}), Grad-CAM")
 
     model_name = Path(model_ref).name if Path(model_ref).is_dir() else model_ref
     with gr.Blocks(title=f"{model_name} · image classifier", analytics_enabled=False) as demo:
@@ -162,19 +290,27 @@ def build_demo(model_ref: str, examples_dir: Path | None = None, top_k: int = 5)
                 with gr.Row():
                     clear = gr.ClearButton(value="Clear", elem_id="clear-button")
                     submit = gr.Button("Classify", variant="primary", elem_id="classify-button")
-            label = gr.Label(num_top_classes=top_k, label="Prediction")
-        clear.add([image, label])
+                    explain_button = gr.Button("Where did it look?", elem_id="explain-button")
+            with gr.Column():
+                label = gr.Label(num_top_classes=top_k, label="Prediction")
+                explanation = gr.Image(label="Where the model looked (Grad-CAM of the top class)", format="png",
+                                       interactive=False, elem_id="explanation")
+        clear.add([image, label, explanation])
         gr.Markdown(
             f"Any image Pillow can read, up to {MAX_IMAGE_BYTES // 2**20} MB and "
             f"{MAX_IMAGE_PIXELS / 1e6:.0f} megapixels. Runs on CPU."
         )
-        submit.click(classify, inputs=image, outputs=label, preprocess=False, api_name="classify")
+        submit.click(classify, inputs=image, outputs=label, preprocess=False, api_name="classify", concurrency_id=MODEL_QUEUE)
+        # A separate event: the plain prediction does not wait for a backward pass it did not ask for.
+        explain_button.click(explain, inputs=image, outputs=explanation, preprocess=False, api_name="explain",
+                             concurrency_id=MODEL_QUEUE)
+        image.change(None, outputs=explanation, js="() => null")  # in the browser: a new image hides the old map
         examples = example_images(examples_dir)
         if examples:
             gallery = gr.Examples(examples, inputs=image, label="Examples from the test split")
             # A click on an example classifies it at once, through the same raw-payload path as an upload.
             gallery.load_input_event.then(classify, inputs=image, outputs=label, preprocess=False,
-                                          api_visibility="undocumented")
+                                          api_visibility="undocumented", concurrency_id=MODEL_QUEUE)
     return demo
 
 

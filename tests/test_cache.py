@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from transformers import pipeline
 
 from hf_transfer import finetune
-from hf_transfer.cache import KEY_FILE, load, weights_digest
+from hf_transfer.feature_store import KEY_FILE, load, weights_digest
 
 TINY = dict(
     dataset=str(SAMPLE), model="test_convnext", pretrained=False, validation_size=16, max_train_samples=32,

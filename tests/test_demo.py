@@ -4,6 +4,7 @@ pushed to a local Hub that then runs from its own files, with no hf_transfer ins
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -40,7 +41,7 @@ def test_every_unreadable_file_gets_a_message_naming_the_problem(app, tmp_path):
     cases = [case for case in build_corpus(tmp_path) if case.kind == "unreadable"]
     for case in cases:
         with pytest.raises(gr.Error) as error:
-            app.read_upload(tmp_path / case.filename)
+            app.read_upload({"path": str(tmp_path / case.filename)}, tmp_path)
         # A bomb whose header Pillow still parses hits the app's own, lower pixel limit first.
         expected = [case.reason] + (["the limit is 40 megapixels"] if case.reason == "decompression bomb" else [])
         assert any(phrase in error.value.message for phrase in expected), (case.filename, error.value.message)
@@ -49,7 +50,7 @@ def test_every_unreadable_file_gets_a_message_naming_the_problem(app, tmp_path):
 def test_readable_files_decode_to_rgb(app, tmp_path):
     cases = [case for case in build_corpus(tmp_path) if case.kind == "readable"]
     for case in cases:
-        image = app.read_upload(tmp_path / case.filename)
+        image = app.read_upload({"path": str(tmp_path / case.filename)}, tmp_path)
         assert image.mode == "RGB" and image.size == case.expected.shape[1::-1], case.filename
 
 
@@ -57,7 +58,7 @@ def test_size_limits_are_enforced_on_the_server(app, tmp_path):
     too_big = tmp_path / "big.jpg"
     too_big.write_bytes(CAT.read_bytes() + bytes(app.MAX_IMAGE_BYTES))  # a valid JPEG with padding after it
     with pytest.raises(gr.Error) as error:
-        app.read_upload(too_big)
+        app.read_upload({"path": str(too_big)}, tmp_path)
     assert f"limit is {app.MAX_IMAGE_BYTES // 2**20} MB" in error.value.message
 
     width = 8000
@@ -66,7 +67,7 @@ def test_size_limits_are_enforced_on_the_server(app, tmp_path):
     Image.new("1", (width, height)).save(too_many_pixels)  # a real PNG, only a few kB
     assert too_many_pixels.stat().st_size < app.MAX_IMAGE_BYTES
     with pytest.raises(gr.Error) as error:
-        app.read_upload(too_many_pixels)
+        app.read_upload({"path": str(too_many_pixels)}, tmp_path)
     assert f"{width}×{height} pixels" in error.value.message and "the limit is 40 megapixels" in error.value.message
 
 
@@ -193,3 +194,40 @@ def test_pushed_space_runs_from_its_own_files(quickstart_model_dir, tmp_path):
         finally:
             server.terminate()
             server.wait(timeout=30)
+
+
+def _demo_command(*argv: str) -> str:
+    """`hf-transfer demo ...` in its own process, offline; assert it stops with one error line, code 2, no traceback."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_TRANSFER_DEBUG", None)
+    process = subprocess.run([sys.executable, "-m", "hf_transfer.cli", "demo", *argv], cwd=REPO_ROOT, env=env,
+                             capture_output=True, text=True, timeout=180, check=False)
+    assert process.returncode == 2 and "Traceback" not in process.stderr, process.stderr
+    (message,) = [line for line in process.stderr.splitlines() if line.startswith("error: ")]
+    return message
+
+
+def test_demo_of_a_folder_that_is_not_a_model_says_what_to_pass(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model")
+    for not_a_model in (tmp_path, CAT):
+        message = _demo_command(str(not_a_model))
+        assert f"'{not_a_model}' is not a model folder: it has no config.json" in message
+        assert "output dir of a run" in message and "Hub model id" in message
+
+
+def test_demo_of_a_missing_path_says_it_does_not_exist(tmp_path):
+    message = _demo_command(str(tmp_path / "no-such-run"))
+    assert f"The model folder '{tmp_path / 'no-such-run'}' does not exist" in message
+    # A relative path of two parts is also a valid Hub id: offline, the Hub cannot have it either.
+    message = _demo_command("outputs/no-such-run")
+    assert "Cannot load the model 'outputs/no-such-run': there is no such folder here" in message
+    assert "output dir of a run" in message
+
+
+def test_demo_on_a_busy_port_names_the_port_and_the_fix(quickstart_model_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        message = _demo_command(str(quickstart_model_dir), "--port", str(port))
+    assert f"Port {port} on 127.0.0.1 is in use" in message and "--port N" in message

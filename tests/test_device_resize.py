@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from transformers import pipeline
 
 from hf_transfer import finetune, metrics
-from hf_transfer.cache import KEY_FILE
+from hf_transfer.feature_store import KEY_FILE
 from hf_transfer.data import DataArguments, DatasetError, build_transforms, collate, load_image_dataset
 from hf_transfer.device_resize import device_transforms, resize_on_device, transforms_for_run
 from hf_transfer.images import load_image
@@ -145,7 +145,7 @@ def test_every_augmentation_runs_on_the_uint8_images(small_data, augmentation):
 
 
 def test_the_feature_cache_key_names_the_device_step():
-    # FeatureCache keys on repr(transform): the CPU half names the device half, so changing either misses the cache.
+    # The feature store keys on repr(transform): the CPU half names the device half, so changing either misses the cache.
     cpu_path = repr(build_transforms(LITE0)[1])
     device_path = repr(device_transforms(LITE0)[1])
     other_crop = repr(device_transforms({**LITE0, "crop_pct": 1.0})[1])

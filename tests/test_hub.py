@@ -409,3 +409,41 @@ def test_recipe_push_to_hub_uploads_and_verifies_at_the_end_of_training(hub, run
     assert {"model.safetensors", "config.json", "README.md", "all_results.json"} <= set(pulled["files"])
     assert not any(name.startswith("checkpoint-") for name in pulled["files"])
     assert pulled["accuracy"] == json.loads((output_dir / "all_results.json").read_text())["test_accuracy"]
+
+
+@pytest.fixture(scope="module")
+def unreachable_hub_env(tmp_path_factory) -> dict[str, str]:
+    """A client environment whose HF_ENDPOINT is a loopback port that nothing listens on any more."""
+    with LocalHub() as gone:
+        env = gone.client_env(hf_home=tmp_path_factory.mktemp("unreachable-home"), token=SENTINEL)
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    return env
+
+
+def push_command(run: Path, *argv: str, env: dict[str, str]) -> str:
+    """`hf-transfer push RUN ...` in its own process; assert one error line, exit code 2, no traceback, no token."""
+    env = {k: v for k, v in env.items() if k != "HF_TRANSFER_DEBUG"}
+    process = subprocess.run([sys.executable, "-m", "hf_transfer.cli", "push", str(run), *argv], env=env,
+                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=180, check=False)
+    output = process.stdout + process.stderr
+    assert SENTINEL not in output, "the token was printed"
+    assert process.returncode == 2 and "Traceback" not in output, output[-4000:]
+    (message,) = [line for line in process.stderr.splitlines() if line.startswith("error: ")]
+    return message
+
+
+def test_push_refuses_an_invalid_repo_id_with_the_form_to_use(run_dir, unreachable_hub_env):  # noqa: F811
+    for repo_id in ("not a repo", "a/b/c"):
+        message = push_command(run_dir, "--repo-id", repo_id, env=unreachable_hub_env)
+        assert f"'{repo_id}' is not a valid model repo id. Use `<user or org>/<name>`" in message
+    # A bad Space id is refused before the model is pushed, not after.
+    message = push_command(run_dir, "--repo-id", "user/model", "--space", "my demo", env=unreachable_hub_env)
+    assert "'my demo' is not a valid Space repo id" in message
+
+
+def test_push_to_an_unreachable_hub_names_the_endpoint_and_the_fix(run_dir, unreachable_hub_env):  # noqa: F811
+    endpoint = unreachable_hub_env["HF_ENDPOINT"]
+    message = push_command(run_dir, "--repo-id", "user/model", env=unreachable_hub_env)
+    assert f"Cannot reach the Hugging Face Hub at {endpoint}" in message and "HF_ENDPOINT" in message
+    message = push_command(run_dir, "--repo-id", "user/model", env={**unreachable_hub_env, "HF_HUB_OFFLINE": "1"})
+    assert "HF_HUB_OFFLINE is set" in message and "unset HF_HUB_OFFLINE" in message

@@ -29,10 +29,11 @@ from conftest import REPO, SAMPLE, TINY_RUN, sample_rows, user_error
 from hf_transfer.checkpoints import NonFiniteLossError, SafeTrainer, last_complete_checkpoint
 from hf_transfer.cli import main
 from hf_transfer.data import collate
-from hf_transfer.freezing import FreezeCallback, FreezePlan
+from hf_transfer.callbacks import FreezeCallback
+from hf_transfer.freezing import FreezePlan
 from hf_transfer.models import load_model
+from hf_transfer.output_dir import publish
 from hf_transfer.recipe import parse_recipe
-from hf_transfer.training import publish
 
 pytestmark = pytest.mark.usefixtures("offline_hub")
 

@@ -1,56 +1,41 @@
-"""Feature cache for frozen backbones: the pooled features (the head's input) are computed once per split,
-kept in the datasets cache, and the model's own head module is trained on them through `Trainer`.
+"""Train the head of a frozen backbone on cached features through `Trainer`; a staged run then goes on on images.
 
-Keyed by model id, backbone weights, preprocessing, dataset fingerprint, split and views; a second run skips extraction.
-A `staged` schedule trains its head-only first stage on the cache, then resumes on images from the stage boundary.
+The model's own head module trains on the features of `feature_store.FeatureStore`, with the run's optimizer,
+schedule, callbacks and checkpoints. A `staged` schedule trains its head-only first stage here, then resumes on
+images from a checkpoint at the stage boundary. The full model's test predictions are checked against the cache.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
-import json
 import logging
 import math
-import os
 import shutil
-import time
 from pathlib import Path
 
-import datasets
 import numpy as np
 import torch
-from accelerate import PartialState
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
-from transformers import PreTrainedModel, TimmWrapperForImageClassification, Trainer, TrainerCallback, set_seed
+from torch.utils.data import Dataset
+from transformers import PreTrainedModel, TimmWrapperForImageClassification, Trainer, TrainerCallback
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .checkpoints import SafeTrainer, last_complete_checkpoint
-from .data import attach_transforms, collate
 from .errors import HFTransferError
-from .freezing import checksum
+from .feature_store import FeatureCapture, FeatureStore
 from .metrics import compute_metrics
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-KEY_FILE = "cache_key.json"  # written last: a folder without it is an unfinished extraction
-FLOAT16_MAX = 65504.0
 # Allowed full-model vs cache disagreement on test predictions: float16 rounding can flip only exact near-ties.
 MAX_DISAGREEMENT = 0.001
 
 
 class FeatureCacheMismatchError(HFTransferError, RuntimeError):
     """The full model's test predictions differ from those computed on cached features."""
-
-
-def cache_root() -> Path:
-    return Path(datasets.config.HF_DATASETS_CACHE) / "hf_transfer_features"
 
 
 def head_module(model: nn.Module, head_names: list[str]) -> tuple[str, nn.Module] | None:
@@ -75,35 +60,6 @@ def head_dropout(model: nn.Module, head_name: str) -> float:
         return float(getattr(model.timm_model, "drop_rate", 0.0))
     dropout = getattr(model.get_submodule(head_name.rpartition(".")[0]), "dropout", None)
     return dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-
-
-def weights_digest(model: nn.Module, head_name: str) -> str:
-    """A hash of every backbone tensor (weights and BatchNorm statistics), head excluded."""
-    return checksum({name: tensor for name, tensor in model.state_dict().items() if not name.startswith(head_name + ".")})
-
-
-class FeatureCapture:
-    """Records the input of `head` (the pooled backbone features) for every forward pass inside the block."""
-
-    def __init__(self, head: nn.Module, gather=None):
-        self.head, self.gather, self.batches = head, gather, []
-
-    def __enter__(self):
-        self.handle = self.head.register_forward_pre_hook(self._record)
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-
-    def _record(self, _module, inputs):
-        features = inputs[0].detach()
-        if features.ndim != 2:
-            raise RuntimeError(f"The head's input has shape {tuple(features.shape)}, not (batch, features): no pooled features to cache.")
-        # Under several processes, gather in the same order as Trainer gathers the logits.
-        self.batches.append((self.gather(features) if self.gather else features).float().cpu())
-
-    def features(self) -> torch.Tensor:
-        return torch.cat(self.batches)
 
 
 class CachedFeatures(Dataset):
@@ -178,34 +134,6 @@ class HeadOnFeatures(nn.Module):
         return ImageClassifierOutput(loss=loss, logits=logits)
 
 
-def store(path: Path, features: np.ndarray, labels: np.ndarray, key: dict) -> None:
-    """Write `(images, views, dim)` features as a datasets folder; float16 unless values overflow it."""
-    dtype = "float16" if np.isfinite(features).all() and np.abs(features).max() < FLOAT16_MAX else "float32"
-    stored = features.astype(dtype)
-    schema = datasets.Features({"features": datasets.Array2D(stored.shape[1:], dtype), "labels": datasets.Value("int64")})
-    dataset = datasets.Dataset.from_dict({"features": stored, "labels": labels.astype(np.int64)}, features=schema)
-    staging = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    dataset.save_to_disk(str(staging))
-    rounding = float(np.abs(stored.astype(np.float32) - features).max()) if len(features) else 0.0
-    record = {**key, "dtype": dtype, "shape": list(stored.shape), "max_rounding_error": rounding}
-    (staging / KEY_FILE).write_text(json.dumps(record, indent=2))
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(staging, path)
-
-
-def load(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    table = datasets.load_from_disk(str(path)).data
-    features = np.concatenate([chunk.to_numpy(zero_copy_only=False) for chunk in table.column("features").chunks])
-    return features, table.column("labels").to_numpy().copy()  # writable, for torch
-
-
-def _autocast(args):
-    """The precision Trainer evaluates in (`bf16` / `fp16` autocast), so cached features match the test pass."""
-    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
-    return torch.autocast(args.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-
-
 @contextlib.contextmanager
 def _one_cpu_thread(device: torch.device):
     """Head steps on a CPU are tiny matrix products: thread hand-offs cost more than they save
@@ -223,6 +151,8 @@ def _later_stages_start(plan, trainer: Trainer) -> int | None:
     """The optimizer step from which a staged schedule trains more than the head; None if it never does."""
     if len(plan.stages) == 1:
         return None
+    if "at_plateau" in plan.stages[1]:
+        return 0  # the boundary is known only during training: every stage trains on images
     args = trainer.args
     steps_per_epoch = max(math.ceil(len(trainer.get_train_dataloader()) / args.gradient_accumulation_steps), 1)  # as Trainer counts
     max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
@@ -235,31 +165,19 @@ def _global_step(checkpoint: Path) -> int:
     return int(checkpoint.name.rsplit("-", 1)[1])
 
 
-def folder_size(path: Path) -> int:
-    return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
-
-
-class FeatureCache:
+class CachedHeadTraining:
     """Trains the head of a run whose backbone is frozen on cached features; see `run`."""
 
     def __init__(self, recipe, plan, trainer: Trainer, data, transforms, head_name: str, head: nn.Module, later_stages_start: int | None):
-        self.recipe, self.plan, self.trainer, self.data, self.head_name, self.head = recipe, plan, trainer, data, head_name, head
+        self.recipe, self.plan, self.trainer, self.head_name, self.head = recipe, plan, trainer, head_name, head
         self.later_stages_start = later_stages_start
         self.model, self.args = trainer.model, trainer.args
-        self.train_transform, self.eval_transform = transforms
-        self.views = recipe.run.feature_cache_views
-        self.summary = {"splits": {}}
-        self.model_key = {
-            "format": FORMAT_VERSION,
-            "model": recipe.model.model,
-            "revision": recipe.model.model_revision,
-            "class": type(self.model).__name__,
-            "weights": weights_digest(self.model, head_name),
-            "columns": [data.image_column, data.label_column],
-        }
+        self.store = FeatureStore(self.model, head, head_name, recipe.model, data, transforms, self.args, recipe.run.feature_cache_views)
+        self.summary = self.store.summary  # what all_results.json records as `feature_cache`
+        self.trainer_that_finished = trainer
 
     @classmethod
-    def for_run(cls, recipe, plan, trainer: Trainer, data, transforms) -> FeatureCache | None:
+    def for_run(cls, recipe, plan, trainer: Trainer, data, transforms) -> CachedHeadTraining | None:
         """A cache when the recipe wants one and the run (or a staged run's first stage) trains only the head
         on a frozen backbone."""
         head_names = set(plan.blocks[-1].parameter_names)
@@ -274,7 +192,8 @@ class FeatureCache:
             return None
         later_stages_start = _later_stages_start(plan, trainer)
         if later_stages_start == 0:
-            logger.info("Feature cache not used: the head-only first stage is shorter than one optimizer step.")
+            logger.info("Feature cache not used: the head-only first stage is shorter than one optimizer step, "
+                        "or ends at a plateau, which is known only during training.")
             return None
         if recipe.run.feature_cache_views == 0 and recipe.data.augmentation != "none":
             logger.info(
@@ -300,10 +219,13 @@ class FeatureCache:
             train_metrics = head_trainer.train(resume_from_checkpoint=resume).metrics
             eval_metrics = head_trainer.evaluate()
         self.trainer.state = head_trainer.state  # log history and best checkpoint go into the output dir
+        self.trainer_that_finished = head_trainer
+        # Trainer's speed figures of this evaluation are the head's on cached features, not the model's: kept apart.
+        self.summary["head_eval"] = {key: eval_metrics.pop(key) for key in list(eval_metrics) if key.endswith(("_runtime", "_per_second"))}
         with FeatureCapture(self.head, gather=self.trainer.accelerator.gather_for_metrics) as capture:
             test_output = self.trainer.predict(test_split, metric_key_prefix="test")
         self._check_test(capture.features().numpy(), test_output)
-        self._total_size()
+        self.store.total_size()
         return train_metrics, eval_metrics, test_output
 
     def _staged_run(self, test_split, resume: bool | None, boundary: int):
@@ -314,21 +236,19 @@ class FeatureCache:
             with _one_cpu_thread(self.args.device):
                 self.summary["head_stage"] = head_trainer.train(resume_from_checkpoint=resume).metrics
             checkpoint = hand_over
-            self._total_size()
+            self.store.total_size()
         logger.info("Feature cache: head-only stage done at step %d; the later stages train on images from %s.", boundary, checkpoint)
         train_metrics = self.trainer.train(resume_from_checkpoint=str(checkpoint)).metrics
+        self.trainer_that_finished = self.trainer
         eval_metrics = self.trainer.evaluate()
         test_output = self.trainer.predict(test_split, metric_key_prefix="test")
         if self.args.save_strategy == "no" and self.args.should_save:
             shutil.rmtree(hand_over, ignore_errors=True)  # saved only to hand the run over
         return train_metrics, eval_metrics, test_output
 
-    def _total_size(self) -> None:
-        self.summary["bytes"] = sum(split["bytes"] for split in self.summary["splits"].values())
-
     def _head_trainer(self, stop_at: int | None = None) -> Trainer:
-        train = CachedFeatures(*self.features("train"))
-        validation = CachedFeatures(*self.features("validation"))
+        train = CachedFeatures(*self.store.features("train"))
+        validation = CachedFeatures(*self.store.features("validation"))
         args = copy.copy(self.args)
         args.dataloader_num_workers, args.dataloader_persistent_workers = 0, False  # features are in memory
         args.remove_unused_columns = False  # batches come whole from `CachedFeatures.__getitems__`
@@ -344,6 +264,7 @@ class FeatureCache:
             compute_metrics=compute_metrics,
             processing_class=self.trainer.processing_class,  # checkpoints are complete model repos
             optimizers=(self.trainer.optimizer, None),  # the run's optimizer: it holds the head's parameters
+            test_dataset=CachedFeatures(*self.store.features("test")) if self.trainer.test_dataset is not None else None,
         )
         present = {type(callback) for callback in head_trainer.callback_handler.callbacks}
         for callback in self.trainer.callback_handler.callbacks:
@@ -355,96 +276,14 @@ class FeatureCache:
             head_trainer.add_callback(StopAtStep(stop_at))
         return head_trainer
 
-    # --- the cache ----------------------------------------------------------------------------
-    def key(self, split: str, views: int) -> dict:
-        transform = self.train_transform if views else self.eval_transform
-        return {
-            **self.model_key,
-            "transform": repr(transform),
-            "views": views,
-            "seed": self.args.seed if views else None,
-            "dataset": self.data.splits[split]._fingerprint,
-            "split": split,
-        }
-
-    def path(self, key: dict) -> Path:
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-        return cache_root() / f"{key['split']}-{digest}"
-
-    def features(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        """The split's cached features, extracted first on a miss (train: K views when asked for)."""
-        views = self.views if split == "train" else 0
-        key = self.key(split, views)
-        path = self.path(key)
-        started = time.perf_counter()
-        hit = (path / KEY_FILE).is_file()
-        if hit:
-            logger.info("feature cache hit: skipping extraction of %s (%s)", split, path)
-        else:
-            self._extract(split, views, path, key)
-        features, labels = load(path)
-        self._record(split, path, hit, time.perf_counter() - started, features)
-        return features, labels
-
-    def _record(self, split: str, path: Path, hit: bool, seconds: float, features: np.ndarray) -> None:
-        self.summary["splits"][split] = {
-            "hit": hit, "seconds": round(seconds, 2), "images": len(features), "views": features.shape[1],
-            "dtype": str(features.dtype), "bytes": folder_size(path), "path": str(path),
-        }
-
-    def _extract(self, split: str, views: int, path: Path, key: dict) -> None:
-        """Each process extracts a contiguous shard; the main process joins them in order and stores the split."""
-        state = PartialState()
-        transform = self.train_transform if views else self.eval_transform
-        dataset = attach_transforms(self.data, transform, transform)[split]
-        shard = dataset.shard(state.num_processes, state.process_index, contiguous=True) if state.num_processes > 1 else dataset
-        loader = DataLoader(
-            shard, batch_size=self.args.per_device_eval_batch_size, collate_fn=collate,
-            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory,
-        )
-        started = time.perf_counter()
-        per_view, labels = [], []
-        self.model.eval()
-        for view in range(max(views, 1)):
-            if views:
-                set_seed(self.args.seed + view)  # fixed views: the same crops and flips on every extraction
-            description = f"Extracting {split} features" + (f" (view {view + 1}/{views})" if views else "")
-            with FeatureCapture(self.head) as capture, torch.inference_mode(), _autocast(self.args):
-                for batch in tqdm(loader, desc=description, disable=not state.is_main_process):
-                    self.model(pixel_values=batch["pixel_values"].to(self.args.device))
-                    if view == 0:
-                        labels.append(batch["labels"])
-            per_view.append(capture.features())
-        parts = path.with_name(f"{path.name}.parts")
-        parts.mkdir(parents=True, exist_ok=True)
-        np.save(parts / f"features-{state.process_index}.npy", torch.stack(per_view, dim=1).numpy())
-        np.save(parts / f"labels-{state.process_index}.npy", torch.cat(labels).numpy())
-        state.wait_for_everyone()
-        if state.is_main_process:
-            ranks = range(state.num_processes)
-            features = np.concatenate([np.load(parts / f"features-{rank}.npy") for rank in ranks])
-            store(path, features, np.concatenate([np.load(parts / f"labels-{rank}.npy") for rank in ranks]), key)
-            shutil.rmtree(parts)
-            seconds = time.perf_counter() - started
-            logger.info(
-                "feature cache: extracted %d %s image(s) x %d view(s) in %.1f s (%.1f images/s, %d process(es)) -> %s",
-                len(features), split, max(views, 1), seconds, len(features) * max(views, 1) / seconds, state.num_processes, path,
-            )
-        state.wait_for_everyone()
-
     # --- the check ----------------------------------------------------------------------------
     def _check_test(self, captured: np.ndarray, test_output) -> None:
         """Test accuracy from cached features must equal the full model's (float16 rounding aside)."""
-        key = self.key("test", 0)
-        path = self.path(key)
-        started, hit = time.perf_counter(), (path / KEY_FILE).is_file()
-        if hit:
+        if self.store.has("test"):
             logger.info("feature cache hit: test features cached; checking them against the full model")
-        elif PartialState().is_main_process:
-            store(path, captured[:, None, :], test_output.label_ids, key)
-        PartialState().wait_for_everyone()
-        features, labels = load(path)
-        self._record("test", path, hit, time.perf_counter() - started, features)
+        else:
+            self.store.save("test", captured, test_output.label_ids)
+        features, labels = self.store.features("test")
         self.head.eval()
         with torch.inference_mode():
             logits = self.head(torch.from_numpy(features[:, 0]).float().to(self.args.device))

@@ -1,0 +1,91 @@
+"""Trainer callbacks that carry out a recipe's schedule: freeze-plan stages and stage-aware early stopping."""
+
+from __future__ import annotations
+
+import math
+
+from transformers import EarlyStoppingCallback, TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from .freezing import FreezePlan
+
+
+def metric_key(args) -> str:
+    """The logged name of `metric_for_best_model` (`accuracy` is logged as `eval_accuracy`)."""
+    name = args.metric_for_best_model or "loss"
+    return name if name.startswith("eval_") else f"eval_{name}"
+
+
+class FreezeCallback(TrainerCallback, ExportableState):
+    """Moves the plan through its stages at the declared epoch, step or plateau (also after `--resume`), and applies
+    each stage's `lr_scale`. The steps at which plateau stages began are saved in every checkpoint's trainer state."""
+
+    def __init__(self, plan: FreezePlan):
+        self.plan = plan
+
+    def state(self) -> dict:
+        return {"args": {}, "attributes": {"stage_starts": self.plan.stage_starts, "reasons": self.plan.reasons}}
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        # Under DDP every rank's reducer expects a gradient for every parameter it registered, every step.
+        if args.world_size == 1:
+            self.plan.use_one_process()
+        saved = (state.stateful_callbacks or {}).get(type(self).__name__)
+        if isinstance(saved, dict) and saved.get("attributes", {}).get("stage_starts"):  # a resumed run: its plateau decisions
+            self.plan.stage_starts = saved["attributes"]["stage_starts"]
+            self.plan.reasons.update({int(index): reason for index, reason in saved["attributes"]["reasons"].items()})
+        batches = len(train_dataloader) if train_dataloader is not None else None
+        # Trainer's own count of optimizer steps per epoch (a last partial accumulation still steps).
+        steps_per_epoch = math.ceil(batches / args.gradient_accumulation_steps) if batches else state.max_steps
+        self.plan.set_steps_per_epoch(max(steps_per_epoch, 1), state.max_steps)
+        self._sync(state, **kwargs)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._sync(state, **kwargs)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.plan.drop_waiting_gradients()
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        key = metric_key(args)
+        if metrics and key in metrics:  # not the test split's metrics (`eval_test_each_epoch`)
+            self.plan.observe(key.removeprefix("eval_"), metrics[key], bool(args.greater_is_better), state.global_step)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.plan.verify(state.global_step)
+
+    def _sync(self, state, optimizer=None, lr_scheduler=None, **kwargs):
+        index = self.plan.stage_for_step(state.global_step)
+        if index != self.plan.stage_index:
+            self.plan.enter_stage(index, step=state.global_step)
+            if optimizer is not None and lr_scheduler is not None:
+                self.plan.scale_learning_rates(optimizer, lr_scheduler)
+
+
+class EarlyStopping(EarlyStoppingCallback):
+    """Trainer's early stopping, counted only in the last stage of a plan that waits for plateaus (an earlier plateau
+    starts the next stage instead); records when and why it stopped, for the card and all_results.json."""
+
+    def __init__(self, plan: FreezePlan, patience: int, threshold: float):
+        super().__init__(early_stopping_patience=patience, early_stopping_threshold=threshold)
+        self.plan = plan
+        self.stopped: dict | None = None
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        key = metric_key(args)
+        if not metrics or key not in metrics:
+            return  # the test split's per-epoch metrics are never a stopping signal
+        if self.plan.waits_for_plateau or not self.plan.in_last_stage:
+            self.early_stopping_patience_counter = 0
+            return
+        super().on_evaluate(args, state, control, metrics, **kwargs)
+        if control.should_training_stop and self.stopped is None:
+            self.stopped = {
+                "epoch": state.epoch, "step": state.global_step,
+                "reason": f"validation {key.removeprefix('eval_')} did not improve by more than {self.early_stopping_threshold} "
+                          f"on its best ({state.best_metric:.4g}) for {self.early_stopping_patience} evaluation(s)",
+            }
+
+    def summary(self) -> dict:
+        return {"patience": self.early_stopping_patience, "threshold": self.early_stopping_threshold,
+                "stopped_early": self.stopped is not None, **(self.stopped or {})}

@@ -1,0 +1,206 @@
+"""Backbone features of a dataset's splits, computed once per model, preprocessing and data, kept in the datasets cache.
+
+The features are the input of the model's classifier (its pooled features). Keyed by model id, backbone weights,
+preprocessing, dataset fingerprint, split and views: a second run (or `hf-transfer doctor`) skips extraction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from accelerate import PartialState
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import set_seed
+
+from .data import attach_transforms, collate
+from .freezing import checksum
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+KEY_FILE = "cache_key.json"  # written last: a folder without it is an unfinished extraction
+FLOAT16_MAX = 65504.0
+
+
+def cache_root() -> Path:
+    return Path(datasets.config.HF_DATASETS_CACHE) / "hf_transfer_features"
+
+
+def weights_digest(model: nn.Module, head_name: str) -> str:
+    """A hash of every backbone tensor (weights and BatchNorm statistics), head excluded."""
+    return checksum({name: tensor for name, tensor in model.state_dict().items() if not name.startswith(head_name + ".")})
+
+
+class FeatureCapture:
+    """Records the input of `head` (the pooled backbone features) for every forward pass inside the block."""
+
+    def __init__(self, head: nn.Module, gather=None):
+        self.head, self.gather, self.batches = head, gather, []
+
+    def __enter__(self):
+        self.handle = self.head.register_forward_pre_hook(self._record)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+    def _record(self, _module, inputs):
+        features = inputs[0].detach()
+        if features.ndim != 2:
+            raise RuntimeError(f"The head's input has shape {tuple(features.shape)}, not (batch, features): no pooled features to cache.")
+        # Under several processes, gather in the same order as Trainer gathers the logits.
+        self.batches.append((self.gather(features) if self.gather else features).float().cpu())
+
+    def features(self) -> torch.Tensor:
+        return torch.cat(self.batches)
+
+
+def store(path: Path, features: np.ndarray, labels: np.ndarray, key: dict) -> None:
+    """Write `(images, views, dim)` features as a datasets folder; float16 unless values overflow it."""
+    dtype = "float16" if np.isfinite(features).all() and np.abs(features).max() < FLOAT16_MAX else "float32"
+    stored = features.astype(dtype)
+    schema = datasets.Features({"features": datasets.Array2D(stored.shape[1:], dtype), "labels": datasets.Value("int64")})
+    dataset = datasets.Dataset.from_dict({"features": stored, "labels": labels.astype(np.int64)}, features=schema)
+    staging = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    dataset.save_to_disk(str(staging))
+    rounding = float(np.abs(stored.astype(np.float32) - features).max()) if len(features) else 0.0
+    record = {**key, "dtype": dtype, "shape": list(stored.shape), "max_rounding_error": rounding}
+    (staging / KEY_FILE).write_text(json.dumps(record, indent=2))
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(staging, path)
+
+
+def load(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    table = datasets.load_from_disk(str(path)).data
+    features = np.concatenate([chunk.to_numpy(zero_copy_only=False) for chunk in table.column("features").chunks])
+    return features, table.column("labels").to_numpy().copy()  # writable, for torch
+
+
+def _autocast(args):
+    """The precision Trainer evaluates in (`bf16` / `fp16` autocast), so cached features match the test pass."""
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+    return torch.autocast(args.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+def folder_size(path: Path) -> int:
+    return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
+
+
+class FeatureStore:
+    """The features of each split of `data` for `model` (whose classifier is `head`), extracted on a miss."""
+
+    def __init__(self, model: nn.Module, head: nn.Module, head_name: str, model_args, data, transforms, args, views: int = 0):
+        self.model, self.head, self.data, self.args, self.views = model, head, data, args, views
+        self.train_transform, self.eval_transform = transforms
+        self.summary = {"splits": {}}
+        self.saved_here: set[str] = set()  # splits whose features this run computed in another pass and saved
+        self.model_key = {
+            "format": FORMAT_VERSION,
+            "model": model_args.model,
+            "revision": model_args.model_revision,
+            "class": type(model).__name__,
+            "weights": weights_digest(model, head_name),
+            "columns": [data.image_column, data.label_column],
+        }
+
+    def key(self, split: str, views: int) -> dict:
+        transform = self.train_transform if views else self.eval_transform
+        return {
+            **self.model_key,
+            "transform": repr(transform),
+            "views": views,
+            "seed": self.args.seed if views else None,
+            "dataset": self.data.splits[split]._fingerprint,
+            "split": split,
+        }
+
+    def path(self, key: dict) -> Path:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+        return cache_root() / f"{key['split']}-{digest}"
+
+    def features(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """The split's cached features, extracted first on a miss (train: K views when asked for)."""
+        views = self.views if split == "train" else 0
+        key = self.key(split, views)
+        path = self.path(key)
+        started = time.perf_counter()
+        hit = (path / KEY_FILE).is_file() and split not in self.saved_here
+        if hit:
+            logger.info("feature cache hit: skipping extraction of %s (%s)", split, path)
+        else:
+            self._extract(split, views, path, key)
+        features, labels = load(path)
+        self._record(split, path, hit, time.perf_counter() - started, features)
+        return features, labels
+
+    def _record(self, split: str, path: Path, hit: bool, seconds: float, features: np.ndarray) -> None:
+        self.summary["splits"][split] = {
+            "hit": hit, "seconds": round(seconds, 2), "images": len(features), "views": features.shape[1],
+            "dtype": str(features.dtype), "bytes": folder_size(path), "path": str(path),
+        }
+
+    def _extract(self, split: str, views: int, path: Path, key: dict) -> None:
+        """Each process extracts a contiguous shard; the main process joins them in order and stores the split."""
+        state = PartialState()
+        transform = self.train_transform if views else self.eval_transform
+        dataset = attach_transforms(self.data, transform, transform)[split]
+        shard = dataset.shard(state.num_processes, state.process_index, contiguous=True) if state.num_processes > 1 else dataset
+        loader = DataLoader(
+            shard, batch_size=self.args.per_device_eval_batch_size, collate_fn=collate,
+            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory,
+        )
+        started = time.perf_counter()
+        per_view, labels = [], []
+        self.model.eval()
+        for view in range(max(views, 1)):
+            if views:
+                set_seed(self.args.seed + view)  # fixed views: the same crops and flips on every extraction
+            description = f"Extracting {split} features" + (f" (view {view + 1}/{views})" if views else "")
+            with FeatureCapture(self.head) as capture, torch.inference_mode(), _autocast(self.args):
+                for batch in tqdm(loader, desc=description, disable=not state.is_main_process):
+                    self.model(pixel_values=batch["pixel_values"].to(self.args.device))
+                    if view == 0:
+                        labels.append(batch["labels"])
+            per_view.append(capture.features())
+        parts = path.with_name(f"{path.name}.parts")
+        parts.mkdir(parents=True, exist_ok=True)
+        np.save(parts / f"features-{state.process_index}.npy", torch.stack(per_view, dim=1).numpy())
+        np.save(parts / f"labels-{state.process_index}.npy", torch.cat(labels).numpy())
+        state.wait_for_everyone()
+        if state.is_main_process:
+            ranks = range(state.num_processes)
+            features = np.concatenate([np.load(parts / f"features-{rank}.npy") for rank in ranks])
+            store(path, features, np.concatenate([np.load(parts / f"labels-{rank}.npy") for rank in ranks]), key)
+            shutil.rmtree(parts)
+            seconds = time.perf_counter() - started
+            logger.info(
+                "feature cache: extracted %d %s image(s) x %d view(s) in %.1f s (%.1f images/s, %d process(es)) -> %s",
+                len(features), split, max(views, 1), seconds, len(features) * max(views, 1) / seconds, state.num_processes, path,
+            )
+        state.wait_for_everyone()
+
+    def has(self, split: str) -> bool:
+        return (self.path(self.key(split, 0)) / KEY_FILE).is_file()
+
+    def save(self, split: str, features: np.ndarray, labels: np.ndarray) -> None:
+        """Store un-augmented features computed elsewhere (the full model's test pass), once, from the main process."""
+        if PartialState().is_main_process:
+            store(self.path(self.key(split, 0)), features[:, None, :], labels, self.key(split, 0))
+        PartialState().wait_for_everyone()
+        self.saved_here.add(split)
+
+    def total_size(self) -> None:
+        self.summary["bytes"] = sum(split["bytes"] for split in self.summary["splits"].values())

@@ -1,0 +1,316 @@
+"""The output folder: who owns it, the run's lock on it, and publishing a finished model into it.
+
+A folder belongs to hf-transfer once a run has claimed it (`run_config.json`); the files it owns there are those a run
+writes (`owns`), and `--overwrite` deletes those and nothing else. The main process holds an `flock` on
+`.hf_transfer.lock` for the whole run: the kernel drops it when the process ends, however it ends, so a killed run never
+leaves the folder locked, and a second run into the folder is refused while the first one lives.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import fnmatch
+import functools
+import json
+import os
+import re
+import shutil
+import socket
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .checkpoints import last_complete_checkpoint, no_complete_checkpoint
+from .errors import HFTransferError
+
+if TYPE_CHECKING:
+    from .recipe import RunArguments
+
+RUN_CONFIG = "run_config.json"
+LOCK_FILE = ".hf_transfer.lock"
+STAGING = ".partial"
+MOVABLE = {"training.output_dir", "training.logging_dir"}
+# The files a run writes into its folder (`training.run`), and its folders: Trainer's checkpoints, the staging folder,
+# TensorBoard's default `runs/`. A new output file of `training.run` must be added here, or `--overwrite` refuses it.
+OWNED_FILES = ("config.json", "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
+               "preprocessor_config.json", "README.md", RUN_CONFIG, "all_results.json", "test_report.json",
+               "trainer_state.json", "freeze_plan.json", "recipe.yaml", "training_curves.png", "confusion_matrix.png", LOCK_FILE)
+OWNED_FOLDERS = re.compile(rf"checkpoint-\d+|runs|{re.escape(STAGING)}")
+# Errors of a disk rather than of the run; other libraries (safetensors) give only the text "(os error 28)".
+DISK_ERRORS = {errno.ENOSPC: "no space", errno.EDQUOT: "no space", errno.EROFS: "read-only"}
+
+
+class OutputDirError(HFTransferError, RuntimeError):
+    """The output folder holds something this run must not overwrite, or cannot be written."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; the message says how to continue. A KeyboardInterrupt still, so nothing swallows it."""
+
+
+# ---- who owns the folder -------------------------------------------------------------------------------------------
+def owns(entry: Path) -> bool:
+    """Whether `entry`, in an output folder, is something a run wrote there. Links never are: they may lead anywhere."""
+    if entry.is_symlink():
+        return False
+    if OWNED_FOLDERS.fullmatch(entry.name):
+        return entry.is_dir()
+    return entry.is_file() and any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in OWNED_FILES)
+
+
+def foreign_entries(output_dir: Path) -> list[str]:
+    return sorted(entry.name for entry in output_dir.iterdir() if not owns(entry)) if output_dir.is_dir() else []
+
+
+def _listing(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def check_output_dir(output_dir: Path, run_config: dict, options: RunArguments) -> None:
+    """Refuse, before any work, to mix two runs in one folder, or to write or delete where it would do harm."""
+    if options.resume and options.overwrite:
+        raise OutputDirError(
+            f"`--resume` continues the run in {output_dir} from its last complete checkpoint; `--overwrite` deletes that run "
+            "to start a new one. Pass one of them."
+        )
+    check_place(output_dir, run_config, options.overwrite)
+    config_file = output_dir / RUN_CONFIG
+    if not config_file.is_file():
+        held = sorted(name for name in os.listdir(output_dir) if name not in (LOCK_FILE, STAGING)) if output_dir.is_dir() else []
+        if held:  # no run ever claimed it: even files named like ours (a downloaded model) are someone else's
+            raise OutputDirError(
+                f"{output_dir} is not empty and was not written by hf-transfer (it holds {_listing(held)}); "
+                "`--overwrite` only replaces a folder that hf-transfer wrote. Choose another `--output_dir`."
+            )
+    elif options.overwrite:
+        if others := foreign_entries(output_dir):
+            raise OutputDirError(
+                f"{output_dir} holds files that hf-transfer did not write: {_listing(others)}. `--overwrite` deletes only "
+                "what an earlier run wrote there: move those files away, or choose another `--output_dir`."
+            )
+        return
+    else:
+        previous, now = _flatten(json.loads(config_file.read_text())), _flatten(run_config)
+        # Run options and the folder's own path (it may have been moved) do not make it another run.
+        changed = sorted(k for k in set(previous) | set(now)
+                         if k not in MOVABLE and not k.startswith("run.") and previous.get(k) != now.get(k))
+        if changed:
+            raise OutputDirError(
+                f"{output_dir} already holds a different run (differs in: {', '.join(changed[:8])}). "
+                "Pass `--overwrite` to replace it, or choose another `--output_dir`."
+            )
+    if options.resume and last_complete_checkpoint(output_dir) is None:
+        raise OutputDirError(no_complete_checkpoint(output_dir))
+
+
+def check_place(output_dir: Path, run_config: dict, overwrite: bool) -> None:
+    """Folders that must never hold a run: a file, the dataset's own folder, the home folder; a link, for `--overwrite`."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise OutputDirError(f"{output_dir} is a file, not a folder: choose another `--output_dir`.")
+    place = output_dir.resolve()
+    dataset = _local_dataset(run_config)
+    if dataset is not None and (place == dataset or dataset in place.parents):
+        raise OutputDirError(
+            f"{output_dir} is inside the dataset folder {dataset}: its files would be read as part of the dataset the next "
+            "time it loads (an image folder takes the plots for images). Choose an `--output_dir` outside it."
+        )
+    if dataset is not None and place in dataset.parents:
+        raise OutputDirError(f"{output_dir} holds the dataset {dataset}: choose an `--output_dir` outside it.")
+    home = Path.home().resolve()
+    if place == home:
+        raise OutputDirError(f"{output_dir} is your home folder: choose another `--output_dir`.")
+    if place in home.parents:
+        raise OutputDirError(f"{output_dir} holds your home folder {home}: choose another `--output_dir`.")
+    if overwrite and output_dir.is_symlink():
+        raise OutputDirError(
+            f"{output_dir} is a symbolic link (to {place}), and `--overwrite` does not delete through links: "
+            f"pass the folder itself, `--output_dir {place}`."
+        )
+
+
+def _local_dataset(run_config: dict) -> Path | None:
+    name = str(run_config.get("data", {}).get("dataset") or "")
+    path = Path(name).expanduser()
+    return path.resolve() if name and path.exists() else None
+
+
+def claim_output_dir(output_dir: Path, run_config: dict, overwrite: bool) -> None:
+    """Record which run the folder holds, once data and model have loaded and training is about to start.
+
+    With `--overwrite`, this is when the earlier run's files go: only those (`check_output_dir` refused any other)."""
+    if overwrite and output_dir.is_dir():
+        others = [name for name in foreign_entries(output_dir) if name != LOCK_FILE]
+        if others:  # added since the start of the run
+            raise OutputDirError(f"{output_dir} holds files that hf-transfer did not write: {_listing(others)} (added since "
+                                 "this run started). Move them away, then run the same command again.")
+        # config.json first, as in `publish`: killed half-way, the folder loads nothing rather than half a model.
+        for entry in sorted(output_dir.iterdir(), key=lambda path: path.name != "config.json"):
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            elif entry.name != LOCK_FILE:
+                entry.unlink()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / RUN_CONFIG).write_text(json.dumps(run_config, indent=2, default=str))
+
+
+def _flatten(sections: dict) -> dict:
+    return {f"{section}.{key}": value for section, values in sections.items() for key, value in values.items()}
+
+
+# ---- publishing ----------------------------------------------------------------------------------------------------
+def publish(staging: Path, output_dir: Path) -> None:
+    """Move the staged files in; config.json goes last, so the folder never loads a mix of two models."""
+    (output_dir / "config.json").unlink(missing_ok=True)
+    files = sorted(staging.iterdir(), key=lambda path: path.name == "config.json")
+    for path in files:
+        target = output_dir / path.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(path, target)
+    staging.rmdir()
+
+
+# ---- the run's lock ------------------------------------------------------------------------------------------------
+class OutputDirLock:
+    """An exclusive `flock` on `output_dir/.hf_transfer.lock`, which records its holder for the refusal message.
+
+    The file is deleted when the lock is released; a run that opened it just before then finds, once it holds the lock,
+    that the path names another file (or none), and starts over on the new one (the usual way to delete lock files)."""
+
+    def __init__(self, output_dir: Path):
+        self.dir, self.path = output_dir, output_dir / LOCK_FILE
+        self.fd: int | None = None
+        self.created: list[Path] = []  # the folders this run made, removed again if it ends before claiming them
+
+    def acquire(self) -> None:
+        try:
+            self._make_folders()
+            while True:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = _describe_holder(fd)
+                    os.close(fd)
+                    raise OutputDirError(
+                        f"{self.dir} is in use by another hf-transfer run ({holder}). Wait for it to finish, or choose "
+                        "another `--output_dir`."
+                    ) from None
+                if _names_same_file(fd, self.path):
+                    break
+                os.close(fd)
+            self.fd = fd
+            holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": datetime.now().isoformat(timespec="seconds")}
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(holder).encode())
+        except BaseException as error:
+            self.release()
+            if isinstance(error, OSError) and (disk := disk_error(error, self.dir, writing=True)) is not None:
+                raise disk from error
+            raise
+
+    def _make_folders(self) -> None:
+        missing = [folder for folder in (self.dir, *self.dir.parents) if not folder.exists()]
+        for folder in reversed(missing):
+            try:
+                folder.mkdir()
+            except FileExistsError:  # a broken link, or made meanwhile
+                if not folder.is_dir():
+                    raise OutputDirError(f"{folder} is a file, not a folder: choose another `--output_dir`.") from None
+                continue
+            except NotADirectoryError:
+                raise OutputDirError(f"{folder.parent} is a file, not a folder: choose another `--output_dir`.") from None
+            self.created.append(folder)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            try:
+                self.path.unlink(missing_ok=True)  # while still held: see the class docstring
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+        for folder in reversed(self.created):  # empty unless the run claimed the folder
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        self.created = []
+
+
+def _names_same_file(fd: int, path: Path) -> bool:
+    try:
+        on_disk, held = path.stat(), os.fstat(fd)
+    except FileNotFoundError:
+        return False
+    return (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _describe_holder(fd: int) -> str:
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0))
+        return f"pid {holder['pid']} on {holder['host']}, started {holder['started'].replace('T', ' ')}"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return "which has not recorded itself yet"
+
+
+def disk_error(error: BaseException, output_dir: Path, writing: bool = False) -> OutputDirError | None:
+    """The one-line error for a full or read-only disk (or, while the lock is taken, a folder we may not write); else None."""
+    code = getattr(error, "errno", None)
+    if not isinstance(error, OSError) and (match := re.search(r"\(os error (\d+)\)", str(error))):
+        code = int(match[1])
+    where = Path(getattr(error, "filename", None) or output_dir)
+    if DISK_ERRORS.get(code) == "read-only" or (writing and code in (errno.EACCES, errno.EPERM)):
+        reason = "read-only file system" if code == errno.EROFS else "permission denied"
+        return OutputDirError(f"Cannot write to {where}: {reason}. Make it writable, or choose a writable `--output_dir`.")
+    if DISK_ERRORS.get(code) == "no space":
+        staging = output_dir / STAGING
+        what = f" (while saving the model to {staging})" if staging.is_dir() else ""
+        checkpoint = last_complete_checkpoint(output_dir) if output_dir.is_dir() else None
+        then = (f"run the same command with `--resume` to continue from the last complete checkpoint, {checkpoint}" if checkpoint
+                else "run the same command again")
+        return OutputDirError(f"No space left on the device holding {where}{what}. Free some space, then {then}.")
+    return None
+
+
+def _interrupted(output_dir: Path) -> RunInterrupted:
+    checkpoint = last_complete_checkpoint(output_dir) if output_dir.is_dir() else None
+    if checkpoint is None:
+        return RunInterrupted("interrupted before the first checkpoint was saved; run the same command again to start over.")
+    return RunInterrupted(f"interrupted; the last complete checkpoint, {checkpoint}, is kept: run the same command with "
+                          "`--resume` to continue from it.")
+
+
+def holding_output_dir(run):
+    """`run(recipe)` with its output folder locked by the main process from start to end (other processes only read it).
+
+    However the run ends, the lock is released and the staging folder removed; a full or read-only disk and Ctrl-C
+    become one line that says what to do."""
+
+    @functools.wraps(run)
+    def locked_run(recipe):
+        args = recipe.training
+        output_dir = Path(args.output_dir)
+        lock = OutputDirLock(output_dir) if args.process_index == 0 else None  # the process that publishes the model
+        finished = False
+        try:
+            if lock is not None:
+                check_place(output_dir, recipe.to_dict(), recipe.run.overwrite)  # before anything is made there
+                lock.acquire()
+            results = run(recipe)
+            finished = True
+            return results
+        except KeyboardInterrupt:
+            raise _interrupted(output_dir) from None
+        except Exception as error:
+            if (disk := disk_error(error, output_dir)) is None:
+                raise
+            raise disk from error
+        finally:
+            if lock is not None:
+                if lock.fd is not None and not finished:  # a half-staged model: never published, and it may have filled the disk
+                    shutil.rmtree(output_dir / STAGING, ignore_errors=True)
+                lock.release()
+
+    return locked_run
