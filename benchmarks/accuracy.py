@@ -23,14 +23,8 @@ import torch
 from transformers import TrainerCallback
 
 from common import device, report
-from hf_transfer.cached_head import CachedHeadTraining
-from hf_transfer.checkpoints import SafeTrainer
-from hf_transfer.data import attach_transforms, build_transforms, collate, load_image_dataset
-from hf_transfer.device_resize import DeviceResize, device_transforms
-from hf_transfer.callbacks import FreezeCallback
-from hf_transfer.freezing import FreezePlan
-from hf_transfer.metrics import compute_metrics
-from hf_transfer.models import data_config, load_model
+from hf_transfer.models import data_config
+from hf_transfer.training import build
 from hf_transfer.recipe import parse_recipe
 
 
@@ -72,6 +66,7 @@ def recipe_for(args, model: str, strategy: str, output_dir: str):
         label_smoothing_factor=args.label_smoothing, bf16=args.bf16, seed=args.seed,
         dataloader_persistent_workers=args.workers > 0,  # no worker restart (and re-fork) every epoch
     )
+    overrides.update(image_size=args.image_size, resize_on_device="true" if args.device_resize else "false")
     for key in ("max_train_samples", "max_eval_samples", "max_test_samples", "augmentation"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
@@ -84,34 +79,15 @@ def run_one(args, model_name: str, strategy: str) -> dict:
     """One fine-tuning run as hf_transfer.training.run does it (feature cache included), timed per epoch."""
     with tempfile.TemporaryDirectory() as output_dir:
         recipe = recipe_for(args, model_name, strategy, output_dir)
-        training = recipe.training
-        training.dataloader_pin_memory = training.dataloader_pin_memory and torch.cuda.is_available()
         prepare_start = time.perf_counter()
-        data = load_image_dataset(recipe.data, seed=training.seed)
-        model, processor = load_model(recipe.model, data.labels)
-        config = data_config(model, processor)
-        if args.image_size:
-            config["input_size"] = (3, args.image_size, args.image_size)
-        if args.device_resize:
-            train_transform, eval_transform, _ = device_transforms(config, recipe.data.augmentation)
-            DeviceResize(config, args.channels_last).attach(model)  # hf_transfer's `resize_on_device: true`, with channels_last
-        else:
-            train_transform, eval_transform = build_transforms(config, recipe.data.augmentation, recipe.data.crop_min_scale)
-        splits = attach_transforms(data, train_transform, eval_transform)
+        built = build(recipe, claim=False)  # data, model, transforms, plan, optimizer, trainer, cache: as a run builds them
         if args.channels_last:
-            model.to(memory_format=torch.channels_last)
-        plan = FreezePlan(model, recipe.freeze, training.learning_rate)
-        optimizer = torch.optim.AdamW(
-            plan.parameter_groups(training.weight_decay), lr=training.learning_rate,
-            betas=(training.adam_beta1, training.adam_beta2), eps=training.adam_epsilon,
-        )
+            built.model.to(memory_format=torch.channels_last)
+            if built.device_step:
+                built.device_step.channels_last = True
         clock = EpochClock()
-        trainer = SafeTrainer(
-            model=model, args=training, train_dataset=splits["train"], eval_dataset=splits["validation"],
-            data_collator=collate, compute_metrics=compute_metrics, processing_class=processor,
-            optimizers=(optimizer, None), callbacks=[FreezeCallback(plan), clock],
-        )
-        cache = CachedHeadTraining.for_run(recipe, plan, trainer, data, (train_transform, eval_transform))
+        built.trainer.add_callback(clock)
+        trainer, splits, cache, config = built.trainer, built.splits, built.cache, data_config(built.model, built.image_processor)
         prepare_seconds = time.perf_counter() - prepare_start
         clock.start = train_start = time.perf_counter()
         if cache is None:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything in issue 8 that needs a GPU, in one call on one H100 (about 20 minutes in all):
+# Every benchmark that needs a GPU, in one call on one H100 (about 20 minutes in all):
 #   throughput  bf16 training img/s of Lite0, ResNet-50, ViT-B/16 (eager / compile x NCHW / channels_last)
 #               against the matmul ceiling measured in the same run
 #   overhead    hf_transfer's Trainer step vs. a plain PyTorch loop, alternating, median ratio

@@ -38,11 +38,10 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import TrainerCallback, get_scheduler
 
 from common import device, median, report, synchronize
-from hf_transfer.checkpoints import SafeTrainer
 from hf_transfer.data import collate
 from hf_transfer.device_resize import DeviceResize
-from hf_transfer.callbacks import FreezeCallback
 from hf_transfer.freezing import FreezePlan
+from hf_transfer.training import build_trainer, run_arguments
 from hf_transfer.models import data_config, load_model
 from hf_transfer.recipe import parse_recipe
 
@@ -97,32 +96,21 @@ def resize_config(model, processor, args) -> dict:
     return config
 
 
-def optimizer_for(plan: FreezePlan, training) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
-        plan.parameter_groups(training.weight_decay), lr=training.learning_rate,
-        betas=(training.adam_beta1, training.adam_beta2), eps=training.adam_epsilon,
-    )
-
-
 class TrainerPath:
     """hf_transfer's Trainer, built as training.run builds it; each round is one `train()` of warmup + steps."""
 
     def __init__(self, args, dataset: Images, labels: list[str], clip: bool):
         self.folder = tempfile.TemporaryDirectory()
         recipe = build_recipe(args, self.folder.name, clip)
-        recipe.training.dataloader_pin_memory = torch.cuda.is_available()
         torch.manual_seed(args.seed)
         self.model, processor = load_model(recipe.model, labels)
         if args.channels_last:
             self.model.to(memory_format=torch.channels_last)
         DeviceResize(resize_config(self.model, processor, args), args.channels_last).attach(self.model)
-        plan = FreezePlan(self.model, recipe.freeze, recipe.training.learning_rate)
+        plan = FreezePlan(self.model, recipe.freezing, recipe.training.learning_rate)
         self.clock = StepClock(args.warmup, args.warmup + args.steps, CLOCKS[args.clock])
-        self.trainer = SafeTrainer(
-            model=self.model, args=recipe.training, train_dataset=dataset, data_collator=collate,
-            optimizers=(optimizer_for(plan, recipe.training), None),
-            callbacks=[FreezeCallback(plan), self.clock],
-        )
+        self.trainer = build_trainer(recipe, run_arguments(recipe), self.model, processor, {"train": dataset}, plan)
+        self.trainer.add_callback(self.clock)
 
     def round(self) -> float:
         self.trainer.lr_scheduler = None  # a fresh schedule each round, as a new run would have
@@ -165,7 +153,7 @@ class PlainPath:
         """hf_transfer's optimizer groups (one or two per block), taken from a FreezePlan on a throwaway
         copy of the model so that none of the plan's hooks land on this one."""
         copy, _ = load_model(recipe.model, labels)
-        plan = FreezePlan(copy, recipe.freeze, recipe.training.learning_rate)
+        plan = FreezePlan(copy, recipe.freezing, recipe.training.learning_rate)
         names = {id(p): name.removeprefix("timm_model.") for name, p in copy.named_parameters()}
         mine = dict(self.model.named_parameters())
         return [{**group, "params": [mine[names[id(p)]] for p in group["params"]]} for group in plan.parameter_groups(weight_decay)]

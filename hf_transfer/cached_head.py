@@ -23,7 +23,7 @@ from transformers import PreTrainedModel, TimmWrapperForImageClassification, Tra
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .checkpoints import SafeTrainer, last_complete_checkpoint
+from .trainer import SafeTrainer, last_complete_checkpoint
 from .errors import HFTransferError
 from .feature_store import FeatureCapture, FeatureStore
 from .metrics import compute_metrics

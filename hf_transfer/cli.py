@@ -9,17 +9,10 @@ import signal
 import sys
 from pathlib import Path
 
-import datasets
-import transformers
-from transformers import HfArgumentParser
-
-from .data import DataArguments
 from .errors import HFTransferError
-from .freezing import FreezeArguments
 from .images import UnreadableImageError
-from .models import ModelArguments
-from .recipe import TRAINING_DEFAULTS, RunArguments, parse_recipe, parser
-from .training import run
+
+# torch, transformers and datasets load only in the commands that need them: `push --help` and `demo --help` answer at once.
 
 # Errors whose message already says what to do: shown without a traceback (HF_TRANSFER_DEBUG=1 shows it).
 # images.py is shipped alone to Spaces, so its error cannot derive from HFTransferError.
@@ -43,6 +36,9 @@ see `hf-transfer train --help-all`. The ones that shape training most:
 
 
 def setup_logging(main_process: bool) -> None:
+    import datasets
+    import transformers
+
     # Our own steps at INFO; the libraries' INFO chatter (config saved, cache found...) stays quiet.
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.WARNING)  # no-op if configured
     logging.getLogger("hf_transfer").setLevel(logging.INFO if main_process else logging.WARNING)
@@ -73,6 +69,15 @@ def _exit_on_user_error(function, *args):
 
 def run_training(argv: list[str] | None = None) -> dict:
     """`recipes/finetune.py` and `hf-transfer train`: parse the recipe and run the flow."""
+    from transformers import HfArgumentParser
+
+    from .data import DataArguments
+    from .freezing import FreezeArguments
+    from .hub import share_run
+    from .models import ModelArguments
+    from .recipe import TRAINING_DEFAULTS, RunArguments, parse_recipe, parser
+    from .training import run
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--help-all" in argv:
         parser().print_help()
@@ -83,7 +88,9 @@ def run_training(argv: list[str] | None = None) -> dict:
         sys.exit(0 if argv else 2)
     recipe = _exit_on_user_error(parse_recipe, argv)
     setup_logging(recipe.training.process_index == 0)
-    return _exit_on_user_error(run, recipe)
+    results = _exit_on_user_error(run, recipe)
+    _exit_on_user_error(share_run, recipe.training)
+    return results
 
 
 def push_command(args: argparse.Namespace) -> None:
@@ -108,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     sub = commands.add_subparsers(dest="command", required=True)
     sub.add_parser("train", help="fine-tune a backbone from a recipe (recipes/quickstart.yaml)", add_help=False)
+    sub.add_parser("doctor", help="check a recipe's data: likely wrong labels, near-duplicates and leaks, class balance", add_help=False)
 
     push = sub.add_parser("push", help="upload a trained output dir to the Hub with its model card, and verify it")
     push.add_argument("output_dir", help="a folder written by `hf-transfer train`")
@@ -129,6 +137,11 @@ def main(argv: list[str] | None = None) -> None:
 
     if argv[:1] == ["train"]:
         run_training(argv[1:])
+        return
+    if argv[:1] == ["doctor"]:
+        from .doctor import doctor_command
+
+        doctor_command(argv[1:])
         return
     args = commands.parse_args(argv)
     _exit_on_user_error(args.handler, args)

@@ -25,12 +25,12 @@ SIZE_SAMPLE = 32  # images per split whose size decides `resize_on_device: auto`
 def transforms_for_run(args: DataArguments, data: PreparedData, data_config: dict, device: torch.device):
     """`(train, eval, device_step)`: the CPU transforms, and the step that finishes their batches on `device`
     (a `DeviceResize`, to attach to the model), or None when the CPU does all the preprocessing."""
-    if not resize_on_device(args, data, data_config, device):
+    if not use_device_resize(args, data, data_config, device):
         return (*build_transforms(data_config, args.augmentation, args.crop_min_scale), None)
     return device_transforms(data_config, args.augmentation)
 
 
-def resize_on_device(args: DataArguments, data: PreparedData, data_config: dict, device: torch.device) -> bool:
+def use_device_resize(args: DataArguments, data: PreparedData, data_config: dict, device: torch.device) -> bool:
     """`auto`: on a CUDA device, for images of one size smaller than the model's input (a CPU gains nothing)."""
     if args.resize_on_device == "false" or (args.resize_on_device == "auto" and device.type != "cuda"):
         return False
@@ -62,11 +62,11 @@ def sample_sizes(data: PreparedData) -> dict[tuple[int, int], str]:
     sizes = {}
     for split in data.splits.values():
         for index, cell in enumerate(split.select(range(min(SIZE_SAMPLE, len(split))))[data.image_column]):
-            sizes.setdefault(_header_size(cell), image_name(cell, index))
+            sizes.setdefault(_decoded_height_width(cell), image_name(cell, index))
     return sizes
 
 
-def _header_size(cell: dict) -> tuple[int, int]:
+def _decoded_height_width(cell: dict) -> tuple[int, int]:
     """(height, width) as decoded (EXIF orientation applied), from the file's header: no pixels are decoded."""
     with Image.open(io.BytesIO(cell["bytes"]) if cell.get("bytes") else cell["path"]) as image:
         width, height = image.size

@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import set_seed
 
+from .checksums import checksum
 from .data import attach_transforms, collate
-from .freezing import checksum
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""What trains, and how fast: blocks, freeze plans, BatchNorm control, layer-wise LRs, staged unfreezing.
+"""What trains, and how fast: the freeze options and the plan that applies them (BatchNorm, layer-wise rates, stages).
 
 Every parameter that trains at any stage is registered with the optimizer (and DDP) from the start; a block
 waiting for its stage gets zero gradients (one process: none) and no update, so unfreezing needs no re-wrapping.
@@ -7,18 +7,17 @@ waiting for its stage gets zero gradients (one process: none) and no update, so 
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 import logging
-import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-import timm.models
 import torch
 from torch import nn
-from transformers import PreTrainedModel, TimmWrapperForImageClassification
+from transformers import TimmWrapperForImageClassification
 
+from .blocks import discover_blocks
+from .checksums import checksum
 from .errors import HFTransferError
 from .recipe_yaml import load_recipe_yaml
 
@@ -176,135 +175,6 @@ def _check_stages(stages) -> None:
         raise ValueError(f"The first stage must start at 0 (it says what trains from the start), not {starts[0]}.")
     if any(later <= earlier for earlier, later in zip(starts, starts[1:])):
         raise ValueError(f"Stages must start in increasing order, got starts {starts}.")
-
-
-# --- block discovery -----------------------------------------------------------------------------
-
-@dataclass
-class Block:
-    name: str
-    parameter_names: list[str]
-
-
-def discover_blocks(model: nn.Module) -> list[Block]:
-    """The model's blocks in order from stem to head; the last block is always the classifier head.
-
-    timm models use timm's own grouping (the one behind its `--layer-decay`); transformers models
-    their embeddings, repeated layers (`encoder.layer.N`) and everything outside the base model as
-    the head; anything else its top-level modules, with a warning.
-    """
-    if isinstance(model, TimmWrapperForImageClassification):
-        blocks = _timm_blocks(model.timm_model, prefix="timm_model.")
-    elif hasattr(model, "group_matcher") and hasattr(model, "get_classifier"):
-        blocks = _timm_blocks(model, prefix="")
-    elif isinstance(model, PreTrainedModel):
-        blocks = _transformers_blocks(model)
-    else:
-        blocks = None
-    if blocks is None:
-        warnings.warn(
-            f"No block structure known for {type(model).__name__}: using its top-level modules as blocks "
-            "and the last one as the head. Check the freeze plan table.",
-            stacklevel=2,
-        )
-        blocks = _top_level_blocks(model)
-    return blocks
-
-
-def _module_of(parameter_name: str) -> str:
-    return parameter_name.rsplit(".", 1)[0]
-
-
-def _common_dotted_prefix(names: list[str]) -> str:
-    common = []
-    for pieces in zip(*(name.split(".") for name in names)):
-        if len(set(pieces)) > 1:
-            break
-        common.append(pieces[0])
-    return ".".join(common)
-
-
-def _named_block(names: list[str], prefix: str = "") -> Block:
-    """Name parameters by the module(s) they live in: `blocks.3.1`, `conv_stem+bn1`, `vit.embeddings`."""
-    by_top: dict[str, list[str]] = {}
-    for name in names:
-        module = _module_of(name.removeprefix(prefix))
-        by_top.setdefault(module.split(".")[0], []).append(module)
-    return Block("+".join(_common_dotted_prefix(group) for group in by_top.values()), names)
-
-
-def _timm_blocks(backbone: nn.Module, prefix: str) -> list[Block] | None:
-    try:
-        groups = timm.models.group_parameters(backbone, backbone.group_matcher(coarse=False))
-        classifier = backbone.get_classifier()
-    except (AttributeError, NotImplementedError):
-        return None
-    classifiers = classifier if isinstance(classifier, (tuple, list)) else [classifier]  # distilled models have two
-    head_ids = {id(p) for module in classifiers for p in module.parameters()}
-    parameters = dict(backbone.named_parameters())
-    head = [prefix + name for name, p in parameters.items() if id(p) in head_ids]
-    blocks = []
-    for group in groups.values():
-        body = [prefix + name for name in group if id(parameters[name]) not in head_ids]
-        if body:
-            blocks.append(_named_block(body, prefix))
-    return [*blocks, Block("head", head)] if head and blocks else None
-
-
-def _layer_list(module: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """The biggest list of same-type layers (`encoder.layer`, `encoder.stages`): the repeated blocks."""
-    lists = [
-        (name, child) for name, child in module.named_modules()
-        if isinstance(child, nn.ModuleList) and len(child) > 1 and len({type(layer) for layer in child}) == 1
-    ]
-    if not lists:
-        return None
-    return max(lists, key=lambda item: sum(p.numel() for p in item[1].parameters()))
-
-
-def _transformers_blocks(model: PreTrainedModel) -> list[Block] | None:
-    """Embeddings, then one block per layer (what follows the last layer joins it, as in timm), then the head.
-
-    The head is everything outside the base model (`classifier`, `cls_classifier` + `distillation_classifier`...).
-    """
-    prefix = model.base_model_prefix
-    base = getattr(model, prefix, None) if prefix else None
-    found = _layer_list(base) if isinstance(base, nn.Module) else None
-    if found is None:
-        return None
-    list_name = f"{prefix}.{found[0]}"
-    names = [name for name, _ in model.named_parameters()]
-    head = [name for name in names if not name.startswith(prefix + ".")]
-    if not head:
-        return None
-    before, after, per_layer = [], [], [[] for _ in found[1]]
-    for name in (name for name in names if name.startswith(prefix + ".")):
-        if name.startswith(list_name + "."):
-            per_layer[int(name[len(list_name) + 1:].split(".")[0])].append(name)
-        elif not any(per_layer):
-            before.append(name)
-        else:
-            after.append(name)
-    blocks = [_named_block(before)] if before else []
-    blocks += [Block(f"{list_name}.{index}", layer) for index, layer in enumerate(per_layer) if layer]
-    if after:
-        blocks[-1] = Block(f"{blocks[-1].name}+{_named_block(after).name}", blocks[-1].parameter_names + after)
-    return [*blocks, Block("head", head)]
-
-
-def _top_level_blocks(model: nn.Module) -> list[Block]:
-    """Fallback: one block per top-level module (the last is the head), own parameters first."""
-    blocks = [Block("(own parameters)", [name for name, _ in model.named_parameters(recurse=False)])]
-    children = [(name, child) for name, child in model.named_children() if any(True for _ in child.parameters())]
-    if len(children) == 2:  # `body + head` wrappers: open the body up
-        body_name, body = children[0]
-        children = [(f"{body_name}.{name}", child) for name, child in body.named_children()] + children[1:]
-        blocks.append(Block(f"{body_name} (own parameters)", [f"{body_name}.{n}" for n, _ in body.named_parameters(recurse=False)]))
-    for name, child in children:
-        blocks.append(Block(name, [f"{name}.{p}" for p, _ in child.named_parameters()]))
-    blocks = [block for block in blocks if block.parameter_names]
-    blocks[-1].name = "head"
-    return blocks
 
 
 # --- the plan ------------------------------------------------------------------------------------
@@ -620,12 +490,3 @@ class FreezePlan:
         if not (self.integrity["frozen_unchanged"] and self.integrity["ranks_identical"]):
             logger.error("Freeze plan check failed at step %d: %s", step, self.integrity)
         return self.integrity
-
-
-def checksum(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over names and raw bytes in name order: equal only for bit-identical tensors."""
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        digest.update(name.encode())
-        digest.update(tensors[name].detach().reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
-    return digest.hexdigest()

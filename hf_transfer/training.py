@@ -1,4 +1,4 @@
-"""The whole flow: data -> model -> freeze plan -> Trainer -> test -> a model repo on disk.
+"""The whole flow, one call per stage: build (data, model, plan, trainer) -> fit -> write the model repo.
 
 The final model is assembled in a staging folder and moved into `output_dir` with
 `config.json` last, so a kill while saving never leaves a folder that loads half a model.
@@ -10,42 +10,79 @@ import copy
 import json
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import set_seed
+from transformers import TrainingArguments, set_seed
+from transformers.trainer_utils import PredictionOutput
 
 from .cached_head import CachedHeadTraining
-from .card import describe_hardware, write_model_card
-from .checkpoints import SafeTrainer
-from .data import attach_transforms, collate, load_image_dataset
-from .device_resize import transforms_for_run
 from .callbacks import EarlyStopping, FreezeCallback
+from .card import describe_hardware, write_model_card
+from .data import PreparedData, attach_transforms, collate, load_image_dataset
+from .device_resize import DeviceResize, transforms_for_run
 from .freezing import FreezePlan
-from .hub import share
 from .metrics import compute_metrics, test_report
 from .models import check_model_available, data_config, load_model, save_model
 from .optimization import build_optimizer, describe_optimizer, describe_schedule
 from .output_dir import RUN_CONFIG, check_output_dir, claim_output_dir, holding_output_dir, publish
 from .plots import plot_confusion_matrix, plot_training_curves
 from .recipe import Recipe
+from .trainer import SafeTrainer
 
 logger = logging.getLogger(__name__)
 
 RECIPE = "recipe.yaml"
 
 
+@dataclass
+class Built:
+    """What `build` makes from a recipe: everything `fit` trains and `write_model_repo` saves."""
+
+    recipe: Recipe
+    args: TrainingArguments  # the recipe's, as the run uses them (Trainer never pushes; pinned memory only on CUDA)
+    data: PreparedData
+    model: torch.nn.Module
+    image_processor: object
+    splits: dict
+    plan: FreezePlan
+    trainer: SafeTrainer
+    callbacks: list
+    cache: CachedHeadTraining | None  # the head trains on cached features when the backbone is frozen
+    device_step: DeviceResize | None  # resizes small images of one size on the device
+    device_hook: object | None  # the forward pre-hook that runs `device_step`; removed before saving
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.args.output_dir)
+
+
+@dataclass
+class Fitted:
+    """What training and testing produced."""
+
+    trainer: SafeTrainer  # the one whose optimizer, schedule and state the results describe
+    train_metrics: dict
+    eval_metrics: dict
+    test_output: PredictionOutput
+
+
 @holding_output_dir
 def run(recipe: Recipe) -> dict:
     """Train, evaluate on the test split and write a complete model repo; returns all results."""
-    run_config = recipe.to_dict()
-    args = copy.copy(recipe.training)  # the recipe stays as given
-    args.dataloader_pin_memory = args.dataloader_pin_memory and torch.cuda.is_available()
-    # We push once, at the end, with our card and a verification; Trainer must not push checkpoints.
-    push_requested, args.push_to_hub = args.push_to_hub, False
-    output_dir = Path(args.output_dir)
-    check_output_dir(output_dir, run_config, recipe.run)
+    built = build(recipe)
+    fitted = fit(built)
+    return write_model_repo(built, fitted)
+
+
+def build(recipe: Recipe, claim: bool = True) -> Built:
+    """Data, model, transforms, freeze plan, optimizer and trainer, checked before anything is written.
+
+    With `claim`, the output folder is then claimed for the run (`--overwrite` clears it only now)."""
+    args = run_arguments(recipe)
+    check_output_dir(Path(args.output_dir), recipe.to_dict(), recipe.run)
     check_model_available(recipe.model)  # before the dataset is read, which can take minutes
     set_seed(args.seed)
 
@@ -58,74 +95,97 @@ def run(recipe: Recipe) -> dict:
     splits = attach_transforms(data, train_transform, eval_transform)
     # Small images of one size reach the model as uint8 at their own size; this hook resizes them on the device.
     device_hook = device_step.attach(model) if device_step else None
-    plan = FreezePlan(model, recipe.freeze, args.learning_rate)
-    optimizer = build_optimizer(args, model, plan.parameter_groups(args.weight_decay))
+    plan = FreezePlan(model, recipe.freezing, args.learning_rate)
+    trainer = build_trainer(recipe, args, model, image_processor, splits, plan)
+    # With a fully frozen backbone the head trains on features computed once; None otherwise.
+    cache = CachedHeadTraining.for_run(recipe, plan, trainer, data, (train_transform, eval_transform))
+    if claim and args.should_save:  # the run is certain to start: only now may --overwrite clear the folder
+        claim_output_dir(Path(args.output_dir), recipe.to_dict(), recipe.run.overwrite)
+    return Built(recipe, args, data, model, image_processor, splits, plan, trainer, trainer.callback_handler.callbacks, cache,
+                 device_step, device_hook)
+
+
+def run_arguments(recipe: Recipe) -> TrainingArguments:
+    """The recipe's TrainingArguments as a run uses them; a copy, so the recipe stays as given."""
+    args = copy.copy(recipe.training)
+    args.dataloader_pin_memory = args.dataloader_pin_memory and torch.cuda.is_available()
+    args.push_to_hub = False  # pushed once, after the run, with our card and a verification (cli, finetune)
+    return args
+
+
+def build_trainer(recipe: Recipe, args: TrainingArguments, model, image_processor, splits, plan: FreezePlan) -> SafeTrainer:
+    """The SafeTrainer of a run: the recipe's optimizer over the plan's groups, its stages and early stopping."""
     callbacks = [FreezeCallback(plan)]
     if recipe.run.early_stopping_patience:
         callbacks.append(EarlyStopping(plan, recipe.run.early_stopping_patience, recipe.run.early_stopping_threshold))
-    trainer = SafeTrainer(
+    return SafeTrainer(
         model=model,
         args=args,
         train_dataset=splits["train"],
-        eval_dataset=splits["validation"],
+        eval_dataset=splits.get("validation"),
         data_collator=collate,
         compute_metrics=compute_metrics,
         processing_class=image_processor,
-        optimizers=(optimizer, None),
+        optimizers=(build_optimizer(args, model, plan.parameter_groups(args.weight_decay)), None),
         callbacks=callbacks,
-        test_dataset=splits["test"] if recipe.run.eval_test_each_epoch else None,
+        test_dataset=splits.get("test") if recipe.run.eval_test_each_epoch else None,
     )
 
-    resume = True if recipe.run.resume else None
-    # With a fully frozen backbone the head trains on features computed once; None otherwise.
-    cache = CachedHeadTraining.for_run(recipe, plan, trainer, data, (train_transform, eval_transform))
-    if args.should_save:  # the run is certain to start: only now may --overwrite clear the folder
-        claim_output_dir(output_dir, run_config, recipe.run.overwrite)
-    if cache is None:
+
+def fit(built: Built) -> Fitted:
+    """Train (on images, or the head on cached features), evaluate on validation, predict the test split."""
+    resume = True if built.recipe.run.resume else None
+    trainer = built.trainer
+    if built.cache is None:
         train_metrics = trainer.train(resume_from_checkpoint=resume).metrics
         eval_metrics = trainer.evaluate()
-        test_output = trainer.predict(splits["test"], metric_key_prefix="test")
+        test_output = trainer.predict(built.splits["test"], metric_key_prefix="test")
     else:
-        train_metrics, eval_metrics, test_output = cache.run(splits["test"], resume)
-        trainer = cache.trainer_that_finished  # whose optimizer, schedule and state the results describe
+        train_metrics, eval_metrics, test_output = built.cache.run(built.splits["test"], resume)
+        trainer = built.cache.trainer_that_finished
     for split, metrics in (("train", train_metrics), ("eval", eval_metrics), ("test", test_output.metrics)):
         trainer.log_metrics(split, metrics)
+    if built.device_hook:
+        built.device_hook.remove()  # the saved model takes images preprocessed as usual (pipeline, timm)
+    return Fitted(trainer, train_metrics, eval_metrics, test_output)
 
-    if device_hook:
-        device_hook.remove()  # the saved model takes images preprocessed as usual (pipeline, timm)
+
+def write_model_repo(built: Built, fitted: Fitted) -> dict:
+    """All results, and (main process) the model repo: weights, reports, plots and card, staged then published."""
+    trainer, data, test_output = fitted.trainer, built.data, fitted.test_output
+    early_stopping = next((callback for callback in built.callbacks if isinstance(callback, EarlyStopping)), None)
     results = {
-        **train_metrics, **eval_metrics, **test_output.metrics,
+        **fitted.train_metrics, **fitted.eval_metrics, **test_output.metrics,
         "split_sizes": data.sizes,
         "hardware": describe_hardware(),
         "skipped_images": {name: len(entries) for name, entries in data.skipped.items()},
         "skipped_image_examples": {name: entries[:20] for name, entries in data.skipped.items()},
-        "resized_on_device": device_step is not None,  # what `resize_on_device: auto` decided
+        "resized_on_device": built.device_step is not None,  # what `resize_on_device: auto` decided
         "optimizer": describe_optimizer(trainer.optimizer),
-        "lr_scheduler": describe_schedule(args, trainer.lr_scheduler, trainer.state.max_steps),
-        "early_stopping": callbacks[-1].summary() if isinstance(callbacks[-1], EarlyStopping) else None,
+        "lr_scheduler": describe_schedule(built.args, trainer.lr_scheduler, trainer.state.max_steps),
+        "early_stopping": early_stopping.summary() if early_stopping else None,
         "published_weights": published_weights(trainer),
-        **({"feature_cache": cache.summary} if cache else {}),
+        **({"feature_cache": built.cache.summary} if built.cache else {}),
     }
     if trainer.is_world_process_zero():
+        output_dir = built.output_dir
         staging = output_dir / ".partial"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
         # Not trainer.save_model: it also pickles the TrainingArguments, and we write only safetensors.
-        save_model(model, image_processor, staging)
+        save_model(built.model, built.image_processor, staging)
         report = test_report(np.argmax(test_output.predictions, axis=-1), test_output.label_ids, data.labels)
         _write_json(staging / "all_results.json", results)
         _write_json(staging / "test_report.json", report)
-        _write_json(staging / RUN_CONFIG, run_config)
-        (staging / RECIPE).write_text(recipe.to_yaml())
+        _write_json(staging / RUN_CONFIG, built.recipe.to_dict())
+        (staging / RECIPE).write_text(built.recipe.to_yaml())
         trainer.state.save_to_json(str(staging / "trainer_state.json"))
-        plan.save(staging / "freeze_plan.json")
+        built.plan.save(staging / "freeze_plan.json")
         plot_training_curves(trainer.state.log_history, staging / "training_curves.png")
         plot_confusion_matrix(report["confusion_matrix"], data.labels, staging / "confusion_matrix.png")
         write_model_card(staging, final_dir=output_dir)  # staged too: published with the model, before config.json
         publish(staging, output_dir)
         _print_next_steps(output_dir, results)
-        if push_requested:
-            share(output_dir, args.hub_model_id, private=bool(args.hub_private_repo), revision=args.hub_revision)
     trainer.accelerator.wait_for_everyone()
     return results
 

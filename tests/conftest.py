@@ -10,10 +10,15 @@ import sys
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import timm
+import torch
 from huggingface_hub import constants as hub_constants
 from PIL import Image
+from torch import nn
+from transformers import AutoModelForImageClassification, TimmWrapperConfig, TimmWrapperForImageClassification
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "recipes" / "data" / "cats_vs_dogs_sample"
@@ -41,6 +46,19 @@ def quickstart_model_dir(tmp_path_factory) -> Path:
     finetune(str(QUICKSTART), output_dir=str(output_dir))
     assert json.loads((output_dir / "all_results.json").read_text())["test_accuracy"] > 0.5
     return output_dir
+
+
+# End-to-end runs: every test that trains a model, directly or through a shared trained model, is `slow`
+# (`pytest -m "not slow"` is the fast loop: recipe parsing, errors, images, plans, cards, metrics).
+SLOW_MODULES = {"test_cache", "test_ddp", "test_reliability", "test_output_dir", "test_hub", "test_classic_recipes",
+                "test_recipe_faithful", "test_training", "test_demo", "test_demo_browser", "test_demo_security"}
+SLOW_FIXTURES = {"quickstart_model_dir", "run_dir", "fresh_run", "model_dirs"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.module.__name__ in SLOW_MODULES or SLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
 
 
 # A random-init test network and a handful of images: a run that gets past the checks takes seconds.
@@ -107,3 +125,110 @@ def labelled(split: str, count: int, label: int | None = None) -> dict:
 
 
 IMAGE, LABEL = datasets.Image(), datasets.ClassLabel(names=CLASSES)
+
+
+# ---- model folders and the tiny ViT run, shared by the freezing, DDP, card and hub tests ----------------------------
+
+def model_photos(model: TimmWrapperForImageClassification, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` cat and dog photos from the repo's sample, preprocessed for `model`, with their labels."""
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model.timm_model))
+    rows = sample_rows("train")[:count]
+    from hf_transfer.images import load_image
+
+    return torch.stack([transform(load_image(row["image"])) for row in rows]), torch.tensor([row["labels"] for row in rows])
+
+
+def calibrate_batchnorm(model: TimmWrapperForImageClassification) -> None:
+    """BatchNorm statistics of a fresh model are 0 / 1, and in eval mode its activations then vanish
+    (features ~1e-14, no gradient). Set them from real photos, as pretraining would have."""
+    norms = [module for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    images, _ = model_photos(model, 16)
+    for module in norms:
+        module.reset_running_stats()
+        module.momentum = None  # a plain average over the batch
+    model.train()
+    with torch.no_grad():
+        model(pixel_values=images)
+    for module in norms:
+        module.momentum = 0.1
+
+
+def save_timm_model(path: Path, architecture: str, image_size: int = 32, **model_args) -> Path:
+    """A randomly initialised timm model at a small input size, saved as a local model folder."""
+    pretrained_cfg = timm.models.get_pretrained_cfg(architecture).to_dict()
+    pretrained_cfg.pop("num_classes", None)
+    pretrained_cfg["input_size"] = (3, image_size, image_size)
+    config = TimmWrapperConfig(architecture=architecture, pretrained_cfg=pretrained_cfg, model_args=model_args or None, **dict(num_labels=2, id2label=dict(enumerate(CLASSES)), label2id={label: i for i, label in enumerate(CLASSES)}))
+    torch.manual_seed(0)
+    model = TimmWrapperForImageClassification(config)
+    calibrate_batchnorm(model)
+    model.save_pretrained(path)
+    return path
+
+
+def load(model_dir: Path) -> nn.Module:
+    from hf_transfer.models import ModelArguments, load_model
+
+    return load_model(ModelArguments(model=str(model_dir)), CLASSES)[0]
+
+
+def block_tensors(model_dir: Path) -> dict[str, list[str]]:
+    """Block name -> its parameters and the buffers (BatchNorm statistics) of the modules holding them."""
+    from hf_transfer.blocks import discover_blocks
+
+    model = load(model_dir)
+    buffers = [name for name, _ in model.named_buffers()]
+    result = {}
+    for block in discover_blocks(model):
+        modules = {name.rsplit(".", 1)[0] for name in block.parameter_names}
+        result[block.name] = block.parameter_names + [b for b in buffers if b.rsplit(".", 1)[0] in modules]
+    return result
+
+
+def changed_blocks(blocks: dict[str, list[str]], before: dict, after: dict) -> set[str]:
+    return {name for name, tensors in blocks.items() if any(not torch.equal(before[t], after[t]) for t in tensors)}
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    """Parameters and buffers of a saved model, by their in-memory names (transformers may rename them on disk)."""
+    return AutoModelForImageClassification.from_pretrained(path).state_dict()
+
+
+# --- block discovery ---------------------------------------------------------------------------
+
+
+def train_tiny_run(workdir: Path) -> Path:
+    """Fine-tune a ViT with hidden size 256 (a 6.5 MB model.safetensors, so a push takes the LFS path)."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    from hf_transfer import finetune
+
+    dataset = workdir / "cats-dogs-40" / "data"
+    dataset.mkdir(parents=True)
+    train = pq.read_table(SAMPLE / "data" / "train-00000-of-00001.parquet")
+    rows = train.slice(0, 40).to_pylist()
+    rows[5]["image"]["bytes"] = rows[5]["image"]["bytes"][:300]  # a truncated JPEG, as real datasets have
+    pq.write_table(pa.Table.from_pylist(rows, schema=train.schema), dataset / "train-00000-of-00001.parquet")
+    pq.write_table(pq.read_table(SAMPLE / "data" / "test-00000-of-00001.parquet").slice(0, 16),
+                   dataset / "test-00000-of-00001.parquet")
+
+    base = workdir / "tiny-vit"  # a local "pretrained" model: random weights, real architecture and processor
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=256, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=1024)
+    ViTForImageClassification(config).save_pretrained(base)
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(base)
+
+    output_dir = workdir / "run"
+    finetune(dataset=str(dataset.parent), model=str(base), output_dir=str(output_dir), freeze="fastai",
+             num_train_epochs=2, validation_size=8, per_device_train_batch_size=8, seed=0, disable_tqdm=True)
+    return output_dir
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory) -> Path:
+    """One training run per session, shared by the card and hub tests (a fresh copy per module)."""
+    workdir = tmp_path_factory.getbasetemp() / "tiny-vit-run"
+    if not (workdir / "run" / "all_results.json").is_file():
+        train_tiny_run(workdir)
+    return workdir / "run"

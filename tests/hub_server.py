@@ -1,6 +1,6 @@
 """A Hugging Face Hub-compatible HTTP server on 127.0.0.1 for offline round-trip tests.
 
-Implements what huggingface_hub 2.x / transformers / datasets need (see shared docs/local-hub.md):
+Implements what huggingface_hub 2.x / transformers / datasets need (the routes and headers below):
 repos with history, regular + git-LFS uploads, resolve downloads, private repos. Run it alone with
 `python tests/hub_server.py [--port N]`.
 """

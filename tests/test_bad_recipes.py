@@ -51,7 +51,7 @@ def test_anchors_aliases_and_merge_keys_still_work(tmp_path):
                       "    - {<<: *head, at_epoch: 1, train: all}\n")
     parsed = parse_recipe([str(recipe)])
     assert parsed.training.per_device_train_batch_size == parsed.training.per_device_eval_batch_size == 16
-    assert [(stage["at_epoch"], stage["train"]) for stage in parsed.freeze.stages] == [(0, "head"), (1, "all")]
+    assert [(stage["at_epoch"], stage["train"]) for stage in parsed.freezing.stages] == [(0, "head"), (1, "all")]
 
 
 @pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda path: path.name)

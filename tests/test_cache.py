@@ -1,4 +1,4 @@
-"""Feature cache (issue 4): real tiny runs on the shipped cats-vs-dogs photos with a random-init timm ConvNeXt
+"""Feature cache: real tiny runs on the shipped cats-vs-dogs photos with a random-init timm ConvNeXt
 (its classifier sits inside a head module, after a frozen norm: the general case).
 
 Hits and misses are read from the run's own record and the cache folders' modification times, never from timing.

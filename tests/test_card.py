@@ -13,56 +13,15 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 
 from hf_transfer.card import RunFiles, describe_hardware, write_model_card
 from hf_transfer.models import ModelArguments
 from hf_transfer.plots import plot_confusion_matrix, plot_training_curves, training_log
 
-SAMPLE = Path(__file__).resolve().parents[1] / "recipes" / "data" / "cats_vs_dogs_sample" / "data"
 LABELS = ["cat", "dog"]
 PLACEHOLDERS = (r"\[More Information Needed\]", r"\{\{", r"\bTODO\b", r"\bTBD\b", r"\bNone\b", r"\bnan\b", r"\.partial")
-
-
-def train_tiny_run(workdir: Path) -> Path:
-    """Fine-tune a ViT with hidden size 256 (a 6.5 MB model.safetensors, so a push takes the LFS path)."""
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
-
-    from hf_transfer import finetune
-
-    dataset = workdir / "cats-dogs-40" / "data"
-    dataset.mkdir(parents=True)
-    train = pq.read_table(SAMPLE / "train-00000-of-00001.parquet")
-    rows = train.slice(0, 40).to_pylist()
-    rows[5]["image"]["bytes"] = rows[5]["image"]["bytes"][:300]  # a truncated JPEG, as real datasets have
-    pq.write_table(pa.Table.from_pylist(rows, schema=train.schema), dataset / "train-00000-of-00001.parquet")
-    pq.write_table(pq.read_table(SAMPLE / "test-00000-of-00001.parquet").slice(0, 16),
-                   dataset / "test-00000-of-00001.parquet")
-
-    base = workdir / "tiny-vit"  # a local "pretrained" model: random weights, real architecture and processor
-    torch.manual_seed(0)
-    config = ViTConfig(image_size=32, patch_size=8, hidden_size=256, num_hidden_layers=2, num_attention_heads=2,
-                       intermediate_size=1024)
-    ViTForImageClassification(config).save_pretrained(base)
-    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(base)
-
-    output_dir = workdir / "run"
-    finetune(dataset=str(dataset.parent), model=str(base), output_dir=str(output_dir), freeze="fastai",
-             num_train_epochs=2, validation_size=8, per_device_train_batch_size=8, seed=0, disable_tqdm=True)
-    return output_dir
-
-
-@pytest.fixture(scope="session")
-def run_dir(tmp_path_factory) -> Path:
-    """One training run per session, shared by the card and hub tests (a fresh copy per module)."""
-    workdir = tmp_path_factory.getbasetemp() / "tiny-vit-run"
-    if not (workdir / "run" / "all_results.json").is_file():
-        train_tiny_run(workdir)
-    return workdir / "run"
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import TrainingArguments, ViTConfig, ViTForImageClassification
 
-from hf_transfer.checkpoints import SafeTrainer
+from hf_transfer.trainer import SafeTrainer
 
 
 def _tiny_vit(seed: int) -> ViTForImageClassification:

@@ -21,7 +21,7 @@ from transformers import pipeline
 
 from hf_transfer.cli import main
 
-pytestmark = [pytest.mark.usefixtures("offline_hub"), pytest.mark.slow]
+pytestmark = pytest.mark.usefixtures("offline_hub")
 
 CLASSIC = REPO / "recipes" / "classic"
 # A few steps: the recipes' own data, model and epochs are for a real run; these keep everything else as written.

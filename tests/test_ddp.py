@@ -14,10 +14,9 @@ import subprocess
 import sys
 
 import torch
-from conftest import REPO, SAMPLE
-from test_freezing import block_tensors, changed_blocks, load, save_timm_model, weights
+from conftest import REPO, SAMPLE, block_tensors, changed_blocks, load, save_timm_model, weights
 
-from hf_transfer.freezing import checksum
+from hf_transfer.checksums import checksum
 
 
 def test_staged_unfreezing_under_two_process_ddp(tmp_path):

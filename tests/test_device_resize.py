@@ -20,7 +20,7 @@ from transformers import pipeline
 from hf_transfer import finetune, metrics
 from hf_transfer.feature_store import KEY_FILE
 from hf_transfer.data import DataArguments, DatasetError, build_transforms, collate, load_image_dataset
-from hf_transfer.device_resize import device_transforms, resize_on_device, transforms_for_run
+from hf_transfer.device_resize import device_transforms, transforms_for_run, use_device_resize
 from hf_transfer.images import load_image
 from hf_transfer.models import ModelArguments, data_config, load_model
 from hf_transfer.recipe import RecipeError, device_defaults, parse_recipe, parse_recipe_for
@@ -65,14 +65,14 @@ def small_data(cifar_like):
 
 def test_auto_is_on_only_on_cuda_for_images_of_one_size_smaller_than_the_input(small_data, tmp_path):
     auto = DataArguments(dataset="unused")
-    assert resize_on_device(auto, small_data, LITE0, CUDA)
-    assert not resize_on_device(auto, small_data, LITE0, CPU), "a CPU gains nothing"
-    assert not resize_on_device(auto, small_data, {**LITE0, "input_size": (3, 32, 32)}, CUDA), "not smaller than the input"
-    assert not resize_on_device(auto, small_data, {**LITE0, "interpolation": "lanczos"}, CUDA), "no device version: the CPU does it"
+    assert use_device_resize(auto, small_data, LITE0, CUDA)
+    assert not use_device_resize(auto, small_data, LITE0, CPU), "a CPU gains nothing"
+    assert not use_device_resize(auto, small_data, {**LITE0, "input_size": (3, 32, 32)}, CUDA), "not smaller than the input"
+    assert not use_device_resize(auto, small_data, {**LITE0, "interpolation": "lanczos"}, CUDA), "no device version: the CPU does it"
     photos = load_image_dataset(DataArguments(dataset=str(SAMPLE), max_train_samples=40, max_test_samples=8))
-    assert not resize_on_device(auto, photos, LITE0, CUDA), "photos of many sizes stay on the CPU"
-    assert resize_on_device(DataArguments(dataset="unused", resize_on_device="true"), small_data, LITE0, CPU)
-    assert not resize_on_device(DataArguments(dataset="unused", resize_on_device="false"), small_data, LITE0, CUDA)
+    assert not use_device_resize(auto, photos, LITE0, CUDA), "photos of many sizes stay on the CPU"
+    assert use_device_resize(DataArguments(dataset="unused", resize_on_device="true"), small_data, LITE0, CPU)
+    assert not use_device_resize(DataArguments(dataset="unused", resize_on_device="false"), small_data, LITE0, CUDA)
 
 
 def test_the_option_reads_yaml_booleans_and_rejects_other_values():

@@ -11,65 +11,25 @@ import json
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 import torchvision
-from conftest import SAMPLE, sample_rows
+from conftest import SAMPLE, block_tensors, model_photos, changed_blocks, load, save_timm_model, weights
 from torch import nn
 from transformers import (
-    AutoModelForImageClassification,
     DeiTConfig,
     DeiTForImageClassificationWithTeacher,
-    TimmWrapperConfig,
-    TimmWrapperForImageClassification,
     ViTConfig,
     ViTForImageClassification,
     ViTImageProcessor,
 )
 
-from hf_transfer.freezing import FreezeArguments, FreezePlan, FreezePlanError, discover_blocks
-from hf_transfer.images import load_image
-from hf_transfer.models import ModelArguments, load_model
+from hf_transfer.blocks import discover_blocks
+from hf_transfer.freezing import FreezeArguments, FreezePlan, FreezePlanError
 from hf_transfer.recipe import RecipeError, parse_recipe
 from hf_transfer.training import run
 
 LABELS = ["cat", "dog"]
 LABEL_MAPS = dict(num_labels=2, id2label=dict(enumerate(LABELS)), label2id={label: i for i, label in enumerate(LABELS)})
-
-
-def save_timm_model(path: Path, architecture: str, image_size: int = 32, **model_args) -> Path:
-    """A randomly initialised timm model at a small input size, saved as a local model folder."""
-    pretrained_cfg = timm.models.get_pretrained_cfg(architecture).to_dict()
-    pretrained_cfg.pop("num_classes", None)
-    pretrained_cfg["input_size"] = (3, image_size, image_size)
-    config = TimmWrapperConfig(architecture=architecture, pretrained_cfg=pretrained_cfg, model_args=model_args or None, **LABEL_MAPS)
-    torch.manual_seed(0)
-    model = TimmWrapperForImageClassification(config)
-    calibrate_batchnorm(model)
-    model.save_pretrained(path)
-    return path
-
-
-def calibrate_batchnorm(model: TimmWrapperForImageClassification) -> None:
-    """BatchNorm statistics of a fresh model are 0 / 1, and in eval mode its activations then vanish
-    (features ~1e-14, no gradient). Set them from real photos, as pretraining would have."""
-    norms = [module for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
-    images, _ = photos(model, 16)
-    for module in norms:
-        module.reset_running_stats()
-        module.momentum = None  # a plain average over the batch
-    model.train()
-    with torch.no_grad():
-        model(pixel_values=images)
-    for module in norms:
-        module.momentum = 0.1
-
-
-def photos(model: TimmWrapperForImageClassification, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`count` cat and dog photos from the repo's sample, preprocessed for `model`, with their labels."""
-    transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model.timm_model))
-    rows = sample_rows("train")[:count]
-    return torch.stack([transform(load_image(row["image"])) for row in rows]), torch.tensor([row["labels"] for row in rows])
 
 
 def save_transformers_vit(path: Path) -> Path:
@@ -91,10 +51,6 @@ def model_dirs(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-def load(model_dir: Path) -> nn.Module:
-    return load_model(ModelArguments(model=str(model_dir)), LABELS)[0]
-
-
 def train(model_dir: Path, output_dir: Path, *options: str) -> Path:
     """A real run on the repo's cat and dog photos, saving a checkpoint after every optimizer step."""
     run(parse_recipe([
@@ -106,28 +62,6 @@ def train(model_dir: Path, output_dir: Path, *options: str) -> Path:
     ]))
     return output_dir
 
-
-def block_tensors(model_dir: Path) -> dict[str, list[str]]:
-    """Block name -> its parameters and the buffers (BatchNorm statistics) of the modules holding them."""
-    model = load(model_dir)
-    buffers = [name for name, _ in model.named_buffers()]
-    result = {}
-    for block in discover_blocks(model):
-        modules = {name.rsplit(".", 1)[0] for name in block.parameter_names}
-        result[block.name] = block.parameter_names + [b for b in buffers if b.rsplit(".", 1)[0] in modules]
-    return result
-
-
-def changed_blocks(blocks: dict[str, list[str]], before: dict, after: dict) -> set[str]:
-    return {name for name, tensors in blocks.items() if any(not torch.equal(before[t], after[t]) for t in tensors)}
-
-
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    """Parameters and buffers of a saved model, by their in-memory names (transformers may rename them on disk)."""
-    return AutoModelForImageClassification.from_pretrained(path).state_dict()
-
-
-# --- block discovery ---------------------------------------------------------------------------
 
 def _assert_blocks_partition(model: nn.Module, blocks) -> None:
     names = [name for block in blocks for name in block.parameter_names]
@@ -202,7 +136,7 @@ def test_a_waiting_block_gets_zero_gradients_and_no_update(model_dirs):
     plan = FreezePlan(model, FreezeArguments(freeze="staged", stages=stages), learning_rate=0.01)
     optimizer = torch.optim.AdamW(plan.parameter_groups(weight_decay=0.5))
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    pixels, labels = photos(model, 8)
+    pixels, labels = model_photos(model, 8)
     model(pixel_values=pixels, labels=labels).loss.backward()
     waiting = {name: p for name, p in model.named_parameters() if name not in plan.stage_sets[0]}
     # A gradient for every registered parameter keeps DDP's reducers in step; zero keeps clipping to the head's.
@@ -236,10 +170,10 @@ def test_presets_and_command_line_forms():
     fastai = parse_recipe([*base, "--freeze", "fastai"]).freeze
     assert (fastai.freeze, fastai.preset, fastai.stages) == ("staged", "fastai", [{"at_epoch": 0, "train": "head"}, {"at_epoch": 1, "train": "all"}])
     assert fastai.decay_for(4) == pytest.approx(0.01 ** (1 / 4)), "fastai: the stem learns 100x slower than the head"
-    assert parse_recipe([*base, "--freeze", "linear_probe"]).freeze.freeze == "head_only"
+    assert parse_recipe([*base, "--freeze", "linear_probe"]).freezing.freeze == "head_only"
     llrd = parse_recipe([*base, "--freeze", "llrd"]).freeze
     assert (llrd.freeze, llrd.layer_decay) == ("full", 0.75)
-    assert parse_recipe([*base, "--freeze", "llrd", "--layer_decay", "0.9"]).freeze.layer_decay == 0.9, "what the user sets wins"
+    assert parse_recipe([*base, "--freeze", "llrd", "--layer_decay", "0.9"]).freezing.layer_decay == 0.9, "what the user sets wins"
 
     staged = parse_recipe([*base, "--freeze", "staged", "--stages", "[{at_epoch: 0, train: head}, {at_epoch: 1, train: last_n:2}, {at_epoch: 2, train: all}]",
                            "--layer_decay", "0.7", "--batchnorm", "train"]).freeze
@@ -294,7 +228,7 @@ def test_only_batchnorm_layers_of_frozen_blocks_are_held_in_eval_mode(model_dirs
     cnn = load(model_dirs["timm_cnn"])
     plan = FreezePlan(cnn, FreezeArguments(freeze="last_n:1"), 1e-3)
     cnn.train()  # as Trainer does before every step
-    cnn(pixel_values=photos(cnn, 4)[0])
+    cnn(pixel_values=model_photos(cnn, 4)[0])
     last_block = set(plan.blocks[-2].parameter_names)
     norms = {name: m for name, m in cnn.named_modules() if isinstance(m, nn.BatchNorm2d)}
     assert type(norms["timm_model.bn1"]).__name__ == "BatchNormAct2d", "timm's fused BatchNorm + activation is covered"
@@ -307,7 +241,7 @@ def test_batchnorm_eval_keeps_statistics_of_trained_blocks_too(model_dirs):
     statistics = {name: b.clone() for name, b in cnn.named_buffers()}
     plan = FreezePlan(cnn, FreezeArguments(freeze="full", batchnorm="eval"), 1e-3)
     cnn.train()
-    cnn(pixel_values=photos(cnn, 4)[0])
+    cnn(pixel_values=model_photos(cnn, 4)[0])
     assert all(torch.equal(statistics[name], b) for name, b in cnn.named_buffers())
     assert all(p.requires_grad for p in cnn.parameters()), "their scale and shift still train"
     assert {row["batchnorm"] for row in plan.table()[:-1]} == {"frozen"}

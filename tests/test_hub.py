@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from hub_server import LocalHub
-from test_card import SAMPLE, run_dir  # noqa: F401  (the shared tiny training run fixture)
+from conftest import SAMPLE
 
 from hf_transfer.hub import HubError, push_to_hub
 
@@ -37,7 +37,7 @@ def hub():
 def held_out_images(tmp_path_factory) -> list[str]:
     """Four photos of the sample's test split that the tiny run never saw (it was tested on the first 16)."""
     folder = tmp_path_factory.mktemp("held-out")
-    rows = pq.read_table(SAMPLE / "test-00000-of-00001.parquet").slice(16, 4).to_pylist()
+    rows = pq.read_table(SAMPLE / "data" / "test-00000-of-00001.parquet").slice(16, 4).to_pylist()
     for row in rows:
         (folder / row["image"]["path"]).write_bytes(row["image"]["bytes"])
     return [str(folder / row["image"]["path"]) for row in rows]
@@ -261,7 +261,7 @@ def test_missing_repo_error_names_the_repo_and_the_fix(hub, run_dir, held_out_im
 def test_dataset_repo_loads_with_load_dataset(hub, tmp_path):
     folder = tmp_path / "cats-dogs-mini" / "data"
     folder.mkdir(parents=True)
-    table = pq.read_table(SAMPLE / "train-00000-of-00001.parquet").slice(0, 20)
+    table = pq.read_table(SAMPLE / "data" / "train-00000-of-00001.parquet").slice(0, 20)
     pq.write_table(table, folder / "train-00000-of-00001.parquet")  # keeps the Image/ClassLabel features
     loaded = run_client(hub, """
         import datasets

@@ -27,7 +27,7 @@ import torch
 from transformers import TrainingArguments, ViTConfig, ViTForImageClassification
 
 from conftest import REPO, SAMPLE, TINY_RUN, TINY_SAMPLE, run_command, sample_rows, user_error
-from hf_transfer.checkpoints import CheckpointError, SafeTrainer, last_complete_checkpoint
+from hf_transfer.trainer import CheckpointError, SafeTrainer, last_complete_checkpoint
 from hf_transfer.cli import main
 
 pytestmark = pytest.mark.usefixtures("offline_hub")

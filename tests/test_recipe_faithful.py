@@ -20,7 +20,7 @@ from hf_transfer.cli import main
 from hf_transfer.models import ModelArguments, ModelNotAvailableError, load_model, save_model
 from hf_transfer.recipe import parse_recipe
 
-pytestmark = [pytest.mark.usefixtures("offline_hub"), pytest.mark.slow]
+pytestmark = pytest.mark.usefixtures("offline_hub")
 
 # 8 training images in batches of 4: 2 optimizer steps per epoch; every step logged.
 PER_STEP = ("--logging_strategy", "steps", "--logging_steps", "1", "--warmup_steps", "0")
@@ -188,9 +188,9 @@ def test_the_recipe_written_into_the_output_folder_reproduces_the_run_bit_for_bi
 
 def test_freeze_on_the_command_line_replaces_the_recipes_freeze_section():
     recipe = parse_recipe([str(REPO / "recipes" / "cats_vs_dogs.yaml"), "--freeze", "head_only"])
-    assert recipe.freeze.freeze == "head_only" and recipe.freeze.stages is None and recipe.freeze.layer_decay is None
+    assert recipe.freezing.freeze == "head_only" and recipe.freezing.stages is None and recipe.freezing.layer_decay is None
     staged = parse_recipe([str(REPO / "recipes" / "cats_vs_dogs.yaml"), "--freeze", "staged", "--stages", "[{at_epoch: 0, train: all}]"])
-    assert staged.freeze.stages == [{"at_epoch": 0, "train": "all"}]
+    assert staged.freezing.stages == [{"at_epoch": 0, "train": "all"}]
 
 
 def test_image_size_reaches_training_the_saved_config_pipeline_and_timm(tmp_path):

@@ -26,7 +26,7 @@ from transformers import AutoModelForImageClassification, TimmWrapperConfig, Tim
 
 from bad_images import build_corpus
 from conftest import REPO, SAMPLE, TINY_RUN, sample_rows, user_error
-from hf_transfer.checkpoints import NonFiniteLossError, SafeTrainer, last_complete_checkpoint
+from hf_transfer.trainer import NonFiniteLossError, SafeTrainer, last_complete_checkpoint
 from hf_transfer.cli import main
 from hf_transfer.data import collate
 from hf_transfer.callbacks import FreezeCallback
@@ -217,7 +217,7 @@ def _trainer(output_dir: Path, photos: Photos, *callbacks: TrainerCallback) -> S
                           output_dir=str(output_dir), per_device_train_batch_size=1, num_train_epochs=1,
                           eval_strategy="no", load_best_model_at_end=False, dataloader_num_workers=0, disable_tqdm=True)
     model, _ = load_model(recipe.model, ["cat", "dog"])
-    plan = FreezePlan(model, recipe.freeze, recipe.training.learning_rate)
+    plan = FreezePlan(model, recipe.freezing, recipe.training.learning_rate)
     return SafeTrainer(model=model, args=recipe.training, train_dataset=photos, data_collator=collate,
                        callbacks=[FreezeCallback(plan), *callbacks])
 
@@ -271,7 +271,7 @@ def test_training_steps_read_no_tensor_value_on_the_host_except_the_previous_ste
         if id(tensor) in counters:
             continue
         where = "\n".join(f"{frame.filename}:{frame.lineno} {frame.name}" for frame in stack)
-        assert any(frame.name == "value" and frame.filename.endswith("checkpoints.py") for frame in stack), where
+        assert any(frame.name == "value" and frame.filename.endswith("trainer.py") for frame in stack), where
         late_loss_reads += 1
     assert late_loss_reads == 4  # steps 3 to 6 each checked the loss of the step before: a copy on the host already
 

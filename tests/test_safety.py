@@ -12,7 +12,7 @@ import torch
 from transformers import TrainingArguments, ViTConfig, ViTForImageClassification, ViTImageProcessor
 
 from conftest import SAMPLE
-from hf_transfer.checkpoints import CheckpointError, SafeTrainer
+from hf_transfer.trainer import CheckpointError, SafeTrainer
 from hf_transfer.cli import main
 from hf_transfer.models import ModelArguments, ModelNotAvailableError, load_model
 

@@ -52,7 +52,7 @@ def test_pipeline_loads_the_output_offline_with_real_labels(quickstart_model_dir
 
 def test_recipe_keys_can_be_overridden_on_the_command_line():
     recipe = parse_recipe([str(QUICKSTART), "--num_train_epochs", "2", "--freeze", "last_n:3", "--augmentation", "none"])
-    assert recipe.training.num_train_epochs == 2 and recipe.freeze.freeze == "last_n:3" and recipe.data.augmentation == "none"
+    assert recipe.training.num_train_epochs == 2 and recipe.freezing.freeze == "last_n:3" and recipe.data.augmentation == "none"
     assert recipe.training.output_dir == "outputs/quickstart" and recipe.training.remove_unused_columns is False
     with pytest.raises(RecipeError, match="num_train_epochs"):
         parse_recipe([str(QUICKSTART), "--num_train_epoch", "2"])
