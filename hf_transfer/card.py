@@ -17,6 +17,7 @@ from scipy.stats import binomtest
 from .plots import plot_confusion_matrix, plot_training_curves, training_log
 
 CURVES_PNG, CONFUSION_PNG = "training_curves.png", "confusion_matrix.png"
+EXPLANATIONS_PNG = "explanations.png"  # hf_transfer/explain.py's save_explanation_figure, drawn at the end of training
 
 
 def _read_json(path: Path) -> dict | None:
@@ -375,6 +376,10 @@ def _results_section(run: RunFiles) -> str:
                           for label, m in per_class.items()])]
     if (run.dir / CONFUSION_PNG).is_file():
         lines += ["", f"![Confusion matrix on the test split]({CONFUSION_PNG})"]
+    if (run.dir / EXPLANATIONS_PNG).is_file():
+        lines += ["", ("Where the model looked (Grad-CAM of the predicted class, red: most weight) on test images, correctly "
+                       "classified ones on the left, misclassified ones on the right:"), "",
+                  f"![Class-activation maps of test images]({EXPLANATIONS_PNG})"]
     if (run.dir / CURVES_PNG).is_file():
         lines += ["", f"![Training curves]({CURVES_PNG})"]
     return "\n".join(lines)

@@ -35,7 +35,8 @@ MOVABLE = {"training.output_dir", "training.logging_dir"}
 # TensorBoard's default `runs/`. A new output file of `training.run` must be added here, or `--overwrite` refuses it.
 OWNED_FILES = ("config.json", "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
                "preprocessor_config.json", "README.md", RUN_CONFIG, "all_results.json", "test_report.json",
-               "trainer_state.json", "freeze_plan.json", "recipe.yaml", "training_curves.png", "confusion_matrix.png", LOCK_FILE)
+               "trainer_state.json", "freeze_plan.json", "recipe.yaml", "training_curves.png", "confusion_matrix.png",
+               "explanations.png", LOCK_FILE)
 OWNED_FOLDERS = re.compile(rf"checkpoint-\d+|runs|{re.escape(STAGING)}")
 # Errors of a disk rather than of the run; other libraries (safetensors) give only the text "(os error 28)".
 DISK_ERRORS = {errno.ENOSPC: "no space", errno.EDQUOT: "no space", errno.EROFS: "read-only"}

@@ -20,10 +20,12 @@ from transformers.trainer_utils import PredictionOutput
 
 from .cached_head import CachedHeadTraining
 from .callbacks import EarlyStopping, FreezeCallback
-from .card import describe_hardware, write_model_card
+from .card import EXPLANATIONS_PNG, describe_hardware, write_model_card
 from .data import PreparedData, attach_transforms, collate, load_image_dataset
 from .device_resize import DeviceResize, transforms_for_run
+from .explain import ExplainError, save_explanation_figure
 from .freezing import FreezePlan
+from .images import load_image
 from .metrics import compute_metrics, test_report
 from .models import check_model_available, data_config, load_model, save_model
 from .optimization import build_optimizer, describe_optimizer, describe_schedule
@@ -183,6 +185,11 @@ def write_model_repo(built: Built, fitted: Fitted) -> dict:
         built.plan.save(staging / "freeze_plan.json")
         plot_training_curves(trainer.state.log_history, staging / "training_curves.png")
         plot_confusion_matrix(report["confusion_matrix"], data.labels, staging / "confusion_matrix.png")
+        try:
+            save_explanation_figure(staging, data.splits["test"][data.image_column], test_output.label_ids,
+                                    np.argmax(test_output.predictions, axis=-1), staging / EXPLANATIONS_PNG, load_image=load_image)
+        except ExplainError as error:  # a backbone with no feature map or patch tokens: the card goes without the figure
+            logger.warning("No class-activation figure: %s", error)
         write_model_card(staging, final_dir=output_dir)  # staged too: published with the model, before config.json
         publish(staging, output_dir)
         _print_next_steps(output_dir, results)

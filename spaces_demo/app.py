@@ -272,13 +272,14 @@ def build_demo(model_ref: str, examples_dir: Path | None = None, top_k: int = 5)
         predictions = classifier(read_upload(upload, image.GRADIO_CACHE), top_k=top_k)
         return {p["label"]: p["score"] for p in predictions}
 
-    def explain(upload: dict | None) -> gr.Image:
-        """The upload with the Grad-CAM map of its top class drawn over it; the same checks as classify."""
+    def explain(upload: dict | None) -> tuple[Image.Image, dict[str, float]]:
+        """The upload with the Grad-CAM map of its top class drawn over it, and the prediction that map explains
+        (from the same forward pass); the same checks as classify."""
         picture = read_upload(upload, image.GRADIO_CACHE)
         shown = picture.resize(display_size(picture.size, MAX_MAP_SIDE), Image.Resampling.BILINEAR)
         result = explainer.explain(picture, size=shown.size)  # computed on the full upload, drawn at the shown size
-        return gr.Image(value=overlay(shown, result.heatmap),
-                        label=f"Where the model looked for '{result.label}' ({result.score:.0%}), Grad-CAM")
+        top = sorted(result.probabilities.items(), key=lambda item: -item[1])[:top_k]
+        return overlay(shown, result.heatmap), dict(top)
 
     model_name = Path(model_ref).name if Path(model_ref).is_dir() else model_ref
     with gr.Blocks(title=f"{model_name} · image classifier", analytics_enabled=False) as demo:
@@ -293,7 +294,7 @@ def build_demo(model_ref: str, examples_dir: Path | None = None, top_k: int = 5)
                     explain_button = gr.Button("Where did it look?", elem_id="explain-button")
             with gr.Column():
                 label = gr.Label(num_top_classes=top_k, label="Prediction")
-                explanation = gr.Image(label="Where the model looked (Grad-CAM of the top class)", format="png",
+                explanation = gr.Image(label="Where it looked (Grad-CAM, top class)", format="png",
                                        interactive=False, elem_id="explanation")
         clear.add([image, label, explanation])
         gr.Markdown(
@@ -302,7 +303,7 @@ def build_demo(model_ref: str, examples_dir: Path | None = None, top_k: int = 5)
         )
         submit.click(classify, inputs=image, outputs=label, preprocess=False, api_name="classify", concurrency_id=MODEL_QUEUE)
         # A separate event: the plain prediction does not wait for a backward pass it did not ask for.
-        explain_button.click(explain, inputs=image, outputs=explanation, preprocess=False, api_name="explain",
+        explain_button.click(explain, inputs=image, outputs=[explanation, label], preprocess=False, api_name="explain",
                              concurrency_id=MODEL_QUEUE)
         image.change(None, outputs=explanation, js="() => null")  # in the browser: a new image hides the old map
         examples = example_images(examples_dir)

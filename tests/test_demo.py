@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import gradio as gr
+import numpy as np
 import pytest
 from datasets import Image as ImageFeature
 from datasets import load_dataset
@@ -20,7 +21,7 @@ from huggingface_hub import ModelCard, SpaceCard
 from PIL import Image
 
 from bad_images import build_corpus
-from hf_transfer.demo import SHIPPED_IMAGES_MODULE, SPACE_DIR, examples_from_run, load_app, stage_space
+from hf_transfer.demo import SHIPPED_EXPLAIN_MODULE, SHIPPED_IMAGES_MODULE, SPACE_DIR, examples_from_run, load_app, stage_space
 from hub_server import LocalHub
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -118,6 +119,8 @@ def test_stage_space_pins_the_model_and_ships_the_app(tmp_path):
     assert (card.sdk, card.app_file, card.models) == ("gradio", "app.py", ["user/cats-model"])
     assert (space / "app.py").read_bytes() == (SPACE_DIR / "app.py").read_bytes()
     assert (space / SHIPPED_IMAGES_MODULE).read_bytes() == (REPO_ROOT / "hf_transfer" / "images.py").read_bytes()
+    assert (space / SHIPPED_EXPLAIN_MODULE).read_bytes() == (REPO_ROOT / "hf_transfer" / "explain.py").read_bytes()
+    assert "grad-cam" in (space / "requirements.txt").read_text()  # what the shipped explain module imports
     assert (space / "examples" / "cat_1.jpg").read_bytes() == CAT.read_bytes()
 
 
@@ -191,6 +194,14 @@ def test_pushed_space_runs_from_its_own_files(quickstart_model_dir, tmp_path):
             results = json.loads((quickstart_model_dir / "all_results.json").read_text())
             page_config = json.dumps(client.config)
             assert f"Test accuracy:** {results['test_accuracy']:.1%}" in page_config  # read from the Hub repo
+
+            # The same maps as `hf-transfer demo`, from the shipped hf_transfer_explain.py.
+            drawn, explained = client.predict(handle_file(str(CAT)), api_name="/explain")
+            assert explained["label"] == "cat"
+            with Image.open(drawn) as shown, Image.open(CAT) as photo:
+                assert shown.format == "PNG" and shown.size == photo.size  # under the app's MAX_MAP_SIDE
+                difference = np.abs(np.asarray(shown.convert("RGB"), np.int16) - np.asarray(photo.convert("RGB"), np.int16))
+            assert difference.mean() > 20  # the map is drawn over the photo
         finally:
             server.terminate()
             server.wait(timeout=30)

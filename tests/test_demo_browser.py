@@ -1,5 +1,5 @@
 """`hf-transfer demo` in a real browser: headless Chromium uploads a cat photo and a corrupt file to the demo
-served on 127.0.0.1, and reads the prediction and the error message from the page."""
+served on 127.0.0.1, and reads the prediction, the map of where the model looked and the error messages from the page."""
 
 from __future__ import annotations
 
@@ -51,11 +51,15 @@ def page(browser, demo):
     page.close()
 
 
+def _upload(page: Page, upload: Path) -> None:
+    page.set_input_files("input[type=file]", str(upload))
+    # Uploaded: the preview now shows the server's copy of this file.
+    page.locator(f'#input-image img[src$="/{upload.name}"]').wait_for(timeout=10_000)
+
+
 def _submit(page: Page, upload: Path | None) -> None:
     if upload is not None:
-        page.set_input_files("input[type=file]", str(upload))
-        # Uploaded: the preview now shows the server's copy of this file.
-        page.locator(f'#input-image img[src$="/{upload.name}"]').wait_for(timeout=10_000)
+        _upload(page, upload)
     page.click("#classify-button")
 
 
@@ -99,6 +103,33 @@ def test_cat_photo_then_corrupt_file(page, quickstart_model_dir, tmp_path):
     _screenshot(page, "demo_corrupt_file.png")
 
 
+def test_where_did_it_look_draws_the_map_over_the_upload(page, tmp_path):
+    page.click("#explain-button")  # the same checks as Classify
+    assert _error_message(page, "upload an image") == "Please upload an image first."
+
+    _submit(page, CAT)
+    top_label = page.locator("[data-testid=label-output-value]")
+    top_label.wait_for(timeout=20_000)
+    drawn = page.locator("#explanation img")
+    assert drawn.count() == 0  # Classify alone computes no map: the plain prediction stays as fast as before
+
+    page.click("#explain-button")
+    drawn.wait_for(timeout=20_000)
+    assert drawn.get_attribute("src").endswith(".png")
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=drawn.element_handle())
+    with Image.open(CAT) as photo:
+        assert drawn.evaluate("img => [img.naturalWidth, img.naturalHeight]") == list(photo.size)
+    assert top_label.inner_text() == "cat"  # the prediction the map explains
+    # Gradio's white veil over a busy output has faded out: the screenshot shows the map as a visitor sees it.
+    page.wait_for_function("() => getComputedStyle(document.querySelector('#explanation .wrap')).opacity === '0'")
+    _screenshot(page, "demo_explanation.png")
+
+    other = tmp_path / "another_cat.jpg"
+    other.write_bytes(CAT.read_bytes())
+    _upload(page, other)
+    expect(drawn).to_have_count(0)  # a new image: the old image's map is gone
+
+
 def test_examples_come_from_the_test_split_and_classify_on_click(page):
     examples = page.locator("button.gallery-item img")
     assert examples.count() == 4  # two per class
@@ -136,8 +167,9 @@ def test_server_is_local_only_and_serves_no_other_files(demo):
         assert response.status_code == 403, outside
     too_big = {"files": ("big.jpg", CAT.read_bytes() + bytes(11 * 2**20), "image/jpeg")}
     assert httpx.post(f"{demo.local_url}gradio_api/upload", files=too_big).status_code == 413
-    # The API classifies only files uploaded to it, never a path on the server.
+    # The API classifies and explains only files uploaded to it, never a path on the server.
     server_path = {"data": [{"path": str(CAT), "meta": {"_type": "gradio.FileData"}}]}
-    event = httpx.post(f"{demo.local_url}gradio_api/call/classify", json=server_path).json()["event_id"]
-    result = httpx.get(f"{demo.local_url}gradio_api/call/classify/{event}", timeout=30).text
-    assert result.startswith("event: error") and "cat" not in result
+    for endpoint in ("classify", "explain"):
+        event = httpx.post(f"{demo.local_url}gradio_api/call/{endpoint}", json=server_path).json()["event_id"]
+        result = httpx.get(f"{demo.local_url}gradio_api/call/{endpoint}/{event}", timeout=30).text
+        assert result.startswith("event: error") and "cat" not in result, endpoint
