@@ -5,28 +5,15 @@ Metadata goes through huggingface_hub's ModelCardData/EvalResult so the Hub pars
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from safetensors import safe_open
 from scipy.stats import binomtest
 
 from .plots import plot_confusion_matrix, plot_training_curves, training_log
-
-CURVES_PNG, CONFUSION_PNG = "training_curves.png", "confusion_matrix.png"
-EXPLANATIONS_PNG = "explanations.png"  # hf_transfer/explain.py's save_explanation_figure, drawn at the end of training
-
-
-def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _is_hub_id(value: str) -> bool:
-    """`user/name` or a legacy `name`, as opposed to a local path (which the run may record relative)."""
-    return value.count("/") <= 1 and not value.startswith((".", "/", "~")) and not Path(value).exists()
+from .repo_files import CONFUSION_PNG, CURVES_PNG, EXPLANATIONS_PNG, MODEL_CARD, RunFiles
 
 
 def _table(headers: list[str], rows: list[list]) -> str:
@@ -64,106 +51,19 @@ def describe_hardware() -> str:
     return f"{device}; {os.cpu_count()} CPU cores ({platform.machine()}); torch {torch.__version__}"
 
 
-class RunFiles:
-    """The files a training run leaves in its output dir (see the contract), read once."""
-
-    def __init__(self, output_dir: str | Path):
-        self.dir = Path(output_dir)
-        self.location = self.dir.resolve()  # the folder users load the model from; write_model_card may name another
-        self.config = _read_json(self.dir / "config.json")
-        self.results = _read_json(self.dir / "all_results.json")
-        if self.config is None or self.results is None:
-            raise FileNotFoundError(
-                f"{self.dir} is not a finished training output dir: config.json and all_results.json are required "
-                "(run `hf-transfer train ...` first)."
-            )
-        self.state = _read_json(self.dir / "trainer_state.json") or {}
-        self.freeze = _read_json(self.dir / "freeze_plan.json")
-        self.report = _read_json(self.dir / "test_report.json")
-        self.run = _read_json(self.dir / "run_config.json") or {}
-        self.preprocessor = _read_json(self.dir / "preprocessor_config.json")
-
-    @property
-    def labels(self) -> list[str]:
-        if self.config.get("label_names"):  # timm layout
-            return list(self.config["label_names"])
-        id2label = self.config.get("id2label", {})
-        return [id2label[key] for key in sorted(id2label, key=int)]
-
-    @property
-    def is_timm(self) -> bool:
-        return self.config.get("model_type") == "timm_wrapper" or "architecture" in self.config
-
-    @property
-    def timm_loadable(self) -> bool:
-        """timm.create_model('hf-hub:...') needs timm's own key names and no null model_args."""
-        weights = self.dir / "model.safetensors"
-        null_model_args = "model_args" in self.config and self.config["model_args"] is None
-        if not (self.is_timm and weights.is_file()) or null_model_args:
-            return False
-        with safe_open(weights, "pt") as tensors:
-            return not any(key.startswith("timm_model.") for key in tensors.keys())
-
-    @property
-    def architecture(self) -> str:
-        return self.config.get("architecture") or ", ".join(self.config.get("architectures", [])) or "unknown"
-
-    @property
-    def base_model(self) -> str | None:
-        """A Hub id the weights started from; None for a random init or a local folder."""
-        model_args = self.run.get("model", {})
-        if model_args.get("pretrained") is False:
-            return None
-        requested = str(model_args.get("model") or "")
-        if "/" in requested and _is_hub_id(requested):
-            return requested
-        return (self.config.get("pretrained_cfg") or {}).get("hf_hub_id")  # bare timm names resolve here
-
-    @property
-    def license(self) -> str | None:
-        return (self.config.get("pretrained_cfg") or {}).get("license")
-
-    @property
-    def dataset(self) -> tuple[str, bool]:
-        """(identifier, is a Hub id) of the training data; a local folder is named by its base name."""
-        requested = str(self.run.get("data", {}).get("dataset") or "")
-        if not requested:
-            return "unknown", False
-        return (requested, True) if _is_hub_id(requested) else (Path(requested).name, False)
-
-    @property
-    def dataset_text(self) -> str:
-        identifier, on_hub = self.dataset
-        if on_hub:
-            return f"[{identifier}](https://huggingface.co/datasets/{identifier})"
-        return f"the local dataset folder `{identifier}`" if identifier != "unknown" else "an unrecorded dataset"
-
-    @property
-    def image_size(self) -> tuple[int, int] | None:
-        if self.is_timm:
-            size = (self.config.get("pretrained_cfg") or {}).get("input_size")
-            return (size[1], size[2]) if size else None
-        size = (self.preprocessor or {}).get("crop_size") if (self.preprocessor or {}).get("do_center_crop") else None
-        size = size or (self.preprocessor or {}).get("size") or {}
-        if "height" in size:
-            return size["height"], size["width"]
-        edge = size.get("shortest_edge")
-        return (edge, edge) if edge else None
-
-
 def build_card_data(run: RunFiles, repo_id: str | None) -> ModelCardData:
     dataset_id, on_hub = run.dataset
-    test_split = run.run.get("data", {}).get("test_split") or "test"
+    test_split = run.run_config.get("data", {}).get("test_split") or "test"
     common = dict(task_type="image-classification", task_name="Image Classification", dataset_type=dataset_id,
                   dataset_name=dataset_id, dataset_split=test_split,
-                  dataset_config=run.run.get("data", {}).get("dataset_config"))
+                  dataset_config=run.run_config.get("data", {}).get("dataset_config"))
     eval_results = [
         EvalResult(metric_type="accuracy", metric_name="Test accuracy", metric_value=run.results["test_accuracy"],
                    **common),
         EvalResult(metric_type="f1", metric_name="Test macro-F1", metric_value=run.results["test_f1"],
                    metric_args={"average": "macro"}, **common),
     ]
-    strategy = (run.freeze or {}).get("strategy")
+    strategy = (run.freeze_plan or {}).get("strategy")
     tags = ["image-classification", "transfer-learning", "hf-transfer"]
     tags += ["timm"] if run.is_timm else []
     tags += [f"freeze-{strategy}".replace("_", "-").lower()] if strategy else []
@@ -182,10 +82,10 @@ def build_card_data(run: RunFiles, repo_id: str | None) -> ModelCardData:
 
 def _summary(run: RunFiles, repo_id: str | None, data: ModelCardData) -> str:
     labels, results = run.labels, run.results
-    requested = str(run.run.get("model", {}).get("model") or "")
+    requested = str(run.run_config.get("model", {}).get("model") or "")
     if data.base_model:
         origin = f"fine-tuned from [{data.base_model}](https://huggingface.co/{data.base_model})"
-    elif run.run.get("model", {}).get("pretrained") is False:
+    elif run.run_config.get("model", {}).get("pretrained") is False:
         origin = f"trained from a random initialisation of `{run.architecture}`"
     elif requested and Path(requested).is_dir():
         origin = f"fine-tuned from the local model folder `{Path(requested).name}` (`{run.architecture}`)"
@@ -209,7 +109,7 @@ def _summary(run: RunFiles, repo_id: str | None, data: ModelCardData) -> str:
         f"# {data.model_name}", "",
         f"An image classifier for {len(labels)} classes ({', '.join(labels)}), {origin} "
         f"on {run.dataset_text} with hf_transfer "
-        f"(freeze strategy: `{(run.freeze or {}).get('strategy', 'not recorded')}`).", "",
+        f"(freeze strategy: `{(run.freeze_plan or {}).get('strategy', 'not recorded')}`).", "",
         f"**Test accuracy {results['test_accuracy']:.2%}, macro-F1 {results['test_f1']:.4f}**{scored}.", "",
         "## How to use", "", *snippet,
     ])
@@ -245,7 +145,7 @@ def _preprocessing_section(run: RunFiles) -> str:
         rows += [["image processor", proc.get("image_processor_type")],
                  ["input size", run.image_size and f"{run.image_size[0]} x {run.image_size[1]}"],
                  ["normalisation mean", proc.get("image_mean")], ["normalisation std", proc.get("image_std")]]
-    data_args = run.run.get("data", {})
+    data_args = run.run_config.get("data", {})
     augmentation = data_args.get("augmentation")
     described = {"default": "random-resized-crop + horizontal flip", "none": "none (eval transform only)",
                  "randaugment": "random-resized-crop + flip + RandAugment",
@@ -261,7 +161,7 @@ def _preprocessing_section(run: RunFiles) -> str:
         rows.append(["random crop area", f"{data_args['crop_min_scale']:.0%} to 100% of the image"])
     cache = run.results.get("feature_cache")
     if cache:
-        views = run.run.get("run", {}).get("feature_cache_views") or 0
+        views = run.run_config.get("run", {}).get("feature_cache_views") or 0
         seen = f"{views} fixed augmented views per image, one per epoch" if views else "un-augmented images (the augmentation above not applied)"
         stage = "the head-only first stage" if "head_stage" in cache else "the head"
         rows.append(["feature cache", f"{stage} trained on backbone features computed once, from {seen}"])
@@ -273,7 +173,7 @@ def _preprocessing_section(run: RunFiles) -> str:
 
 
 def _freeze_section(run: RunFiles) -> str:
-    plan = run.freeze
+    plan = run.freeze_plan
     if not plan:
         return "## Freeze plan\n\nThe run recorded no freeze plan (freeze_plan.json is absent)."
     requested = plan.get("preset") or plan.get("freeze") or plan.get("strategy")
@@ -341,7 +241,7 @@ def _procedure_section(run: RunFiles) -> str:
 def _hyperparameters_section(run: RunFiles) -> str:
     """The resolved recipe (run_config.json): data, model and Trainer settings; unset ones are left out."""
     rows = [[section, key, value] for section in ("data", "model", "training")
-            for key, value in (run.run.get(section) or {}).items()
+            for key, value in (run.run_config.get(section) or {}).items()
             if value is not None and "token" not in key.lower()]
     if not rows:
         return "## Training hyperparameters\n\nThe run recorded no run_config.json."
@@ -386,9 +286,9 @@ def _results_section(run: RunFiles) -> str:
 
 
 def _compute_section(run: RunFiles) -> str:
-    hardware = run.results.get("hardware") or run.run.get("hardware")
+    hardware = run.results.get("hardware") or run.run_config.get("hardware")
     runtime = run.results.get("train_runtime")
-    epochs = run.state.get("epoch") or run.run.get("training", {}).get("num_train_epochs")
+    epochs = run.state.get("epoch") or run.run_config.get("training", {}).get("num_train_epochs")
     cache = run.results.get("feature_cache")
     lines = ["## Hardware and training time", ""]
     lines.append(f"- Hardware: {hardware}" if hardware else "- Hardware: not recorded by this run")
@@ -470,5 +370,5 @@ def write_model_card(output_dir: str | Path, repo_id: str | None = None, final_d
                 _procedure_section(run), _hyperparameters_section(run), _results_section(run), _compute_section(run),
                 _limitations_section(run)]
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
-    card.save(run.dir / "README.md")
+    card.save(run.dir / MODEL_CARD)
     return card

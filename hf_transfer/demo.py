@@ -6,8 +6,6 @@ Both use the very app.py a Space runs, found next to this package in the reposit
 from __future__ import annotations
 
 import importlib.util
-import json
-import re
 import shutil
 import socket
 import tempfile
@@ -15,14 +13,13 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-from datasets import ClassLabel, Dataset
-from datasets import Image as ImageFeature
 from huggingface_hub import HfApi, SpaceCard
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from .errors import HFTransferError
-from .images import unreadable_reason
+from .examples import examples_from_run
+from .repo_files import CONFIG
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -61,7 +58,7 @@ def check_model(model: str) -> None:
     """Refuse, before anything loads, a path that is not a model folder; a Hub id is left to the download."""
     path = Path(model).expanduser()
     if path.exists():
-        if not path.is_dir() or not (path / "config.json").is_file():
+        if not path.is_dir() or not (path / CONFIG).is_file():
             raise DemoError(f"'{model}' is not a model folder: it has no config.json. {MODEL_HINT}")
         return
     try:
@@ -121,58 +118,6 @@ def start_demo(model: str, *, examples_dir: Path | None = None, port: int | None
 def run_demo(model: str, *, examples_dir: Path | None = None, port: int | None = None, top_k: int = 5) -> None:
     """`hf-transfer demo`: serve on 127.0.0.1 until Ctrl+C."""
     start_demo(model, examples_dir=examples_dir, port=port, top_k=top_k).block_thread()
-
-
-def examples_from_run(output_dir: Path, dest: Path, per_class: int = 2) -> Path | None:
-    """Save a few images of the test split the run in output_dir was scored on; None when that is unknown
-    (not a training output dir) or unreachable (a moved folder, a Hub dataset while offline)."""
-    # Imported here: they pull in torch and timm, which `push --space` does not need.
-    from transformers import TrainingArguments
-
-    from .data import DataArguments, DatasetError, load_image_dataset
-    from .training import RUN_CONFIG
-
-    if not (output_dir / RUN_CONFIG).is_file():
-        return None
-    run_config = json.loads((output_dir / RUN_CONFIG).read_text())
-    # The run carved its splits with its own seed (recorded only when not the default).
-    seed = run_config.get("training", {}).get("seed", TrainingArguments.seed)
-    try:
-        data = load_image_dataset(DataArguments(**run_config["data"]), seed=seed)
-    except (DatasetError, OSError) as error:
-        print(f"No example images: {error}")
-        return None
-    save_examples(data.splits["test"], dest, image_column=data.image_column, label_column=data.label_column,
-                  per_class=per_class)
-    return dest
-
-
-def save_examples(split: Dataset, dest: Path, *, image_column: str, label_column: str,
-                  per_class: int = 2) -> list[Path]:
-    """Write the first `per_class` images of each class of `split` (a test split) to dest, as `<label>_<n>.<ext>`.
-
-    Unreadable images are passed over; the others keep their original encoded bytes.
-    """
-    dest.mkdir(parents=True, exist_ok=True)
-    label_feature = split.features[label_column]
-    names = label_feature.names if isinstance(label_feature, ClassLabel) else None
-    raw = split.cast_column(image_column, ImageFeature(decode=False))
-    taken: dict[object, int] = {}
-    written = []
-    for row in raw:
-        label = row[label_column]
-        if taken.get(label, 0) >= per_class or unreadable_reason(row[image_column]) is not None:
-            continue
-        taken[label] = taken.get(label, 0) + 1
-        image = row[image_column]
-        suffix = Path(image["path"] or "").suffix or ".jpg"
-        name = re.sub(r"[^\w.-]+", "_", names[label] if names else str(label))  # a safe file name
-        path = dest / f"{name}_{taken[label]}{suffix}"
-        path.write_bytes(image["bytes"] if image["bytes"] is not None else Path(image["path"]).read_bytes())
-        written.append(path)
-        if names and len(written) == per_class * len(names):
-            break
-    return written
 
 
 def stage_space(dest: Path, model_repo_id: str, examples_dir: Path | None = None) -> Path:

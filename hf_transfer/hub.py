@@ -244,7 +244,8 @@ def share_run(args) -> None:
 def share(output_dir: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
           commit_message: str | None = None, verify: bool = True, space: str | None = None) -> None:
     """`hf-transfer push` and `push_to_hub: true`: upload, check the Hub copy on held-out images, add a Space."""
-    from .demo import examples_from_run, push_space  # the demo pulls in gradio; only needed here
+    from .demo import push_space  # the demo pulls in gradio; only needed here
+    from .examples import examples_from_run
 
     check_repo_id(repo_id)
     if space:

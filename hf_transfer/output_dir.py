@@ -23,20 +23,14 @@ from typing import TYPE_CHECKING
 
 from .trainer import last_complete_checkpoint, no_complete_checkpoint
 from .errors import HFTransferError
+from .repo_files import CONFIG, LOCK_FILE, RUN_CONFIG, RUN_OUTPUTS, STAGING
 
 if TYPE_CHECKING:
     from .recipe import RunArguments
 
-RUN_CONFIG = "run_config.json"
-LOCK_FILE = ".hf_transfer.lock"
-STAGING = ".partial"
 MOVABLE = {"training.output_dir", "training.logging_dir"}
-# The files a run writes into its folder (`training.run`), and its folders: Trainer's checkpoints, the staging folder,
-# TensorBoard's default `runs/`. A new output file of `training.run` must be added here, or `--overwrite` refuses it.
-OWNED_FILES = ("config.json", "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
-               "preprocessor_config.json", "README.md", RUN_CONFIG, "all_results.json", "test_report.json",
-               "trainer_state.json", "freeze_plan.json", "recipe.yaml", "training_curves.png", "confusion_matrix.png",
-               "explanations.png", LOCK_FILE)
+# A run's folders: Trainer's checkpoints, the staging folder, TensorBoard's default `runs/`. Its files are repo_files.RUN_OUTPUTS:
+# a new output file is named there, or --overwrite would refuse it as foreign.
 OWNED_FOLDERS = re.compile(rf"checkpoint-\d+|runs|{re.escape(STAGING)}")
 # Errors of a disk rather than of the run; other libraries (safetensors) give only the text "(os error 28)".
 DISK_ERRORS = {errno.ENOSPC: "no space", errno.EDQUOT: "no space", errno.EROFS: "read-only"}
@@ -57,7 +51,7 @@ def owns(entry: Path) -> bool:
         return False
     if OWNED_FOLDERS.fullmatch(entry.name):
         return entry.is_dir()
-    return entry.is_file() and any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in OWNED_FILES)
+    return entry.is_file() and any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in RUN_OUTPUTS)
 
 
 def foreign_entries(output_dir: Path) -> list[str]:
@@ -146,7 +140,7 @@ def claim_output_dir(output_dir: Path, run_config: dict, overwrite: bool) -> Non
             raise OutputDirError(f"{output_dir} holds files that hf-transfer did not write: {_listing(others)} (added since "
                                  "this run started). Move them away, then run the same command again.")
         # config.json first, as in `publish`: killed half-way, the folder loads nothing rather than half a model.
-        for entry in sorted(output_dir.iterdir(), key=lambda path: path.name != "config.json"):
+        for entry in sorted(output_dir.iterdir(), key=lambda path: path.name != CONFIG):
             if entry.is_dir():
                 shutil.rmtree(entry)
             elif entry.name != LOCK_FILE:
@@ -162,8 +156,8 @@ def _flatten(sections: dict) -> dict:
 # ---- publishing ----------------------------------------------------------------------------------------------------
 def publish(staging: Path, output_dir: Path) -> None:
     """Move the staged files in; config.json goes last, so the folder never loads a mix of two models."""
-    (output_dir / "config.json").unlink(missing_ok=True)
-    files = sorted(staging.iterdir(), key=lambda path: path.name == "config.json")
+    (output_dir / CONFIG).unlink(missing_ok=True)
+    files = sorted(staging.iterdir(), key=lambda path: path.name == CONFIG)
     for path in files:
         target = output_dir / path.name
         if target.is_dir():

@@ -20,7 +20,7 @@ from transformers.trainer_utils import PredictionOutput
 
 from .cached_head import CachedHeadTraining
 from .callbacks import EarlyStopping, FreezeCallback
-from .card import EXPLANATIONS_PNG, describe_hardware, write_model_card
+from .card import describe_hardware, write_model_card
 from .data import PreparedData, attach_transforms, collate, load_image_dataset
 from .device_resize import DeviceResize, transforms_for_run
 from .explain import ExplainError, save_explanation_figure
@@ -29,14 +29,24 @@ from .images import load_image
 from .metrics import compute_metrics, test_report
 from .models import check_model_available, data_config, load_model, save_model
 from .optimization import build_optimizer, describe_optimizer, describe_schedule
-from .output_dir import RUN_CONFIG, check_output_dir, claim_output_dir, holding_output_dir, publish
+from .output_dir import check_output_dir, claim_output_dir, holding_output_dir, publish
 from .plots import plot_confusion_matrix, plot_training_curves
 from .recipe import Recipe
+from .repo_files import (
+    ALL_RESULTS,
+    CONFUSION_PNG,
+    CURVES_PNG,
+    EXPLANATIONS_PNG,
+    FREEZE_PLAN,
+    RECIPE,
+    RUN_CONFIG,
+    STAGING,
+    TEST_REPORT,
+    TRAINER_STATE,
+)
 from .trainer import SafeTrainer
 
 logger = logging.getLogger(__name__)
-
-RECIPE = "recipe.yaml"
 
 
 @dataclass
@@ -171,20 +181,20 @@ def write_model_repo(built: Built, fitted: Fitted) -> dict:
     }
     if trainer.is_world_process_zero():
         output_dir = built.output_dir
-        staging = output_dir / ".partial"
+        staging = output_dir / STAGING
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
         # Not trainer.save_model: it also pickles the TrainingArguments, and we write only safetensors.
         save_model(built.model, built.image_processor, staging)
         report = test_report(np.argmax(test_output.predictions, axis=-1), test_output.label_ids, data.labels)
-        _write_json(staging / "all_results.json", results)
-        _write_json(staging / "test_report.json", report)
+        _write_json(staging / ALL_RESULTS, results)
+        _write_json(staging / TEST_REPORT, report)
         _write_json(staging / RUN_CONFIG, built.recipe.to_dict())
         (staging / RECIPE).write_text(built.recipe.to_yaml())
-        trainer.state.save_to_json(str(staging / "trainer_state.json"))
-        built.plan.save(staging / "freeze_plan.json")
-        plot_training_curves(trainer.state.log_history, staging / "training_curves.png")
-        plot_confusion_matrix(report["confusion_matrix"], data.labels, staging / "confusion_matrix.png")
+        trainer.state.save_to_json(str(staging / TRAINER_STATE))
+        built.plan.save(staging / FREEZE_PLAN)
+        plot_training_curves(trainer.state.log_history, staging / CURVES_PNG)
+        plot_confusion_matrix(report["confusion_matrix"], data.labels, staging / CONFUSION_PNG)
         try:
             save_explanation_figure(staging, data.splits["test"][data.image_column], test_output.label_ids,
                                     np.argmax(test_output.predictions, axis=-1), staging / EXPLANATIONS_PNG, load_image=load_image)

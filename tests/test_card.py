@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from hf_transfer.card import RunFiles, describe_hardware, write_model_card
+from hf_transfer.card import describe_hardware, write_model_card
+from hf_transfer.repo_files import RunFiles
 from hf_transfer.models import ModelArguments
 from hf_transfer.plots import plot_confusion_matrix, plot_training_curves, training_log
 

@@ -21,7 +21,8 @@ from huggingface_hub import ModelCard, SpaceCard
 from PIL import Image
 
 from bad_images import build_corpus
-from hf_transfer.demo import SHIPPED_EXPLAIN_MODULE, SHIPPED_IMAGES_MODULE, SPACE_DIR, examples_from_run, load_app, stage_space
+from hf_transfer.demo import SHIPPED_EXPLAIN_MODULE, SHIPPED_IMAGES_MODULE, SPACE_DIR, load_app, stage_space
+from hf_transfer.examples import examples_from_run
 from hub_server import LocalHub
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

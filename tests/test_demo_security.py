@@ -22,7 +22,8 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from test_demo import RUN_SPACE, _free_port, _wait_for_server
 
-from hf_transfer.demo import examples_from_run, load_app, stage_space
+from hf_transfer.demo import load_app, stage_space
+from hf_transfer.examples import examples_from_run
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CAT = Path(__file__).parent / "fixtures" / "cat.jpg"

@@ -1,0 +1,124 @@
+"""The files of the model repo a run writes, each named once, and `RunFiles`, which reads them back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors import safe_open
+from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_NAME
+
+CONFIG = CONFIG_NAME  # config.json, with the label names: written by save_pretrained, published last
+WEIGHTS = SAFE_WEIGHTS_NAME  # model.safetensors (timm's own key names for timm backbones)
+PREPROCESSOR = "preprocessor_config.json"
+MODEL_CARD = "README.md"
+ALL_RESULTS = "all_results.json"
+TEST_REPORT = "test_report.json"
+TRAINER_STATE = "trainer_state.json"
+FREEZE_PLAN = "freeze_plan.json"
+RUN_CONFIG = "run_config.json"  # the resolved recipe by section; also marks the folder as a run's
+RECIPE = "recipe.yaml"  # the same, as a recipe that reproduces the run
+CURVES_PNG = "training_curves.png"
+CONFUSION_PNG = "confusion_matrix.png"
+EXPLANATIONS_PNG = "explanations.png"
+STAGING = ".partial"  # the next model, assembled here and moved in
+LOCK_FILE = ".hf_transfer.lock"  # the running run's flock
+# Every file a run writes (with the sharded-weights names save_pretrained may use): `--overwrite` deletes these only.
+RUN_OUTPUTS = (CONFIG, WEIGHTS, "model-*-of-*.safetensors", f"{WEIGHTS}.index.json", PREPROCESSOR, MODEL_CARD, ALL_RESULTS,
+               TEST_REPORT, TRAINER_STATE, FREEZE_PLAN, RUN_CONFIG, RECIPE, CURVES_PNG, CONFUSION_PNG, EXPLANATIONS_PNG, LOCK_FILE)
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _is_hub_id(value: str) -> bool:
+    """`user/name` or a legacy `name`, as opposed to a local path (which the run may record relative)."""
+    return value.count("/") <= 1 and not value.startswith((".", "/", "~")) and not Path(value).exists()
+
+
+class RunFiles:
+    """The files a training run leaves in its output dir, read once (the card, the demo and push read them)."""
+
+    def __init__(self, output_dir: str | Path):
+        self.dir = Path(output_dir)
+        self.location = self.dir.resolve()  # the folder users load the model from; write_model_card may name another
+        self.config = _read_json(self.dir / CONFIG)
+        self.results = _read_json(self.dir / ALL_RESULTS)
+        if self.config is None or self.results is None:
+            raise FileNotFoundError(
+                f"{self.dir} is not a finished training output dir: config.json and all_results.json are required "
+                "(run `hf-transfer train ...` first)."
+            )
+        self.state = _read_json(self.dir / TRAINER_STATE) or {}
+        self.freeze_plan = _read_json(self.dir / FREEZE_PLAN)
+        self.report = _read_json(self.dir / TEST_REPORT)
+        self.run_config = _read_json(self.dir / RUN_CONFIG) or {}
+        self.preprocessor = _read_json(self.dir / PREPROCESSOR)
+
+    @property
+    def labels(self) -> list[str]:
+        if self.config.get("label_names"):  # timm layout
+            return list(self.config["label_names"])
+        id2label = self.config.get("id2label", {})
+        return [id2label[key] for key in sorted(id2label, key=int)]
+
+    @property
+    def is_timm(self) -> bool:
+        return self.config.get("model_type") == "timm_wrapper" or "architecture" in self.config
+
+    @property
+    def timm_loadable(self) -> bool:
+        """timm.create_model('hf-hub:...') needs timm's own key names and no null model_args."""
+        weights = self.dir / WEIGHTS
+        null_model_args = "model_args" in self.config and self.config["model_args"] is None
+        if not (self.is_timm and weights.is_file()) or null_model_args:
+            return False
+        with safe_open(weights, "pt") as tensors:
+            return not any(key.startswith("timm_model.") for key in tensors.keys())
+
+    @property
+    def architecture(self) -> str:
+        return self.config.get("architecture") or ", ".join(self.config.get("architectures", [])) or "unknown"
+
+    @property
+    def base_model(self) -> str | None:
+        """A Hub id the weights started from; None for a random init or a local folder."""
+        model_args = self.run_config.get("model", {})
+        if model_args.get("pretrained") is False:
+            return None
+        requested = str(model_args.get("model") or "")
+        if "/" in requested and _is_hub_id(requested):
+            return requested
+        return (self.config.get("pretrained_cfg") or {}).get("hf_hub_id")  # bare timm names resolve here
+
+    @property
+    def license(self) -> str | None:
+        return (self.config.get("pretrained_cfg") or {}).get("license")
+
+    @property
+    def dataset(self) -> tuple[str, bool]:
+        """(identifier, is a Hub id) of the training data; a local folder is named by its base name."""
+        requested = str(self.run_config.get("data", {}).get("dataset") or "")
+        if not requested:
+            return "unknown", False
+        return (requested, True) if _is_hub_id(requested) else (Path(requested).name, False)
+
+    @property
+    def dataset_text(self) -> str:
+        identifier, on_hub = self.dataset
+        if on_hub:
+            return f"[{identifier}](https://huggingface.co/datasets/{identifier})"
+        return f"the local dataset folder `{identifier}`" if identifier != "unknown" else "an unrecorded dataset"
+
+    @property
+    def image_size(self) -> tuple[int, int] | None:
+        if self.is_timm:
+            size = (self.config.get("pretrained_cfg") or {}).get("input_size")
+            return (size[1], size[2]) if size else None
+        size = (self.preprocessor or {}).get("crop_size") if (self.preprocessor or {}).get("do_center_crop") else None
+        size = size or (self.preprocessor or {}).get("size") or {}
+        if "height" in size:
+            return size["height"], size["width"]
+        edge = size.get("shortest_edge")
+        return (edge, edge) if edge else None
