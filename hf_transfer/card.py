@@ -238,9 +238,17 @@ def _procedure_section(run: RunFiles) -> str:
     return "\n".join(lines)
 
 
+def _without_local_folders(value):
+    """An absolute local path by its last part only: the card is pushed, and the folders of the machine it ran on are not
+    the reader's business (`/home/ana/data/pets` -> `.../pets`)."""
+    if isinstance(value, str) and os.path.isabs(os.path.expanduser(value)):
+        return f".../{Path(value).name}"
+    return value
+
+
 def _hyperparameters_section(run: RunFiles) -> str:
     """The resolved recipe (run_config.json): data, model and Trainer settings; unset ones are left out."""
-    rows = [[section, key, value] for section in ("data", "model", "training")
+    rows = [[section, key, _without_local_folders(value)] for section in ("data", "model", "training")
             for key, value in (run.run_config.get(section) or {}).items()
             if value is not None and "token" not in key.lower()]
     if not rows:

@@ -31,7 +31,9 @@ SPACE_FILES = ("app.py", "requirements.txt")
 SHIPPED_IMAGES_MODULE = "hf_transfer_images.py"
 # ... and draws its class-activation maps with this module (hf_transfer/explain.py), likewise.
 SHIPPED_EXPLAIN_MODULE = "hf_transfer_explain.py"
-SHIPPED_MODULES = {"images.py": SHIPPED_IMAGES_MODULE, "explain.py": SHIPPED_EXPLAIN_MODULE}
+# ... and reads the model repo's files by the names hf_transfer/repo_files.py gives them.
+SHIPPED_REPO_FILES_MODULE = "hf_transfer_repo_files.py"
+SHIPPED_MODULES = {"images.py": SHIPPED_IMAGES_MODULE, "explain.py": SHIPPED_EXPLAIN_MODULE, "repo_files.py": SHIPPED_REPO_FILES_MODULE}
 EXAMPLES_IN_SPACE = "examples"
 MODEL_HINT = ("Pass the output dir of a run (`hf-transfer train` writes config.json and model.safetensors there) "
               "or a Hub model id (user/name).")

@@ -27,6 +27,11 @@ try:
     from hf_transfer.images import UnreadableImageError, load_image
 except ModuleNotFoundError:  # on a Space: `hf-transfer push --space` ships hf_transfer/images.py under this name
     from hf_transfer_images import UnreadableImageError, load_image
+# The names of the model repo's files, as the training run wrote them.
+try:
+    from hf_transfer.repo_files import ALL_RESULTS, MODEL_CARD
+except ModuleNotFoundError:  # on a Space: shipped as hf_transfer_repo_files.py
+    from hf_transfer_repo_files import ALL_RESULTS, MODEL_CARD
 # Class-activation maps (Grad-CAM) of the pipeline's own model and preprocessing.
 try:
     from hf_transfer.explain import Explainer, display_size, overlay
@@ -100,8 +105,8 @@ def _test_accuracy(results: dict, card: ModelCardData) -> float | None:
 
 def card_summary(model_ref: str, label_names: list[str]) -> str:
     """Markdown lines on the model: base model, dataset, test accuracy and classes."""
-    card_path = _model_file(model_ref, "README.md")
-    results_path = _model_file(model_ref, "all_results.json")
+    card_path = _model_file(model_ref, MODEL_CARD)
+    results_path = _model_file(model_ref, ALL_RESULTS)
     card = ModelCard.load(card_path).data if card_path else ModelCardData()
     results = json.loads(results_path.read_text()) if results_path else {}
 

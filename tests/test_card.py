@@ -171,3 +171,12 @@ def test_plots_are_titled_pngs(run_dir, tmp_path):
         plot_confusion_matrix(matrix, labels[:3], tmp_path / "bad.png")
     with pytest.raises(ValueError, match="nothing to plot"):
         plot_training_curves([{"train_runtime": 1.0}], tmp_path / "empty.png")
+
+
+def test_absolute_local_folders_stay_off_the_card(fresh_run):
+    run_config = json.loads((fresh_run / "run_config.json").read_text())
+    run_config["data"]["dataset"] = "/home/ana/private/pets"
+    run_config["training"]["output_dir"] = "/home/ana/runs/pets"
+    (fresh_run / "run_config.json").write_text(json.dumps(run_config))
+    card = write_model_card(fresh_run).content
+    assert "/home/ana" not in card and ".../pets" in card

@@ -21,7 +21,7 @@ from huggingface_hub import ModelCard, SpaceCard
 from PIL import Image
 
 from bad_images import build_corpus
-from hf_transfer.demo import SHIPPED_EXPLAIN_MODULE, SHIPPED_IMAGES_MODULE, SPACE_DIR, load_app, stage_space
+from hf_transfer.demo import SHIPPED_EXPLAIN_MODULE, SHIPPED_IMAGES_MODULE, SHIPPED_REPO_FILES_MODULE, SPACE_DIR, load_app, stage_space
 from hf_transfer.examples import examples_from_run
 from hub_server import LocalHub
 
@@ -121,6 +121,7 @@ def test_stage_space_pins_the_model_and_ships_the_app(tmp_path):
     assert (space / "app.py").read_bytes() == (SPACE_DIR / "app.py").read_bytes()
     assert (space / SHIPPED_IMAGES_MODULE).read_bytes() == (REPO_ROOT / "hf_transfer" / "images.py").read_bytes()
     assert (space / SHIPPED_EXPLAIN_MODULE).read_bytes() == (REPO_ROOT / "hf_transfer" / "explain.py").read_bytes()
+    assert (space / SHIPPED_REPO_FILES_MODULE).read_bytes() == (REPO_ROOT / "hf_transfer" / "repo_files.py").read_bytes()
     assert "grad-cam" in (space / "requirements.txt").read_text()  # what the shipped explain module imports
     assert (space / "examples" / "cat_1.jpg").read_bytes() == CAT.read_bytes()
 
