@@ -167,19 +167,19 @@ def test_layer_decay_learning_rates_are_geometric_in_depth(model_dirs):
 
 def test_presets_and_command_line_forms():
     base = ["--dataset", str(SAMPLE)]
-    fastai = parse_recipe([*base, "--freeze", "fastai"]).freeze
+    fastai = parse_recipe([*base, "--freeze", "fastai"]).freezing
     assert (fastai.freeze, fastai.preset, fastai.stages) == ("staged", "fastai", [{"at_epoch": 0, "train": "head"}, {"at_epoch": 1, "train": "all"}])
     assert fastai.decay_for(4) == pytest.approx(0.01 ** (1 / 4)), "fastai: the stem learns 100x slower than the head"
     assert parse_recipe([*base, "--freeze", "linear_probe"]).freezing.freeze == "head_only"
-    llrd = parse_recipe([*base, "--freeze", "llrd"]).freeze
+    llrd = parse_recipe([*base, "--freeze", "llrd"]).freezing
     assert (llrd.freeze, llrd.layer_decay) == ("full", 0.75)
     assert parse_recipe([*base, "--freeze", "llrd", "--layer_decay", "0.9"]).freezing.layer_decay == 0.9, "what the user sets wins"
 
     staged = parse_recipe([*base, "--freeze", "staged", "--stages", "[{at_epoch: 0, train: head}, {at_epoch: 1, train: last_n:2}, {at_epoch: 2, train: all}]",
-                           "--layer_decay", "0.7", "--batchnorm", "train"]).freeze
+                           "--layer_decay", "0.7", "--batchnorm", "train"]).freezing
     assert [stage["train"] for stage in staged.schedule()] == ["head", "last_n:2", "all"]
     assert (staged.layer_decay, staged.batchnorm) == (0.7, "train")
-    patterns = parse_recipe([*base, "--freeze", "patterns", "--train_patterns", "*.blocks.5.*", "*.norm.*", "--freeze_patterns", "*stem*"]).freeze
+    patterns = parse_recipe([*base, "--freeze", "patterns", "--train_patterns", "*.blocks.5.*", "*.norm.*", "--freeze_patterns", "*stem*"]).freezing
     assert (patterns.train_patterns, patterns.freeze_patterns) == (["*.blocks.5.*", "*.norm.*"], ["*stem*"])
 
 
@@ -196,7 +196,7 @@ def test_grouped_yaml_form_from_the_recipe_file(tmp_path):
         "  batchnorm: frozen\n"
         "  layer_decay: 0.7\n"
     )
-    freeze = parse_recipe([str(recipe_file)]).freeze
+    freeze = parse_recipe([str(recipe_file)]).freezing
     assert freeze.schedule() == [{"at_epoch": 0, "train": "head"}, {"at_epoch": 1, "train": "last_n:2"}, {"at_epoch": 2, "train": "all"}]
     assert (freeze.batchnorm, freeze.layer_decay) == ("frozen", 0.7)
 
