@@ -93,28 +93,6 @@ def run_training(argv: list[str] | None = None) -> dict:
     return results
 
 
-DOCTOR_USAGE = """usage: hf-transfer doctor RECIPE.yaml [--key value ...]
-
-Check a recipe's data before training, on the backbone's features (read from the feature cache, or extracted into it):
-images whose label is likely wrong (cleanlab on out-of-fold probe probabilities), near-duplicates within a split and
-leaks across splits (cosine similarity of the features), and images per class per split. Writes data_report.json and
-data_suspects.png (the top suspects) to --output_dir, and prints a summary. Same recipe and options as `hf-transfer train`.
-"""
-
-
-def doctor_command(argv: list[str]) -> dict:
-    """`hf-transfer doctor RECIPE.yaml [--key value ...]`."""
-    from .doctor import run_doctor
-    from .recipe import parse_recipe
-
-    if not argv or "-h" in argv or "--help" in argv:
-        print(DOCTOR_USAGE)
-        sys.exit(0 if argv else 2)
-    recipe = _exit_on_user_error(parse_recipe, argv)
-    setup_logging(recipe.training.process_index == 0)
-    return _exit_on_user_error(run_doctor, recipe)
-
-
 def push_command(args: argparse.Namespace) -> None:
     from .hub import share
 
@@ -161,6 +139,8 @@ def main(argv: list[str] | None = None) -> None:
         run_training(argv[1:])
         return
     if argv[:1] == ["doctor"]:
+        from .doctor import doctor_command
+
         doctor_command(argv[1:])
         return
     args = commands.parse_args(argv)

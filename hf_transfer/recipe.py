@@ -30,7 +30,6 @@ from .errors import HFTransferError
 from .freezing import FreezeArguments
 from .models import ModelArguments
 from .optimization import HfTransferTrainingArguments
-from .precision import CHOICES as PRECISIONS
 from .recipe_yaml import RecipeYAMLError, read_recipe_file
 
 
@@ -40,12 +39,6 @@ class RunArguments:
     overwrite: bool = field(default=False, metadata={"help": "Replace an output_dir that holds a different run."})
     feature_cache: bool = field(default=True, metadata={"help": "With a frozen backbone (head_only, batchnorm frozen): compute its features once, cache them, train the head on them."})
     feature_cache_views: int = field(default=0, metadata={"help": "Feature cache train views: 0 = un-augmented; K = K fixed augmented views per image, epoch e uses view e mod K."})
-    inference_precision: str = field(
-        default="auto",
-        metadata={"help": "Precision of passes without gradients (feature extraction, evaluation, test): `auto` = bf16 autocast where "
-                          "the CPU or GPU computes bf16 natively, else fp32 (the decision goes into all_results.json); `fp32`; `bf16`.",
-                  "choices": list(PRECISIONS)},
-    )
     early_stopping_patience: int | None = field(
         default=None,
         metadata={"help": (

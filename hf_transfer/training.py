@@ -31,7 +31,6 @@ from .models import check_model_available, data_config, load_model, save_model
 from .optimization import build_optimizer, describe_optimizer, describe_schedule
 from .output_dir import check_output_dir, claim_output_dir, holding_output_dir, publish
 from .plots import plot_confusion_matrix, plot_training_curves
-from .precision import FrozenPasses, Precision, classifier_of, resolve
 from .recipe import Recipe
 from .repo_files import (
     ALL_RESULTS,
@@ -66,7 +65,6 @@ class Built:
     cache: CachedHeadTraining | None  # the head trains on cached features when the backbone is frozen
     device_step: DeviceResize | None  # resizes small images of one size on the device
     device_hook: object | None  # the forward pre-hook that runs `device_step`; removed before saving
-    precision: Precision | None = None  # what `inference_precision` decided for passes without gradients
 
     @property
     def output_dir(self) -> Path:
@@ -111,16 +109,12 @@ def build(recipe: Recipe, claim: bool = True) -> Built:
     device_hook = device_step.attach(model) if device_step else None
     plan = FreezePlan(model, recipe.freezing, args.learning_rate)
     trainer = build_trainer(recipe, args, model, image_processor, splits, plan)
-    # Passes without gradients (extraction, evaluation, test) in bf16 + channels_last where the hardware has bf16.
-    precision = resolve(recipe.run.inference_precision, args.device, model, fp16=args.fp16)
     # With a fully frozen backbone the head trains on features computed once; None otherwise.
-    cache = CachedHeadTraining.for_run(recipe, plan, trainer, data, (train_transform, eval_transform), precision)
-    FrozenPasses(model, precision, head=cache.head if cache else classifier_of(model))
-    logger.info("Inference precision: %s", precision.describe())
+    cache = CachedHeadTraining.for_run(recipe, plan, trainer, data, (train_transform, eval_transform))
     if claim and args.should_save:  # the run is certain to start: only now may --overwrite clear the folder
         claim_output_dir(Path(args.output_dir), recipe.to_dict(), recipe.run.overwrite)
     return Built(recipe, args, data, model, image_processor, splits, plan, trainer, trainer.callback_handler.callbacks, cache,
-                 device_step, device_hook, precision)
+                 device_step, device_hook)
 
 
 def run_arguments(recipe: Recipe) -> TrainingArguments:
@@ -179,7 +173,6 @@ def write_model_repo(built: Built, fitted: Fitted) -> dict:
         "skipped_images": {name: len(entries) for name, entries in data.skipped.items()},
         "skipped_image_examples": {name: entries[:20] for name, entries in data.skipped.items()},
         "resized_on_device": built.device_step is not None,  # what `resize_on_device: auto` decided
-        "inference_precision": built.precision.as_dict() if built.precision else None,  # what `inference_precision: auto` decided
         "optimizer": describe_optimizer(trainer.optimizer),
         "lr_scheduler": describe_schedule(built.args, trainer.lr_scheduler, trainer.state.max_steps),
         "early_stopping": early_stopping.summary() if early_stopping else None,
