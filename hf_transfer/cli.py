@@ -115,7 +115,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     sub = commands.add_subparsers(dest="command", required=True)
     sub.add_parser("train", help="fine-tune a backbone from a recipe (recipes/quickstart.yaml)", add_help=False)
-    sub.add_parser("doctor", help="check a recipe's data: likely wrong labels, near-duplicates and leaks, class balance", add_help=False)
 
     push = sub.add_parser("push", help="upload a trained output dir to the Hub with its model card, and verify it")
     push.add_argument("output_dir", help="a folder written by `hf-transfer train`")
@@ -137,11 +136,6 @@ def main(argv: list[str] | None = None) -> None:
 
     if argv[:1] == ["train"]:
         run_training(argv[1:])
-        return
-    if argv[:1] == ["doctor"]:
-        from .doctor import doctor_command
-
-        doctor_command(argv[1:])
         return
     args = commands.parse_args(argv)
     _exit_on_user_error(args.handler, args)
