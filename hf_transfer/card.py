@@ -13,7 +13,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from scipy.stats import binomtest
 
 from .plots import plot_confusion_matrix, plot_training_curves, training_log
-from .repo_files import CONFUSION_PNG, CURVES_PNG, EXPLANATIONS_PNG, MODEL_CARD, RunFiles
+from .repo_files import CONFUSION_PNG, CURVES_PNG, DATA_REPORT, DATA_SUSPECTS_PNG, EXPLANATIONS_PNG, MODEL_CARD, RunFiles
 
 
 def _table(headers: list[str], rows: list[list]) -> str:
@@ -131,6 +131,39 @@ def _data_section(run: RunFiles) -> str:
     else:
         lines += ["", "Every image decoded; none was skipped."]
     return "\n".join(lines)
+
+
+def data_quality_section(report: dict, excluded: dict[str, int] | None = None, exclude_flagged: str | None = None) -> str:
+    """The "Data quality" section (markdown) from `data_report.json` and the images excluded per split."""
+    counts = report["summary"]
+    leaks = ", ".join(f"{crossing}: {values['pairs']}" for crossing, values in counts["leaks_by_splits"].items()) or "none"
+    rows = [
+        ("images checked", ", ".join(f"{split} {n:,}" for split, n in report["images"].items())),
+        ("out-of-fold accuracy of the probe", "—" if counts.get("probe_accuracy") is None else f"{counts['probe_accuracy']:.1%}"),
+        ("likely wrong labels (cleanlab, out-of-fold probe)",
+         f"{counts['label_issues']} ({', '.join(f'{s} {n}' for s, n in counts['label_issues_by_split'].items())})"),
+        ("near-duplicate pairs within a split", counts["near_duplicate_pairs"]),
+        (f"leaks across splits (cosine >= {report['settings']['duplicate_threshold']})", f"{counts['leak_pairs']} ({leaks})"),
+        ("classes below the minimum", counts["classes_below_minimum"]),
+    ]
+    lines = ["## Data quality", "", "| check | found |", "|---|---|", *[f"| {name} | {value} |" for name, value in rows], ""]
+    if excluded and any(excluded.values()):
+        removed = ", ".join(f"{count} from {split}" for split, count in excluded.items() if count)
+        scope = " minus its excluded images." if excluded.get("test") else "."
+        lines.append(f"Excluded before training (`exclude_flagged: {exclude_flagged}`): {removed}. "
+                     f"The test scores cover the test split as given{scope}")
+    else:
+        lines.append("Nothing was excluded: the model trained on every image, flagged or not.")
+    lines += ["", f"Details in [{DATA_REPORT}]({DATA_REPORT}); the top suspects: [{DATA_SUSPECTS_PNG}]({DATA_SUSPECTS_PNG})."]
+    return "\n".join(lines)
+
+
+def _data_quality_section(run: RunFiles) -> str | None:
+    """The data doctor's findings, when the run checked its data, and what it excluded (read from all_results.json)."""
+    if run.data_report is None:
+        return None
+    doctor = run.results.get("data_doctor") or {}
+    return data_quality_section(run.data_report, doctor.get("excluded"), doctor.get("exclude_flagged"))
 
 
 def _preprocessing_section(run: RunFiles) -> str:
@@ -315,6 +348,9 @@ def _compute_section(run: RunFiles) -> str:
             lines.append("- Backbone features came from the feature cache of an earlier run (no extraction in this run)")
     elif speed:
         lines.append(f"- Throughput: {speed:.1f} training images per second")
+    precision = run.results.get("inference_precision")
+    if precision:  # what `inference_precision` decided on the machine that ran
+        lines.append(f"- Passes without gradients (feature extraction, evaluation, test): {precision['description']}")
     inference = run.results.get("test_samples_per_second")
     if inference:
         lines.append(f"- Inference on the test split (the full model on images): {inference:.1f} images per second")
@@ -374,9 +410,10 @@ def write_model_card(output_dir: str | Path, repo_id: str | None = None, final_d
         run.location = Path(final_dir).resolve()
     ensure_plots(run)
     data = build_card_data(run, repo_id)
-    sections = [_summary(run, repo_id, data), _data_section(run), _preprocessing_section(run), _freeze_section(run),
-                _procedure_section(run), _hyperparameters_section(run), _results_section(run), _compute_section(run),
-                _limitations_section(run)]
+    sections = [_summary(run, repo_id, data), _data_section(run), _data_quality_section(run), _preprocessing_section(run),
+                _freeze_section(run), _procedure_section(run), _hyperparameters_section(run), _results_section(run),
+                _compute_section(run), _limitations_section(run)]
+    sections = [section for section in sections if section]  # a run that did not check its data has no "Data quality"
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
     card.save(run.dir / MODEL_CARD)
     return card

@@ -72,6 +72,7 @@ def run_training(argv: list[str] | None = None) -> dict:
     from transformers import HfArgumentParser
 
     from .data import DataArguments
+    from .doctor_options import DoctorArguments
     from .freezing import FreezeArguments
     from .hub import share_run
     from .models import ModelArguments
@@ -84,7 +85,7 @@ def run_training(argv: list[str] | None = None) -> dict:
         sys.exit(0)
     if not argv or "-h" in argv or "--help" in argv:
         print(TRAIN_USAGE.format(defaults=", ".join(f"{k}={v}" for k, v in TRAINING_DEFAULTS.items())))
-        HfArgumentParser((DataArguments, ModelArguments, FreezeArguments, RunArguments)).print_help()
+        HfArgumentParser((DataArguments, ModelArguments, FreezeArguments, RunArguments, DoctorArguments)).print_help()
         sys.exit(0 if argv else 2)
     recipe = _exit_on_user_error(parse_recipe, argv)
     setup_logging(recipe.training.process_index == 0)
@@ -98,6 +99,33 @@ def push_command(args: argparse.Namespace) -> None:
 
     share(args.output_dir, args.repo_id, private=args.private, revision=args.revision,
           commit_message=args.commit_message, verify=args.verify, space=args.space)
+
+
+DOCTOR_USAGE = """usage: hf-transfer doctor RECIPE.yaml [--key value ...]
+
+Check a recipe's data before training, on the backbone's features (read from the feature cache, or extracted into it):
+images whose label is likely wrong (cleanlab on out-of-fold probe probabilities), near-duplicates within a split and
+leaks across splits (cosine similarity of the features), and images per class per split. Writes data_report.json and
+data_suspects.png (the top suspects) to --output_dir, and prints a summary. Same recipe and options as `hf-transfer train`;
+a training run whose features are cached runs the same check first (`data_doctor: false` turns it off).
+"""
+
+
+def doctor_command(argv: list[str]) -> dict:
+    """`hf-transfer doctor RECIPE.yaml [--key value ...]`."""
+    from transformers import HfArgumentParser
+
+    from .doctor import run_doctor
+    from .doctor_options import DoctorArguments
+    from .recipe import parse_recipe
+
+    if not argv or "-h" in argv or "--help" in argv:
+        print(DOCTOR_USAGE)
+        HfArgumentParser(DoctorArguments).print_help()
+        sys.exit(0 if argv else 2)
+    recipe = _exit_on_user_error(parse_recipe, argv)
+    setup_logging(recipe.training.process_index == 0)
+    return _exit_on_user_error(run_doctor, recipe)
 
 
 def demo_command(args: argparse.Namespace) -> None:
@@ -115,6 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     sub = commands.add_subparsers(dest="command", required=True)
     sub.add_parser("train", help="fine-tune a backbone from a recipe (recipes/quickstart.yaml)", add_help=False)
+    sub.add_parser("doctor", help="check a recipe's data: likely wrong labels, near-duplicates and leaks, class balance", add_help=False)
 
     push = sub.add_parser("push", help="upload a trained output dir to the Hub with its model card, and verify it")
     push.add_argument("output_dir", help="a folder written by `hf-transfer train`")
@@ -136,6 +165,9 @@ def main(argv: list[str] | None = None) -> None:
 
     if argv[:1] == ["train"]:
         run_training(argv[1:])
+        return
+    if argv[:1] == ["doctor"]:
+        doctor_command(argv[1:])
         return
     args = commands.parse_args(argv)
     _exit_on_user_error(args.handler, args)

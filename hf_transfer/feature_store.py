@@ -1,12 +1,13 @@
 """Backbone features of a dataset's splits, computed once per model, preprocessing and data, kept in the datasets cache.
 
 The features are the input of the model's classifier (its pooled features). Keyed by model id, backbone weights,
-preprocessing, dataset fingerprint, split and views: a second run (or `hf-transfer doctor`) skips extraction.
+preprocessing, dataset fingerprint, split, views and the precision of the pass (`precision.Precision`): a second
+run (or `hf-transfer doctor`) skips extraction. Extraction runs in that precision (bf16 autocast and channels_last
+on hardware that computes bf16 natively).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -26,12 +27,17 @@ from transformers import set_seed
 
 from .checksums import checksum
 from .data import attach_transforms, collate
+from .precision import Precision, resolve
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the key names the precision of the pass; float32 storage where float16 would lose precision
 KEY_FILE = "cache_key.json"  # written last: a folder without it is an unfinished extraction
 FLOAT16_MAX = 65504.0
+# Largest relative error (per image, L2) that float16 storage may add: its rounding is 2**-11 = 4.9e-4 per value in
+# the normal range. Below 6.1e-5 values become subnormal and lose bits: pooled features of a random-init network
+# (~1e-14) rounded to 0 and the cached head disagreed with the full model on 75% of test images.
+FLOAT16_RTOL = 1e-3
 
 
 def cache_root() -> Path:
@@ -67,9 +73,24 @@ class FeatureCapture:
         return torch.cat(self.batches)
 
 
+def relative_errors(approximate: np.ndarray, exact: np.ndarray) -> np.ndarray:
+    """Per image (rows of `(images, ..., dim)`): ||approximate - exact|| / max(||approximate||, ||exact||); 0 where both are 0."""
+    approximate, exact = (np.asarray(array, dtype=np.float64).reshape(len(array), -1) for array in (approximate, exact))
+    scale = np.maximum(np.linalg.norm(approximate, axis=1), np.linalg.norm(exact, axis=1))
+    difference = np.linalg.norm(approximate - exact, axis=1)
+    return np.divide(difference, scale, out=np.zeros_like(difference), where=scale > 0)
+
+
+def storage_dtype(features: np.ndarray) -> str:
+    """float16 where it keeps every image's features to FLOAT16_RTOL; float32 otherwise (overflow, tiny values)."""
+    if not len(features) or not np.isfinite(features).all() or np.abs(features).max() >= FLOAT16_MAX:
+        return "float32" if len(features) else "float16"
+    return "float16" if relative_errors(features.astype(np.float16), features).max() <= FLOAT16_RTOL else "float32"
+
+
 def store(path: Path, features: np.ndarray, labels: np.ndarray, key: dict) -> None:
-    """Write `(images, views, dim)` features as a datasets folder; float16 unless values overflow it."""
-    dtype = "float16" if np.isfinite(features).all() and np.abs(features).max() < FLOAT16_MAX else "float32"
+    """Write `(images, views, dim)` features as a datasets folder, in `storage_dtype`."""
+    dtype = storage_dtype(features)
     stored = features.astype(dtype)
     schema = datasets.Features({"features": datasets.Array2D(stored.shape[1:], dtype), "labels": datasets.Value("int64")})
     dataset = datasets.Dataset.from_dict({"features": stored, "labels": labels.astype(np.int64)}, features=schema)
@@ -77,7 +98,8 @@ def store(path: Path, features: np.ndarray, labels: np.ndarray, key: dict) -> No
     shutil.rmtree(staging, ignore_errors=True)
     dataset.save_to_disk(str(staging))
     rounding = float(np.abs(stored.astype(np.float32) - features).max()) if len(features) else 0.0
-    record = {**key, "dtype": dtype, "shape": list(stored.shape), "max_rounding_error": rounding}
+    relative = float(relative_errors(stored, features).max()) if len(features) else 0.0
+    record = {**key, "dtype": dtype, "shape": list(stored.shape), "max_rounding_error": rounding, "max_relative_rounding_error": relative}
     (staging / KEY_FILE).write_text(json.dumps(record, indent=2))
     shutil.rmtree(path, ignore_errors=True)
     os.replace(staging, path)
@@ -89,12 +111,6 @@ def load(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return features, table.column("labels").to_numpy().copy()  # writable, for torch
 
 
-def _autocast(args):
-    """The precision Trainer evaluates in (`bf16` / `fp16` autocast), so cached features match the test pass."""
-    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
-    return torch.autocast(args.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-
-
 def folder_size(path: Path) -> int:
     return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
 
@@ -102,11 +118,15 @@ def folder_size(path: Path) -> int:
 class FeatureStore:
     """The features of each split of `data` for `model` (whose classifier is `head`), extracted on a miss."""
 
-    def __init__(self, model: nn.Module, head: nn.Module, head_name: str, model_args, data, transforms, args, views: int = 0):
+    def __init__(self, model: nn.Module, head: nn.Module, head_name: str, model_args, data, transforms, args, views: int = 0,
+                 precision: Precision | None = None):
         self.model, self.head, self.data, self.args, self.views = model, head, data, args, views
         self.train_transform, self.eval_transform = transforms
-        self.summary = {"splits": {}}
-        self.saved_here: set[str] = set()  # splits whose features this run computed in another pass and saved
+        # The run's decision (training.build); alone (`hf-transfer doctor`), what `auto` decides here.
+        self.precision = precision or resolve("auto", args.device, model, fp16=args.fp16)
+        self.summary = {"splits": {}, "precision": self.precision.dtype, "channels_last": self.precision.channels_last}
+        self.extracted: dict[str, float] = {}  # split -> seconds, for splits this run computed and stored
+        self.kept: dict[str, np.ndarray] = {}  # split -> the rows served (see `keep`)
         self.model_key = {
             "format": FORMAT_VERSION,
             "model": model_args.model,
@@ -114,6 +134,7 @@ class FeatureStore:
             "class": type(model).__name__,
             "weights": weights_digest(model, head_name),
             "columns": [data.image_column, data.label_column],
+            "precision": self.precision.dtype,  # bf16 features differ from fp32 ones by up to a few percent
         }
 
     def key(self, split: str, views: int) -> dict:
@@ -137,20 +158,33 @@ class FeatureStore:
         key = self.key(split, views)
         path = self.path(key)
         started = time.perf_counter()
-        hit = (path / KEY_FILE).is_file() and split not in self.saved_here
-        if hit:
+        if split not in self.extracted and (path / KEY_FILE).is_file():
             logger.info("feature cache hit: skipping extraction of %s (%s)", split, path)
-        else:
+        elif split not in self.extracted:
             self._extract(split, views, path, key)
+            self.extracted[split] = time.perf_counter() - started
         features, labels = load(path)
-        self._record(split, path, hit, time.perf_counter() - started, features)
+        self._record(split, path, time.perf_counter() - started, features)
+        if split in self.kept:  # the split as this run trains or tests on it, after the data doctor's exclusions
+            return features[self.kept[split]], labels[self.kept[split]]
         return features, labels
 
-    def _record(self, split: str, path: Path, hit: bool, seconds: float, features: np.ndarray) -> None:
-        self.summary["splits"][split] = {
-            "hit": hit, "seconds": round(seconds, 2), "images": len(features), "views": features.shape[1],
-            "dtype": str(features.dtype), "bytes": folder_size(path), "path": str(path),
+    def keep(self, rows: dict[str, np.ndarray]) -> None:
+        """Serve only `rows` of each split named (the images `exclude_flagged` left), from the whole split's cache entry:
+        its key stays the data as loaded, so excluding images costs no second extraction."""
+        self.kept.update(rows)
+
+    def _record(self, split: str, path: Path, seconds: float, features: np.ndarray) -> None:
+        """`seconds`: extraction (or, for a split saved from another pass, that pass) and loading; loading alone on a hit."""
+        extracted = self.extracted.get(split)
+        record = {
+            "hit": extracted is None, "seconds": round(seconds if extracted is None else max(seconds, extracted), 2),
+            "images": len(features), "views": features.shape[1], "dtype": str(features.dtype), "bytes": folder_size(path),
+            "path": str(path),
         }
+        if extracted:
+            record["images_per_second"] = round(len(features) * features.shape[1] / extracted, 1)
+        self.summary["splits"][split] = record
 
     def _extract(self, split: str, views: int, path: Path, key: dict) -> None:
         """Each process extracts a contiguous shard; the main process joins them in order and stores the split."""
@@ -165,13 +199,19 @@ class FeatureStore:
         started = time.perf_counter()
         per_view, labels = [], []
         self.model.eval()
+        memory_format = torch.channels_last if self.precision.channels_last else torch.contiguous_format
+        if self.precision.channels_last:
+            self.model.to(memory_format=memory_format)  # exact; a run's model already is (precision.FrozenPasses)
         for view in range(max(views, 1)):
             if views:
                 set_seed(self.args.seed + view)  # fixed views: the same crops and flips on every extraction
             description = f"Extracting {split} features" + (f" (view {view + 1}/{views})" if views else "")
-            with FeatureCapture(self.head) as capture, torch.inference_mode(), _autocast(self.args):
-                for batch in tqdm(loader, desc=description, disable=not state.is_main_process):
-                    self.model(pixel_values=batch["pixel_values"].to(self.args.device))
+            with FeatureCapture(self.head) as capture, torch.inference_mode(), self.precision.autocast():
+                for batch in tqdm(loader, desc=description, disable=not state.is_main_process or self.args.disable_tqdm):
+                    pixels = batch["pixel_values"].to(self.args.device, non_blocking=True)
+                    if pixels.is_floating_point() and pixels.ndim == 4:  # uint8 images are resized first (`resize_on_device`)
+                        pixels = pixels.contiguous(memory_format=memory_format)
+                    self.model(pixel_values=pixels)
                     if view == 0:
                         labels.append(batch["labels"])
             per_view.append(capture.features())
@@ -195,12 +235,15 @@ class FeatureStore:
     def has(self, split: str) -> bool:
         return (self.path(self.key(split, 0)) / KEY_FILE).is_file()
 
-    def save(self, split: str, features: np.ndarray, labels: np.ndarray) -> None:
-        """Store un-augmented features computed elsewhere (the full model's test pass), once, from the main process."""
+    def save(self, split: str, features: np.ndarray, labels: np.ndarray, seconds: float) -> None:
+        """Store un-augmented features computed in another pass (the full model's test pass, `seconds` long), once,
+        from the main process."""
+        if split in self.kept:  # a subset must not be stored under the whole split's key (the doctor cached it anyway)
+            raise RuntimeError(f"The {split} features of a run with excluded images cannot be stored as the whole split's.")
         if PartialState().is_main_process:
             store(self.path(self.key(split, 0)), features[:, None, :], labels, self.key(split, 0))
         PartialState().wait_for_everyone()
-        self.saved_here.add(split)
+        self.extracted[split] = seconds
 
     def total_size(self) -> None:
         self.summary["bytes"] = sum(split["bytes"] for split in self.summary["splits"].values())

@@ -27,9 +27,11 @@ from transformers import HfArgumentParser
 
 from .data import DataArguments
 from .errors import HFTransferError
+from .doctor_options import DoctorArguments
 from .freezing import FreezeArguments
 from .models import ModelArguments
 from .optimization import HfTransferTrainingArguments
+from .precision import CHOICES as PRECISIONS
 from .recipe_yaml import RecipeYAMLError, read_recipe_file
 
 
@@ -39,6 +41,12 @@ class RunArguments:
     overwrite: bool = field(default=False, metadata={"help": "Replace an output_dir that holds a different run."})
     feature_cache: bool = field(default=True, metadata={"help": "With a frozen backbone (head_only, batchnorm frozen): compute its features once, cache them, train the head on them."})
     feature_cache_views: int = field(default=0, metadata={"help": "Feature cache train views: 0 = un-augmented; K = K fixed augmented views per image, epoch e uses view e mod K."})
+    inference_precision: str = field(
+        default="auto",
+        metadata={"help": "Precision of passes without gradients (feature extraction, evaluation, test): `auto` = bf16 autocast where "
+                          "the CPU or GPU computes bf16 natively, else fp32 (the decision goes into all_results.json); `fp32`; `bf16`.",
+                  "choices": list(PRECISIONS)},
+    )
     early_stopping_patience: int | None = field(
         default=None,
         metadata={"help": (
@@ -54,7 +62,7 @@ class RunArguments:
     )
 
 
-ARGUMENT_CLASSES = (DataArguments, ModelArguments, FreezeArguments, RunArguments, HfTransferTrainingArguments)
+ARGUMENT_CLASSES = (DataArguments, ModelArguments, FreezeArguments, RunArguments, DoctorArguments, HfTransferTrainingArguments)
 
 # Defaults that suit image classification better than Trainer's generic ones; a recipe overrides any.
 TRAINING_DEFAULTS = {
@@ -84,6 +92,7 @@ class Recipe:
     model: ModelArguments
     freezing: FreezeArguments
     run: RunArguments
+    doctor: DoctorArguments
     training: HfTransferTrainingArguments
 
     def to_dict(self) -> dict:
@@ -91,7 +100,7 @@ class Recipe:
         (TRAINING_DEFAULTS, which a later version of hf_transfer may change); no tokens."""
         # Sections named as in run_config.json: `freeze` holds the FreezeArguments.
         resolved = {section: dataclasses.asdict(arguments) for section, arguments in (
-            ("data", self.data), ("model", self.model), ("freeze", self.freezing), ("run", self.run))}
+            ("data", self.data), ("model", self.model), ("freeze", self.freezing), ("run", self.run), ("doctor", self.doctor))}
         resolved["freeze"]["preset"] = self.freezing.preset
         resolved["training"] = {}
         for f in dataclasses.fields(HfTransferTrainingArguments):
@@ -109,7 +118,7 @@ class Recipe:
         """A recipe that reproduces this run: `hf-transfer train <it> --output_dir <another>`."""
         sections = self.to_dict()
         flat = {}
-        for section in ("data", "model", "freeze", "run", "training"):
+        for section in ("data", "model", "freeze", "run", "doctor", "training"):
             values = dict(sections[section])
             if section == "freeze":  # the preset's name, so that its derived settings (fastai's lr spread) come back
                 values["freeze"] = values.pop("preset") or values["freeze"]
@@ -226,14 +235,14 @@ def parse_recipe_for(device_type: str, argv: list[str] | None = None, **override
     if remaining:
         flag = remaining[0].lstrip("-").split("=")[0]
         raise RecipeError(f"Unknown option `{remaining[0]}`.{_suggest(flag)}")
-    data, model, freezing, run, training = parsed
+    data, model, freezing, run, doctor, training = parsed
     if not data.dataset:
         raise RecipeError("No dataset given: set `dataset:` in the recipe or pass `--dataset <hub id or folder>`.")
     if training.push_to_hub and (training.hub_model_id or "").count("/") != 1:
         raise RecipeError("`push_to_hub: true` needs `hub_model_id: <user>/<name>`, the model repo to push to.")
     _check_evaluation_needs(freezing, run, training)
     _check_combinations(run, training)
-    return Recipe(data, model, freezing, run, training)
+    return Recipe(data, model, freezing, run, doctor, training)
 
 
 def _check_evaluation_needs(freezing: FreezeArguments, run: RunArguments, training) -> None:

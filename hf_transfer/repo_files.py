@@ -21,11 +21,14 @@ RECIPE = "recipe.yaml"  # the same, as a recipe that reproduces the run
 CURVES_PNG = "training_curves.png"
 CONFUSION_PNG = "confusion_matrix.png"
 EXPLANATIONS_PNG = "explanations.png"
+DATA_REPORT = "data_report.json"  # the data doctor's findings
+DATA_SUSPECTS_PNG = "data_suspects.png"  # its contact sheet of the top suspects
 STAGING = ".partial"  # the next model, assembled here and moved in
 LOCK_FILE = ".hf_transfer.lock"  # the running run's flock
 # Every file a run writes (with the sharded-weights names save_pretrained may use): `--overwrite` deletes these only.
 RUN_OUTPUTS = (CONFIG, WEIGHTS, "model-*-of-*.safetensors", f"{WEIGHTS}.index.json", PREPROCESSOR, MODEL_CARD, ALL_RESULTS,
-               TEST_REPORT, TRAINER_STATE, FREEZE_PLAN, RUN_CONFIG, RECIPE, CURVES_PNG, CONFUSION_PNG, EXPLANATIONS_PNG, LOCK_FILE)
+               TEST_REPORT, TRAINER_STATE, FREEZE_PLAN, RUN_CONFIG, RECIPE, CURVES_PNG, CONFUSION_PNG, EXPLANATIONS_PNG, DATA_REPORT,
+               DATA_SUSPECTS_PNG, LOCK_FILE)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -55,6 +58,7 @@ class RunFiles:
         self.report = _read_json(self.dir / TEST_REPORT)
         self.run_config = _read_json(self.dir / RUN_CONFIG) or {}
         self.preprocessor = _read_json(self.dir / PREPROCESSOR)
+        self.data_report = _read_json(self.dir / DATA_REPORT)  # None unless the run checked its data
 
     @property
     def labels(self) -> list[str]:

@@ -384,6 +384,7 @@ class SafeTrainer(Trainer):
         for saved, current in zip(state["param_groups"], self.optimizer.param_groups):
             saved.update({key: tuple(saved[key]) for key, value in current.items() if isinstance(value, tuple)})
         self.optimizer.load_state_dict(state)
+        _match_parameter_layouts(self.optimizer)
         self.lr_scheduler.load_state_dict(json.loads((folder / SCHEDULER).read_text()))
 
     def _load_scaler(self, checkpoint: str | None) -> None:
@@ -443,6 +444,16 @@ class PendingLoss:
         if self.copied is not None:
             self.copied.synchronize()
         return self.loss.float().mean().item()  # the mean: one value per GPU under DataParallel
+
+
+def _match_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give each loaded optimizer state tensor its parameter's memory format (channels_last for a CNN's weights): the
+    update's kernels take another code path, with other rounding, when the two layouts differ, so a resumed run would
+    drift from the uninterrupted one (weights 1e-2 apart after 5 Adam steps of test_efficientnet)."""
+    for parameter, values in optimizer.state.items():
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor) and value.shape == parameter.shape and value.stride() != parameter.stride():
+                values[name] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
 
 
 def load_weights(model: PreTrainedModel, checkpoint: str) -> None:

@@ -23,6 +23,7 @@ from .callbacks import EarlyStopping, FreezeCallback
 from .card import describe_hardware, write_model_card
 from .data import PreparedData, attach_transforms, collate, load_image_dataset
 from .device_resize import DeviceResize, transforms_for_run
+from .doctor import DataCheck, check_run_data
 from .explain import ExplainError, save_explanation_figure
 from .freezing import FreezePlan
 from .images import load_image
@@ -31,6 +32,7 @@ from .models import check_model_available, data_config, load_model, save_model
 from .optimization import build_optimizer, describe_optimizer, describe_schedule
 from .output_dir import check_output_dir, claim_output_dir, holding_output_dir, publish
 from .plots import plot_confusion_matrix, plot_training_curves
+from .precision import FrozenPasses, Precision, classifier_of, resolve
 from .recipe import Recipe
 from .repo_files import (
     ALL_RESULTS,
@@ -65,6 +67,8 @@ class Built:
     cache: CachedHeadTraining | None  # the head trains on cached features when the backbone is frozen
     device_step: DeviceResize | None  # resizes small images of one size on the device
     device_hook: object | None  # the forward pre-hook that runs `device_step`; removed before saving
+    precision: Precision | None = None  # what `inference_precision` decided for passes without gradients
+    data_check: DataCheck | None = None  # the data doctor's report, and what `exclude_flagged` removed
 
     @property
     def output_dir(self) -> Path:
@@ -109,12 +113,27 @@ def build(recipe: Recipe, claim: bool = True) -> Built:
     device_hook = device_step.attach(model) if device_step else None
     plan = FreezePlan(model, recipe.freezing, args.learning_rate)
     trainer = build_trainer(recipe, args, model, image_processor, splits, plan)
+    # Passes without gradients (extraction, evaluation, test) in bf16 + channels_last where the hardware has bf16.
+    precision = resolve(recipe.run.inference_precision, args.device, model, fp16=args.fp16)
     # With a fully frozen backbone the head trains on features computed once; None otherwise.
-    cache = CachedHeadTraining.for_run(recipe, plan, trainer, data, (train_transform, eval_transform))
+    transforms = (train_transform, eval_transform)
+    cache = CachedHeadTraining.for_run(recipe, plan, trainer, data, transforms, precision)
+    # The data doctor on those features (or on features of its own when `exclude_flagged` asks for exclusions).
+    data_check = check_run_data(recipe, data, cache.store if cache else None, model, transforms, args)
+    if data_check and data_check.excluded:  # train (and evaluate) on what is left: data, trainer and cache built again
+        data = data_check.kept_data()
+        splits = attach_transforms(data, train_transform, eval_transform)
+        trainer = build_trainer(recipe, args, model, image_processor, splits, plan)
+        store = cache.store if cache else None
+        if store:
+            store.keep(data_check.kept_rows())
+        cache = CachedHeadTraining.for_run(recipe, plan, trainer, data, transforms, precision, store=store)
+    FrozenPasses(model, precision, head=cache.head if cache else classifier_of(model))
+    logger.info("Inference precision: %s", precision.describe())
     if claim and args.should_save:  # the run is certain to start: only now may --overwrite clear the folder
         claim_output_dir(Path(args.output_dir), recipe.to_dict(), recipe.run.overwrite)
     return Built(recipe, args, data, model, image_processor, splits, plan, trainer, trainer.callback_handler.callbacks, cache,
-                 device_step, device_hook)
+                 device_step, device_hook, precision, data_check)
 
 
 def run_arguments(recipe: Recipe) -> TrainingArguments:
@@ -173,11 +192,13 @@ def write_model_repo(built: Built, fitted: Fitted) -> dict:
         "skipped_images": {name: len(entries) for name, entries in data.skipped.items()},
         "skipped_image_examples": {name: entries[:20] for name, entries in data.skipped.items()},
         "resized_on_device": built.device_step is not None,  # what `resize_on_device: auto` decided
+        "inference_precision": built.precision.as_dict() if built.precision else None,  # what `inference_precision: auto` decided
         "optimizer": describe_optimizer(trainer.optimizer),
         "lr_scheduler": describe_schedule(built.args, trainer.lr_scheduler, trainer.state.max_steps),
         "early_stopping": early_stopping.summary() if early_stopping else None,
         "published_weights": published_weights(trainer),
         **({"feature_cache": built.cache.summary} if built.cache else {}),
+        **({"data_doctor": built.data_check.results()} if built.data_check else {}),
     }
     if trainer.is_world_process_zero():
         output_dir = built.output_dir
@@ -193,6 +214,8 @@ def write_model_repo(built: Built, fitted: Fitted) -> dict:
         (staging / RECIPE).write_text(built.recipe.to_yaml())
         trainer.state.save_to_json(str(staging / TRAINER_STATE))
         built.plan.save(staging / FREEZE_PLAN)
+        if built.data_check:
+            built.data_check.write(staging)
         plot_training_curves(trainer.state.log_history, staging / CURVES_PNG)
         plot_confusion_matrix(report["confusion_matrix"], data.labels, staging / CONFUSION_PNG)
         try:

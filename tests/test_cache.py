@@ -10,20 +10,25 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLE
+from conftest import QUICKSTART, REPO, SAMPLE
 from safetensors.torch import load_file
 from transformers import pipeline
 
 from hf_transfer import finetune
-from hf_transfer.feature_store import KEY_FILE, load, weights_digest
+from hf_transfer.cached_head import CHECK_IMAGES, CachedHeadTraining, FeatureCacheMismatchError, check_cache
+from hf_transfer.feature_store import KEY_FILE, load, relative_errors, storage_dtype, store, weights_digest
 
+# The data doctor off: these tests count the cache's own extractions and checks (tests/test_doctor.py runs it in a run).
 TINY = dict(
+    data_doctor=False,
     dataset=str(SAMPLE), model="test_convnext", pretrained=False, validation_size=16, max_train_samples=32,
     max_test_samples=16, num_train_epochs=2, per_device_train_batch_size=16, learning_rate=3e-3,
     augmentation="none", save_strategy="no", load_best_model_at_end=False,
@@ -200,3 +205,147 @@ def test_staged_cached_run_resumes_exactly_from_either_stage(cache_dir, tmp_path
     whole, resumed = (load_file(out / name / "model.safetensors") for name in ("whole", "killed"))
     assert whole.keys() == resumed.keys()
     assert all(torch.equal(whole[name], resumed[name]) for name in whole)
+
+
+# --- storage keeps precision -------------------------------------------------------------------------------
+def test_features_too_small_for_float16_are_stored_in_float32(tmp_path):
+    rng = np.random.default_rng(0)
+    normal = rng.random((8, 1, 32), dtype=np.float32) * 6  # ReLU6 features of a pretrained CNN
+    tiny = normal * 1e-14  # a random-init network's: float16 would round them to 0 (subnormal below 6.1e-5)
+    assert storage_dtype(normal) == "float16" and storage_dtype(tiny) == "float32"
+    assert storage_dtype(normal * 1e5) == "float32", "beyond float16's 65504"
+    for name, features in (("normal", normal), ("tiny", tiny)):
+        store(tmp_path / name, features, np.zeros(8), {"split": "test"})
+        loaded, _ = load(tmp_path / name)
+        assert relative_errors(loaded, features).max() < 1e-3
+
+
+def test_a_random_init_backbone_trains_on_its_cache_and_passes_the_check(cache_dir, tmp_path):
+    """Uncalibrated BatchNorm: pooled features ~1e-14. In float16 they became 0 and the check failed on 75% of images."""
+    results = finetune(str(QUICKSTART), model="test_efficientnet", pretrained=False, max_train_samples=32, validation_size=8,
+                       max_test_samples=32, num_train_epochs=1, output_dir=str(tmp_path / "random"), disable_tqdm=True)
+    splits = results["feature_cache"]["splits"]
+    assert {split: info["dtype"] for split, info in splits.items()} == {"train": "float32", "validation": "float32", "test": "float32"}
+    check = results["feature_cache"]["test_check"]
+    assert check["images"] == 32 and check["mismatched"] == 0 and results["test_cache_agreement"] == 1.0
+
+
+# --- the check: numerical noise passes, a wrong cache does not ---------------------------------------------
+def _near_tie_case(first_run, images: int = 500):
+    """Real cached test features tiled to `images` rows, a linear head, and the full model's view of them: the same
+    features with last-bit float16 noise (another batch composition), one image a near-tie that flips."""
+    _, results = first_run
+    features, labels = load(results["feature_cache"]["splits"]["test"]["path"])
+    cached = np.resize(features[:, 0].astype(np.float32), (images, features.shape[-1]))
+    labels = np.resize(labels, images)
+    rng = np.random.default_rng(0)
+    full = cached * (1 + rng.choice([-1, 0, 1], cached.shape) * 2.0**-11)
+    head = torch.nn.Linear(cached.shape[1], 2)
+    with torch.no_grad():
+        cached_logits, full_logits = head(torch.from_numpy(cached)).numpy(), head(torch.from_numpy(full).float()).numpy()
+    cached_logits[7] = [0.5, 0.5 + 1e-4]  # a near-tie: the noise moves it across
+    full_logits[7] = [0.5 + 1e-4, 0.5]
+    return full, cached, full_logits, cached_logits, labels
+
+
+def test_one_near_tie_in_500_images_is_noise_not_a_wrong_cache(first_run):
+    """A 2-process run on features cached by a 1-process run stopped at 'disagree on 0.20% of test images': one
+    near-tie in 500, and `1 - agreement > 1/len` true by float rounding at exactly one image."""
+    full, cached, full_logits, cached_logits, labels = _near_tie_case(first_run)
+    check = check_cache(full, cached, full_logits, cached_logits, labels, labels)
+    assert check.ok and check.flips == 1 and check.agreement == pytest.approx(0.998)
+    assert check.max_feature_error < 1e-3
+
+
+def test_a_wrong_cache_fails_the_check(first_run):
+    full, cached, full_logits, cached_logits, labels = _near_tie_case(first_run, images=64)
+    others = np.roll(np.arange(64), 1)  # each row holds the next image's features (a mis-ordered join, say)
+    for name, features, wrong_labels in (
+        ("other images", cached[others], labels),
+        ("other preprocessing", cached * 1.5 + 0.1, labels),
+        ("other labels", cached, 1 - labels),
+    ):
+        check = check_cache(full, features, full_logits, cached_logits, labels, wrong_labels)
+        assert not check.ok and check.mismatched >= 32, name
+
+
+def test_a_corrupted_cache_stops_the_run_with_a_user_error(first_run, tmp_path):
+    _, results = first_run
+    path = Path(results["feature_cache"]["splits"]["test"]["path"])
+    key = json.loads((path / KEY_FILE).read_text())
+    features, labels = load(path)
+    original = tmp_path / "original"
+    shutil.copytree(path, original)
+    try:
+        store(path, features[::-1].astype(np.float32), labels, key)  # the cache entry holds other images' features
+        with pytest.raises(FeatureCacheMismatchError, match="disagree on .* of 16 checked test images"):
+            _train(tmp_path, "corrupted")
+    finally:
+        shutil.rmtree(path)
+        shutil.copytree(original, path)
+
+
+# --- a second run: test metrics from the cache, the full model checked on a sample ------------------------
+@pytest.fixture(scope="module")
+def all_test_images(cache_dir, tmp_path_factory):
+    """Two identical runs over all 96 test photos of the sample: the first extracts, the second finds everything cached."""
+    out = tmp_path_factory.mktemp("all_test")
+    first = _train(out, "first", max_test_samples=None)
+    passes = []
+    original = CachedHeadTraining._full_model_pass
+
+    def counted(self, split):
+        passes.append(len(split))
+        return original(self, split)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(CachedHeadTraining, "_full_model_pass", counted)
+        second = _train(out, "second", max_test_samples=None)
+    return out, first, second, passes
+
+
+def test_first_run_checks_every_test_image_and_a_rerun_a_seeded_sample(all_test_images):
+    out, first, second, passes = all_test_images
+    assert first["split_sizes"]["test"] == 96 and not first["feature_cache"]["splits"]["test"]["hit"]
+    assert first["feature_cache"]["test_check"]["images"] == 96 and first["feature_cache"]["test_check"]["all_test_images"]
+    assert passes == [CHECK_IMAGES], "the rerun pushed only the sample through the full model"
+    assert all(info["hit"] for info in second["feature_cache"]["splits"].values())
+    check = second["feature_cache"]["test_check"]
+    assert check["images"] == CHECK_IMAGES < 96 and not check["all_test_images"] and check["mismatched"] == 0
+    for key in ("test_accuracy", "test_f1", "test_loss"):
+        assert second[key] == first[key], key
+    reports = [json.loads((out / name / "test_report.json").read_text()) for name in ("first", "second")]
+    assert reports[0] == reports[1]
+    assert second["test_samples_per_second"] > 0, "the full model's speed on images, from the check"
+
+
+# --- features cached by a 1-process run serve a 2-process run -----------------------------------------------
+def test_features_cached_by_one_process_serve_a_two_process_run(tmp_path):
+    """Lite0 with its ImageNet weights in bf16: the 2-process run computes the checked test images in batches of
+    another composition, on one thread per process; the check must see noise, not a wrong cache."""
+    options = [
+        "--dataset", str(SAMPLE), "--model", "timm/tf_efficientnet_lite0.in1k", "--freeze", "head_only", "--validation_size", "8",
+        "--max_train_samples", "32", "--num_train_epochs", "2", "--per_device_train_batch_size", "8",
+        "--per_device_eval_batch_size", "16", "--learning_rate", "3e-3", "--augmentation", "none", "--save_strategy", "no",
+        "--load_best_model_at_end", "false", "--disable_tqdm", "true",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "datasets")}
+    finetune_script = str(REPO / "recipes" / "finetune.py")
+    one = subprocess.run([sys.executable, finetune_script, *options, "--output_dir", str(tmp_path / "one")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-4000:]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", finetune_script]
+    two = subprocess.run([*launch, *options, "--output_dir", str(tmp_path / "two")],
+                         cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-4000:]
+
+    first, second = (json.loads((tmp_path / name / "all_results.json").read_text()) for name in ("one", "two"))
+    assert first["inference_precision"] == second["inference_precision"]
+    assert not first["feature_cache"]["splits"]["test"]["hit"] and first["feature_cache"]["test_check"]["images"] == 96
+    assert all(info["hit"] for info in second["feature_cache"]["splits"].values())
+    check = second["feature_cache"]["test_check"]
+    assert check["images"] == CHECK_IMAGES and check["mismatched"] == 0 and check["max_feature_error"] < 0.01
+    # Two processes train the head on batches of 2 x 8 (one process: 8), so the heads differ; each is checked.
+    assert check["full_accuracy"] == pytest.approx(check["cache_accuracy"], abs=1 / CHECK_IMAGES)
+    assert min(first["test_accuracy"], second["test_accuracy"]) > 0.8, "Lite0's ImageNet features separate cats from dogs"

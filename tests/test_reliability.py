@@ -20,31 +20,28 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from bad_images import build_corpus
+from conftest import REPO, TINY_RUN, TINY_SAMPLE, sample_rows, user_error
 from PIL import Image
 from torch.overrides import TorchFunctionMode
 from transformers import AutoModelForImageClassification, TimmWrapperConfig, TimmWrapperForImageClassification, TrainerCallback
 
-from bad_images import build_corpus
-from conftest import REPO, SAMPLE, TINY_RUN, sample_rows, user_error
-from hf_transfer.trainer import NonFiniteLossError, SafeTrainer, last_complete_checkpoint
+from hf_transfer.callbacks import FreezeCallback
 from hf_transfer.cli import main
 from hf_transfer.data import collate
-from hf_transfer.callbacks import FreezeCallback
 from hf_transfer.freezing import FreezePlan
 from hf_transfer.models import load_model
 from hf_transfer.output_dir import publish
 from hf_transfer.recipe import parse_recipe
+from hf_transfer.trainer import NonFiniteLossError, SafeTrainer, last_complete_checkpoint
 
 pytestmark = pytest.mark.usefixtures("offline_hub")
 
 # 8 training photos in batches of 2 for 2 epochs: 8 steps, a checkpoint at steps 3 and 6 (both mid-epoch),
 # a logged loss every 2 steps, so a resumed run must also restore the loss not yet logged.
 RESUMABLE_RUN = (
-    "--dataset", str(SAMPLE), "--model", "test_efficientnet", "--pretrained", "false", "--freeze", "full",
-    "--max_train_samples", "8", "--max_eval_samples", "4", "--max_test_samples", "16", "--validation_size", "8",
-    "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "8", "--num_train_epochs", "2",
-    "--save_strategy", "steps", "--save_steps", "3", "--logging_strategy", "steps", "--logging_steps", "2",
-    "--load_best_model_at_end", "false", "--seed", "0",
+    *TINY_SAMPLE, *TINY_RUN, "--validation_size", "8", "--per_device_train_batch_size", "2", "--num_train_epochs", "2",
+    "--save_strategy", "steps", "--save_steps", "3", "--logging_strategy", "steps", "--logging_steps", "2", "--seed", "0",
 )
 TIMING = ("runtime", "per_second")  # the only things allowed to differ between two runs
 

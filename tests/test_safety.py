@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from conftest import TINY_RUN, TINY_SAMPLE
 from transformers import TrainingArguments, ViTConfig, ViTForImageClassification, ViTImageProcessor
 
-from conftest import SAMPLE
-from hf_transfer.trainer import CheckpointError, SafeTrainer
 from hf_transfer.cli import main
 from hf_transfer.models import ModelArguments, ModelNotAvailableError, load_model
+from hf_transfer.trainer import CheckpointError, SafeTrainer
 
 pytestmark = pytest.mark.usefixtures("offline_hub")
 
@@ -27,10 +27,8 @@ def test_tokens_never_reach_logs_cards_or_saved_files_and_only_safetensors_are_w
     """The default recipe path (frozen backbone, head trained on cached features), with checkpoints."""
     monkeypatch.setenv("HF_TOKEN", ENV_TOKEN)
     output_dir = tmp_path / "out"
-    main(["train", "--dataset", str(SAMPLE), "--model", "test_efficientnet", "--pretrained", "false",
-          "--max_train_samples", "8", "--max_eval_samples", "4", "--max_test_samples", "16", "--validation_size", "4",
-          "--per_device_train_batch_size", "4", "--num_train_epochs", "1", "--save_strategy", "steps", "--save_steps", "1",
-          "--load_best_model_at_end", "false", "--hub_token", ARG_TOKEN, "--output_dir", str(output_dir)])
+    main(["train", *TINY_SAMPLE, *TINY_RUN, "--freeze", "head_only", "--save_strategy", "steps", "--save_steps", "1",
+          "--hub_token", ARG_TOKEN, "--output_dir", str(output_dir)])
 
     printed = capfd.readouterr()
     for text in (printed.out, printed.err, caplog.text):

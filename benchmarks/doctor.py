@@ -1,0 +1,317 @@
+"""Data doctor: precision and recall of its label-issue and leak checks on a mirror with planted problems, and its time.
+
+1. `hf-transfer doctor` on the clean mirror (`hf_transfer.doctor.run_doctor`), timed; run again when the first run had to
+   extract the features, so the table also has the warm-cache time. Its findings are the mirror's own problems.
+2. Planted problems on the same cached features: `--flip` of every split's labels changed to another class (seeded), and
+   `--leaks` test images copied into train as an exact copy, a copy resized to 3/4 of the side (JPEG 90) or a JPEG
+   re-encoded at quality 50, in turn. The copies' features come from the same backbone and preprocessing
+   (`split_features` on a dataset of the copies); the mirror's features are not extracted again.
+3. `diagnose` on the planted data. Label issues: precision and recall of the flagged images against the flipped ones
+   (flagged images that were not flipped but are flagged on the clean mirror too are the mirror's own, counted apart).
+   Leaks: a planted copy counts as found when its pair with its source is a leak; any other pair with a copy is false,
+   unless the clean mirror pairs that image with the copy's source (a duplicate of the source). The clean mirror's own
+   pairs are listed, not judged: look at its contact sheet.
+4. `--calibrate N`: every kind of copy (resized to 7/8 ... 1/2 of the side, JPEG 75 ... 30) of N test images against its
+   source, and the mirror's most similar pairs of its own images: how `doctor_duplicate_threshold` was chosen.
+
+    python benchmarks/doctor.py --dataset cats_vs_dogs --calibrate 60 --probe-c 0.01,0.1,1 --check-ivf   # 2,000 + 2,000 photos
+    python benchmarks/doctor.py --dataset cifar10 --check-ivf     # all 60,000 images; the first run extracts them (hours on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import time
+from pathlib import Path
+
+import datasets
+import numpy as np
+from common import REPO, report
+from PIL import Image
+
+from hf_transfer import doctor
+from hf_transfer.cli import setup_logging
+from hf_transfer.data import PreparedData, load_image_dataset
+from hf_transfer.recipe import parse_recipe
+
+MIRRORS = {
+    "cifar10": Path(os.environ.get("CIFAR10", REPO.parent / "shared" / "datasets" / "cifar10")),
+    "cats_vs_dogs": Path(os.environ.get("CATS_VS_DOGS", REPO.parent / "shared" / "datasets" / "cats_vs_dogs")),
+}
+# As in recipes/cifar10.yaml and benchmarks/feature_cache.py: validation carved from train.
+VALIDATION_SIZE = {"cifar10": 5000, "cats_vs_dogs": 0.1}
+# Copies: (scale of the side, JPEG quality); quality None = the same bytes.
+COPIES = {"exact": (1.0, None), "resized": (0.75, 90), "reencoded": (1.0, 50), "half": (0.5, 90)}
+CALIBRATION = {"exact": (1.0, None), "resized 7/8": (0.875, 90), "resized 3/4": (0.75, 90), "resized 5/8": (0.625, 90),
+               "resized 1/2": (0.5, 90), "JPEG 75": (1.0, 75), "JPEG 50": (1.0, 50), "JPEG 40": (1.0, 40), "JPEG 30": (1.0, 30)}
+COPIES.update(CALIBRATION)
+KINDS = ("exact", "resized", "reencoded", "half")
+
+
+def arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="cats_vs_dogs", choices=sorted(MIRRORS))
+    parser.add_argument("--model", default="timm/tf_efficientnet_lite0.in1k")
+    parser.add_argument("--flip", type=float, default=0.02, help="fraction of every split's labels changed to another class")
+    parser.add_argument("--leaks", type=int, default=20, help="test images copied into train")
+    parser.add_argument("--kinds", default="exact,resized,reencoded",
+                        help=f"copies planted in turn, among {', '.join(KINDS)} (half: resized to 1/2 of the side)")
+    parser.add_argument("--calibrate", type=int, default=0,
+                        help="also measure the similarity of copies (resized, re-encoded) of this many test images to their source")
+    parser.add_argument("--probe-c", default="", help="also rank the flipped labels with these probe C values, e.g. 0.01,0.1,1")
+    parser.add_argument("--check-ivf", action="store_true",
+                        help="compare the inverted-file search with the exhaustive one (minutes at 60k)")
+    parser.add_argument("--seed", type=int, default=0, help="which labels flip and which images are copied")
+    parser.add_argument("--eval-batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--cache-dir", default="/tmp/hf_transfer_bench_doctor_cache", help="a datasets cache for this benchmark only")
+    parser.add_argument("--output-root", default=str(REPO / "outputs" / "bench_doctor"))
+    parser.add_argument("--name", default="doctor", help="results file: benchmarks/results/<name>.md")
+    return parser.parse_args()
+
+
+def copy_of(cell: dict, kind: str) -> dict:
+    """A copy of the image: `exact` (same bytes), or resized by a scale and saved as JPEG at a quality (`COPIES`)."""
+    scale, quality = COPIES[kind]
+    if quality is None:
+        return {"bytes": cell["bytes"], "path": None}
+    image = Image.open(io.BytesIO(cell["bytes"])).convert("RGB")
+    if scale != 1:
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=quality)
+    return {"bytes": buffer.getvalue(), "path": None}
+
+
+def copy_features(recipe, data: PreparedData, sources: list[int], kinds: list[str]) -> np.ndarray:
+    """Features of copies of test rows `sources` (`kinds[i]` of `sources[i]`), from the recipe's backbone and preprocessing."""
+    test = data.splits["test"]
+    cells = [copy_of(test[row][data.image_column], kind) for row, kind in zip(sources, kinds)]
+    labels = [test[row][data.label_column] for row in sources]
+    features = datasets.Features({data.image_column: datasets.Image(decode=False),
+                                  data.label_column: datasets.ClassLabel(names=data.labels)})
+    split = datasets.Dataset.from_dict({data.image_column: cells, data.label_column: labels}, features=features)
+    copies = PreparedData(datasets.DatasetDict(train=split), data.labels, data.image_column, data.label_column, {})
+    return doctor.split_features(recipe, copies)["train"][0]
+
+
+def timed_doctor(recipe) -> list[dict]:
+    """`run_doctor` as the command runs it; twice when the first run extracted features (the second is warm)."""
+    runs = []
+    for attempt in range(2):
+        started = time.perf_counter()
+        found = doctor.run_doctor(recipe)
+        runs.append({"report": found, "seconds": time.perf_counter() - started, "attempt": attempt})
+        if all(split["hit"] for split in found["feature_cache"].values()):
+            break
+    return runs
+
+
+def planted_copies(recipe, data: PreparedData, count: int, kinds: list[str], rng) -> tuple[list[int], list[str], np.ndarray]:
+    """Test rows copied, the kind of each copy, and the copies' features."""
+    sources = sorted(rng.choice(len(data.splits["test"]), count, replace=False).tolist())
+    planted_kinds = [kinds[index % len(kinds)] for index in range(count)]
+    return sources, planted_kinds, copy_features(recipe, data, sources, planted_kinds)
+
+
+def calibrate(recipe, data: PreparedData, features: dict, count: int, rng) -> list[dict]:
+    """Cosine similarity (as the doctor measures it) of every kind of copy of `count` test images to its source."""
+    sources = sorted(rng.choice(len(data.splits["test"]), count, replace=False).tolist())
+    kinds = list(CALIBRATION)
+    found = copy_features(recipe, data, [row for row in sources for _ in kinds], kinds * count).reshape(count, len(kinds), -1)
+    originals = features["test"][0][sources]
+    threshold, rows = doctor.DUPLICATE_THRESHOLD, []
+    for position, kind in enumerate(kinds):
+        similarity = np.sum(doctor.power_normalised(found[:, position]) * doctor.power_normalised(originals), axis=1)
+        raw = np.sum(unit(found[:, position]) * unit(originals), axis=1)  # without the signed square root
+        rows.append({"copy": kind, "images": count, "min": similarity.min(), "p10": np.quantile(similarity, 0.1),
+                     "median": np.median(similarity), f"found at {threshold}": np.mean(similarity >= threshold),
+                     "raw features: min": raw.min(), "raw: found": np.mean(raw >= threshold)})
+    return rows
+
+
+def unit(features: np.ndarray) -> np.ndarray:
+    return features / np.linalg.norm(features, axis=1, keepdims=True)
+
+
+def flip_labels(labels: np.ndarray, fraction: float, classes: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    flipped = np.sort(rng.choice(len(labels), round(fraction * len(labels)), replace=False))
+    noisy = labels.copy()
+    noisy[flipped] = (labels[flipped] + rng.integers(1, classes, len(flipped))) % classes  # always another class
+    return noisy, flipped
+
+
+def key(image: dict) -> tuple[str, int]:
+    return image["split"], image["index"]
+
+
+def main() -> None:
+    options = arguments()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    setup_logging(main_process=True)
+    datasets.config.HF_DATASETS_CACHE = options.cache_dir
+    rng = np.random.default_rng(options.seed)
+    recipe = parse_recipe(
+        [], dataset=str(MIRRORS[options.dataset]), model=options.model, validation_size=VALIDATION_SIZE[options.dataset],
+        per_device_eval_batch_size=options.eval_batch_size, dataloader_num_workers=options.workers,
+        output_dir=str(Path(options.output_root) / options.dataset), seed=42, disable_tqdm=True,
+    )
+    runs = timed_doctor(recipe)
+    clean = runs[-1]["report"]
+
+    data = load_image_dataset(recipe.data, seed=recipe.training.seed)
+    features = doctor.split_features(recipe, data)
+    names = doctor.image_names(data, recipe.data.dataset)
+    kinds = options.kinds.split(",")
+    sources, planted_kinds, copy_features = planted_copies(recipe, data, options.leaks, kinds, rng)
+    planted_features = {split: values for split, (values, _) in features.items()}
+    planted_labels = {}
+    flipped = {}
+    for split, (_, labels) in features.items():
+        planted_labels[split], flipped[split] = flip_labels(labels, options.flip, len(data.labels), rng)
+    first_copy = len(planted_features["train"])
+    planted_features["train"] = np.concatenate([planted_features["train"], copy_features])
+    planted_labels["train"] = np.concatenate([planted_labels["train"], features["test"][1][sources]])
+    names = {**names, "train": names["train"] + [f"copy-{index}" for index in range(len(sources))]}
+    started = time.perf_counter()
+    planted = doctor.diagnose(planted_features, planted_labels, data.labels, names, seed=recipe.training.seed)
+    analysis_seconds = time.perf_counter() - started
+
+    # label issues
+    truth = {(split, int(index)) for split, indices in flipped.items() for index in indices}
+    flagged = [key(issue) for issue in planted["label_issues"]]
+    own = {key(issue) for issue in clean["label_issues"]}
+    hits = truth & set(flagged)
+    others = [image for image in flagged if image not in truth]
+    top = set(flagged[:len(truth)])
+    # leaks
+    copy_rows = {first_copy + number: (sources[number], kind) for number, kind in enumerate(planted_kinds)}
+    # A copy may also pair with an image that the clean mirror pairs with its source (a duplicate of the source): not false.
+    clean_pairs = {frozenset(map(key, pair["images"])) for pair in clean["leaks"] + clean["near_duplicates"]}
+    found_kinds, copy_pairs, false_leaks = {kind: 0 for kind in kinds}, 0, []
+    for pair in planted["leaks"] + planted["near_duplicates"]:
+        images = [key(image) for image in pair["images"]]
+        copies = [(split, index) for split, index in images if split == "train" and index in copy_rows]
+        if not copies:
+            continue
+        copy_pairs += 1
+        source, kind = copy_rows[copies[0][1]]
+        other = next(image for image in images if image != copies[0])
+        if other == ("test", source):
+            found_kinds[kind] += 1
+        elif frozenset({("test", source), other}) not in clean_pairs:
+            false_leaks.append(pair)
+    found = sum(found_kinds.values())
+    planted_per_kind = {kind: planted_kinds.count(kind) for kind in kinds}
+    sizes = "/".join(str(len(features[split][0])) for split in ("train", "validation", "test"))
+    row = {
+        "dataset": options.dataset,
+        "train/val/test": sizes,
+        "flipped": len(truth),
+        "flagged": len(flagged),
+        "label_precision": len(hits) / max(len(flagged), 1),
+        "label_recall": len(hits) / max(len(truth), 1),
+        "top_k_precision": len(truth & top) / max(len(truth), 1),
+        "flagged_not_flipped (of which the mirror's own)": f"{len(others)} ({sum(image in own for image in others)})",
+        "planted_leaks": len(sources),
+        "leaks_found": found,
+        "leak_recall": found / max(len(sources), 1),
+        "by_kind": ", ".join(f"{kind} {found_kinds[kind]}/{planted_per_kind[kind]}" for kind in kinds),
+        "false_pairs_with_copies": len(false_leaks),
+        "leak_precision": (copy_pairs - len(false_leaks)) / max(copy_pairs, 1),
+        "mirror_leaks": clean["summary"]["leak_pairs"],
+        "doctor_s (cold)": runs[0]["seconds"] if len(runs) == 2 else "",
+        "doctor_s (warm)": runs[-1]["seconds"],
+        "label_check_s": runs[-1]["report"]["timing"]["label_issues_s"],
+        "duplicates_s": runs[-1]["report"]["timing"]["near_duplicates_s"],
+        "analysis_s (planted)": analysis_seconds,
+    }
+    settings = (f"{options.model}, seed {options.seed}; flip {options.flip:.0%} of every split; {options.leaks} test images copied into "
+                f"train ({', '.join(kinds)} in turn); threshold {doctor.DUPLICATE_THRESHOLD}, probe C {doctor.PROBE_C}, "
+                f"{doctor.DoctorArguments().doctor_folds} folds")
+    timing = ("doctor_s: `run_doctor` on the clean mirror, end to end (data preparation, features, checks, report, contact sheet); "
+              "warm = features read from the feature cache")
+    own_findings = (f"the clean mirror's own findings: {clean['summary']['label_issues']} label issue(s), "
+                    f"{clean['summary']['near_duplicate_pairs']} near-duplicate pair(s) within a split, "
+                    f"{clean['summary']['leak_pairs']} leak pair(s){_top(clean)}")
+    notes = [settings, timing, own_findings]
+    notes += [f"false pair: {_name(pair['images'][0])} ~ {_name(pair['images'][1])} ({pair['similarity']})" for pair in false_leaks[:5]]
+    if options.probe_c:
+        notes.append("probe C sweep (flipped labels in the top k, k = flipped): " + probe_sweep(planted_features, planted_labels, truth,
+                                                                                          options.probe_c, recipe.training.seed))
+    if options.check_ivf:
+        notes.append(check_ivf(planted_features))
+    report(options.name, f"Data doctor on {options.dataset}: planted label flips and leaks", [row], notes)
+    if options.calibrate:
+        rows = calibrate(recipe, data, features, options.calibrate, rng)
+        own = doctor.image_names(data, recipe.data.dataset)
+        report(options.name, f"Copies vs their source on {options.dataset}: cosine similarity of power-normalised features", rows,
+               [f"{options.model}; the most similar pairs of the mirror's own images: {closest_pairs(features, own)}",
+                f"on raw features (no signed square root): {closest_pairs(features, own, power=False)}"])
+
+
+def _top(found: dict) -> str:
+    issues = "; ".join(f"{issue['split']} {issue['image']} labelled {issue['label']}, suggested {issue['suggested_label']} "
+                       f"({issue['suggested_probability']:.2f})" for issue in found["label_issues"][:5])
+    pairs = "; ".join(f"{_name(pair['images'][0])} ~ {_name(pair['images'][1])} ({pair['similarity']:.3f})"
+                      for pair in (found["leaks"] + found["near_duplicates"])[:5])
+    return (f". Top label issues: {issues}" if issues else "") + (f". Top pairs: {pairs}" if pairs else "")
+
+
+def _name(image: dict) -> str:
+    return f"{image['split']} {image['image']}" + ("" if image["image"].startswith("#") else f" (#{image['index']})")
+
+
+def closest_pairs(features: dict, names: dict, count: int = 8, power: bool = True) -> str:
+    """The mirror's most similar pairs of images, duplicates or not, with their names; `power=False`: on raw features."""
+    import faiss
+
+    where = [(split, index) for split in features for index in range(len(features[split][0]))]
+    pooled = np.concatenate([values for values, _ in features.values()])
+    pooled = np.ascontiguousarray(doctor.power_normalised(pooled) if power else unit(pooled), dtype=np.float32)
+    index = faiss.IndexFlatIP(pooled.shape[1])
+    index.add(pooled)
+    similarity, found = index.search(pooled, 2)
+    pairs = {(min(row, int(other)), max(row, int(other))): float(value)
+             for row, (others, values) in enumerate(zip(found, similarity)) for other, value in zip(others, values) if other != row}
+    nearest = sorted(pairs.items(), key=lambda item: -item[1])[:count]
+    named = [[f"{where[row][0]} {names[where[row][0]][where[row][1]]}" for row in pair] for pair, _ in nearest]
+    return "; ".join(f"{first} ~ {second} ({value:.3f})" for (first, second), (_, value) in zip(named, nearest))
+
+
+def probe_sweep(features: dict, labels: dict, truth: set, values: str, seed: int) -> str:
+    splits = list(features)
+    pooled = np.concatenate([features[split] for split in splits])
+    pooled_labels = np.concatenate([labels[split] for split in splits])
+    where = [(split, index) for split in splits for index in range(len(features[split]))]
+    results, default = [], doctor.PROBE_C
+    try:
+        for value in values.split(","):
+            doctor.PROBE_C = float(value)
+            started = time.perf_counter()
+            ranked = doctor.find_label_issues(pooled, pooled_labels, seed=seed)["ranked"]
+            top = {where[row] for row, *_ in ranked[:len(truth)]}
+            results.append(f"C={value}: {len(top & truth)}/{len(truth)} ({time.perf_counter() - started:.1f} s)")
+    finally:
+        doctor.PROBE_C = default
+    return ", ".join(results)
+
+
+def check_ivf(features: dict) -> str:
+    pooled = np.concatenate(list(features.values()))
+    started = time.perf_counter()
+    inverted = doctor.similar_pairs(pooled, doctor.DUPLICATE_THRESHOLD, exact_up_to=0)
+    inverted_s = time.perf_counter() - started
+    started = time.perf_counter()
+    exhaustive = doctor.similar_pairs(pooled, doctor.DUPLICATE_THRESHOLD, exact_up_to=len(pooled))
+    exhaustive_s = time.perf_counter() - started
+    pairs = {tuple(pair) for pair in exhaustive[:, :2].astype(int)}
+    found = pairs & {tuple(pair) for pair in inverted[:, :2].astype(int)}
+    return (f"inverted-file search vs exhaustive on {len(pooled):,} images: {len(found)}/{len(pairs)} pairs "
+            f"({inverted_s:.1f} s vs {exhaustive_s:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
