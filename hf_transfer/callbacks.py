@@ -6,6 +6,7 @@ import math
 
 from transformers import EarlyStoppingCallback, TrainerCallback
 from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import has_length
 
 from .freezing import FreezePlan
 
@@ -34,7 +35,7 @@ class FreezeCallback(TrainerCallback, ExportableState):
         if isinstance(saved, dict) and saved.get("attributes", {}).get("stage_starts"):  # a resumed run: its plateau decisions
             self.plan.stage_starts = saved["attributes"]["stage_starts"]
             self.plan.reasons.update({int(index): reason for index, reason in saved["attributes"]["reasons"].items()})
-        batches = len(train_dataloader) if train_dataloader is not None else None
+        batches = len(train_dataloader) if train_dataloader is not None and has_length(train_dataloader) else None  # a stream has none
         # Trainer's own count of optimizer steps per epoch (a last partial accumulation still steps).
         steps_per_epoch = math.ceil(batches / args.gradient_accumulation_steps) if batches else state.max_steps
         self.plan.set_steps_per_epoch(max(steps_per_epoch, 1), state.max_steps)

@@ -119,7 +119,9 @@ def _data_section(run: RunFiles) -> str:
     sizes = run.results.get("split_sizes") or {}
     skipped = run.results.get("skipped_images") or {}
     examples = run.results.get("skipped_image_examples") or {}
-    rows = [[split, sizes.get(split), skipped.get(split, 0)] for split in ("train", "validation", "test")]
+    # A streamed train split has no size (None): its images are read as training goes.
+    rows = [[split, "streamed" if sizes.get(split, 0) is None else sizes.get(split), skipped.get(split, 0)]
+            for split in ("train", "validation", "test")]
     lines = ["## Training data", "", f"Dataset: {run.dataset_text}.", "",
              _table(["split", "images used", "skipped as unreadable"], rows), "",
              f"Classes ({len(run.labels)}): " + ", ".join(f"`{label}`" for label in run.labels) + "."]

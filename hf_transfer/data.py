@@ -58,6 +58,21 @@ class DataArguments:
     augmentation: str = field(default="default", metadata={"help": f"Train-time augmentation: {' | '.join(AUGMENTATIONS)}. `default` = random-resized-crop + flip."})
     crop_min_scale: float = field(default=0.35, metadata={"help": "Smallest area fraction kept by the random-resized-crop."})
     skip_unreadable_images: bool = field(default=True, metadata={"help": "Skip (and count) images that cannot be decoded; false = stop and list them."})
+    streaming: bool = field(
+        default=False,
+        metadata={"help": (
+            "Read the dataset as a stream (datasets' `streaming=True`: Hub datasets, local parquet, image folders, webdataset "
+            "shards), never copied to disk: for datasets bigger than the disk. Needs `max_steps`; validation and test are "
+            "named splits or a number of images (`validation_size: 500`) from the start of the stream. See README, Streaming."
+        )},
+    )
+    shuffle_buffer_size: int = field(
+        default=1000,
+        metadata={"help": (
+            "With `streaming`: training images are drawn at random from a buffer of this many (the shard order is shuffled "
+            "too, every pass). Larger mixes better and takes more memory (and checkpoint space: the buffer is saved)."
+        )},
+    )
     resize_on_device: str = field(
         default="auto",
         metadata={"help": (
@@ -84,6 +99,8 @@ class DataArguments:
                     f"`{option}: {_number(size)}` is neither a fraction below 1 nor a whole number of images. "
                     "Give e.g. 0.1 (10% of the train split) or 50 (images)."
                 )
+        if self.shuffle_buffer_size < 1:
+            raise DatasetError(f"`shuffle_buffer_size: {self.shuffle_buffer_size}` holds no images. Give a number >= 1, e.g. 1000.")
         for option, split in _LIMITS.items():
             limit = getattr(self, option)
             if limit is not None and limit < 1:
@@ -164,10 +181,25 @@ def _load_file(local: Path, args: DataArguments) -> datasets.DatasetDict:
             "sub-folder per class, or a parquet export) or one .parquet file."
         )
     logger.info("Loading %s as the %s split; the splits it lacks are carved from it", local.name, args.train_split)
-    return _prepare(datasets.load_dataset_builder("parquet", data_files={args.train_split: [glob.escape(str(local.resolve()))]}), args)
+    return _prepare(file_builder(local, args), args)
+
+
+def file_builder(local: Path, args: DataArguments):
+    """The datasets builder that reads one parquet file as the train split."""
+    return datasets.load_dataset_builder("parquet", data_files={args.train_split: [glob.escape(str(local.resolve()))]})
 
 
 def _load_folder(local: Path, args: DataArguments) -> datasets.DatasetDict:
+    builder = folder_builder(local, args)
+    image_folder = builder.name == "imagefolder"
+    raw = _prepare(builder, args)
+    if image_folder:
+        _log_class_counts(raw, args)
+    return raw
+
+
+def folder_builder(local: Path, args: DataArguments):
+    """The datasets builder of a local folder (linked folders followed), its image-folder layout checked."""
     try:
         builder = datasets.load_dataset_builder(str(local), args.dataset_config)
     except EmptyDatasetError:
@@ -184,13 +216,9 @@ def _load_folder(local: Path, args: DataArguments) -> datasets.DatasetDict:
             f"folders do not count). Put the images in one folder per class ({local}/<class>/<image>, e.g. cat/1.jpg and "
             f"dog/2.jpg) or give a parquet export ({local}/data/train-00000-of-00001.parquet)."
         )
-    image_folder = builder.name == "imagefolder"
-    if image_folder:
+    if builder.name == "imagefolder":
         _check_image_folder_layout(local, builder, args)
-    raw = _prepare(builder, args)
-    if image_folder:
-        _log_class_counts(raw, args)
-    return raw
+    return builder
 
 
 def _prepare(builder, args: DataArguments) -> datasets.DatasetDict:

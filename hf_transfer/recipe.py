@@ -33,6 +33,7 @@ from .models import ModelArguments
 from .optimization import HfTransferTrainingArguments
 from .precision import CHOICES as PRECISIONS
 from .recipe_yaml import RecipeYAMLError, read_recipe_file
+from .streaming import check_recipe as check_streaming
 
 
 @dataclass
@@ -242,6 +243,7 @@ def parse_recipe_for(device_type: str, argv: list[str] | None = None, **override
         raise RecipeError("`push_to_hub: true` needs `hub_model_id: <user>/<name>`, the model repo to push to.")
     _check_evaluation_needs(freezing, run, training)
     _check_combinations(run, training)
+    check_streaming(data, freezing, run, doctor, training)
     return Recipe(data, model, freezing, run, doctor, training)
 
 

@@ -34,6 +34,7 @@ from .output_dir import check_output_dir, claim_output_dir, holding_output_dir, 
 from .plots import plot_confusion_matrix, plot_training_curves
 from .precision import FrozenPasses, Precision, classifier_of, resolve
 from .recipe import Recipe
+from . import streaming
 from .repo_files import (
     ALL_RESULTS,
     CONFUSION_PNG,
@@ -103,15 +104,18 @@ def build(recipe: Recipe, claim: bool = True) -> Built:
     set_seed(args.seed)
 
     with args.main_process_first(desc="dataset preparation"):
-        data = load_image_dataset(recipe.data, seed=args.seed)
+        data = streaming.load_streaming_dataset(recipe.data) if recipe.data.streaming else load_image_dataset(recipe.data, seed=args.seed)
     model, image_processor = load_model(recipe.model, data.labels)
     train_transform, eval_transform, device_step = transforms_for_run(
         recipe.data, data, data_config(model, image_processor), args.device
     )
     splits = attach_transforms(data, train_transform, eval_transform)
+    if recipe.data.streaming:  # this rank's share of the train stream; validation and test are in memory
+        splits = {**splits, "train": data.train_stream(train_transform, args.process_index, args.world_size, not recipe.training.ignore_data_skip)}
     # Small images of one size reach the model as uint8 at their own size; this hook resizes them on the device.
     device_hook = device_step.attach(model) if device_step else None
     plan = FreezePlan(model, recipe.freezing, args.learning_rate)
+    streaming.check_feature_cache(recipe, plan)
     trainer = build_trainer(recipe, args, model, image_processor, splits, plan)
     # Passes without gradients (extraction, evaluation, test) in bf16 + channels_last where the hardware has bf16.
     precision = resolve(recipe.run.inference_precision, args.device, model, fp16=args.fp16)
@@ -141,6 +145,9 @@ def run_arguments(recipe: Recipe) -> TrainingArguments:
     args = copy.copy(recipe.training)
     args.dataloader_pin_memory = args.dataloader_pin_memory and torch.cuda.is_available()
     args.push_to_hub = False  # pushed once, after the run, with our card and a verification (cli, finetune)
+    if recipe.data.streaming:  # the stream restores its own position on resume; Trainer would re-read every batch to skip it
+        args.ignore_data_skip = True
+        streaming.steps_note(args)
     return args
 
 
@@ -149,7 +156,8 @@ def build_trainer(recipe: Recipe, args: TrainingArguments, model, image_processo
     callbacks = [FreezeCallback(plan)]
     if recipe.run.early_stopping_patience:
         callbacks.append(EarlyStopping(plan, recipe.run.early_stopping_patience, recipe.run.early_stopping_threshold))
-    return SafeTrainer(
+    trainer_class = streaming.StreamingTrainer if recipe.data.streaming else SafeTrainer
+    return trainer_class(
         model=model,
         args=args,
         train_dataset=splits["train"],
@@ -199,6 +207,7 @@ def write_model_repo(built: Built, fitted: Fitted) -> dict:
         "published_weights": published_weights(trainer),
         **({"feature_cache": built.cache.summary} if built.cache else {}),
         **({"data_doctor": built.data_check.results()} if built.data_check else {}),
+        **({"streaming": trainer.stream_summary} if getattr(trainer, "stream_summary", None) else {}),
     }
     if trainer.is_world_process_zero():
         output_dir = built.output_dir

@@ -1,0 +1,467 @@
+"""Datasets bigger than the disk (`streaming: true`): the train split is read as a stream, never copied to disk.
+
+Every rank reads its own shards (`split_dataset_by_node`); the shard order is shuffled every pass and images are
+drawn from a seeded shuffle buffer, decoded on the fly with the map-style policy (`images.load_image`: unreadable
+images are skipped and counted). Validation and test are small: named splits, or a number of images from the start
+of the stream, read once into memory. A checkpoint holds each rank's stream position, shuffle buffer included, so
+`--resume` continues with the very images an uninterrupted run would have read next.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import datasets
+import numpy as np
+import safetensors.torch
+import torch
+from accelerate.utils import gather_object
+from datasets.distributed import split_dataset_by_node
+from transformers import TrainerCallback
+
+from .data import (
+    _PREFERRED_IMAGE_COLUMNS,
+    _PREFERRED_LABEL_COLUMNS,
+    DataArguments,
+    DatasetError,
+    PreparedData,
+    _check_label_feature,
+    _check_label_values,
+    _drop_unreadable,
+    _existing_split,
+    _find_column,
+    _local_root,
+    collate,
+    file_builder,
+    folder_builder,
+    shareable_name,
+)
+from .errors import HFTransferError
+from .images import UnreadableImageError, load_image
+from .offline import hub_reachable
+from .optimization import STEP
+from .trainer import CheckpointError, SafeTrainer
+
+logger = logging.getLogger(__name__)
+
+STREAM_STATE = "stream_state"  # stream_state[_<rank>].safetensors (buffered image bytes) + .json (position, buffer rows)
+SKIPPED = "skipped_images"  # the names of unreadable images met since the previous example, carried with each example
+
+
+class StreamingError(HFTransferError, ValueError):
+    """A recipe option that a stream cannot honour; the message says what to set instead."""
+
+
+# ---- options that a stream cannot honour, refused when the recipe is read ---------------------------------------
+
+def check_recipe(data: DataArguments, freezing, run, doctor, training) -> None:
+    """Refuse, with what to write instead, the options whose meaning needs the length of the train split."""
+    if not data.streaming:
+        return
+    if doctor.exclude_flagged:
+        raise StreamingError(
+            f"`exclude_flagged: {doctor.exclude_flagged}` removes what the data doctor flags, and the doctor compares every image "
+            "with every other on cached features, which a stream never holds. Check a sample with `hf-transfer doctor` "
+            "(without `streaming`), or leave `exclude_flagged` unset."
+        )
+    if training.max_steps <= 0:
+        raise StreamingError(
+            "`streaming: true` needs `max_steps`: a stream's length is unknown until it has been read, so "
+            "`num_train_epochs` cannot be turned into optimizer steps. Set `max_steps` (e.g. `max_steps: 5000`)."
+        )
+    if data.max_train_samples is not None:
+        raise StreamingError(
+            "`max_train_samples` truncates a split that is in hand; a stream has none to truncate (each pass would read "
+            "other images). Leave it unset and shorten the run with `max_steps`, or turn `streaming` off."
+        )
+    if str(training.lr_scheduler_type) == STEP:
+        raise StreamingError(
+            "`lr_scheduler_type: step` decays the learning rate every `step_size` epochs; a stream has no epochs. "
+            "Use a schedule in steps (e.g. `cosine` or `linear`), or turn `streaming` off."
+        )
+    if any(stage.get("at_epoch", 0) > 0 for stage in freezing.schedule()):
+        raise StreamingError(
+            "Stages that start `at_epoch` need epochs; a stream has none (the `fastai` preset is one). "
+            "Start the stages `at_step` (e.g. `[{at_step: 0, train: head}, {at_step: 500, train: all}]`) or `at_plateau`."
+        )
+
+
+def check_feature_cache(recipe, plan) -> None:
+    """The feature cache stores the features of every training image: a stream keeps none, so it cannot be used."""
+    head_only_start = plan.stage_sets[0] == set(plan.blocks[-1].parameter_names)
+    if recipe.data.streaming and recipe.run.feature_cache and head_only_start:
+        raise StreamingError(
+            "`feature_cache: true` (the default) computes and stores the backbone's features of every training image once; "
+            "`streaming: true` reads images as they come and stores none. Set `feature_cache: false` to train the head "
+            "on images from the stream (slower per step, nothing written to disk)."
+        )
+
+
+# ---- the data ------------------------------------------------------------------------------------------------
+
+@dataclass
+class StreamingData(PreparedData):
+    """Validation and test in memory (`splits`), the train split as a stream; `skipped['train']` fills up in training."""
+
+    train: datasets.IterableDataset  # the whole train stream, images undecoded, every rank's
+    carved: frozenset  # keys (`image_key`) of the images carved for validation and test: never trained on
+    shuffle_buffer_size: int = 1000
+    seed: int = 42
+    root: Path | None = None
+    skip_unreadable: bool = True
+
+    @property
+    def sizes(self) -> dict:
+        return {"train": None, **{name: len(split) for name, split in self.splits.items()}}  # None: a stream's length is unknown
+
+    def train_stream(self, transform, rank: int, world_size: int, restore_position: bool) -> TrainStream:
+        """This rank's share of the train stream, shards shuffled per pass (the same seed on every rank, so they stay disjoint)."""
+        stream = self.train.shuffle(seed=self.seed, buffer_size=1)  # shard order only; the images go through our own buffer
+        if world_size > 1:
+            if stream.n_shards % world_size:
+                logger.info("Streaming: %d shards do not divide among %d processes; each reads every shard and keeps "
+                            "every %d-th image.", stream.n_shards, world_size, world_size)
+            stream = split_dataset_by_node(stream, rank=rank, world_size=world_size)
+        return TrainStream(stream, self, transform, rank, restore_position)
+
+
+def load_streaming_dataset(args: DataArguments) -> StreamingData:
+    """The dataset as streams: columns from its features, validation and test read into memory, the train split left a stream."""
+    raw = _open(args)
+    if args.train_split not in raw:
+        raise DatasetError(f"Dataset '{args.dataset}' has no '{args.train_split}' split (it has {list(raw)}). Set `train_split`.")
+    train = raw[args.train_split]
+    features = train.features
+    if features is None:
+        raise DatasetError(
+            f"The stream of '{args.dataset}' does not say its features (column types), so there are no class names. Stream a "
+            "dataset whose features are known (a Hub or parquet export with a ClassLabel column, or an image folder), "
+            "or turn `streaming` off."
+        )
+    image_column = args.image_column or _find_column(features, datasets.Image, _PREFERRED_IMAGE_COLUMNS, "image", args)
+    label_column = args.label_column or _find_column(features, datasets.ClassLabel, _PREFERRED_LABEL_COLUMNS, "label", args)
+    for kind, column in (("image", image_column), ("label", label_column)):
+        if column not in features:
+            raise DatasetError(f"Dataset '{args.dataset}' has no column '{column}' (it has {list(features)}). Set `{kind}_column` to one of them.")
+    _check_label_feature(features, label_column)
+    labels = features[label_column].names
+    schema = datasets.Features({image_column: datasets.Image(decode=False), label_column: features[label_column]})
+
+    def undecoded(stream: datasets.IterableDataset) -> datasets.IterableDataset:
+        return stream.select_columns([image_column, label_column]).cast(schema)
+
+    train = undecoded(train)
+    splits, carved = _evaluation_splits(raw, args, train, undecoded, schema)
+    _check_label_values(splits, label_column, labels)
+    splits, skipped = _drop_unreadable(splits, image_column, args.skip_unreadable_images, _local_root(args.dataset))
+    for name, split in splits.items():
+        if len(split) == 0:
+            raise DatasetError(f"The {name} split has no usable images ({len(skipped[name])} were unreadable). Give it readable images.")
+    skipped["train"] = []
+    return StreamingData(splits, labels, image_column, label_column, skipped, train=train,
+                         carved=frozenset(image_key(row[image_column]) for row in carved),
+                         shuffle_buffer_size=args.shuffle_buffer_size, root=_local_root(args.dataset),
+                         skip_unreadable=args.skip_unreadable_images)
+
+
+def _open(args: DataArguments) -> datasets.IterableDatasetDict:
+    local = Path(args.dataset).expanduser()
+    if not local.exists() and (args.dataset.startswith((".", "/", "~")) or args.dataset.count("/") > 1):
+        raise DatasetError(f"Dataset folder '{args.dataset}' does not exist. Give an existing folder or a Hub id such as `uoft-cs/cifar10`.")
+    if local.is_file():
+        if local.suffix != ".parquet":
+            raise DatasetError(f"Dataset '{args.dataset}' is a file, not a folder or a .parquet file. Give a folder or one .parquet file.")
+        return file_builder(local, args).as_streaming_dataset()
+    if local.is_dir():
+        return folder_builder(local, args).as_streaming_dataset()
+    if not hub_reachable():
+        raise DatasetError(
+            f"Cannot stream '{args.dataset}': the Hugging Face Hub is unreachable (or HF_HUB_OFFLINE=1), and a stream is read "
+            "from the Hub as it trains. Point `dataset` at a local copy (parquet shards, an image folder or webdataset .tar "
+            "shards), or turn `streaming` off to train on the datasets cache."
+        )
+    return datasets.load_dataset(args.dataset, args.dataset_config, streaming=True)
+
+
+def _evaluation_splits(raw, args: DataArguments, train, undecoded, schema) -> tuple[datasets.DatasetDict, list[dict]]:
+    """Validation and test in memory: named splits, or `test_size` then `validation_size` images from the stream's start."""
+    names = {"test": _existing_split(raw, args.test_split, ("test",)),
+             "validation": _existing_split(raw, args.validation_split, ("validation", "valid", "val"))}
+    counts = {}
+    for name, present in names.items():
+        size = getattr(args, f"{name}_size")
+        if present is None and size < 1:
+            raise DatasetError(
+                f"`{name}_size: {size:g}` is a fraction of the train split, whose length a stream does not know. Give a number "
+                f"of images taken from the start of the stream (e.g. `{name}_size: 500`), or name a {name} split (`{name}_split`)."
+            )
+        if present is None:
+            counts[name] = int(size)
+    wanted = sum(counts.values())
+    head = list(islice(iter(train), wanted + 1)) if wanted else []  # one more: training needs an image left over
+    if len(head) <= wanted:
+        raise DatasetError(
+            f"The train stream holds {len(head)} images; carving {wanted} for "
+            f"{' and '.join(f'{name} ({count})' for name, count in counts.items())} leaves none to train on. "
+            "Lower `validation_size`/`test_size`, or name validation and test splits."
+        )
+    head, splits, start = head[:wanted], {}, 0
+    for name in ("test", "validation"):
+        if name in counts:
+            rows, start = head[start:start + counts[name]], start + counts[name]
+            logger.info("Streaming: the %s split is the %d images at positions %d..%d of the train stream (never trained on).",
+                        name, counts[name], start - counts[name], start - 1)
+        else:
+            limit = getattr(args, "max_eval_samples" if name == "validation" else "max_test_samples")
+            stream = undecoded(raw[names[name]])
+            rows = list(stream.take(limit) if limit else stream)
+        splits[name] = datasets.Dataset.from_list(rows, features=schema)
+    for name, option in (("validation", "max_eval_samples"), ("test", "max_test_samples")):
+        limit = getattr(args, option)
+        if limit is not None and len(splits[name]) > limit:  # the first images: a stream has no cheap random subset
+            splits[name] = splits[name].select(range(limit))
+    return datasets.DatasetDict(splits), head
+
+
+def image_key(cell: dict) -> str:
+    """What identifies an image in the stream: a hash of its bytes, or its path when it is stored as a file."""
+    if cell.get("bytes") is not None:
+        return hashlib.sha1(cell["bytes"]).hexdigest()
+    return f"path:{cell.get('path')}"
+
+
+# ---- the train stream --------------------------------------------------------------------------------------------
+
+class _QuietBufferWarning(logging.Filter):
+    """datasets warns that a resumed shuffle buffer lost its content; ours holds one image at a time (`buffer_size=1`,
+    to shuffle the shard order only) and is empty at every saved position, so nothing is lost."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "shuffle buffer" not in record.getMessage()
+
+
+logging.getLogger("datasets.iterable_dataset").addFilter(_QuietBufferWarning())
+
+
+class TrainStream(torch.utils.data.IterableDataset):
+    """One rank's training examples, pass after pass without end (Trainer stops at `max_steps`).
+
+    Each pass reads the rank's shards in a seeded order; rows go through a seeded buffer of `shuffle_buffer_size`
+    (a random one leaves as each new one enters), are decoded as they leave, and unreadable ones are skipped and named.
+    `snapshot()` is the position after the last example handed out; `resume_from` makes the next iteration start there."""
+
+    def __init__(self, stream: datasets.IterableDataset, data: StreamingData, transform, rank: int, restore_position: bool):
+        super().__init__()
+        self.stream, self.data, self.transform, self.rank = stream, data, transform, rank
+        self.restore_position = restore_position  # false when the recipe sets `ignore_data_skip: true`
+        self.resume_from: dict | None = None
+        self._live = None  # (pass, stream position, buffer, rng, rows read) as of the last example handed out
+        self._pending: list[str] = []  # unreadable images met since the last example handed out
+
+    def __iter__(self):
+        state, self.resume_from = self.resume_from, None
+        pass_index = state["pass"] if state else 0
+        read = state["read"] if state else 0  # rows read from the stream by this rank, every pass
+        while True:
+            stream = copy.deepcopy(self.stream)  # a fresh position: a loaded state would otherwise start every pass
+            stream.set_epoch(pass_index)
+            rng = np.random.default_rng([self.data.seed, self.rank, pass_index])
+            buffer, position = [], stream.state_dict()
+            if state:
+                stream.load_state_dict(state["stream"])
+                rng.bit_generator.state = state["rng"]
+                buffer, position, state = state["buffer"], state["stream"], None
+            read_in_pass = 0
+            for row in stream:
+                if image_key(row[self.data.image_column]) in self.data.carved:
+                    continue
+                read, read_in_pass, position = read + 1, read_in_pass + 1, stream.state_dict()
+                if len(buffer) < self.data.shuffle_buffer_size:
+                    buffer.append(row)
+                    continue
+                index = int(rng.integers(len(buffer)))
+                leaving, buffer[index] = buffer[index], row
+                self._live = (pass_index, position, buffer, rng, read)
+                example = self._example(leaving, pass_index, read)
+                if example is not None:
+                    yield example
+            while buffer:
+                leaving = buffer.pop(int(rng.integers(len(buffer))))
+                self._live = (pass_index, position, buffer, rng, read)
+                example = self._example(leaving, pass_index, read)
+                if example is not None:
+                    yield example
+            if read == 0:
+                raise DatasetError("The train stream holds no images besides those carved for validation and test. Give it images.")
+            pass_index += 1
+
+    def _example(self, row: dict, pass_index: int, read: int) -> dict | None:
+        cell = row[self.data.image_column]
+        try:
+            image = load_image(cell)
+        except UnreadableImageError as error:
+            name = f"{shareable_name(cell, read - 1, self.data.root)}: {error.reason}"
+            if not self.data.skip_unreadable:
+                raise DatasetError(f"Unreadable image in the train stream (set `skip_unreadable_images: true` to skip it): {name}") from None
+            if pass_index == 0:  # later passes meet the same images again
+                self._pending.append(name)
+            return None
+        label = row[self.data.label_column]
+        if label is None or not 0 <= label < len(self.data.labels):
+            raise DatasetError(
+                f"Image {shareable_name(cell, read - 1, self.data.root)} in the train stream has label {label}, outside "
+                f"0..{len(self.data.labels) - 1} (classes {self.data.labels}). Fix or drop that row."
+            )
+        pending, self._pending = self._pending, []
+        return {"pixel_values": self.transform(image), "labels": label, SKIPPED: pending}
+
+    def snapshot(self) -> dict | None:
+        """The position after the last example handed out (valid between examples; `None` before the first)."""
+        if self._live is None:
+            return None
+        pass_index, position, buffer, rng, read = self._live
+        return {"pass": pass_index, "stream": copy.deepcopy(position), "buffer": list(buffer),
+                "rng": copy.deepcopy(rng.bit_generator.state), "read": read}
+
+
+def stream_collate(examples: list[dict]) -> dict:
+    skipped = [name for example in examples for name in example.pop(SKIPPED)]
+    return {**collate(examples), SKIPPED: skipped}
+
+
+class StreamLoader:
+    """The train batches of a `TrainStream`, read by this process alone (accelerate would dispatch or re-shard them),
+    remembering the stream position after the last batch handed out and the unreadable images met."""
+
+    def __init__(self, dataset: TrainStream, args):
+        self.dataset, self.workers = dataset, args.dataloader_num_workers
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_size=args.per_device_train_batch_size, collate_fn=stream_collate, num_workers=self.workers,
+            pin_memory=args.dataloader_pin_memory, prefetch_factor=args.dataloader_prefetch_factor if self.workers else None,
+            persistent_workers=args.dataloader_persistent_workers and self.workers > 0,
+        )
+        self.skipped: list[str] = []
+        self.position: dict | None = None
+
+    def __iter__(self):
+        # The DataLoader draws a seed from the global RNG as it starts; an uninterrupted run starts it once, a resumed
+        # one after restoring the RNG: without this, augmentations after a resume would differ from the run's own.
+        rng = torch.random.get_rng_state()
+        batches = iter(self.loader)
+        torch.random.set_rng_state(rng)
+        for batch in batches:
+            self.skipped += batch.pop(SKIPPED)
+            if not self.workers:  # with workers the position lives in their processes (see `StreamingTrainer`)
+                self.position = self.dataset.snapshot()
+            yield batch
+
+
+class StreamEpochs(TrainerCallback):
+    """Trainer sees one endless epoch of `max_steps`; after a resume it counts its fraction from the resumed step.
+    Set it from the step, as an uninterrupted run has it, so logs and checkpoints match."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        state.epoch = state.global_step / state.max_steps
+
+
+class StreamingTrainer(SafeTrainer):
+    """SafeTrainer on a `TrainStream`: its own loader, the stream position in every checkpoint, restored on resume."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_callback(StreamEpochs())
+        self._loader: StreamLoader | None = None
+        self.stream_summary: dict | None = None
+
+    def get_train_dataloader(self) -> StreamLoader:
+        self._loader = StreamLoader(self.train_dataset, self.args)
+        return self._loader
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        output = super().train(resume_from_checkpoint, **kwargs)
+        loader, data = self._loader, self.train_dataset.data
+        data.skipped["train"] = gather_object(list(loader.skipped))  # every rank's, first pass only
+        position = self.train_dataset.snapshot() or {"read": 0, "pass": 0}
+        read = gather_object([position["read"]])
+        self.stream_summary = {
+            "shuffle_buffer_size": data.shuffle_buffer_size, "shards": self.train_dataset.stream.n_shards,
+            "images_read_by_rank": read, "passes_started_by_rank": gather_object([position["pass"] + 1]),
+            "position_in_checkpoints": loader.workers == 0,
+        }
+        return output
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        stem = Path(output_dir) / self._stream_file()
+        loader = self._loader
+        if loader is None or loader.workers:
+            _write_json(stem.with_suffix(".json"), {"position": None, "dataloader_num_workers": loader.workers if loader else None})
+            return
+        position = loader.position or {}
+        buffer = position.get("buffer", [])
+        image, label = self.train_dataset.data.image_column, self.train_dataset.data.label_column
+        blobs = [row[image].get("bytes") or b"" for row in buffer]
+        safetensors.torch.save_file({"bytes": torch.frombuffer(bytearray(b"".join(blobs)) or bytearray(1), dtype=torch.uint8)},
+                                    stem.with_suffix(".safetensors"))
+        _write_json(stem.with_suffix(".json"), {
+            "position": {key: position[key] for key in ("pass", "stream", "rng", "read")} if position else None,
+            "buffer": [{"length": len(blob), "has_bytes": row[image].get("bytes") is not None, "path": row[image].get("path"),
+                        "label": row[label]} for blob, row in zip(blobs, buffer)],
+            "skipped": loader.skipped,
+        })
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        """Trainer calls this right before it starts the train loader: the stream resumes from the checkpoint's position."""
+        super()._load_rng_state(checkpoint)
+        if checkpoint is None:
+            return
+        if not self.train_dataset.restore_position:
+            logger.info("Streaming: `ignore_data_skip: true`: the stream starts again from its beginning.")
+            return
+        stem = Path(checkpoint) / self._stream_file()
+        saved = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").is_file() else None
+        if saved is None or (saved["position"] is None and saved.get("dataloader_num_workers")):
+            why = (f"read its stream in {saved['dataloader_num_workers']} DataLoader worker processes, whose positions a "
+                   "checkpoint cannot hold" if saved else f"has no {stem.name}.json (not a streaming run's checkpoint)")
+            raise CheckpointError(
+                f"{checkpoint} {why}, so the stream cannot continue where it stopped. Start again with `--overwrite` and "
+                "`dataloader_num_workers: 0` (resumable), or resume with `ignore_data_skip: true` to restart the stream."
+            )
+        self._loader.skipped = list(saved.get("skipped", []))
+        if saved["position"] is None:  # saved before the first batch
+            return
+        image, label = self.train_dataset.data.image_column, self.train_dataset.data.label_column
+        blob = safetensors.torch.load_file(stem.with_suffix(".safetensors"))["bytes"].numpy().tobytes()
+        buffer, start = [], 0
+        for row in saved["buffer"]:
+            data, start = blob[start:start + row["length"]], start + row["length"]
+            buffer.append({image: {"bytes": data if row["has_bytes"] else None, "path": row["path"]}, label: row["label"]})
+        self.train_dataset.resume_from = {**saved["position"], "buffer": buffer}
+
+    def _stream_file(self) -> str:
+        return STREAM_STATE if self.args.world_size <= 1 else f"{STREAM_STATE}_{self.args.process_index}"
+
+
+def _write_json(path: Path, value) -> None:
+    path.write_text(json.dumps(value, indent=1, default=_plain))
+
+
+def _plain(value):
+    """numpy integers in datasets' and numpy's states, as JSON numbers."""
+    if isinstance(value, np.integer):
+        return int(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def steps_note(args) -> None:
+    """Say what Trainer's `epoch` strategies mean on a stream: one epoch is the whole run."""
+    epochs = [name for name in ("eval_strategy", "save_strategy", "logging_strategy") if str(getattr(getattr(args, name), "value", getattr(args, name))) == "epoch"]
+    if epochs:
+        logger.info("Streaming: a stream has no epochs, so %s `epoch` acts once, after `max_steps` (%d). Use `steps` and "
+                    "`eval_steps`/`save_steps`/`logging_steps` for more often.", "/".join(epochs), args.max_steps)
