@@ -26,8 +26,8 @@ import yaml
 from transformers import HfArgumentParser
 
 from .data import DataArguments
-from .errors import HFTransferError
 from .doctor_options import DoctorArguments
+from .errors import HFTransferError
 from .freezing import FreezeArguments
 from .models import ModelArguments
 from .optimization import HfTransferTrainingArguments

@@ -18,6 +18,7 @@ import torch
 from transformers import TrainingArguments, set_seed
 from transformers.trainer_utils import PredictionOutput
 
+from . import streaming
 from .cached_head import CachedHeadTraining
 from .callbacks import EarlyStopping, FreezeCallback
 from .card import describe_hardware, write_model_card
@@ -34,7 +35,6 @@ from .output_dir import check_output_dir, claim_output_dir, holding_output_dir, 
 from .plots import plot_confusion_matrix, plot_training_curves
 from .precision import FrozenPasses, Precision, classifier_of, resolve
 from .recipe import Recipe
-from . import streaming
 from .repo_files import (
     ALL_RESULTS,
     CONFUSION_PNG,
@@ -109,35 +109,40 @@ def build(recipe: Recipe, claim: bool = True) -> Built:
     train_transform, eval_transform, device_step = transforms_for_run(
         recipe.data, data, data_config(model, image_processor), args.device
     )
-    splits = attach_transforms(data, train_transform, eval_transform)
-    if recipe.data.streaming:  # this rank's share of the train stream; validation and test are in memory
-        splits = {**splits, "train": data.train_stream(train_transform, args.process_index, args.world_size, not recipe.training.ignore_data_skip)}
+    transforms = (train_transform, eval_transform)
     # Small images of one size reach the model as uint8 at their own size; this hook resizes them on the device.
     device_hook = device_step.attach(model) if device_step else None
     plan = FreezePlan(model, recipe.freezing, args.learning_rate)
     streaming.check_feature_cache(recipe, plan)
-    trainer = build_trainer(recipe, args, model, image_processor, splits, plan)
     # Passes without gradients (extraction, evaluation, test) in bf16 + channels_last where the hardware has bf16.
     precision = resolve(recipe.run.inference_precision, args.device, model, fp16=args.fp16)
-    # With a fully frozen backbone the head trains on features computed once; None otherwise.
-    transforms = (train_transform, eval_transform)
-    cache = CachedHeadTraining.for_run(recipe, plan, trainer, data, transforms, precision)
-    # The data doctor on those features (or on features of its own when `exclude_flagged` asks for exclusions).
+    splits, trainer, cache = _train_on(recipe, args, data, model, image_processor, transforms, plan, precision)
+    # The data doctor on the cached features (or on features of its own when `exclude_flagged` asks for exclusions).
     data_check = check_run_data(recipe, data, cache.store if cache else None, model, transforms, args)
-    if data_check and data_check.excluded:  # train (and evaluate) on what is left: data, trainer and cache built again
+    if data_check and data_check.excluded:  # train on what is left, read from the same cache entries
         data = data_check.kept_data()
-        splits = attach_transforms(data, train_transform, eval_transform)
-        trainer = build_trainer(recipe, args, model, image_processor, splits, plan)
-        store = cache.store if cache else None
-        if store:
-            store.keep(data_check.kept_rows())
-        cache = CachedHeadTraining.for_run(recipe, plan, trainer, data, transforms, precision, store=store)
+        if cache:
+            cache.store.keep(data_check.kept_rows())
+        splits, trainer, cache = _train_on(recipe, args, data, model, image_processor, transforms, plan, precision,
+                                           cache.store if cache else None)
     FrozenPasses(model, precision, head=cache.head if cache else classifier_of(model))
     logger.info("Inference precision: %s", precision.describe())
     if claim and args.should_save:  # the run is certain to start: only now may --overwrite clear the folder
         claim_output_dir(Path(args.output_dir), recipe.to_dict(), recipe.run.overwrite)
     return Built(recipe, args, data, model, image_processor, splits, plan, trainer, trainer.callback_handler.callbacks, cache,
                  device_step, device_hook, precision, data_check)
+
+
+def _train_on(recipe: Recipe, args, data, model, image_processor, transforms, plan: FreezePlan, precision: Precision, store=None):
+    """The splits, trainer and (frozen backbone) feature cache of a run over `data`; the cache reads `store` when given."""
+    splits = attach_transforms(data, *transforms)
+    if recipe.data.streaming:  # this rank's share of the train stream; validation and test are in memory
+        splits = {**splits, "train": data.train_stream(transforms[0], args.process_index, args.world_size,
+                                                    not recipe.training.ignore_data_skip)}  # the user's, not run_arguments' own
+    trainer = build_trainer(recipe, args, model, image_processor, splits, plan)
+    # With a fully frozen backbone the head trains on features computed once; None otherwise.
+    cache = CachedHeadTraining.for_run(recipe, plan, trainer, data, transforms, precision, store=store)
+    return splits, trainer, cache
 
 
 def run_arguments(recipe: Recipe) -> TrainingArguments:
