@@ -284,7 +284,7 @@ class CachedHeadTraining:
 
     def _staged_run(self, test_split, resume: bool | None, boundary: int):
         hand_over = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{boundary}"
-        checkpoint = last_complete_checkpoint(self.args.output_dir) if resume else None
+        checkpoint = newest_checkpoint_on_every_process(self.args.output_dir, self.args.world_size) if resume else None
         if checkpoint is None or _global_step(checkpoint) < boundary:
             head_trainer = self._head_trainer(stop_at=boundary)
             with _one_cpu_thread(self.args.device):

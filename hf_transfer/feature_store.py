@@ -27,6 +27,7 @@ from transformers import set_seed
 
 from .checksums import checksum
 from .data import attach_transforms, collate
+from .nodes import gather_rows, on_every_process, placement
 from .precision import Precision, resolve
 
 logger = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ class FeatureStore:
         self.summary = {"splits": {}, "precision": self.precision.dtype, "channels_last": self.precision.channels_last}
         self.extracted: dict[str, float] = {}  # split -> seconds, for splits this run computed and stored
         self.kept: dict[str, np.ndarray] = {}  # split -> the rows served (see `keep`)
+        self.writer = placement(cache_root()).writer  # writes this machine's copy of the cache (every process asks)
         self.model_key = {
             "format": FORMAT_VERSION,
             "model": model_args.model,
@@ -158,7 +160,8 @@ class FeatureStore:
         key = self.key(split, views)
         path = self.path(key)
         started = time.perf_counter()
-        if split not in self.extracted and (path / KEY_FILE).is_file():
+        # A hit only when every machine's copy of the cache has the split (their fingerprints may differ): else all extract.
+        if split not in self.extracted and on_every_process((path / KEY_FILE).is_file()):
             logger.info("feature cache hit: skipping extraction of %s (%s)", split, path)
         elif split not in self.extracted:
             self._extract(split, views, path, key)
@@ -187,7 +190,8 @@ class FeatureStore:
         self.summary["splits"][split] = record
 
     def _extract(self, split: str, views: int, path: Path, key: dict) -> None:
-        """Each process extracts a contiguous shard; the main process joins them in order and stores the split."""
+        """Each process extracts a contiguous shard; the shards are gathered in order over torch.distributed (machines
+        need not share a disk) and each copy of the cache is stored by its one writer."""
         state = PartialState()
         transform = self.train_transform if views else self.eval_transform
         dataset = attach_transforms(self.data, transform, transform)[split]
@@ -215,16 +219,11 @@ class FeatureStore:
                     if view == 0:
                         labels.append(batch["labels"])
             per_view.append(capture.features())
-        parts = path.with_name(f"{path.name}.parts")
-        parts.mkdir(parents=True, exist_ok=True)
-        np.save(parts / f"features-{state.process_index}.npy", torch.stack(per_view, dim=1).numpy())
-        np.save(parts / f"labels-{state.process_index}.npy", torch.cat(labels).numpy())
-        state.wait_for_everyone()
+        features = gather_rows(torch.stack(per_view, dim=1))
+        labels = gather_rows(torch.cat(labels))
+        if self.writer:  # one process per copy of the cache: each machine's own, or one for a shared filesystem
+            store(path, features.numpy(), labels.numpy(), key)
         if state.is_main_process:
-            ranks = range(state.num_processes)
-            features = np.concatenate([np.load(parts / f"features-{rank}.npy") for rank in ranks])
-            store(path, features, np.concatenate([np.load(parts / f"labels-{rank}.npy") for rank in ranks]), key)
-            shutil.rmtree(parts)
             seconds = time.perf_counter() - started
             logger.info(
                 "feature cache: extracted %d %s image(s) x %d view(s) in %.1f s (%.1f images/s, %d process(es)) -> %s",
@@ -233,14 +232,14 @@ class FeatureStore:
         state.wait_for_everyone()
 
     def has(self, split: str) -> bool:
-        return (self.path(self.key(split, 0)) / KEY_FILE).is_file()
+        return on_every_process((self.path(self.key(split, 0)) / KEY_FILE).is_file())
 
     def save(self, split: str, features: np.ndarray, labels: np.ndarray, seconds: float) -> None:
-        """Store un-augmented features computed in another pass (the full model's test pass, `seconds` long), once,
-        from the main process."""
+        """Store un-augmented features computed in another pass (the full model's test pass, `seconds` long), once per
+        copy of the cache."""
         if split in self.kept:  # a subset must not be stored under the whole split's key (the doctor cached it anyway)
             raise RuntimeError(f"The {split} features of a run with excluded images cannot be stored as the whole split's.")
-        if PartialState().is_main_process:
+        if self.writer:
             store(self.path(self.key(split, 0)), features[:, None, :], labels, self.key(split, 0))
         PartialState().wait_for_everyone()
         self.extracted[split] = seconds

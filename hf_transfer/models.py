@@ -356,10 +356,22 @@ def data_config(model: PreTrainedModel, image_processor) -> dict:
     }
 
 
+def save_pretrained(model: PreTrainedModel, folder: Path, **options) -> None:
+    """`model.save_pretrained(folder)` on whichever process calls it. Under torch.distributed, transformers 5 writes
+    only on global rank 0; with node-local output folders each machine's main process must write its own copy, and
+    the callers already decide who saves (TrainingArguments.should_save). Overrides the internal hook
+    `PreTrainedModel.should_save_on_this_rank` (tested with transformers 5.23-5.24: tests/test_trainer_api.py)."""
+    model.should_save_on_this_rank = lambda is_main_process: is_main_process  # on the instance, for this call only
+    try:
+        model.save_pretrained(folder, **options)
+    finally:
+        del model.should_save_on_this_rank
+
+
 def save_model(model: PreTrainedModel, image_processor, folder: Path) -> None:
     """A model repo that `pipeline`/`from_pretrained` load; timm backbones are saved in timm's own layout
     (no `timm_model.` prefix, no null `model_args`) so `timm.create_model("hf-hub:...")` loads them too."""
-    model.save_pretrained(folder)
+    save_pretrained(model, folder)
     image_processor.to_json_file(Path(folder) / "preprocessor_config.json")  # the timm processor's save_pretrained is a no-op
     if isinstance(model, TimmWrapperForImageClassification):
         state_dict = {key: tensor.contiguous() for key, tensor in model.timm_model.state_dict().items()}

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from .trainer import last_complete_checkpoint, no_complete_checkpoint
 from .errors import HFTransferError
+from .nodes import output_is_node_local
 from .repo_files import CONFIG, LOCK_FILE, RUN_CONFIG, RUN_OUTPUTS, STAGING
 
 if TYPE_CHECKING:
@@ -278,7 +279,8 @@ def _interrupted(output_dir: Path) -> RunInterrupted:
 
 
 def holding_output_dir(run):
-    """`run(recipe)` with its output folder locked by the main process from start to end (other processes only read it).
+    """`run(recipe)` with its output folder locked from start to end by the process that writes it (others only read it):
+    the main process, or with node-local output folders on several machines each machine's main process.
 
     However the run ends, the lock is released and the staging folder removed; a full or read-only disk and Ctrl-C
     become one line that says what to do."""
@@ -287,7 +289,9 @@ def holding_output_dir(run):
     def locked_run(recipe):
         args = recipe.training
         output_dir = Path(args.output_dir)
-        lock = OutputDirLock(output_dir) if args.process_index == 0 else None  # the process that publishes the model
+        node_local = output_is_node_local(output_dir, args.save_on_each_node)  # every process asks, before anything is made
+        writes = args.local_process_index == 0 if node_local else args.process_index == 0  # as TrainingArguments.should_save
+        lock = OutputDirLock(output_dir) if writes else None  # the process that publishes the model
         finished = False
         try:
             if lock is not None:

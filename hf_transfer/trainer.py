@@ -18,12 +18,13 @@ import datasets
 import numpy as np
 import safetensors.torch
 import torch
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, gather_object
 from transformers import PreTrainedModel, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from .errors import HFTransferError
+from .models import save_pretrained
 from .optimization import STEP, STEP_DEFAULTS, step_schedule
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,15 @@ def checkpoints(output_dir: str | Path) -> list[Path]:
 def last_complete_checkpoint(output_dir: str | Path, processes: int | None = None) -> Path | None:
     """The newest checkpoint holding every file a resume reads (a kill or a full disk while saving leaves one that does not)."""
     return next((path for path in checkpoints(output_dir) if not missing_files(path, processes)), None)
+
+
+def newest_checkpoint_on_every_process(output_dir: str | Path, processes: int) -> Path | None:
+    """The newest checkpoint complete in every process's view of `output_dir`: with node-local output folders a kill
+    can leave one machine's copy a checkpoint behind, and all processes must resume from the same step."""
+    steps = [int(path.name.rsplit("-", 1)[1]) for path in checkpoints(output_dir) if not missing_files(path, processes)]
+    if processes > 1:
+        steps = sorted(set.intersection(*(set(found) for found in gather_object([steps]))), reverse=True)
+    return Path(output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{steps[0]}" if steps else None
 
 
 def missing_files(checkpoint: Path, processes: int | None = None) -> list[str]:
@@ -229,13 +239,21 @@ class SafeTrainer(Trainer):
 
     def _newest_complete_checkpoint(self) -> Path:
         processes = self.args.world_size
-        complete = last_complete_checkpoint(self.args.output_dir, processes)
+        complete = newest_checkpoint_on_every_process(self.args.output_dir, processes)
         if complete is None:
+            if last_complete_checkpoint(self.args.output_dir, processes) is not None:
+                raise CheckpointError(
+                    f"`--resume`: no checkpoint is complete in every machine's copy of {self.args.output_dir} (this machine's "
+                    "newest complete one is not on another's disk). Copy a complete checkpoint to every machine, or start "
+                    "again with `--overwrite`."
+                )
             raise CheckpointError(no_complete_checkpoint(self.args.output_dir, processes))
         for newer in checkpoints(self.args.output_dir):
             if newer == complete:
                 break
-            logger.warning("%s: resuming from %s", describe_incomplete(newer, missing_files(newer, processes)), complete)
+            missing = missing_files(newer, processes)
+            logger.warning("%s: resuming from %s", describe_incomplete(newer, missing) if missing else
+                           f"{newer} is not complete on every machine", complete)
         return complete
 
     def _run_epoch(self, model, epoch, *args, **kwargs):
@@ -334,7 +352,11 @@ class SafeTrainer(Trainer):
             return
         output = Path(output_dir or self.args.output_dir)
         output.mkdir(parents=True, exist_ok=True)
-        self.model_to_save().save_pretrained(output, state_dict=state_dict)
+        model = self.model_to_save()
+        if isinstance(model, PreTrainedModel):
+            save_pretrained(model, output, state_dict=state_dict)  # also on a machine's main process (save_on_each_node)
+        else:
+            model.save_pretrained(output, state_dict=state_dict)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output)
         (output / TRAINING_ARGS).write_text(self.args.to_json_string())
@@ -351,24 +373,32 @@ class SafeTrainer(Trainer):
             _write_json(Path(output_dir) / SCALER, scaler.state_dict())
 
     def _save_rng_state(self, output_dir: str) -> None:
-        """RNG states and the loss not yet logged, per process: what an exact continuation needs."""
-        output = Path(output_dir)
-        output.mkdir(parents=True, exist_ok=True)
+        """RNG states and the loss not yet logged, per process: what an exact continuation needs.
+
+        Every process's, gathered over torch.distributed and written by each process that saves, so every copy of
+        the checkpoint (one per machine with node-local output folders) holds every process's state."""
         generators = {"cpu": torch.random.get_rng_state()}
         if torch.cuda.is_available():
             generators.update({f"cuda.{index}": state for index, state in enumerate(torch.cuda.get_rng_state_all())})
-        safetensors.torch.save_file(generators, output / f"{self._resume_file()}.safetensors")
         numpy_state = np.random.get_state()
-        _write_json(output / f"{self._resume_file()}.json", {
+        state = (generators, {
             "python_random": random.getstate(),
             "numpy_random": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
             "loss_since_last_log": self._tr_loss.item(),
             "loss_logged_total": self._total_loss_scalar,
             "last_logged_step": self._globalstep_last_logged,
         })
+        states = gather_object([state]) if self.args.world_size > 1 else [state]
+        if not self.args.should_save:
+            return
+        output = Path(output_dir)
+        output.mkdir(parents=True, exist_ok=True)
+        for rank, (generators, values) in enumerate(states):
+            safetensors.torch.save_file(generators, output / f"{self._resume_file(rank)}.safetensors")
+            _write_json(output / f"{self._resume_file(rank)}.json", values)
 
-    def _resume_file(self) -> str:
-        return "resume_state" if self.args.world_size <= 1 else f"resume_state_{self.args.process_index}"
+    def _resume_file(self, rank: int | None = None) -> str:
+        return "resume_state" if self.args.world_size <= 1 else f"resume_state_{self.args.process_index if rank is None else rank}"
 
     # ---- resuming ------------------------------------------------------------------------------
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:

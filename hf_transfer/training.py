@@ -13,6 +13,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
 import numpy as np
 import torch
 from transformers import TrainingArguments, set_seed
@@ -30,6 +31,7 @@ from .freezing import FreezePlan
 from .images import load_image
 from .metrics import compute_metrics, test_report
 from .models import check_model_available, data_config, load_model, save_model
+from .nodes import output_is_node_local, placement, raise_together
 from .optimization import build_optimizer, describe_optimizer, describe_schedule
 from .output_dir import check_output_dir, claim_output_dir, holding_output_dir, publish
 from .plots import plot_confusion_matrix, plot_training_curves
@@ -99,11 +101,14 @@ def build(recipe: Recipe, claim: bool = True) -> Built:
 
     With `claim`, the output folder is then claimed for the run (`--overwrite` clears it only now)."""
     args = run_arguments(recipe)
-    check_output_dir(Path(args.output_dir), recipe.to_dict(), recipe.run)
+    raise_together(check_output_dir, Path(args.output_dir), recipe.to_dict(), recipe.run)  # each machine's copy checked
     check_model_available(recipe.model)  # before the dataset is read, which can take minutes
     set_seed(args.seed)
 
-    with args.main_process_first(desc="dataset preparation"):
+    # Each machine's main process first prepares (and checks the images of) its own datasets cache; one shared by
+    # every machine is prepared once, by the main process, while the others wait.
+    local_cache = placement(Path(datasets.config.HF_DATASETS_CACHE)).copies != 1
+    with args.main_process_first(local=local_cache, desc="dataset preparation"):
         data = streaming.load_streaming_dataset(recipe.data) if recipe.data.streaming else load_image_dataset(recipe.data, seed=args.seed)
     model, image_processor = load_model(recipe.model, data.labels)
     train_transform, eval_transform, device_step = transforms_for_run(
@@ -146,8 +151,12 @@ def _train_on(recipe: Recipe, args, data, model, image_processor, transforms, pl
 
 
 def run_arguments(recipe: Recipe) -> TrainingArguments:
-    """The recipe's TrainingArguments as a run uses them; a copy, so the recipe stays as given."""
+    """The recipe's TrainingArguments as a run uses them; a copy, so the recipe stays as given.
+
+    `save_on_each_node` is set when the run's machines each have their own output folder (node-local disk), so each
+    machine's main process writes its copy of every checkpoint and of the model repo."""
     args = copy.copy(recipe.training)
+    args.save_on_each_node = output_is_node_local(Path(args.output_dir), args.save_on_each_node)
     args.dataloader_pin_memory = args.dataloader_pin_memory and torch.cuda.is_available()
     args.push_to_hub = False  # pushed once, after the run, with our card and a verification (cli, finetune)
     if recipe.data.streaming:  # the stream restores its own position on resume; Trainer would re-read every batch to skip it
@@ -214,7 +223,7 @@ def write_model_repo(built: Built, fitted: Fitted) -> dict:
         **({"data_doctor": built.data_check.results()} if built.data_check else {}),
         **({"streaming": trainer.stream_summary} if getattr(trainer, "stream_summary", None) else {}),
     }
-    if trainer.is_world_process_zero():
+    if built.args.should_save:  # the main process; with node-local output folders, each machine's
         output_dir = built.output_dir
         staging = output_dir / STAGING
         shutil.rmtree(staging, ignore_errors=True)
@@ -239,7 +248,8 @@ def write_model_repo(built: Built, fitted: Fitted) -> dict:
             logger.warning("No class-activation figure: %s", error)
         write_model_card(staging, final_dir=output_dir)  # staged too: published with the model, before config.json
         publish(staging, output_dir)
-        _print_next_steps(output_dir, results)
+    if trainer.is_world_process_zero():
+        _print_next_steps(built.output_dir, results, copies=built.args.save_on_each_node)
     trainer.accelerator.wait_for_everyone()
     return results
 
@@ -256,11 +266,12 @@ def _write_json(path: Path, value) -> None:
     path.write_text(json.dumps(value, indent=2, default=str))
 
 
-def _print_next_steps(output_dir: Path, results: dict) -> None:
+def _print_next_steps(output_dir: Path, results: dict, copies: bool = False) -> None:
+    where = " on every machine (node-local disks)" if copies else ""
     print(
         f"\nTest accuracy {results['test_accuracy']:.2%}, macro-F1 {results['test_f1']:.4f} "
         f"on {results['split_sizes']['test']} images.\n"
-        f"Model saved to {output_dir}/ (model card: {output_dir}/README.md). Use it with:\n"
+        f"Model saved to {output_dir}/{where} (model card: {output_dir}/README.md). Use it with:\n"
         f"  from transformers import pipeline\n"
         f"  classifier = pipeline('image-classification', model='{output_dir}')\n"
         f"  classifier('cat.jpg')\n"

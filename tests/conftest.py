@@ -50,7 +50,7 @@ def quickstart_model_dir(tmp_path_factory) -> Path:
 
 # End-to-end runs: every test that trains a model, directly or through a shared trained model, is `slow`
 # (`pytest -m "not slow"` is the fast loop: recipe parsing, errors, images, plans, cards, metrics).
-SLOW_MODULES = {"test_cache", "test_ddp", "test_reliability", "test_output_dir", "test_hub", "test_classic_recipes",
+SLOW_MODULES = {"test_cache", "test_ddp", "test_multinode", "test_reliability", "test_output_dir", "test_hub", "test_classic_recipes",
                 "test_recipe_faithful", "test_training", "test_demo", "test_demo_browser", "test_demo_security"}
 SLOW_FIXTURES = {"quickstart_model_dir", "run_dir", "fresh_run", "model_dirs"}
 

@@ -36,3 +36,14 @@ def test_the_private_attributes_are_set_by_trainer(tmp_path):
     source = inspect.getsource(Trainer)
     for name in PRIVATE_ATTRIBUTES:
         assert hasattr(trainer, name) or f"self.{name} =" in source, f"Trainer no longer has {name}"
+
+
+def test_the_model_hook_that_lets_each_machine_save_its_copy_is_there():
+    """models.save_pretrained overrides PreTrainedModel.should_save_on_this_rank (transformers 5 saves on global rank 0
+    only) so that each machine's main process writes its copy of a node-local output folder."""
+    from transformers import PreTrainedModel
+
+    parameters = list(inspect.signature(PreTrainedModel.should_save_on_this_rank).parameters)
+    assert parameters == ["self", "is_main_process"], (
+        f"PreTrainedModel.should_save_on_this_rank changed in transformers {transformers_version}: {parameters}; update models.save_pretrained."
+    )
