@@ -30,7 +30,7 @@ from .errors import HFTransferError
 from .feature_store import FeatureCapture, FeatureStore, relative_errors
 from .metrics import compute_metrics
 from .precision import Precision
-from .trainer import SafeTrainer, last_complete_checkpoint
+from .trainer import SafeTrainer, newest_checkpoint_on_every_process
 
 logger = logging.getLogger(__name__)
 
