@@ -11,6 +11,7 @@ import importlib.metadata
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -56,15 +57,12 @@ def versions() -> str:
 
 
 def git_commit() -> str:
-    """The checkout's commit, read from .git without running git."""
-    head = REPO / ".git" / "HEAD"
+    """The checkout's commit (a worktree's and a packed ref's too), or "unknown" outside git."""
     try:
-        ref = head.read_text().strip()
-        if ref.startswith("ref: "):
-            return (REPO / ".git" / ref[5:]).read_text().strip()[:10]
-        return ref[:10]
+        found = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
     except OSError:
         return "unknown"
+    return found.stdout.strip() or "unknown"
 
 
 def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:

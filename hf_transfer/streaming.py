@@ -21,6 +21,7 @@ import datasets
 import numpy as np
 import safetensors.torch
 import torch
+import yaml
 from accelerate.utils import gather_object
 from datasets.distributed import split_dataset_by_node
 from transformers import TrainerCallback
@@ -145,6 +146,7 @@ def load_streaming_dataset(args: DataArguments) -> StreamingData:
             "or turn `streaming` off."
         )
     image_column = args.image_column or _find_column(features, datasets.Image, _PREFERRED_IMAGE_COLUMNS, "image", args)
+    _require_class_label(features, args)
     label_column = args.label_column or _find_column(features, datasets.ClassLabel, _PREFERRED_LABEL_COLUMNS, "label", args)
     for kind, column in (("image", image_column), ("label", label_column)):
         if column not in features:
@@ -168,6 +170,45 @@ def load_streaming_dataset(args: DataArguments) -> StreamingData:
                          carved=frozenset(image_key(row[image_column]) for row in carved),
                          shuffle_buffer_size=args.shuffle_buffer_size, root=_local_root(args.dataset),
                          skip_unreadable=args.skip_unreadable_images)
+
+
+# webdataset's `.cls` / `.cls2` files are read as plain integers (datasets' `webdataset` builder infers no ClassLabel)
+_NUMBER_LABEL_COLUMNS = ("cls", "cls2")
+
+
+def _require_class_label(features: datasets.Features, args: DataArguments) -> None:
+    """Refuse a stream whose labels are numbers without class names, showing the dataset card lines that name them.
+
+    A map-style dataset can be class-encoded (`class_encode_column` reads every label first); a stream cannot, so the
+    names must come from the dataset's features. For a local folder (parquet or webdataset .tar shards) datasets reads
+    them from the folder's README.md, whose `dataset_info: features:` replace the inferred ones."""
+    named = args.label_column or next((name for name in _PREFERRED_LABEL_COLUMNS if name in features), None)
+    if named is None and any(isinstance(feature, datasets.ClassLabel) for feature in features.values()):
+        return
+    column = named or next((name for name in _NUMBER_LABEL_COLUMNS if name in features), None) or next(
+        (name for name, feature in features.items()
+         if isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint")) and not name.startswith("__")), None)
+    if column is None or column not in features or isinstance(features[column], datasets.ClassLabel):
+        return  # no number column to name, or the label is a ClassLabel: the usual checks speak
+    declared = datasets.Features({
+        name: datasets.ClassLabel(names=["<name of class 0>", "<name of class 1>"]) if name == column else feature
+        for name, feature in features.items() if not name.startswith("__")  # webdataset's __key__ / __url__: not data
+    })
+    card = yaml.safe_dump({"dataset_info": {"features": declared._to_yaml_list()}}, default_flow_style=True, sort_keys=False,
+                          width=10**6).strip()  # one line: the error message is one line
+    local = Path(args.dataset).expanduser()
+    where = (f"a README.md in '{local}'" if local.is_dir() else
+             f"a README.md in a folder that holds '{local.name}' (then stream the folder)" if local.is_file() else None)
+    fix = (f"Give it class names in the dataset's features: {where} whose first three lines are `---`, `{card}` and `---` "
+           "(one names entry per class, in label order; datasets reads these features instead of inferring them)."
+           if where else
+           f"Give it class names: `dataset.class_encode_column('{column}')` (or cast it to a ClassLabel) on a map-style copy, "
+           "then push that, or stream a local copy whose README.md declares the features.")
+    raise DatasetError(
+        f"Label column '{column}' of the stream is {features[column]!r}, not a ClassLabel, so there are no class names "
+        f"(webdataset `.cls` files and integer columns hold numbers only), and a stream cannot be class-encoded: that "
+        f"reads every label before training. {fix}"
+    )
 
 
 def _open(args: DataArguments) -> datasets.IterableDatasetDict:
@@ -205,7 +246,7 @@ def _evaluation_splits(raw, args: DataArguments, train, undecoded, schema) -> tu
             counts[name] = int(size)
     wanted = sum(counts.values())
     head = list(islice(iter(train), wanted + 1)) if wanted else []  # one more: training needs an image left over
-    if len(head) <= wanted:
+    if wanted and len(head) <= wanted:  # with both splits named nothing is carved (an empty train stream is caught later)
         raise DatasetError(
             f"The train stream holds {len(head)} images; carving {wanted} for "
             f"{' and '.join(f'{name} ({count})' for name, count in counts.items())} leaves none to train on. "

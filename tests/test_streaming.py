@@ -1,13 +1,17 @@
 """`streaming: true`: parquet shards read as a stream by one and two processes, the same accuracy as the map-style run on
-the same photos, a killed run resumed from its saved stream position to the very same weights, and what is refused."""
+the same photos, a killed run resumed from its saved stream position to the very same weights, webdataset .tar shards,
+and what is refused."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -17,8 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 import safetensors.torch
 import torch
+from conftest import CLASSES, IMAGE, REPO, SAMPLE, labelled, sample_rows, user_error, write_dataset
 
-from conftest import IMAGE, REPO, SAMPLE, labelled, user_error, write_dataset
 from hf_transfer.data import DataArguments
 from hf_transfer.streaming import image_key, load_streaming_dataset
 from hf_transfer.trainer import last_complete_checkpoint
@@ -88,6 +92,15 @@ def test_two_ranks_read_disjoint_shards_and_skip_the_carved_images(tmp_path):
     assert len(served[0] | served[1]) == 103, "every photo once, less the 8 carved and the unreadable one"
     carved = {image_key(cell) for cell in data.splits["validation"]["image"]}
     assert carved == data.carved and len(carved) == 8
+
+
+def test_named_validation_and_test_splits_leave_the_whole_stream_to_train_on(tmp_path):
+    dataset = shards(tmp_path / "shards", train_images=24)
+    validation = pq.read_table(SAMPLE / "data" / "train-00000-of-00001.parquet").slice(100, 8)  # photos the 24 do not hold
+    pq.write_table(validation, Path(dataset) / "data" / "validation-00000-of-00001.parquet")
+    data = load_streaming_dataset(DataArguments(dataset=dataset, streaming=True))
+    assert data.sizes == {"train": None, "validation": 8, "test": 96}
+    assert not data.carved, "nothing is carved from the stream when both splits are named"
 
 
 # ---- one process: the same accuracy as the map-style run on the same photos --------------------------------------
@@ -174,3 +187,48 @@ def test_killed_streaming_run_resumes_to_identical_weights(tmp_path):
     results = [json.loads((folder / "all_results.json").read_text()) for folder in (uninterrupted, interrupted)]
     assert results[0]["skipped_images"] == results[1]["skipped_images"] == {"test": 0, "validation": 0, "train": 1}
     assert results[0]["streaming"]["passes_started_by_rank"] == [2]
+
+
+# ---- webdataset .tar shards: numbers for labels are refused with the dataset card that names them ----------------
+
+def webdataset_shards(folder: Path, train_images: int = 40) -> str:
+    """The sample's first train photos as 4 webdataset shards (`<key>.jpg` + `<key>.cls`, the label as a number) and
+    16 test photos as one `test` shard: what a webdataset export looks like with no dataset card."""
+    folder.mkdir(parents=True)
+
+    def write(name: str, rows: list[dict]) -> None:
+        with tarfile.open(folder / name, "w") as tar:
+            for index, row in enumerate(rows):
+                for extension, data in (("jpg", row["image"]["bytes"]), ("cls", str(row["labels"]).encode())):
+                    member = tarfile.TarInfo(f"{name.split('.')[0]}_{index:04d}.{extension}")
+                    member.size = len(data)
+                    tar.addfile(member, io.BytesIO(data))
+
+    train = sample_rows("train")[:train_images]
+    for index in range(SHARDS):
+        write(f"train-{index:05d}.tar", train[index::SHARDS])
+    write("test-00000.tar", sample_rows("test")[:16])
+    return str(folder)
+
+
+def test_webdataset_shards_stream_once_their_card_names_the_classes(capsys, tmp_path):
+    from hf_transfer import finetune
+
+    dataset = webdataset_shards(tmp_path / "tars")
+    options = ("--dataset", dataset, "--streaming", "true", *TINY, "--max_steps", "6", "--validation_size", "4",
+               "--per_device_train_batch_size", "4", "--shuffle_buffer_size", "4", "--output_dir", str(tmp_path / "refused"))
+    message = user_error(capsys, *options)
+    assert "Label column 'cls' of the stream is Value('int64'), not a ClassLabel" in message
+    assert f"a README.md in '{dataset}'" in message
+    card = re.search(r"`---`, `(.*?)` and `---`", message).group(1)  # the lines the message says to write, as it gives them
+    names = card.replace("<name of class 0>", CLASSES[0]).replace("<name of class 1>", CLASSES[1])
+    (tmp_path / "tars" / "README.md").write_text(f"---\n{names}\n---\n")
+
+    results = finetune(dataset=dataset, streaming=True, model="test_efficientnet", pretrained=False, freeze="full",
+                       max_steps=6, per_device_train_batch_size=4, per_device_eval_batch_size=8, validation_size=4,
+                       shuffle_buffer_size=4, eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
+                       report_to="none", seed=0, disable_tqdm=True, output_dir=str(tmp_path / "run"))
+    assert results["split_sizes"] == {"train": None, "validation": 4, "test": 16}
+    assert results["streaming"]["images_read_by_rank"][0] >= 6 * 4
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["label_names"] == CLASSES
