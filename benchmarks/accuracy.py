@@ -20,12 +20,12 @@ import time
 
 import datasets
 import torch
+from common import device, report
 from transformers import TrainerCallback
 
-from common import device, report
 from hf_transfer.models import data_config
-from hf_transfer.training import build
 from hf_transfer.recipe import parse_recipe
+from hf_transfer.training import build
 
 
 class EpochClock(TrainerCallback):

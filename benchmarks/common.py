@@ -56,6 +56,15 @@ def versions() -> str:
     return f"Python {platform.python_version()}, " + ", ".join(found)
 
 
+# The offline mirrors beside the repo (../shared/datasets, see its README), or wherever CIFAR10 / CATS_VS_DOGS point.
+MIRRORS = {
+    "cifar10": Path(os.environ.get("CIFAR10", REPO.parent / "shared" / "datasets" / "cifar10")),
+    "cats_vs_dogs": Path(os.environ.get("CATS_VS_DOGS", REPO.parent / "shared" / "datasets" / "cats_vs_dogs")),
+}
+# As in recipes/cifar10.yaml: CIFAR-10 has no validation split, 5,000 train images are carved out for it.
+VALIDATION_SIZE = {"cifar10": 5000, "cats_vs_dogs": 0.1}
+
+
 def git_commit() -> str:
     """The checkout's commit (a worktree's and a packed ref's too), or "unknown" outside git."""
     try:

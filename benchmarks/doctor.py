@@ -28,20 +28,14 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-from common import REPO, report
+from common import MIRRORS, REPO, VALIDATION_SIZE, report
 from PIL import Image
 
-from hf_transfer import doctor
+from hf_transfer import doctor, doctor_options
 from hf_transfer.cli import setup_logging
 from hf_transfer.data import PreparedData, load_image_dataset
 from hf_transfer.recipe import parse_recipe
 
-MIRRORS = {
-    "cifar10": Path(os.environ.get("CIFAR10", REPO.parent / "shared" / "datasets" / "cifar10")),
-    "cats_vs_dogs": Path(os.environ.get("CATS_VS_DOGS", REPO.parent / "shared" / "datasets" / "cats_vs_dogs")),
-}
-# As in recipes/cifar10.yaml and benchmarks/feature_cache.py: validation carved from train.
-VALIDATION_SIZE = {"cifar10": 5000, "cats_vs_dogs": 0.1}
 # Copies: (scale of the side, JPEG quality); quality None = the same bytes.
 COPIES = {"exact": (1.0, None), "resized": (0.75, 90), "reencoded": (1.0, 50), "half": (0.5, 90)}
 CALIBRATION = {"exact": (1.0, None), "resized 7/8": (0.875, 90), "resized 3/4": (0.75, 90), "resized 5/8": (0.625, 90),
@@ -122,7 +116,7 @@ def calibrate(recipe, data: PreparedData, features: dict, count: int, rng) -> li
     kinds = list(CALIBRATION)
     found = copy_features(recipe, data, [row for row in sources for _ in kinds], kinds * count).reshape(count, len(kinds), -1)
     originals = features["test"][0][sources]
-    threshold, rows = doctor.DUPLICATE_THRESHOLD, []
+    threshold, rows = doctor_options.DUPLICATE_THRESHOLD, []
     for position, kind in enumerate(kinds):
         similarity = np.sum(doctor.power_normalised(found[:, position]) * doctor.power_normalised(originals), axis=1)
         raw = np.sum(unit(found[:, position]) * unit(originals), axis=1)  # without the signed square root
@@ -229,8 +223,8 @@ def main() -> None:
         "analysis_s (planted)": analysis_seconds,
     }
     settings = (f"{options.model}, seed {options.seed}; flip {options.flip:.0%} of every split; {options.leaks} test images copied into "
-                f"train ({', '.join(kinds)} in turn); threshold {doctor.DUPLICATE_THRESHOLD}, probe C {doctor.PROBE_C}, "
-                f"{doctor.DoctorArguments().doctor_folds} folds")
+                f"train ({', '.join(kinds)} in turn); threshold {doctor_options.DUPLICATE_THRESHOLD}, probe C {doctor.PROBE_C}, "
+                f"{doctor_options.DoctorArguments().doctor_folds} folds")
     timing = ("doctor_s: `run_doctor` on the clean mirror, end to end (data preparation, features, checks, report, contact sheet); "
               "warm = features read from the feature cache")
     own_findings = (f"the clean mirror's own findings: {clean['summary']['label_issues']} label issue(s), "
@@ -302,10 +296,10 @@ def probe_sweep(features: dict, labels: dict, truth: set, values: str, seed: int
 def check_ivf(features: dict) -> str:
     pooled = np.concatenate(list(features.values()))
     started = time.perf_counter()
-    inverted = doctor.similar_pairs(pooled, doctor.DUPLICATE_THRESHOLD, exact_up_to=0)
+    inverted = doctor.similar_pairs(pooled, doctor_options.DUPLICATE_THRESHOLD, exact_up_to=0)
     inverted_s = time.perf_counter() - started
     started = time.perf_counter()
-    exhaustive = doctor.similar_pairs(pooled, doctor.DUPLICATE_THRESHOLD, exact_up_to=len(pooled))
+    exhaustive = doctor.similar_pairs(pooled, doctor_options.DUPLICATE_THRESHOLD, exact_up_to=len(pooled))
     exhaustive_s = time.perf_counter() - started
     pairs = {tuple(pair) for pair in exhaustive[:, :2].astype(int)}
     found = pairs & {tuple(pair) for pair in inverted[:, :2].astype(int)}

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import datasets
 import torch
-from common import REPO, device, median, report
+from common import MIRRORS, REPO, VALIDATION_SIZE, device, median, report
 
 from hf_transfer import feature_store
 from hf_transfer.blocks import discover_blocks
@@ -52,11 +52,6 @@ from hf_transfer.recipe import parse_recipe
 from hf_transfer.training import run, run_arguments
 
 BEFORE = "92fc9a8"  # the last commit before `inference_precision`
-MIRRORS = {
-    "cifar10": Path(os.environ.get("CIFAR10", REPO.parent / "shared" / "datasets" / "cifar10")),
-    "cats_vs_dogs": Path(os.environ.get("CATS_VS_DOGS", REPO.parent / "shared" / "datasets" / "cats_vs_dogs")),
-}
-VALIDATION_SIZE = {"cifar10": 5000, "cats_vs_dogs": 0.1}  # as recipes/cifar10.yaml and benchmarks/feature_cache.py
 BARE = {"bare fp32": (False, False), "bare fp32 channels_last": (False, True), "bare bf16": (True, False),
         "bare bf16 channels_last": (True, True)}
 BEFORE_NAME, AUTO_NAME = f"before ({BEFORE}: fp32, NCHW)", "auto (today's FeatureStore)"

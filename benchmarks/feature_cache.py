@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import datasets
-from common import REPO, Stopwatch, device, report
+from common import MIRRORS, REPO, VALIDATION_SIZE, Stopwatch, device, report
 
 from hf_transfer import training
 from hf_transfer.cached_head import CHECK_IMAGES
@@ -36,13 +36,6 @@ from hf_transfer.cli import setup_logging
 from hf_transfer.feature_store import cache_root
 from hf_transfer.recipe import parse_recipe
 from hf_transfer.training import run
-
-MIRRORS = {
-    "cifar10": Path(os.environ.get("CIFAR10", REPO.parent / "shared" / "datasets" / "cifar10")),
-    "cats_vs_dogs": Path(os.environ.get("CATS_VS_DOGS", REPO.parent / "shared" / "datasets" / "cats_vs_dogs")),
-}
-# As in recipes/cifar10.yaml: CIFAR-10 has no validation split, 5,000 train images are carved out for it.
-VALIDATION_SIZE = {"cifar10": 5000, "cats_vs_dogs": 0.1}
 
 
 def arguments() -> argparse.Namespace:

@@ -21,9 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import device, report
 from transformers import TimmWrapperForImageClassification, set_seed
 
-from common import device, report
 from hf_transfer.cli import setup_logging
 from hf_transfer.data import DataArguments, load_image_dataset
 from hf_transfer.models import ModelArguments, data_config, load_model

@@ -17,9 +17,9 @@ import argparse
 import time
 
 import torch
+from common import Stopwatch, device, median, report
 from torch.utils.data import DataLoader
 
-from common import Stopwatch, device, median, report
 from hf_transfer.data import DataArguments, attach_transforms, build_transforms, collate, load_image_dataset
 from hf_transfer.device_resize import DeviceResize, device_transforms
 from hf_transfer.images import load_image

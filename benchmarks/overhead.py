@@ -34,17 +34,16 @@ import time
 
 import torch
 import torch.nn.functional as F
+from common import device, median, report, synchronize
 from torch.utils.data import DataLoader, Dataset
 from transformers import TrainerCallback, get_scheduler
 
-from common import device, median, report, synchronize
 from hf_transfer.data import collate
 from hf_transfer.device_resize import DeviceResize
 from hf_transfer.freezing import FreezePlan
-from hf_transfer.training import build_trainer, run_arguments
 from hf_transfer.models import data_config, load_model
 from hf_transfer.recipe import parse_recipe
-
+from hf_transfer.training import build_trainer, run_arguments
 
 RECIPE_LOOP = "plain loop + recipe's groups, clipping, schedule"
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}

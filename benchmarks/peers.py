@@ -55,7 +55,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-from common import REPO, device, report
+from common import MIRRORS, REPO, device, report
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, Trainer, TrainerCallback, TrainingArguments
 
 from hf_transfer.cli import setup_logging
@@ -63,7 +63,7 @@ from hf_transfer.models import ModelArguments, data_config, load_model, save_mod
 from hf_transfer.recipe import parse_recipe
 from hf_transfer.training import build, fit, write_model_repo
 
-MIRROR = Path(os.environ.get("CATS_VS_DOGS", REPO.parent / "shared" / "datasets" / "cats_vs_dogs"))
+MIRROR = MIRRORS["cats_vs_dogs"]
 MODEL = "timm/tf_efficientnet_lite0.in1k"
 EXAMPLE = dict(learning_rate=2e-5, num_train_epochs=5, per_device_train_batch_size=8, per_device_eval_batch_size=8,
                eval_strategy="epoch", save_strategy="epoch", load_best_model_at_end=True, save_total_limit=3, seed=1337)

@@ -36,12 +36,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-from common import REPO, report
+from common import MIRRORS, REPO, report
 
-MIRRORS = {
-    "cifar10": Path(os.environ.get("CIFAR10", REPO.parent / "shared" / "datasets" / "cifar10")) / "plain_text",
-    "cats_vs_dogs": Path(os.environ.get("CATS_VS_DOGS", REPO.parent / "shared" / "datasets" / "cats_vs_dogs")) / "data",
-}
+PARQUET = {"cifar10": MIRRORS["cifar10"] / "plain_text", "cats_vs_dogs": MIRRORS["cats_vs_dogs"] / "data"}  # the splits' files
 RUNS = ("map-style", "stream x1", "stream x2")
 
 
@@ -68,7 +65,7 @@ def write_dataset(name: str, folder: Path, options: argparse.Namespace) -> dict:
     data = folder / "data"
     shutil.rmtree(folder, ignore_errors=True)
     data.mkdir(parents=True)
-    mirror = MIRRORS[name]
+    mirror = PARQUET[name]
     train = pq.read_table(mirror / "train-00000-of-00001.parquet")
     test = pq.read_table(mirror / "test-00000-of-00001.parquet")
     validation = options.validation_images
@@ -144,7 +141,7 @@ def main() -> None:
     settings = (f"{options.model}, head_only, feature_cache false, {options.max_steps} steps x {options.batch_size} images per process, "
                 f"lr {options.lr}, default augmentation, shuffle_buffer_size {options.shuffle_buffer}, "
                 f"{options.workers} dataloader workers; "
-                f"{MIRRORS[options.dataset]}: train {sizes['train']} images in {options.shards} parquet shards, validation its first "
+                f"{PARQUET[options.dataset]}: train {sizes['train']} images in {options.shards} parquet shards, validation its first "
                 f"{sizes['validation']}, test {sizes['test']} images at seeded positions (numpy seed 0) of the test split")
     columns = ["dataset", "run", "processes", "train_images_seen", "wall_s", "train_s", "images/s", "test_accuracy", "gap_points",
                "eval_accuracy", "read_by_rank", "load_at_start"]

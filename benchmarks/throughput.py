@@ -14,9 +14,9 @@ import argparse
 import gc
 
 import torch
+from common import Stopwatch, device, median, report, synchronize
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import Stopwatch, device, median, report, synchronize
 from hf_transfer.models import ModelArguments, load_model
 
 MODELS = ("tf_efficientnet_lite0", "resnet50", "vit_base_patch16_224")

@@ -22,12 +22,11 @@ import functools
 import os
 import tempfile
 import time
-from pathlib import Path
 
 import datasets
 import overhead
 import torch
-from common import REPO, device, median, report
+from common import MIRRORS, VALIDATION_SIZE, device, median, report
 from overhead import Images, TrainerPath
 
 from hf_transfer.cli import setup_logging
@@ -35,11 +34,6 @@ from hf_transfer.recipe import parse_recipe
 from hf_transfer.training import run
 
 VARIANTS = {"fp32": (False, False), "fp32 channels_last": (False, True), "bf16 channels_last": (True, True)}
-MIRRORS = {
-    "cifar10": Path(os.environ.get("CIFAR10", REPO.parent / "shared" / "datasets" / "cifar10")),
-    "cats_vs_dogs": Path(os.environ.get("CATS_VS_DOGS", REPO.parent / "shared" / "datasets" / "cats_vs_dogs")),
-}
-VALIDATION_SIZE = {"cifar10": 5000, "cats_vs_dogs": 0.1}
 
 
 def arguments() -> argparse.Namespace:
