@@ -33,7 +33,10 @@ SHIPPED_IMAGES_MODULE = "hf_transfer_images.py"
 SHIPPED_EXPLAIN_MODULE = "hf_transfer_explain.py"
 # ... and reads the model repo's files by the names hf_transfer/repo_files.py gives them.
 SHIPPED_REPO_FILES_MODULE = "hf_transfer_repo_files.py"
-SHIPPED_MODULES = {"images.py": SHIPPED_IMAGES_MODULE, "explain.py": SHIPPED_EXPLAIN_MODULE, "repo_files.py": SHIPPED_REPO_FILES_MODULE}
+# ... and runs its predictions in the precision hf_transfer/precision.py decides for the Space's hardware.
+SHIPPED_PRECISION_MODULE = "hf_transfer_precision.py"
+SHIPPED_MODULES = {"images.py": SHIPPED_IMAGES_MODULE, "explain.py": SHIPPED_EXPLAIN_MODULE, "repo_files.py": SHIPPED_REPO_FILES_MODULE,
+                   "precision.py": SHIPPED_PRECISION_MODULE}
 EXAMPLES_IN_SPACE = "examples"
 MODEL_HINT = ("Pass the output dir of a run (`hf-transfer train` writes config.json and model.safetensors there) "
               "or a Hub model id (user/name).")

@@ -18,7 +18,12 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .errors import HFTransferError
+try:
+    from .errors import HFTransferError
+except ImportError:  # shipped alone to a Space as hf_transfer_precision.py (hf_transfer/demo.py), where no CLI reads it
+
+    class HFTransferError(Exception):
+        """Stands in for hf_transfer.errors.HFTransferError on a Space."""
 
 logger = logging.getLogger(__name__)
 

@@ -40,6 +40,12 @@ except ModuleNotFoundError as missing:
         raise
     from hf_transfer_explain import Explainer, display_size, overlay
 
+# Predictions in bf16 autocast (+ channels_last for CNNs) where the CPU computes bf16 natively; gradients (Grad-CAM) untouched.
+try:
+    from hf_transfer.precision import prepare_for_inference
+except ModuleNotFoundError:  # on a Space: shipped as hf_transfer_precision.py
+    from hf_transfer_precision import prepare_for_inference
+
 APP_DIR = Path(__file__).resolve().parent
 MODEL_ENV = "HF_TRANSFER_MODEL"
 EXAMPLES_ENV = "HF_TRANSFER_EXAMPLES"
@@ -268,6 +274,7 @@ def build_demo(model_ref: str, examples_dir: Path | None = None, top_k: int = 5)
     Gradio copies the example images into its cache here: examples_dir is not needed afterwards.
     """
     classifier = pipeline("image-classification", model=model_ref, device="cpu")
+    precision = prepare_for_inference(classifier.model)  # what `inference_precision: auto` decides for a run's passes
     explainer = Explainer.from_pipeline(classifier)  # nothing runs until the first explanation
     label_names = list(classifier.model.config.id2label.values())
 
@@ -288,7 +295,8 @@ def build_demo(model_ref: str, examples_dir: Path | None = None, top_k: int = 5)
 
     model_name = Path(model_ref).name if Path(model_ref).is_dir() else model_ref
     with gr.Blocks(title=f"{model_name} · image classifier", analytics_enabled=False) as demo:
-        gr.Markdown(f"# Image classifier: `{model_name}`\n{card_summary(model_ref, label_names)}")
+        gr.Markdown(f"# Image classifier: `{model_name}`\n{card_summary(model_ref, label_names)}\n\n"
+                    f"Predictions on this machine: {precision.describe()}.")
         with gr.Row():
             with gr.Column():
                 image = gr.Image(type="filepath", sources=["upload", "clipboard"], label="Image",

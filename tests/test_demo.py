@@ -14,16 +14,25 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 import pytest
+from bad_images import build_corpus
 from datasets import Image as ImageFeature
 from datasets import load_dataset
 from gradio_client import Client, handle_file
+from hub_server import LocalHub
 from huggingface_hub import ModelCard, SpaceCard
 from PIL import Image
 
-from bad_images import build_corpus
-from hf_transfer.demo import SHIPPED_EXPLAIN_MODULE, SHIPPED_IMAGES_MODULE, SHIPPED_REPO_FILES_MODULE, SPACE_DIR, load_app, stage_space
+from hf_transfer.demo import (
+    SHIPPED_EXPLAIN_MODULE,
+    SHIPPED_IMAGES_MODULE,
+    SHIPPED_PRECISION_MODULE,
+    SHIPPED_REPO_FILES_MODULE,
+    SPACE_DIR,
+    load_app,
+    stage_space,
+)
 from hf_transfer.examples import examples_from_run
-from hub_server import LocalHub
+from hf_transfer.precision import native_bf16
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CAT = Path(__file__).parent / "fixtures" / "cat.jpg"
@@ -122,6 +131,7 @@ def test_stage_space_pins_the_model_and_ships_the_app(tmp_path):
     assert (space / SHIPPED_IMAGES_MODULE).read_bytes() == (REPO_ROOT / "hf_transfer" / "images.py").read_bytes()
     assert (space / SHIPPED_EXPLAIN_MODULE).read_bytes() == (REPO_ROOT / "hf_transfer" / "explain.py").read_bytes()
     assert (space / SHIPPED_REPO_FILES_MODULE).read_bytes() == (REPO_ROOT / "hf_transfer" / "repo_files.py").read_bytes()
+    assert (space / SHIPPED_PRECISION_MODULE).read_bytes() == (REPO_ROOT / "hf_transfer" / "precision.py").read_bytes()
     assert "grad-cam" in (space / "requirements.txt").read_text()  # what the shipped explain module imports
     assert (space / "examples" / "cat_1.jpg").read_bytes() == CAT.read_bytes()
 
@@ -196,6 +206,8 @@ def test_pushed_space_runs_from_its_own_files(quickstart_model_dir, tmp_path):
             results = json.loads((quickstart_model_dir / "all_results.json").read_text())
             page_config = json.dumps(client.config)
             assert f"Test accuracy:** {results['test_accuracy']:.1%}" in page_config  # read from the Hub repo
+            # The Space decides its predictions' precision on its own hardware (here: this CPU).
+            assert f"Predictions on this machine: {'bf16 autocast' if native_bf16('cpu')[0] else 'fp32'}" in page_config
 
             # The same maps as `hf-transfer demo`, from the shipped hf_transfer_explain.py.
             drawn, explained = client.predict(handle_file(str(CAT)), api_name="/explain")
