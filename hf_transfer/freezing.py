@@ -108,6 +108,8 @@ class FreezeArguments:
 
     @property
     def strategy(self) -> str:
+        """The strategy the `freeze` option names, without its argument (`last_n` for `last_n:2`): `freeze` is the
+        user's text as given (recorded as such), `strategy` the one name the code uses for what it selects."""
         return self.freeze.split(":")[0]
 
     def schedule(self) -> list[dict]:
