@@ -1,0 +1,83 @@
+"""All of CIFAR-10 on the CPU against the clock: the accuracy an end-to-end run reaches, and when.
+
+Runs `recipes/cifar10.yaml` on the CIFAR-10 mirror (45,000 train / 5,000 validation / 10,000 test) with the options
+given on the command line (default: Lite0 fine-tuned `full` at 128 px in bf16 autocast + channels_last, 2 epochs),
+evaluating on the validation split every `--eval-every` steps, and records wall time from the start (data loading
+included) at every evaluation: the curve of accuracy against time, then the test accuracy of the final model.
+The issue's stretch target on the 2-core CPU: >= 90% test accuracy within 30 minutes end to end.
+
+    python benchmarks/cifar10_cpu.py                                  # the default settings above
+    python benchmarks/cifar10_cpu.py --set image_size=160 --set num_train_epochs=1
+"""
+
+from __future__ import annotations
+
+import hf_transfer  # noqa: F401 - first: it sets OMP_WAIT_POLICY (when unset) before torch loads, as `hf-transfer train` does
+
+# isort: split
+import argparse
+import os
+import tempfile
+import time
+
+from common import MIRRORS, REPO, report
+from transformers import TrainerCallback
+
+from hf_transfer.cli import setup_logging
+from hf_transfer.recipe import parse_recipe
+from hf_transfer.training import build, fit, write_model_repo
+
+DEFAULTS = {"freeze": "full", "image_size": "128", "bf16": "true", "use_cpu": "true", "num_train_epochs": "2", "learning_rate": "1e-3",
+            "per_device_train_batch_size": "64", "warmup_steps": "70", "lr_scheduler_type": "cosine",
+            "save_strategy": "no", "load_best_model_at_end": "false", "data_doctor": "false", "augmentation": "default"}
+
+
+class Clock(TrainerCallback):
+    """Wall seconds since `start` and validation accuracy at every evaluation."""
+
+    def __init__(self, start: float):
+        self.start, self.points = start, []
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if metrics and "eval_accuracy" in metrics:
+            self.points.append((time.perf_counter() - self.start, state.global_step, state.epoch, metrics["eval_accuracy"]))
+
+
+def arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a recipe option over the defaults")
+    parser.add_argument("--eval-every", type=int, default=250, help="optimizer steps between validation evaluations")
+    parser.add_argument("--name", default="cifar10_cpu", help="results file: benchmarks/results/<name>.md")
+    return parser.parse_args()
+
+
+def main() -> None:
+    options = arguments()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    setup_logging(main_process=True)
+    chosen = {**DEFAULTS, "eval_strategy": "steps", "eval_steps": str(options.eval_every), "logging_steps": str(options.eval_every),
+              **dict(item.split("=", 1) for item in options.set)}
+    with tempfile.TemporaryDirectory() as output_dir:
+        argv = [str(REPO / "recipes" / "cifar10.yaml"), "--dataset", str(MIRRORS["cifar10"]), "--output_dir", output_dir,
+                "--disable_tqdm", "true", *[token for key, value in chosen.items() for token in (f"--{key}", value)]]
+        start = time.perf_counter()
+        built = build(parse_recipe(argv))
+        clock = Clock(start)
+        built.trainer.add_callback(clock)
+        results = write_model_repo(built, fit(built))
+        wall = time.perf_counter() - start
+    rows = [{"wall_s": round(seconds), "step": step, "epoch": round(epoch, 2), "validation_accuracy": accuracy}
+            for seconds, step, epoch, accuracy in clock.points]
+    rows.append({"wall_s": round(wall), "step": results.get("train_steps", ""), "epoch": chosen["num_train_epochs"],
+                 "validation_accuracy": "", "test_accuracy": results["test_accuracy"]})
+    settings = ", ".join(f"{key} {value}" for key, value in chosen.items())
+    report(options.name, "All of CIFAR-10 on this machine: accuracy against wall time", rows, notes=[
+        f"{settings}; Lite0 ImageNet weights; wall time from the start of `build` (dataset preparation included)",
+        f"test accuracy {results['test_accuracy']:.4f} on {results['split_sizes']['test']} images after {wall / 60:.1f} min "
+        f"(target: >= 0.90 within 30 min); load average at the end {' / '.join(f'{v:.1f}' for v in os.getloadavg())}",
+        f"inference precision: {results['inference_precision']['description']}",
+    ], columns=["wall_s", "step", "epoch", "validation_accuracy", "test_accuracy"])
+
+
+if __name__ == "__main__":
+    main()
