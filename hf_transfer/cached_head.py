@@ -3,7 +3,8 @@
 The model's own head module trains on the features of `feature_store.FeatureStore`, with the run's optimizer,
 schedule, callbacks and checkpoints. A `staged` schedule trains its head-only first stage here, then resumes on
 images from a checkpoint at the stage boundary. Test metrics come from the cached test features; the full model on
-images is checked against them: on every test image when this run extracts them, else on a seeded sample.
+images is checked against them: on every test image when its test pass stores them (an uncached split, no data
+doctor), else on a seeded sample (features cached earlier, or extracted by this run's data doctor).
 """
 
 from __future__ import annotations
