@@ -33,6 +33,7 @@ from hf_transfer.doctor import (
     similar_pairs,
     split_features,
     summary_text,
+    write_report,
 )
 from hf_transfer.doctor_options import DoctorArguments, DoctorError
 from hf_transfer.feature_store import cache_root
@@ -241,6 +242,34 @@ def test_diagnose_on_features_alone_and_small_classes(planted):
     assert report["summary"]["label_check_skipped_classes"] == [2]
     assert report["class_balance"]["below_minimum"] == [{"split": "train", "class": "fox", "images": 3}]
     assert all(issue["image"] == f"#{issue['index']}" for issue in report["label_issues"])  # no names given: `#index`
+
+
+def test_each_doctor_option_changes_what_it_reports(planted, tmp_path):
+    found = split_features(planted.recipe)
+    features, labels = ({split: pair[index] for split, pair in found.items()} for index in (0, 1))
+    classes = planted.report["classes"]
+
+    def report(**options):
+        return diagnose(features, labels, classes, options=DoctorArguments(**options))
+
+    default = report()
+    assert default["summary"]["leak_pairs"] == 3 and default["summary"]["classes_below_minimum"] == 0
+    assert report(doctor_duplicate_threshold=0.999)["summary"]["leak_pairs"] == 1, "only the exact copy is that close"
+    assert report(doctor_min_class_images=1000)["summary"]["classes_below_minimum"] == 2
+    two_folds = report(doctor_folds=2)
+    assert two_folds["settings"]["folds"] == 2
+    assert [issue["label_quality"] for issue in two_folds["label_issues"]] != [issue["label_quality"] for issue in default["label_issues"]]
+    options = DoctorArguments(exclude_flagged="label_issues", exclude_flagged_from="train,test")
+    assert options.excluded_splits() == ["train", "test"]  # what check_run_data passes to flagged_indices
+    suspects = {split for split in ("train", "test") if any(issue["split"] == split for issue in default["label_issues"])}
+    assert set(flagged_indices(default, options.exclude_flagged, options.excluded_splits())) == suspects
+    data = load_image_dataset(planted.recipe.data, seed=42)
+    sizes = {}
+    for sheet_size in (1, 24):
+        write_report(default, data, tmp_path / str(sheet_size), sheet_size=sheet_size)
+        with Image.open(tmp_path / str(sheet_size) / DATA_SUSPECTS_PNG) as sheet:
+            sizes[sheet_size] = sheet.size
+    assert sizes[1][0] * sizes[1][1] < sizes[24][0] * sizes[24][1], "one suspect and 3 leaks: a smaller sheet"
 
 
 def test_card_section_counts_and_says_what_was_excluded(planted):
