@@ -135,3 +135,20 @@ class Stopwatch:
 
 def median(values) -> float:
     return statistics.median(values)
+
+
+def alternating_rounds(contenders: dict, rounds: int, per: int = 1, after_round=None) -> dict[str, list[float]]:
+    """Each contender's `round()` seconds divided by `per` (e.g. its steps), one list per contender, over `rounds` counted
+    rounds after one warm-up round; the order rotates every round, so on a shared machine no contender always runs
+    first or after the same one. `after_round(seconds)` runs after each counted round (progress, load)."""
+    names = list(contenders)
+    seconds = {name: [] for name in names}
+    for round_index in range(rounds + 1):  # round 0 warms everything up and is not counted
+        order = names[round_index % len(names):] + names[:round_index % len(names)]
+        for name in order:
+            elapsed = contenders[name].round()
+            if round_index:
+                seconds[name].append(elapsed / per)
+        if round_index and after_round:
+            after_round(seconds)
+    return seconds

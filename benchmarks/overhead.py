@@ -34,7 +34,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from common import device, median, report, synchronize
+from common import alternating_rounds, device, median, report, synchronize
 from torch.utils.data import DataLoader, Dataset
 from transformers import TrainerCallback, get_scheduler
 
@@ -226,15 +226,8 @@ def main() -> None:
         RECIPE_LOOP: plain_recipe,
     }
     names = list(contenders)
-    seconds = {name: [] for name in names}
-    for round_index in range(args.rounds + 1):  # round 0 warms everything up and is not counted
-        order = names[round_index % len(names):] + names[:round_index % len(names)]
-        for name in order:
-            elapsed = contenders[name].round()
-            if round_index:
-                seconds[name].append(elapsed / args.steps)
-        if round_index:
-            print({name: f"{1000 * seconds[name][-1]:.1f} ms" for name in names}, flush=True)
+    seconds = alternating_rounds(contenders, args.rounds, args.steps,
+                                 lambda seconds: print({name: f"{1000 * seconds[name][-1]:.1f} ms" for name in names}, flush=True))
 
     rows = []
     for name in names:

@@ -26,7 +26,7 @@ import time
 import datasets
 import overhead
 import torch
-from common import MIRRORS, VALIDATION_SIZE, device, median, report
+from common import MIRRORS, VALIDATION_SIZE, alternating_rounds, device, median, report
 from overhead import Images, TrainerPath
 
 from hf_transfer.cli import setup_logging
@@ -72,18 +72,14 @@ def steps(options: argparse.Namespace) -> None:
         settings = argparse.Namespace(**vars(options), bf16=bf16, channels_last=channels_last, seed=42, clock="wall")
         contenders[name] = TrainerPath(settings, dataset, labels, clip=True)
     names = list(contenders)
-    seconds = {name: [] for name in names}
     loads = []
-    for round_index in range(options.rounds + 1):  # round 0 warms up and is not counted
-        order = names[round_index % len(names):] + names[:round_index % len(names)]
-        for name in order:
-            elapsed = contenders[name].round()
-            if round_index:
-                seconds[name].append(elapsed / options.steps)
-        if round_index:
-            loads.append(os.getloadavg()[0])
-            print(f"round {round_index}, load {loads[-1]:.1f}: " + ", ".join(f"{name} {1000 * seconds[name][-1]:.0f} ms" for name in names),
-                  flush=True)
+
+    def progress(seconds: dict) -> None:
+        loads.append(os.getloadavg()[0])
+        print(f"round {len(loads)}, load {loads[-1]:.1f}: " + ", ".join(f"{name} {1000 * seconds[name][-1]:.0f} ms" for name in names),
+              flush=True)
+
+    seconds = alternating_rounds(contenders, options.rounds, options.steps, progress)
     rows = []
     for name in names:
         speedups = [base / mine for mine, base in zip(seconds[name], seconds[names[0]])]
