@@ -182,7 +182,7 @@ class CachedHeadTraining:
     """Trains the head of a run whose backbone is frozen on cached features; see `run`."""
 
     def __init__(self, recipe, plan, trainer: Trainer, data, transforms, head_name: str, head: nn.Module, later_stages_start: int | None,
-                 precision: Precision | None = None, store: FeatureStore | None = None):
+                 precision: Precision, store: FeatureStore | None = None):
         self.recipe, self.plan, self.trainer, self.head_name, self.head = recipe, plan, trainer, head_name, head
         self.later_stages_start = later_stages_start
         self.model, self.args = trainer.model, trainer.args
@@ -192,7 +192,7 @@ class CachedHeadTraining:
         self.trainer_that_finished = trainer
 
     @classmethod
-    def for_run(cls, recipe, plan, trainer: Trainer, data, transforms, precision: Precision | None = None,
+    def for_run(cls, recipe, plan, trainer: Trainer, data, transforms, precision: Precision,
                 store: FeatureStore | None = None) -> CachedHeadTraining | None:
         """A cache when the recipe wants one and the run (or a staged run's first stage) trains only the head
         on a frozen backbone; its features are extracted in `precision` (the run's `inference_precision`), into `store`
@@ -261,7 +261,7 @@ class CachedHeadTraining:
             test_output = head_trainer.predict(CachedFeatures(features, labels), metric_key_prefix="test")
         self.summary["head_test"] = _speed(test_output.metrics)
         # The speed reported for testing is the full model's on images (the card's "inference" line): this run's pass.
-        test_output.metrics.update({key: value for key, value in full.metrics.items() if key.endswith(("_runtime", "_per_second"))})
+        test_output.metrics.update(_speed(full.metrics))
         check = check_cache(full_features, features[rows, 0], full.predictions, test_output.predictions[rows], full.label_ids, labels[rows])
         self.summary["test_check"] = {**check.as_dict(), "all_test_images": len(rows) == len(labels), "seconds": round(seconds, 2)}
         accuracy = test_output.metrics["test_accuracy"]

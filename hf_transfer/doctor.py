@@ -36,6 +36,7 @@ from .doctor_options import EXCLUDE_CHOICES, SPLIT_ORDER, DoctorArguments, Docto
 from .feature_store import FeatureStore
 from .freezing import discover_blocks
 from .models import data_config, load_model
+from .precision import resolve
 from .repo_files import DATA_REPORT, DATA_SUSPECTS_PNG
 
 logger = logging.getLogger(__name__)
@@ -91,7 +92,8 @@ def doctor_store(recipe, data: PreparedData, model, transforms, args) -> Feature
         raise DoctorError(f"The data doctor needs the pooled features that feed the classifier of `{recipe.model.model}`, but its head's "
                           "parameters do not form one module. Choose another model, or set `data_doctor: false`.")
     head_name, head = found
-    return FeatureStore(model, head, head_name, recipe.model, data, transforms, args)
+    precision = resolve(recipe.run.inference_precision, args.device, model, fp16=args.fp16)  # as a run of the recipe decides
+    return FeatureStore(model, head, head_name, recipe.model, data, transforms, args, precision=precision)
 
 
 def _store_features(store: FeatureStore) -> tuple[dict, dict]:

@@ -28,7 +28,7 @@ from transformers import set_seed
 from .checksums import checksum
 from .data import attach_transforms, collate
 from .nodes import gather_rows, on_every_process, placement
-from .precision import Precision, resolve
+from .precision import Precision
 
 logger = logging.getLogger(__name__)
 
@@ -119,12 +119,11 @@ def folder_size(path: Path) -> int:
 class FeatureStore:
     """The features of each split of `data` for `model` (whose classifier is `head`), extracted on a miss."""
 
-    def __init__(self, model: nn.Module, head: nn.Module, head_name: str, model_args, data, transforms, args, views: int = 0,
-                 precision: Precision | None = None):
+    def __init__(self, model: nn.Module, head: nn.Module, head_name: str, model_args, data, transforms, args, views: int = 0, *,
+                 precision: Precision):
         self.model, self.head, self.data, self.args, self.views = model, head, data, args, views
         self.train_transform, self.eval_transform = transforms
-        # The run's decision (training.build); alone (`hf-transfer doctor`), what `auto` decides here.
-        self.precision = precision or resolve("auto", args.device, model, fp16=args.fp16)
+        self.precision = precision  # the recipe's `inference_precision`, as resolved for this device and model
         self.summary = {"splits": {}, "precision": self.precision.dtype, "channels_last": self.precision.channels_last}
         self.extracted: dict[str, float] = {}  # split -> seconds, for splits this run computed and stored
         self.kept: dict[str, np.ndarray] = {}  # split -> the rows served (see `keep`)

@@ -70,7 +70,7 @@ class Built:
     cache: CachedHeadTraining | None  # the head trains on cached features when the backbone is frozen
     device_step: DeviceResize | None  # resizes small images of one size on the device
     device_hook: object | None  # the forward pre-hook that runs `device_step`; removed before saving
-    precision: Precision | None = None  # what `inference_precision` decided for passes without gradients
+    precision: Precision  # what `inference_precision` decided for passes without gradients
     data_check: DataCheck | None = None  # the data doctor's report, and what `exclude_flagged` removed
 
     @property
@@ -214,7 +214,7 @@ def write_model_repo(built: Built, fitted: Fitted) -> dict:
         "skipped_images": {name: len(entries) for name, entries in data.skipped.items()},
         "skipped_image_examples": {name: entries[:20] for name, entries in data.skipped.items()},
         "resized_on_device": built.device_step is not None,  # what `resize_on_device: auto` decided
-        "inference_precision": built.precision.as_dict() if built.precision else None,  # what `inference_precision: auto` decided
+        "inference_precision": built.precision.as_dict(),  # what `inference_precision: auto` decided
         "optimizer": describe_optimizer(trainer.optimizer),
         "lr_scheduler": describe_schedule(built.args, trainer.lr_scheduler, trainer.state.max_steps),
         "early_stopping": early_stopping.summary() if early_stopping else None,

@@ -228,6 +228,9 @@ def test_a_runs_feature_store_gives_the_same_features_from_the_cache(planted, ca
     for split in ("train", "validation", "test"):
         assert np.array_equal(found[split][0], alone[split][0]) and np.array_equal(found[split][1], alone[split][1])
     assert store.views == 2 and store.summary["splits"] == {}  # the run's store keeps its views and its own record
+    fp32 = copy.deepcopy(recipe)
+    fp32.run.inference_precision = "fp32"
+    assert doctor_store(fp32, data, model, (train_transform, eval_transform), args).precision.dtype == "fp32", "the recipe's choice"
 
 
 def test_diagnose_on_features_alone_and_small_classes(planted):
