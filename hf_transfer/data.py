@@ -132,12 +132,7 @@ class DatasetError(HFTransferError, ValueError):
 def load_image_dataset(args: DataArguments, seed: int = 42) -> PreparedData:
     raw = _load(args)
     train = raw[args.train_split]
-    image_column = args.image_column or _find_column(train.features, datasets.Image, _PREFERRED_IMAGE_COLUMNS, "image", args)
-    label_column = args.label_column or _find_column(train.features, datasets.ClassLabel, _PREFERRED_LABEL_COLUMNS, "label", args)
-    for kind, column in (("image", image_column), ("label", label_column)):
-        if column not in train.features:
-            raise DatasetError(f"Dataset '{args.dataset}' has no column '{column}' (it has {list(train.features)}). Set `{kind}_column` to one of them.")
-    _check_label_feature(train.features, label_column)
+    image_column, label_column = find_columns(train.features, args)
     labels = train.features[label_column].names
 
     _check_label_values({"train": train}, label_column, labels)  # before the stratified carving trips over a bad label
@@ -149,11 +144,29 @@ def load_image_dataset(args: DataArguments, seed: int = 42) -> PreparedData:
     })
     _check_label_values(splits, label_column, labels)
     splits = splits.cast_column(image_column, datasets.Image(decode=False))
+    splits, skipped = readable(splits, image_column, args)
+    return PreparedData(splits, labels, image_column, label_column, skipped)
+
+
+def find_columns(features: datasets.Features, args: DataArguments) -> tuple[str, str]:
+    """The image and label columns: as the recipe names them, else found by feature type; the label must be a ClassLabel."""
+    image_column = args.image_column or _find_column(features, datasets.Image, _PREFERRED_IMAGE_COLUMNS, "image", args)
+    label_column = args.label_column or _find_column(features, datasets.ClassLabel, _PREFERRED_LABEL_COLUMNS, "label", args)
+    for kind, column in (("image", image_column), ("label", label_column)):
+        if column not in features:
+            raise DatasetError(f"Dataset '{args.dataset}' has no column '{column}' (it has {list(features)}). Set `{kind}_column` to one of them.")
+    _check_label_feature(features, label_column)
+    return image_column, label_column
+
+
+def readable(splits: datasets.DatasetDict, image_column: str, args: DataArguments) -> tuple[datasets.DatasetDict, dict[str, list[str]]]:
+    """`splits` without their unreadable images (or an error listing them, `skip_unreadable_images: false`), and the
+    names of those skipped per split; every split must keep at least one image."""
     splits, skipped = _drop_unreadable(splits, image_column, args.skip_unreadable_images, _local_root(args.dataset))
     for name, split in splits.items():
         if len(split) == 0:
             raise DatasetError(f"The {name} split has no usable images ({len(skipped[name])} were unreadable). Give it readable images.")
-    return PreparedData(splits, labels, image_column, label_column, skipped)
+    return splits, skipped
 
 
 def _load(args: DataArguments) -> datasets.DatasetDict:

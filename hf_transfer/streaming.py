@@ -27,20 +27,18 @@ from datasets.distributed import split_dataset_by_node
 from transformers import TrainerCallback
 
 from .data import (
-    _PREFERRED_IMAGE_COLUMNS,
     _PREFERRED_LABEL_COLUMNS,
     DataArguments,
     DatasetError,
     PreparedData,
-    _check_label_feature,
     _check_label_values,
-    _drop_unreadable,
     _existing_split,
-    _find_column,
     _local_root,
     collate,
     file_builder,
+    find_columns,
     folder_builder,
+    readable,
     shareable_name,
 )
 from .errors import HFTransferError
@@ -145,13 +143,8 @@ def load_streaming_dataset(args: DataArguments) -> StreamingData:
             "dataset whose features are known (a Hub or parquet export with a ClassLabel column, or an image folder), "
             "or turn `streaming` off."
         )
-    image_column = args.image_column or _find_column(features, datasets.Image, _PREFERRED_IMAGE_COLUMNS, "image", args)
     _require_class_label(features, args)
-    label_column = args.label_column or _find_column(features, datasets.ClassLabel, _PREFERRED_LABEL_COLUMNS, "label", args)
-    for kind, column in (("image", image_column), ("label", label_column)):
-        if column not in features:
-            raise DatasetError(f"Dataset '{args.dataset}' has no column '{column}' (it has {list(features)}). Set `{kind}_column` to one of them.")
-    _check_label_feature(features, label_column)
+    image_column, label_column = find_columns(features, args)
     labels = features[label_column].names
     schema = datasets.Features({image_column: datasets.Image(decode=False), label_column: features[label_column]})
 
@@ -161,10 +154,7 @@ def load_streaming_dataset(args: DataArguments) -> StreamingData:
     train = undecoded(train)
     splits, carved = _evaluation_splits(raw, args, train, undecoded, schema)
     _check_label_values(splits, label_column, labels)
-    splits, skipped = _drop_unreadable(splits, image_column, args.skip_unreadable_images, _local_root(args.dataset))
-    for name, split in splits.items():
-        if len(split) == 0:
-            raise DatasetError(f"The {name} split has no usable images ({len(skipped[name])} were unreadable). Give it readable images.")
+    splits, skipped = readable(splits, image_column, args)
     skipped["train"] = []
     return StreamingData(splits, labels, image_column, label_column, skipped, train=train,
                          carved=frozenset(image_key(row[image_column]) for row in carved),
