@@ -67,28 +67,38 @@ def _exit_on_user_error(function, *args):
         sys.exit(130)  # only if the signal has not ended the process yet
 
 
-def run_training(argv: list[str] | None = None) -> dict:
-    """`recipes/finetune.py` and `hf-transfer train`: parse the recipe and run the flow."""
+def _recipe_or_help(argv: list[str], usage: str, sections: tuple):
+    """The recipe `argv` gives, with logging set up for this process; with no arguments or -h/--help, `usage` and the
+    options of `sections`, then exit (2 when nothing was given)."""
     from transformers import HfArgumentParser
 
+    from .recipe import parse_recipe
+
+    if not argv or "-h" in argv or "--help" in argv:
+        print(usage)
+        HfArgumentParser(sections).print_help()
+        sys.exit(0 if argv else 2)
+    recipe = _exit_on_user_error(parse_recipe, argv)
+    setup_logging(recipe.training.process_index == 0)
+    return recipe
+
+
+def run_training(argv: list[str] | None = None) -> dict:
+    """`recipes/finetune.py` and `hf-transfer train`: parse the recipe and run the flow."""
     from .data import DataArguments
     from .doctor_options import DoctorArguments
     from .freezing import FreezeArguments
     from .hub import share_run
     from .models import ModelArguments
-    from .recipe import TRAINING_DEFAULTS, RunArguments, parse_recipe, parser
+    from .recipe import TRAINING_DEFAULTS, RunArguments, parser
     from .training import run
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--help-all" in argv:
         parser().print_help()
         sys.exit(0)
-    if not argv or "-h" in argv or "--help" in argv:
-        print(TRAIN_USAGE.format(defaults=", ".join(f"{k}={v}" for k, v in TRAINING_DEFAULTS.items())))
-        HfArgumentParser((DataArguments, ModelArguments, FreezeArguments, RunArguments, DoctorArguments)).print_help()
-        sys.exit(0 if argv else 2)
-    recipe = _exit_on_user_error(parse_recipe, argv)
-    setup_logging(recipe.training.process_index == 0)
+    usage = TRAIN_USAGE.format(defaults=", ".join(f"{k}={v}" for k, v in TRAINING_DEFAULTS.items()))
+    recipe = _recipe_or_help(argv, usage, (DataArguments, ModelArguments, FreezeArguments, RunArguments, DoctorArguments))
     results = _exit_on_user_error(run, recipe)
     _exit_on_user_error(share_run, recipe.training)
     return results
@@ -113,19 +123,10 @@ a training run whose features are cached runs the same check first (`data_doctor
 
 def doctor_command(argv: list[str]) -> dict:
     """`hf-transfer doctor RECIPE.yaml [--key value ...]`."""
-    from transformers import HfArgumentParser
-
     from .doctor import run_doctor
     from .doctor_options import DoctorArguments
-    from .recipe import parse_recipe
 
-    if not argv or "-h" in argv or "--help" in argv:
-        print(DOCTOR_USAGE)
-        HfArgumentParser(DoctorArguments).print_help()
-        sys.exit(0 if argv else 2)
-    recipe = _exit_on_user_error(parse_recipe, argv)
-    setup_logging(recipe.training.process_index == 0)
-    return _exit_on_user_error(run_doctor, recipe)
+    return _exit_on_user_error(run_doctor, _recipe_or_help(argv, DOCTOR_USAGE, (DoctorArguments,)))
 
 
 def demo_command(args: argparse.Namespace) -> None:
