@@ -132,7 +132,8 @@ def test_where_did_it_look_draws_the_map_over_the_upload(page, tmp_path):
 
 def test_examples_come_from_the_test_split_and_classify_on_click(page):
     examples = page.locator("button.gallery-item img")
-    assert examples.count() == 4  # two per class
+    # The gallery renders after the upload box; count() would read it before it exists on a loaded machine.
+    expect(examples).to_have_count(4, timeout=20_000)  # two per class
     examples.first.click()
     top_label = page.locator("[data-testid=label-output-value]")
     top_label.wait_for(timeout=20_000)
