@@ -16,14 +16,12 @@ import hf_transfer  # noqa: F401 - first: it sets OMP_WAIT_POLICY (when unset) b
 
 # isort: split
 import argparse
-import os
 import tempfile
 import time
 
-from common import MIRRORS, REPO, report
+from common import MIRRORS, REPO, load_average, offline_logging, report
 from transformers import TrainerCallback
 
-from hf_transfer.cli import setup_logging
 from hf_transfer.recipe import parse_recipe
 from hf_transfer.training import build, fit, write_model_repo
 
@@ -53,8 +51,7 @@ def arguments() -> argparse.Namespace:
 
 def main() -> None:
     options = arguments()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    setup_logging(main_process=True)
+    offline_logging()
     chosen = {**DEFAULTS, "eval_strategy": "steps", "eval_steps": str(options.eval_every), "logging_steps": str(options.eval_every),
               **dict(item.split("=", 1) for item in options.set)}
     with tempfile.TemporaryDirectory() as output_dir:
@@ -74,7 +71,7 @@ def main() -> None:
     report(options.name, "All of CIFAR-10 on this machine: accuracy against wall time", rows, notes=[
         f"{settings}; Lite0 ImageNet weights; wall time from the start of `build` (dataset preparation included)",
         f"test accuracy {results['test_accuracy']:.4f} on {results['split_sizes']['test']} images after {wall / 60:.1f} min "
-        f"(target: >= 0.90 within 30 min); load average at the end {' / '.join(f'{v:.1f}' for v in os.getloadavg())}",
+        f"(target: >= 0.90 within 30 min); load average at the end {load_average()}",
         f"inference precision: {results['inference_precision']['description']}",
     ], columns=["wall_s", "step", "epoch", "validation_accuracy", "test_accuracy"])
 

@@ -36,10 +36,22 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages: how busy the shared machine was around a measurement."""
+    return " / ".join(f"{value:.1f}" for value in os.getloadavg())
+
+
+def offline_logging() -> None:
+    """Read only the local mirrors, and log as `hf-transfer train` does (the freeze plan, the cache's lines)."""
+    from hf_transfer.cli import setup_logging
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    setup_logging(main_process=True)
+
+
 def machine() -> str:
     """One line naming the machine: CPU, cores, torch threads, load, and the GPU if there is one."""
-    load = " / ".join(f"{value:.1f}" for value in os.getloadavg())
-    text = f"{cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, load average {load}"
+    text = f"{cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, load average {load_average()}"
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         text += f"; GPU {props.name} ({props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs, CUDA {torch.version.cuda})"

@@ -22,17 +22,15 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import time
 from pathlib import Path
 
 import datasets
 import numpy as np
-from common import MIRRORS, REPO, VALIDATION_SIZE, report
+from common import MIRRORS, REPO, VALIDATION_SIZE, offline_logging, report
 from PIL import Image
 
 from hf_transfer import doctor, doctor_options
-from hf_transfer.cli import setup_logging
 from hf_transfer.data import PreparedData, load_image_dataset
 from hf_transfer.recipe import parse_recipe
 
@@ -143,8 +141,7 @@ def key(image: dict) -> tuple[str, int]:
 
 def main() -> None:
     options = arguments()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    setup_logging(main_process=True)
+    offline_logging()
     datasets.config.HF_DATASETS_CACHE = options.cache_dir
     rng = np.random.default_rng(options.seed)
     recipe = parse_recipe(

@@ -37,12 +37,11 @@ from pathlib import Path
 
 import datasets
 import torch
-from common import MIRRORS, REPO, VALIDATION_SIZE, device, median, report
+from common import MIRRORS, REPO, VALIDATION_SIZE, device, load_average, median, offline_logging, report
 
 from hf_transfer import feature_store
 from hf_transfer.blocks import discover_blocks
 from hf_transfer.cached_head import head_module
-from hf_transfer.cli import setup_logging
 from hf_transfer.data import load_image_dataset
 from hf_transfer.device_resize import transforms_for_run
 from hf_transfer.images import load_image
@@ -75,10 +74,6 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--cache-dir", default="/tmp/hf_transfer_bench_extraction_cache", help="a datasets cache for this benchmark only")
     parser.add_argument("--name", default="extraction", help="results file: benchmarks/results/<name>.md")
     return parser.parse_args()
-
-
-def load_average() -> str:
-    return " / ".join(f"{value:.1f}" for value in os.getloadavg())
 
 
 # --- part `rates` ----------------------------------------------------------------------------------------------------
@@ -240,8 +235,7 @@ def accuracy(options: argparse.Namespace) -> None:
 
 def main() -> None:
     options = arguments()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    setup_logging(main_process=True)
+    offline_logging()
     {"rates": rates, "round": one_round, "accuracy": accuracy}[options.part](options)
 
 

@@ -28,11 +28,10 @@ import time
 from pathlib import Path
 
 import datasets
-from common import MIRRORS, REPO, VALIDATION_SIZE, Stopwatch, device, report
+from common import MIRRORS, REPO, VALIDATION_SIZE, Stopwatch, device, load_average, offline_logging, report
 
 from hf_transfer import training
 from hf_transfer.cached_head import CHECK_IMAGES
-from hf_transfer.cli import setup_logging
 from hf_transfer.feature_store import cache_root
 from hf_transfer.recipe import parse_recipe
 from hf_transfer.training import run
@@ -87,7 +86,7 @@ def one_run(name: str, mirror: Path, path: str, options: argparse.Namespace) -> 
         shutil.rmtree(cache_root(), ignore_errors=True)  # an empty cache: extraction is timed too
     print(f"\n### {name}: {path} run on {device()} ({mirror})", flush=True)
     figure = FigureClock()
-    load = " / ".join(f"{value:.1f}" for value in os.getloadavg())
+    load = load_average()
     with Stopwatch() as watch, figure:
         results = run(recipe)
     cache = results.get("feature_cache", {})
@@ -138,8 +137,7 @@ class FigureClock:
 
 def main() -> None:
     options = arguments()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    setup_logging(main_process=True)  # the cache's hit / extraction lines
+    offline_logging()
     datasets.config.HF_DATASETS_CACHE = options.cache_dir
     rows, notes = [], []
     for name in options.datasets.split(","):

@@ -28,13 +28,12 @@ a shared machine's cores is left out, so fixed per-step costs can be compared un
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
-from common import alternating_rounds, device, median, report, synchronize
+from common import alternating_rounds, device, load_average, median, report, synchronize
 from torch.utils.data import DataLoader, Dataset
 from transformers import TrainerCallback, get_scheduler
 
@@ -204,7 +203,7 @@ def main() -> None:
     if args.clock == "cpu" and (torch.cuda.is_available() or args.threads != 1):
         parser.error("--clock cpu needs --threads 1 and no GPU: the step must run on the main thread alone")
     torch.set_num_threads(args.threads)
-    load_at_start = " / ".join(f"{load:.1f}" for load in os.getloadavg())
+    load_at_start = load_average()
     torch.backends.cudnn.benchmark = True
 
     labels = [f"class_{index}" for index in range(10)]

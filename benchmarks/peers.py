@@ -55,10 +55,9 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-from common import MIRRORS, REPO, device, report
+from common import MIRRORS, REPO, device, load_average, offline_logging, report
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, Trainer, TrainerCallback, TrainingArguments
 
-from hf_transfer.cli import setup_logging
 from hf_transfer.models import ModelArguments, data_config, load_model, save_model
 from hf_transfer.recipe import parse_recipe
 from hf_transfer.training import build, fit, write_model_repo
@@ -185,7 +184,6 @@ def hf_transfer_run(workdir: Path, name: str, target: float | None, epochs: int)
 
 def one_run(options: argparse.Namespace) -> None:
     """One path in this process; prints its row as `RESULT <json>`."""
-    setup_logging(main_process=True)
     workdir, epochs = Path(options.workdir), options.epochs or EXAMPLE["num_train_epochs"]
     if options.run == "example":
         row = example(workdir, local_model_folder(workdir), epochs)
@@ -196,13 +194,12 @@ def one_run(options: argparse.Namespace) -> None:
 
 def main() -> None:
     options = arguments()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    offline_logging()
     if options.run:
         return one_run(options)
-    setup_logging(main_process=True)
     workdir = Path(options.workdir or tempfile.mkdtemp(prefix="hf_transfer_peers_"))
     epochs = options.epochs or EXAMPLE["num_train_epochs"]
-    load_start = " / ".join(f"{value:.1f}" for value in os.getloadavg())
+    load_start = load_average()
     rows, target = [], None
     for path in options.paths.split(","):
         print(f"\n### {path}", flush=True)
@@ -217,7 +214,7 @@ def main() -> None:
         row = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
         if path == "example":
             target = row["test_accuracy"]
-        row["load"] = " / ".join(f"{value:.1f}" for value in os.getloadavg())
+        row["load"] = load_average()
         row["OMP_WAIT_POLICY"] = policy or "not set"
         rows.append(row)
         print(row, flush=True)

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-from common import MIRRORS, REPO, report
+from common import MIRRORS, REPO, load_average, report
 
 PARQUET = {"cifar10": MIRRORS["cifar10"] / "plain_text", "cats_vs_dogs": MIRRORS["cats_vs_dogs"] / "data"}  # the splits' files
 RUNS = ("map-style", "stream x1", "stream x2")
@@ -103,7 +103,7 @@ def one_run(run: str, dataset: Path, options: argparse.Namespace) -> dict:
     if processes > 1:
         env["OMP_NUM_THREADS"] = "1"  # 2 processes x 1 thread: the threads one process uses on a 2-core machine
     env.pop("HF_TRANSFER_DEBUG", None)
-    load = " / ".join(f"{value:.1f}" for value in os.getloadavg())
+    load = load_average()
     print(f"\n### {options.dataset}: {run}", flush=True)
     started = time.perf_counter()
     result = subprocess.run(command(run, dataset, output_dir, options), check=False, cwd=REPO, env=env, capture_output=True, text=True)

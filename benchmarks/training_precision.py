@@ -26,10 +26,9 @@ import time
 import datasets
 import overhead
 import torch
-from common import MIRRORS, VALIDATION_SIZE, alternating_rounds, device, median, report
+from common import MIRRORS, VALIDATION_SIZE, alternating_rounds, device, load_average, median, offline_logging, report
 from overhead import Images, TrainerPath
 
-from hf_transfer.cli import setup_logging
 from hf_transfer.recipe import parse_recipe
 from hf_transfer.training import run
 
@@ -106,7 +105,7 @@ def accuracy(options: argparse.Namespace) -> None:
                 learning_rate=options.lr, per_device_train_batch_size=options.batch_size, image_size=options.image_size, bf16=bf16, **CPU,
                 save_strategy="no", load_best_model_at_end=False, output_dir=output_dir, disable_tqdm=True, seed=42,
             )
-            load = " / ".join(f"{value:.1f}" for value in os.getloadavg())
+            load = load_average()
             started = time.perf_counter()
             results = run(recipe)
             rows.append({"training": "bf16 autocast" if bf16 else "fp32", "freeze": options.freeze,
@@ -125,8 +124,7 @@ def accuracy(options: argparse.Namespace) -> None:
 
 def main() -> None:
     options = arguments()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    setup_logging(main_process=True)
+    offline_logging()
     steps(options) if options.part == "steps" else accuracy(options)
 
 
