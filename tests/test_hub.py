@@ -280,6 +280,36 @@ def test_dataset_repo_loads_with_load_dataset(hub, tmp_path):
     assert ("dataset", "user/cats-dogs-mini") in hub.repos and ("model", "user/cats-dogs-mini") not in hub.repos
 
 
+def test_a_hub_dataset_streams_without_being_downloaded(hub, tmp_path):
+    folder = tmp_path / "cats-dogs-stream" / "data"
+    folder.mkdir(parents=True)
+    train = pq.read_table(SAMPLE / "data" / "train-00000-of-00001.parquet").slice(0, 24)
+    for shard in range(2):
+        pq.write_table(train.slice(12 * shard, 12), folder / f"train-0000{shard}-of-00002.parquet")
+    pq.write_table(pq.read_table(SAMPLE / "data" / "test-00000-of-00001.parquet").slice(0, 6), folder / "test-00000-of-00001.parquet")
+    streamed = run_client(hub, """
+        import os
+        from huggingface_hub import HfApi
+        from hf_transfer.data import DataArguments
+        from hf_transfer.streaming import load_streaming_dataset
+        api = HfApi()
+        api.create_repo("user/cats-dogs-stream", repo_type="dataset")
+        api.upload_folder(folder_path=params["folder"], repo_id="user/cats-dogs-stream", repo_type="dataset")
+        data = load_streaming_dataset(DataArguments(dataset="user/cats-dogs-stream", streaming=True, validation_size=4))
+        stream = iter(data.train_stream(lambda image: list(image.getdata())[:64], 0, 1, restore_position=True))
+        first_pass = [next(stream) for _ in range(20)]  # 24 photos less the 4 carved for validation
+        report({"sizes": data.sizes, "labels": data.labels, "distinct": len({str(e["pixel_values"]) for e in first_pass}),
+                "train_labels": sorted(e["labels"] for e in first_pass),
+                "downloaded": [name for root, _, names in os.walk(os.environ["HF_HOME"]) for name in names
+                               if name.endswith(".parquet") or os.path.basename(root) == "blobs"]})
+    """, tmp_path / "home", folder=str(folder.parent))
+    assert streamed["sizes"] == {"train": None, "validation": 4, "test": 6} and streamed["labels"] == ["cat", "dog"]
+    assert streamed["distinct"] == 20 and streamed["train_labels"] == sorted(train.column("labels").to_pylist()[4:])
+    assert streamed["downloaded"] == [], "read over HTTP as it trains, never copied into the cache"
+    parquet_reads = [r for r in hub.requests if "cats-dogs-stream/resolve" in r["path"] and r["path"].endswith(".parquet")]
+    assert parquet_reads and all(r["status"] in (200, 206) for r in parquet_reads)
+
+
 def test_token_never_leaves_the_client(hub, pushed, run_dir, tmp_path):  # noqa: F811
     # Every blob the Hub stored (model, card, logs, plots) and every pushed local file is free of the token.
     for blob in (hub.storage / "objects").iterdir():
