@@ -1,7 +1,8 @@
 """All of CIFAR-10 on the CPU against the clock: the accuracy an end-to-end run reaches, and when.
 
 Runs `recipes/cifar10.yaml` on the CIFAR-10 mirror (45,000 train / 5,000 validation / 10,000 test) with the options
-given on the command line (default: Lite0 fine-tuned `full` at 128 px in bf16 autocast + channels_last, 2 epochs),
+given on the command line (default: Lite0 fine-tuned `full` at 128 px in bf16 autocast + channels_last, 2.6 epochs: the
+settings that reached 90.0% in 27.6 minutes),
 evaluating on the validation split every `--eval-every` steps, and records wall time from the start (data loading
 included) at every evaluation: the curve of accuracy against time, then the test accuracy of the final model.
 The issue's stretch target on the 2-core CPU: >= 90% test accuracy within 30 minutes end to end.
@@ -25,7 +26,7 @@ from transformers import TrainerCallback
 from hf_transfer.recipe import parse_recipe
 from hf_transfer.training import build, fit, write_model_repo
 
-DEFAULTS = {"freeze": "full", "image_size": "128", "bf16": "true", "use_cpu": "true", "num_train_epochs": "2", "learning_rate": "1e-3",
+DEFAULTS = {"freeze": "full", "image_size": "128", "bf16": "true", "use_cpu": "true", "num_train_epochs": "2.6", "learning_rate": "1e-3",
             "per_device_train_batch_size": "64", "warmup_steps": "70", "lr_scheduler_type": "cosine",
             "save_strategy": "no", "load_best_model_at_end": "false", "data_doctor": "false", "augmentation": "default"}
 
@@ -44,7 +45,7 @@ class Clock(TrainerCallback):
 def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a recipe option over the defaults")
-    parser.add_argument("--eval-every", type=int, default=250, help="optimizer steps between validation evaluations")
+    parser.add_argument("--eval-every", type=int, default=500, help="optimizer steps between validation evaluations")
     parser.add_argument("--name", default="cifar10_cpu", help="results file: benchmarks/results/<name>.md")
     return parser.parse_args()
 
