@@ -48,6 +48,13 @@ def shards(folder: Path, train_images: int = 112) -> str:
     return str(folder)
 
 
+@pytest.fixture(autouse=True)
+def no_pause_when_a_stream_closes(monkeypatch):
+    # datasets sleeps 5 s whenever a parquet stream closes (a pass ends, a loop breaks), against an Arrow crash at
+    # interpreter exit (config.SLEEP_TIME_ON_THREADS_SHUTDOWN); this process lives on, so its tests skip the pause.
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
+
+
 def _environment(tmp_path: Path) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "datasets")}
     env.pop("HF_TRANSFER_DEBUG", None)
