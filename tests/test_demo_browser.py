@@ -19,6 +19,9 @@ from hf_transfer.demo import start_demo
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CAT = Path(__file__).parent / "fixtures" / "cat.jpg"
 ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS_DIR", REPO_ROOT / "test-artifacts"))
+# How long the page may take to show something: generous, as CI runs on a shared machine that once rendered
+# the example gallery late.
+WAIT_MS = 30_000
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 
@@ -54,7 +57,7 @@ def page(browser, demo):
 def _upload(page: Page, upload: Path) -> None:
     page.set_input_files("input[type=file]", str(upload))
     # Uploaded: the preview now shows the server's copy of this file.
-    page.locator(f'#input-image img[src$="/{upload.name}"]').wait_for(timeout=10_000)
+    page.locator(f'#input-image img[src$="/{upload.name}"]').wait_for(timeout=WAIT_MS)
 
 
 def _submit(page: Page, upload: Path | None) -> None:
@@ -66,7 +69,7 @@ def _submit(page: Page, upload: Path | None) -> None:
 def _error_message(page: Page, phrase: str) -> str:
     """The text of the error toast that contains `phrase`, once it has faded in completely."""
     toast = page.get_by_test_id("toast-text").filter(has_text=phrase)
-    expect(toast).to_be_visible(timeout=10_000)  # Playwright counts opacity 0 as visible
+    expect(toast).to_be_visible(timeout=WAIT_MS)  # Playwright counts opacity 0 as visible
     page.wait_for_function("toast => getComputedStyle(toast.closest('[data-testid=toast-body]')).opacity === '1'",
                            arg=toast.element_handle())
     return toast.inner_text()
@@ -87,7 +90,7 @@ def test_cat_photo_then_corrupt_file(page, quickstart_model_dir, tmp_path):
 
     _submit(page, CAT)
     top_label = page.locator("[data-testid=label-output-value]")
-    top_label.wait_for(timeout=20_000)
+    top_label.wait_for(timeout=WAIT_MS)
     assert top_label.inner_text() == "cat"
     meter = page.locator("[data-testid=cat-confidence-set] meter")
     confidence = float(meter.get_attribute("value"))
@@ -109,12 +112,12 @@ def test_where_did_it_look_draws_the_map_over_the_upload(page, tmp_path):
 
     _submit(page, CAT)
     top_label = page.locator("[data-testid=label-output-value]")
-    top_label.wait_for(timeout=20_000)
+    top_label.wait_for(timeout=WAIT_MS)
     drawn = page.locator("#explanation img")
     assert drawn.count() == 0  # Classify alone computes no map: the plain prediction stays as fast as before
 
     page.click("#explain-button")
-    drawn.wait_for(timeout=20_000)
+    drawn.wait_for(timeout=WAIT_MS)
     assert drawn.get_attribute("src").endswith(".png")
     page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=drawn.element_handle())
     with Image.open(CAT) as photo:
@@ -133,10 +136,10 @@ def test_where_did_it_look_draws_the_map_over_the_upload(page, tmp_path):
 def test_examples_come_from_the_test_split_and_classify_on_click(page):
     examples = page.locator("button.gallery-item img")
     # The gallery renders after the upload box; count() would read it before it exists on a loaded machine.
-    expect(examples).to_have_count(4, timeout=20_000)  # two per class
+    expect(examples).to_have_count(4, timeout=WAIT_MS)  # two per class
     examples.first.click()
     top_label = page.locator("[data-testid=label-output-value]")
-    top_label.wait_for(timeout=20_000)
+    top_label.wait_for(timeout=WAIT_MS)
     assert top_label.inner_text() in {"cat", "dog"}
 
 
