@@ -34,14 +34,14 @@ def test_bad_recipe_gives_its_one_line_error(case, tmp_path, monkeypatch, capsys
     assert [path.name for path in tmp_path.iterdir()] == (["recipe.yaml"] if case.recipe is not None else [])
 
 
-def test_alias_bomb_is_refused_in_well_under_a_second(tmp_path):
+def test_alias_bomb_is_refused_at_once(tmp_path):
     bomb = tmp_path / "bomb.yaml"
     bomb.write_text(f"dataset: {SAMPLE}\nlabel_names:\n{alias_bomb()}")
     assert bomb.stat().st_size < 1000  # and it would expand to 10**9 strings
     start = time.perf_counter()
     with pytest.raises(RecipeError, match="expands to more than 10,000 values"):
         load_yaml(bomb)
-    assert time.perf_counter() - start < 0.5
+    assert time.perf_counter() - start < 5  # milliseconds when refused; expanding 10**9 strings would take minutes
 
 
 def test_anchors_aliases_and_merge_keys_still_work(tmp_path):
