@@ -32,8 +32,7 @@ FREEZES = {
     "staged": ["--freeze", "staged", "--batchnorm", "frozen", "--stages", "[{at_step: 0, train: head}, {at_step: 3, train: 'last_n:2'}]"],
     "full": ["--freeze", "full", "--learning_rate", "0.01"],
 }
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--mixed_precision", "no",
-          "--dynamo_backend", "no"]
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +58,7 @@ def _options(model_dir: Path, freeze: str, *extra: str) -> list[str]:
 
 def one_machine(tmp_path: Path, options: list[str]) -> Path:
     out = tmp_path / "one" / "out"
-    launch = [*LAUNCH, "--num_machines", "1", "--main_process_port", str(_free_port())]  # other runs may hold 29500
+    launch = [*LAUNCH, "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(_free_port())]  # other runs may hold 29500
     result = subprocess.run([*launch, FINETUNE, *options, "--output_dir", str(out)], check=False, cwd=REPO,
                             env=_env(tmp_path / "one"), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
@@ -68,12 +67,17 @@ def one_machine(tmp_path: Path, options: list[str]) -> Path:
 
 def launch_two_machines(tmp_path: Path, options: list[str], shared: bool) -> tuple[list[Path], list[int], list[str]]:
     """Launch machine ranks 0 and 1 at once: each machine's output folder (the same one when `shared`), exit codes, logs."""
-    port, homes = _free_port(), [tmp_path / ("shared" if shared else f"machine{rank}") for rank in range(2)]
-    machines = []
+    return launch_machines(options, [tmp_path / ("shared" if shared else f"machine{rank}") for rank in range(2)])
+
+
+def launch_machines(options: list[str], homes: list[Path]) -> tuple[list[Path], list[int], list[str]]:
+    """One machine per home, one process each, launched at once; a home named twice is a disk those machines share."""
+    port, machines = _free_port(), []
     for rank, home in enumerate(homes):
         home.mkdir(exist_ok=True)  # a machine's own disk exists before the run; only its sub-folders are made by it
-        launch = [*LAUNCH, "--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
-                  "--main_process_port", str(port), FINETUNE, *options, "--output_dir", str(home / "out")]
+        launch = [*LAUNCH, "--num_processes", str(len(homes)), "--num_machines", str(len(homes)), "--machine_rank", str(rank),
+                  "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), FINETUNE, *options,
+                  "--output_dir", str(home / "out")]
         machines.append(subprocess.Popen(launch, cwd=REPO, env=_env(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = []
     try:
@@ -192,3 +196,14 @@ def test_save_on_each_node_with_a_shared_output_folder_is_refused(tmp_path, mode
         assert ("\n" + log).count("\nerror: `save_on_each_node: true`, but") == 1 and "shared by all 2 machines" in log, log[-3000:]
         assert "[rank0]: Traceback" not in log and "[rank1]: Traceback" not in log, "one line, no traceback"
     assert not out.exists(), "refused before anything was written"
+
+
+def test_an_output_folder_shared_by_some_machines_but_not_all_is_refused(tmp_path, model_dir):
+    options = _options(model_dir, "full", "--max_steps", "1")
+    shared, own = tmp_path / "shared", tmp_path / "machine2"
+    outs, codes, logs = launch_machines(options, [shared, shared, own])  # machines 0 and 1 share a disk, machine 2 has its own
+    assert codes == [1, 1, 1], logs
+    for log in logs:
+        assert ("\n" + log).count("\nerror: ") == 1 and "is shared by some of the 3 machines but not all (2 separate copies)" in log, log[-3000:]
+        assert not any(f"[rank{rank}]: Traceback" in log for rank in range(3)), "one line, no traceback from the run"
+    assert not any(out.exists() for out in outs), "refused before anything was written"
