@@ -1,5 +1,6 @@
 """Two 'machines' on one host: `accelerate launch --num_machines 2 --machine_rank {0,1}`, one CPU process each (gloo),
-with node-local caches and output folders (each machine its own) or one shared set, against a one-machine run.
+with node-local caches and output folders (each machine its own) or one shared set, against a one-machine run; and
+three, two of them sharing a folder, which is refused.
 
 The quickstart recipe with a random-init test EfficientNet at 32 px: head_only (on the feature cache), staged (a
 cached head stage, then images) and full fine-tuning. Two processes on one machine or on two see the same batches, so
