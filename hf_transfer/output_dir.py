@@ -8,6 +8,7 @@ leaves the folder locked, and a second run into the folder is refused while the 
 
 from __future__ import annotations
 
+import copy
 import errno
 import fcntl
 import fnmatch
@@ -287,11 +288,10 @@ def holding_output_dir(run):
 
     @functools.wraps(run)
     def locked_run(recipe):
-        args = recipe.training
+        args = copy.copy(recipe.training)  # the recipe stays as given
         output_dir = Path(args.output_dir)
-        node_local = output_is_node_local(output_dir, args.save_on_each_node)  # every process asks, before anything is made
-        writes = args.local_process_index == 0 if node_local else args.process_index == 0  # as TrainingArguments.should_save
-        lock = OutputDirLock(output_dir) if writes else None  # the process that publishes the model
+        args.save_on_each_node = output_is_node_local(output_dir, args.save_on_each_node)  # every process asks, before anything is made
+        lock = OutputDirLock(output_dir) if args.should_save else None  # the process that publishes the model
         finished = False
         try:
             if lock is not None:
