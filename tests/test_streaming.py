@@ -4,6 +4,7 @@ and what is refused."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -99,6 +100,23 @@ def test_two_ranks_read_disjoint_shards_and_skip_the_carved_images(tmp_path):
     assert len(served[0] | served[1]) == 103, "every photo once, less the 8 carved and the unreadable one"
     carved = {image_key(cell) for cell in data.splits["validation"]["image"]}
     assert carved == data.carved and len(carved) == 8
+
+
+def test_the_shuffle_buffer_size_sets_how_far_ahead_an_image_can_be_drawn(tmp_path):
+    dataset = shards(tmp_path / "shards", train_images=24)
+    identify = lambda image: hashlib.sha256(image.tobytes()).hexdigest()[:12]  # noqa: E731 - the decoded pixels name the photo
+
+    def first_pass(buffer: int) -> list[str]:
+        data = load_streaming_dataset(DataArguments(dataset=dataset, streaming=True, validation_size=4, shuffle_buffer_size=buffer))
+        stream = iter(data.train_stream(identify, 0, 1, restore_position=True))
+        return [next(stream)["pixel_values"] for _ in range(19)]  # 24 photos less the 4 carved and the unreadable one
+
+    passes = {buffer: first_pass(buffer) for buffer in (1, 4, 32)}
+    stream_order = {image: position for position, image in enumerate(passes[1])}  # a buffer of one hands out the stream as read
+    assert len(stream_order) == 19 and all(sorted(order) == sorted(passes[1]) for order in passes.values())
+    earlier = {buffer: max(stream_order[image] - position for position, image in enumerate(order)) for buffer, order in passes.items()}
+    assert passes[4] != passes[1] and earlier[4] <= 3, "an image leaves a buffer of 4 at most 3 places before it was read"
+    assert earlier[32] > 3, "a buffer larger than the pass can hand out any image first"
 
 
 def test_named_validation_and_test_splits_leave_the_whole_stream_to_train_on(tmp_path):
