@@ -10,8 +10,11 @@ import platform
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from scipy.stats import binomtest
 
+from . import escape
 from .plots import plot_confusion_matrix, plot_training_curves, training_log
 from .repo_files import CONFUSION_PNG, CURVES_PNG, DATA_REPORT, DATA_SUSPECTS_PNG, EXPLANATIONS_PNG, MODEL_CARD, RunFiles
 
@@ -22,7 +25,41 @@ def _table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+class _Shown(str):
+    """A cell's text already escaped for Markdown (`escape.markdown`): `_cell` takes it as it is."""
+
+
+def _untrusted(value):
+    """value with every string in it escaped for a table cell: names and paths from the data, the recipe or a model
+    folder made elsewhere."""
+    if isinstance(value, str):
+        return _Shown(escape.markdown(value))
+    if isinstance(value, (list, tuple)):
+        return [_untrusted(v) for v in value]
+    if isinstance(value, dict):
+        return {_untrusted(k): _untrusted(v) for k, v in value.items()}
+    return value
+
+
+def _hub_link(repo_id: str, kind: str = "") -> str:
+    """A Hub id as a link to its page; anything that is not a valid Hub id as a code span."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        return escape.markdown_code(repo_id)
+    return f"[{escape.markdown(repo_id)}](https://huggingface.co/{kind}{repo_id})"
+
+
+def _dataset_text(run: RunFiles) -> str:
+    identifier, on_hub = run.dataset
+    if on_hub:
+        return _hub_link(identifier, "datasets/")
+    return f"the local dataset folder {escape.markdown_code(identifier)}" if identifier != "unknown" else "an unrecorded dataset"
+
+
 def _cell(value) -> str:
+    if isinstance(value, _Shown):
+        return value
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, (list, tuple)):
@@ -84,13 +121,14 @@ def _summary(run: RunFiles, repo_id: str | None, data: ModelCardData) -> str:
     labels, results = run.labels, run.results
     requested = str(run.run_config.get("model", {}).get("model") or "")
     if data.base_model:
-        origin = f"fine-tuned from [{data.base_model}](https://huggingface.co/{data.base_model})"
+        origin = f"fine-tuned from {_hub_link(data.base_model)}"
     elif run.run_config.get("model", {}).get("pretrained") is False:
-        origin = f"trained from a random initialisation of `{run.architecture}`"
+        origin = f"trained from a random initialisation of {escape.markdown_code(run.architecture)}"
     elif requested and Path(requested).is_dir():
-        origin = f"fine-tuned from the local model folder `{Path(requested).name}` (`{run.architecture}`)"
+        origin = (f"fine-tuned from the local model folder {escape.markdown_code(Path(requested).name)} "
+                  f"({escape.markdown_code(run.architecture)})")
     else:
-        origin = f"fine-tuned from `{run.architecture}` (its pretrained checkpoint was not recorded)"
+        origin = f"fine-tuned from {escape.markdown_code(run.architecture)} (its pretrained checkpoint was not recorded)"
     n_test = (results.get("split_sizes") or {}).get("test")
     scored = f" on {n_test} held-out test images" if n_test else " on the held-out test split"
     source = repo_id or str(run.location)
@@ -106,9 +144,9 @@ def _summary(run: RunFiles, repo_id: str | None, data: ModelCardData) -> str:
                     "```python", "import timm", "",
                     f'model = timm.create_model("{timm_source}", pretrained=True)', "```"]
     return "\n".join([
-        f"# {data.model_name}", "",
-        f"An image classifier for {len(labels)} classes ({', '.join(labels)}), {origin} "
-        f"on {run.dataset_text} with hf_transfer "
+        f"# {escape.markdown(data.model_name)}", "",
+        f"An image classifier for {len(labels)} classes ({', '.join(map(escape.markdown, labels))}), {origin} "
+        f"on {_dataset_text(run)} with hf_transfer "
         f"(freeze strategy: `{(run.freeze_plan or {}).get('strategy', 'not recorded')}`).", "",
         f"**Test accuracy {results['test_accuracy']:.2%}, macro-F1 {results['test_f1']:.4f}**{scored}.", "",
         "## How to use", "", *snippet,
@@ -122,12 +160,12 @@ def _data_section(run: RunFiles) -> str:
     # A streamed train split has no size (None): its images are read as training goes.
     rows = [[split, "streamed" if sizes.get(split, 0) is None else sizes.get(split), skipped.get(split, 0)]
             for split in ("train", "validation", "test")]
-    lines = ["## Training data", "", f"Dataset: {run.dataset_text}.", "",
+    lines = ["## Training data", "", f"Dataset: {_dataset_text(run)}.", "",
              _table(["split", "images used", "skipped as unreadable"], rows), "",
-             f"Classes ({len(run.labels)}): " + ", ".join(f"`{label}`" for label in run.labels) + "."]
+             f"Classes ({len(run.labels)}): " + ", ".join(map(escape.markdown_code, run.labels)) + "."]
     total_skipped = sum(skipped.values())
     if total_skipped:
-        listing = "; ".join(f"{split}: {', '.join(map(str, names[:5]))}" for split, names in examples.items() if names)
+        listing = "; ".join(f"{split}: {', '.join(map(escape.markdown, names[:5]))}" for split, names in examples.items() if names)
         lines += ["", f"{total_skipped} image(s) could not be decoded and were left out" +
                   (f" (e.g. {listing})." if listing else ".")]
     else:
@@ -173,11 +211,11 @@ def _preprocessing_section(run: RunFiles) -> str:
     if run.is_timm:
         cfg = run.config.get("pretrained_cfg") or {}
         rows += [["input size", run.image_size and f"{run.image_size[0]} x {run.image_size[1]}"],
-                 ["resize interpolation", cfg.get("interpolation")], ["crop fraction", cfg.get("crop_pct")],
+                 ["resize interpolation", _untrusted(cfg.get("interpolation"))], ["crop fraction", cfg.get("crop_pct")],
                  ["normalisation mean", cfg.get("mean")], ["normalisation std", cfg.get("std")]]
     elif run.preprocessor:
         proc = run.preprocessor
-        rows += [["image processor", proc.get("image_processor_type")],
+        rows += [["image processor", _untrusted(proc.get("image_processor_type"))],
                  ["input size", run.image_size and f"{run.image_size[0]} x {run.image_size[1]}"],
                  ["normalisation mean", proc.get("image_mean")], ["normalisation std", proc.get("image_std")]]
     data_args = run.run_config.get("data", {})
@@ -283,7 +321,7 @@ def _without_local_folders(value):
 
 def _hyperparameters_section(run: RunFiles) -> str:
     """The resolved recipe (run_config.json): data, model and Trainer settings; unset ones are left out."""
-    rows = [[section, key, _without_local_folders(value)] for section in ("data", "model", "training")
+    rows = [[section, key, _untrusted(_without_local_folders(value))] for section in ("data", "model", "training")
             for key, value in (run.run_config.get(section) or {}).items()
             if value is not None and "token" not in key.lower()]
     if not rows:
@@ -315,7 +353,7 @@ def _results_section(run: RunFiles) -> str:
         per_class = run.report["per_class"]
         lines += ["", "Per class (test split):", "",
                   _table(["class", "precision", "recall", "F1", "test images"],
-                         [[label, m["precision"], m["recall"], m["f1"], m["support"]]
+                         [[_untrusted(label), m["precision"], m["recall"], m["f1"], m["support"]]
                           for label, m in per_class.items()])]
     if (run.dir / CONFUSION_PNG).is_file():
         lines += ["", f"![Confusion matrix on the test split]({CONFUSION_PNG})"]
@@ -373,12 +411,12 @@ def _limitations_section(run: RunFiles) -> str:
     if run.report:
         per_class = run.report["per_class"]
         worst = min(per_class, key=lambda label: per_class[label]["f1"])
-        notes.append(f"The weakest class is `{worst}` (test F1 {per_class[worst]['f1']:.3f}).")
+        notes.append(f"The weakest class is {escape.markdown_code(worst)} (test F1 {per_class[worst]['f1']:.3f}).")
         matrix, names = run.report["confusion_matrix"], run.report["labels"]
         errors = [(matrix[i][j], names[i], names[j]) for i in range(len(names)) for j in range(len(names)) if i != j]
         count, true, predicted = max(errors, default=(0, None, None))
         if count:
-            notes.append(f"The most frequent mistake is `{true}` predicted as `{predicted}` "
+            notes.append(f"The most frequent mistake is {escape.markdown_code(true)} predicted as {escape.markdown_code(predicted)} "
                          f"({count} test image{'s' if count > 1 else ''}).")
         supports = [m["support"] for m in per_class.values()]
         if supports and min(supports) and max(supports) / min(supports) >= 1.5:
@@ -391,7 +429,7 @@ def _limitations_section(run: RunFiles) -> str:
         notes.append(f"{skipped} unreadable image(s) were dropped from the data; the scores do not cover them.")
     if not run.license:
         notes.append("No license was recorded for the base model: check it before using this model.")
-    notes.append(f"It inherits the biases of {run.dataset_text}: it was only evaluated on images from that source.")
+    notes.append(f"It inherits the biases of {_dataset_text(run)}: it was only evaluated on images from that source.")
     return "\n".join(["## Limitations", "", *[f"- {note}" for note in notes]])
 
 

@@ -23,6 +23,7 @@ from datasets.data_files import FILES_TO_IGNORE, EmptyDatasetError
 from torchvision import transforms as T
 
 from .errors import HFTransferError
+from .escape import one_line
 from .images import load_image, unreadable_reason
 from .offline import hub_reachable, offline_mode
 
@@ -219,6 +220,7 @@ def folder_builder(local: Path, args: DataArguments):
         builder = None
     if builder is None or builder.name == "imagefolder":
         links = _folder_links(local, args)
+        _check_names(local, args)
         if links:
             logger.info("Following the linked folder(s) %s in %s", [link.as_posix() for link in links[:10]], args.dataset)
             data_files = _data_files_through_links(local, links)
@@ -278,6 +280,29 @@ def _folder_links(root: Path, args: DataArguments) -> list[Path]:
                 if entry.is_dir():  # follows links
                     pending.append(path)
     return sorted(links)
+
+
+# Names datasets' image folders cannot read (tried with datasets 5.2): fsspec's glob never matches a line break, so the
+# folder or file is left out without a word; a backslash counts as a path separator when datasets compares the depths
+# of the files, so no image gets a class.
+_UNREADABLE_IN_NAMES = {"\n": ("a line break", "would be left out without a word"),
+                        "\\": ("a backslash", "would make datasets drop the class of every image")}
+
+
+def _check_names(root: Path, args: DataArguments) -> None:
+    """Refuse a folder or file under `root` whose name datasets cannot read (a class folder named "cat\\n" by a script)."""
+    for folder, folders, files in os.walk(root, followlinks=True):  # _folder_links has refused loops
+        folders[:] = sorted(name for name in folders if not name.startswith(_SKIPPED_NAMES))  # sorted: the same one named each time
+        files = sorted(name for name in files if not name.startswith(_SKIPPED_NAMES) and name not in FILES_TO_IGNORE)
+        for name in folders + files:
+            found = next((_UNREADABLE_IN_NAMES[part] for part in _UNREADABLE_IN_NAMES if part in name), None)
+            if found:
+                path = Path(folder, name)
+                size = f" ({sum(len(inside) for _, _, inside in os.walk(path))} files)" if path.is_dir() else ""
+                raise DatasetError(
+                    f"Image folder '{args.dataset}': the {'folder' if size else 'file'} {path.relative_to(root).as_posix()!r}"
+                    f"{size} has {found[0]} in its name, which datasets cannot read: it {found[1]}. Rename it."
+                )
 
 
 def _check_link_target(path: Path, target: Path, root_real: Path, parent_real: Path, targets: set, args: DataArguments) -> None:
@@ -378,7 +403,7 @@ def _log_class_counts(raw: datasets.DatasetDict, args: DataArguments) -> None:
             continue
         counts = Counter(split[column])
         names = split.features[column].names
-        found.append(f"{name}: {len(split)} images ({', '.join(f'{names[label]} {counts[label]}' for label in sorted(counts))})")
+        found.append(f"{name}: {len(split)} images ({', '.join(f'{one_line(names[label])} {counts[label]}' for label in sorted(counts))})")
     logger.info("Image folder %s: %s", args.dataset, "; ".join(found))
 
 

@@ -32,6 +32,7 @@ import torch
 from .cached_head import head_module
 from .data import PreparedData, _local_root, load_image_dataset, shareable_name
 from .device_resize import transforms_for_run
+from .escape import one_line, plot_text
 from .doctor_options import EXCLUDE_CHOICES, SPLIT_ORDER, DoctorArguments, DoctorError
 from .feature_store import FeatureStore
 from .freezing import discover_blocks
@@ -334,7 +335,7 @@ def summary_text(report: dict, folder: str | Path | None = None) -> str:
         lines.append(f"    the probe is right on only {accuracy:.1%} of the images (out of fold): many flagged images will be hard "
                      "rather than mislabelled; read the list from the top")
     for issue in report["label_issues"][:3]:
-        lines.append(f"    {_where(issue)} labelled {issue['label']}, looks like {issue['suggested_label']} "
+        lines.append(f"    {_where(issue)} labelled {one_line(issue['label'])}, looks like {one_line(issue['suggested_label'])} "
                      f"(p={issue['suggested_probability']:.2f})")
     lines.append(f"  near-duplicates within a split: {counts['near_duplicate_pairs']} pair(s)")
     lines += [f"    {_where(pair['images'][0])} ~ {_where(pair['images'][1])} (cosine {pair['similarity']:.3f})"
@@ -349,19 +350,19 @@ def summary_text(report: dict, folder: str | Path | None = None) -> str:
               for pair in report["leaks"][:3]]
     balance = report["class_balance"]
     for split, per in balance["images_per_class"].items():
-        shown = ", ".join(f"{name} {n}" for name, n in list(per.items())[:10]) + (", ..." if len(per) > 10 else "")
+        shown = ", ".join(f"{one_line(name)} {n}" for name, n in list(per.items())[:10]) + (", ..." if len(per) > 10 else "")
         ratio = balance["largest_to_smallest"][split]
         lines.append(f"  {split}: {shown}" + (f" (largest/smallest {ratio:.1f})" if ratio and ratio > 1.5 else ""))
     below = balance["below_minimum"]
     lines.append(f"  classes under {balance['minimum']} training images (or absent from an evaluation split): "
-                 + (", ".join(f"{b['class']} ({b['split']}: {b['images']})" for b in below[:10]) if below else "none"))
+                 + (", ".join(f"{one_line(b['class'])} ({b['split']}: {b['images']})" for b in below[:10]) if below else "none"))
     if counts["label_check_skipped_classes"]:
         lines.append(f"  not label-checked (fewer images than folds): classes {counts['label_check_skipped_classes']}")
     return "\n".join(lines)
 
 
 def _where(image: dict) -> str:
-    name = "" if image["image"] == f"#{image['index']}" else f" {image['image']}"
+    name = "" if image["image"] == f"#{image['index']}" else f" {one_line(image['image'])}"
     return f"{image['split']} #{image['index']}{name}"
 
 
@@ -394,11 +395,12 @@ def write_report(report: dict, data: PreparedData, folder: str | Path, sheet_siz
 
 
 def _suspect_caption(issue: dict) -> str:
-    return f"{_where(issue)}\ngiven: {issue['label']}\nsuggested: {issue['suggested_label']} ({issue['suggested_probability']:.2f})"
+    return (f"{plot_text(_where(issue))}\ngiven: {plot_text(issue['label'])}\n"
+            f"suggested: {plot_text(issue['suggested_label'])} ({issue['suggested_probability']:.2f})")
 
 
 def _leak_caption(pair: dict) -> str:
-    return f"{_where(pair['images'][0])}\n~ {_where(pair['images'][1])}\ncosine {pair['similarity']:.3f}"
+    return f"{plot_text(_where(pair['images'][0]))}\n~ {plot_text(_where(pair['images'][1]))}\ncosine {pair['similarity']:.3f}"
 
 
 def _cell(data: PreparedData, image: dict):

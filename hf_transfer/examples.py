@@ -55,7 +55,8 @@ def save_examples(split: Dataset, dest: Path, *, image_column: str, label_column
         taken[label] = taken.get(label, 0) + 1
         image = row[image_column]
         suffix = Path(image["path"] or "").suffix or ".jpg"
-        name = re.sub(r"[^\w.-]+", "_", names[label] if names else str(label))  # a safe file name
+        # A safe file name: at most 60 characters (240 bytes in UTF-8) of a class name, as a file name holds 255 bytes.
+        name = re.sub(r"[^\w.-]+", "_", names[label] if names else str(label))[:60]
         path = dest / f"{name}_{taken[label]}{suffix}"
         path.write_bytes(image["bytes"] if image["bytes"] is not None else Path(image["path"]).read_bytes())
         written.append(path)

@@ -4,8 +4,8 @@ Grad-CAM (the `grad-cam` package) on the model as `pipeline("image-classificatio
 processor, so the map explains the very forward pass that made the prediction. It is drawn back onto the image the
 user gave: the part of the image that the processor cropped away gets 0.
 
-This module imports nothing else from hf_transfer: `hf-transfer push --space` ships it to a Space next to app.py, as
-hf_transfer_explain.py, where only spaces_demo/requirements.txt is installed.
+This module imports nothing else from hf_transfer (but for the model card's figure): `hf-transfer push --space` ships it
+to a Space next to app.py, as hf_transfer_explain.py, where only spaces_demo/requirements.txt is installed.
 """
 
 from __future__ import annotations
@@ -345,6 +345,8 @@ def save_explanation_figure(model: Explainer | str | Path, images: Sequence, lab
     matplotlib.use("Agg")  # files only: no display on servers and in tests
     import matplotlib.pyplot as plt
 
+    from .escape import plot_text  # here, not above: a Space runs this module as hf_transfer_explain.py and draws no figure
+
     explainer = model if isinstance(model, Explainer) else Explainer.from_pretrained(model)
     correct, wrong = choose_examples(labels, predictions, per_group)
     rows = max(1, math.ceil(max(len(correct), len(wrong), 1) / columns))
@@ -361,13 +363,14 @@ def save_explanation_figure(model: Explainer | str | Path, images: Sequence, lab
             layer = explanation.layer
             ax = axes[n // columns, first_column + n % columns]
             ax.imshow(overlay(shown, explanation.heatmap))
-            ax.set_title(f"true: {explainer.label(int(labels[index]))}\npredicted: {explanation.label} ({explanation.score:.0%})",
+            ax.set_title(f"true: {plot_text(explainer.label(int(labels[index])))}\n"
+                         f"predicted: {plot_text(explanation.label)} ({explanation.score:.0%})",
                          fontsize=8, color="darkgreen" if side == 0 else "darkred")
         if not indices:
             axes[0, first_column].text(0, 0.5, "none in the test split", fontsize=9, transform=axes[0, first_column].transAxes)
     fig.text(0.27, 0.995, f"correctly classified ({len(correct)} shown)", ha="center", va="top", fontsize=10, color="darkgreen")
     fig.text(0.75, 0.995, f"misclassified ({len(wrong)} shown)", ha="center", va="top", fontsize=10, color="darkred")
-    fig.suptitle(f"Where the model looked: Grad-CAM of the predicted class at `{layer or '-'}` (red: most weight)",
+    fig.suptitle(f"Where the model looked: Grad-CAM of the predicted class at `{plot_text(layer or '-')}` (red: most weight)",
                  y=0.02, va="bottom", fontsize=9)
     fig.tight_layout(rect=(0, 0.04, 1, 0.96))
     path = Path(path)

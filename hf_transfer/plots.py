@@ -11,6 +11,8 @@ matplotlib.use("Agg")  # files only: no display on servers and in tests
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .escape import plot_text  # noqa: E402
+
 EVAL_METRICS = {"eval_accuracy": "validation accuracy", "eval_f1": "validation macro-F1"}
 
 
@@ -63,6 +65,7 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], labels: Sequence[str]
     image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of true class")
     font = 10 if n <= 12 else max(4, 120 // n)
+    labels = [plot_text(label) for label in labels]  # class names: `$` would start mathtext
     ax.set_xticks(range(n), labels, rotation=45 if n > 4 else 0, ha="right" if n > 4 else "center", fontsize=font)
     ax.set_yticks(range(n), labels, fontsize=font)
     if n <= 30:  # beyond that, numbers would not fit in the cells

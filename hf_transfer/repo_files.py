@@ -109,13 +109,6 @@ class RunFiles:
         return (requested, True) if _is_hub_id(requested) else (Path(requested).name, False)
 
     @property
-    def dataset_text(self) -> str:
-        identifier, on_hub = self.dataset
-        if on_hub:
-            return f"[{identifier}](https://huggingface.co/datasets/{identifier})"
-        return f"the local dataset folder `{identifier}`" if identifier != "unknown" else "an unrecorded dataset"
-
-    @property
     def image_size(self) -> tuple[int, int] | None:
         if self.is_timm:
             size = (self.config.get("pretrained_cfg") or {}).get("input_size")

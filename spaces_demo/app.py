@@ -1,8 +1,8 @@
 """Gradio demo of an image classifier fine-tuned with hf_transfer, run locally or as a Hugging Face Space.
 
-A Space installs requirements.txt only, never hf_transfer: besides those packages this file needs just
-hf_transfer/images.py and hf_transfer/explain.py, which `hf-transfer push --space` ships next to it as
-hf_transfer_images.py and hf_transfer_explain.py.
+A Space installs requirements.txt only, never hf_transfer: besides those packages this file needs just a few modules
+of hf_transfer (images, explain, escape, repo_files, precision), which `hf-transfer push --space` ships next to it as
+hf_transfer_images.py, hf_transfer_explain.py and so on.
 """
 
 from __future__ import annotations
@@ -27,6 +27,11 @@ try:
     from hf_transfer.images import UnreadableImageError, load_image
 except ModuleNotFoundError:  # on a Space: `hf-transfer push --space` ships hf_transfer/images.py under this name
     from hf_transfer_images import UnreadableImageError, load_image
+# Class names, model and dataset ids come from the model repo: escaped for the page (Markdown) and the tab title.
+try:
+    from hf_transfer.escape import markdown, markdown_code, one_line
+except ModuleNotFoundError:  # on a Space: shipped as hf_transfer_escape.py
+    from hf_transfer_escape import markdown, markdown_code, one_line
 # The names of the model repo's files, as the training run wrote them.
 try:
     from hf_transfer.repo_files import ALL_RESULTS, MODEL_CARD
@@ -118,17 +123,17 @@ def card_summary(model_ref: str, label_names: list[str]) -> str:
 
     def listed(value: str | list[str] | None) -> str:
         values = [value] if isinstance(value, str) else value or []
-        return ", ".join(f"`{v}`" for v in values) or "not stated"
+        return ", ".join(map(markdown_code, values)) or "not stated"
 
     accuracy = _test_accuracy(results, card)
     accuracy_text = "not reported" if accuracy is None else f"{accuracy:.1%}"
     test_size = (results.get("split_sizes") or {}).get("test")
     if accuracy is not None and test_size:
         accuracy_text += f" on {test_size:,} test images"
-    classes = ", ".join(label_names) if len(label_names) <= 10 else f"{len(label_names)} classes"
+    classes = ", ".join(map(markdown, label_names)) if len(label_names) <= 10 else f"{len(label_names)} classes"
     # A local dataset folder has no Hub id; the model-index still names it.
     dataset = listed(card.datasets) if card.datasets else next(
-        (result.dataset_name for result in card.eval_results or []), "not stated")
+        (markdown_code(result.dataset_name) for result in card.eval_results or []), "not stated")
     return "\n".join([
         f"- **Base model:** {listed(card.base_model)}",
         f"- **Dataset:** {dataset}",
@@ -294,8 +299,8 @@ def build_demo(model_ref: str, examples_dir: Path | None = None, top_k: int = 5)
         return overlay(shown, result.heatmap), dict(top)
 
     model_name = Path(model_ref).name if Path(model_ref).is_dir() else model_ref
-    with gr.Blocks(title=f"{model_name} · image classifier", analytics_enabled=False) as demo:
-        gr.Markdown(f"# Image classifier: `{model_name}`\n{card_summary(model_ref, label_names)}\n\n"
+    with gr.Blocks(title=f"{one_line(model_name)} · image classifier", analytics_enabled=False) as demo:
+        gr.Markdown(f"# Image classifier: {markdown_code(model_name)}\n{card_summary(model_ref, label_names)}\n\n"
                     f"Predictions on this machine: {precision.describe()}.")
         with gr.Row():
             with gr.Column():
