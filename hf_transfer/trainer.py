@@ -19,7 +19,7 @@ import numpy as np
 import safetensors.torch
 import torch
 from accelerate.utils import DistributedType, gather_object
-from transformers import PreTrainedModel, Trainer
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
@@ -128,6 +128,16 @@ def no_complete_checkpoint(output_dir: str | Path, processes: int | None = None)
             "without `--resume` (and with `--overwrite`, which deletes these checkpoints).")
 
 
+class LogAsAsked(TrainerCallback):
+    """Trainer takes `logging_steps` back from a resumed checkpoint's state, so a resumed run would go on logging at the
+    old rate: a resumed run may log at another (output_dir.SAME_RUN_CHANGES), and its own arguments set it."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        asked = TrainerState()
+        asked.compute_steps(args, state.max_steps)  # Trainer's own reading of `logging_steps` (a fraction of the run, or steps)
+        state.logging_steps = asked.logging_steps
+
+
 class SeededAugmentation(torch.utils.data.Dataset):
     """The train split, with each image's random augmentation drawn from its own seed (run seed, epoch, row).
 
@@ -201,6 +211,7 @@ class SafeTrainer(Trainer):
         if isinstance(self.train_dataset, datasets.Dataset) and not persistent_workers:
             self.train_dataset = SeededAugmentation(self.train_dataset, self.args.seed)
         self._resumed = False
+        self.add_callback(LogAsAsked())
         self._pending_loss: PendingLoss | None = None
         self._parameter_count: tuple[torch.nn.Module, int] | None = None
 
