@@ -152,3 +152,101 @@ def test_resume_may_change_how_the_run_logs_and_then_trains_the_same_weights(ima
     logged = [entry["step"] for entry in json.loads((output_dir / "trainer_state.json").read_text())["log_history"] if "loss" in entry]
     assert logged == [4, 5, 6, 7, 8]  # once an epoch before the resume, every step after it: the new option took effect
     assert "logging_steps: 1" in (output_dir / "recipe.yaml").read_text()
+
+
+# ---- a checkpoint's files, checked before it is resumed from ------------------------------------------------------
+
+def _global_step(value: int):
+    def change(state):
+        state["global_step"] = value
+    return change
+
+
+def _past_the_end(checkpoint: Path) -> Path:
+    """checkpoint-4 as a checkpoint of a run of 1,000,000 steps, its files agreeing with each other."""
+    moved = checkpoint.rename(checkpoint.with_name("checkpoint-1000000"))
+    _edit_json(moved / "trainer_state.json", lambda state: state.update(global_step=1000000, max_steps=1000000))
+    _edit_json(moved / "scheduler.json", lambda scheduler: scheduler.update(last_epoch=1000000, _step_count=1000001))
+    return moved
+
+
+def _numpy_keys_cut(values):
+    values["numpy_random"][1] = values["numpy_random"][1][:10]
+
+
+def _optimizer_ahead(checkpoint: Path) -> None:
+    tensors = safetensors.torch.load_file(checkpoint / "optimizer.safetensors")
+    tensors["0.step"] = torch.tensor(5.0)
+    safetensors.torch.save_file(tensors, checkpoint / "optimizer.safetensors")
+
+
+def _short_torch_state(checkpoint: Path) -> None:
+    safetensors.torch.save_file({"cpu": torch.zeros(16, dtype=torch.uint8)}, checkpoint / "resume_state.safetensors")
+
+
+# (what is done to checkpoint-4, the file the message names, words it says)
+TAMPERED = {
+    "global_step_past_the_folders": (lambda c: _edit_json(c / "trainer_state.json", _global_step(1000000)), "trainer_state.json",
+                                     "`global_step` is 1000000, but the checkpoint's folder says step 4"),
+    "past_the_runs_end": (_past_the_end, "trainer_state.json", "step 1000000, but this run has 8 steps"),
+    "numpy_state_cut": (lambda c: _edit_json(c / "resume_state.json", _numpy_keys_cut), "resume_state.json", "`numpy_random`"),
+    "python_state_wrong": (lambda c: _edit_json(c / "resume_state.json", lambda v: v.update(python_random=[3, [1, 2], None])),
+                           "resume_state.json", "`python_random`"),
+    "torch_state_short": (_short_torch_state, "resume_state.safetensors", "`cpu`"),
+    "scheduler_behind": (lambda c: _edit_json(c / "scheduler.json", lambda s: s.update(last_epoch=2, _step_count=3)),
+                         "scheduler.json", "step 2, but `global_step` is 4"),
+    "scheduler_sets_attributes": (lambda c: _edit_json(c / "scheduler.json", lambda s: s["lr_lambdas"].__setitem__(0, {"x": 1})),
+                                  "scheduler.json", "`lr_lambdas`"),
+    "optimizer_ahead": (_optimizer_ahead, "optimizer.safetensors", "step 5"),
+    "epoch_not_a_number": (lambda c: _edit_json(c / "trainer_state.json", lambda s: s.update(epoch="two")), "trainer_state.json",
+                           "`epoch`"),
+    "unknown_state_field": (lambda c: _edit_json(c / "trainer_state.json", lambda s: s.update(surprise=1)), "trainer_state.json",
+                            "`surprise`"),
+    "loss_tally_not_a_number": (lambda c: _edit_json(c / "resume_state.json", lambda v: v.update(loss_logged_total="x")),
+                                "resume_state.json", "`loss_logged_total`"),
+}
+
+
+@pytest.mark.parametrize("case", list(TAMPERED))
+def test_a_tampered_checkpoint_is_refused_naming_its_file(case, image_run, tmp_path, capsys):
+    tamper, name, words = TAMPERED[case]
+    output_dir = tmp_path / "out"
+    checkpoint = _interrupted_at(image_run, output_dir, 4)
+    checkpoint = tamper(checkpoint) or checkpoint
+    message = _refused(capsys, EPOCHS, output_dir)
+    assert f"{checkpoint / name}: " in message and words in message, message
+    assert "Restore it, resume from an earlier checkpoint by deleting" in message
+
+
+def test_the_cached_heads_checkpoint_is_checked(cached_run, tmp_path, capsys):
+    output_dir = tmp_path / "out"
+    checkpoint = _interrupted_at(cached_run, output_dir, 4)
+    _edit_json(checkpoint / "trainer_state.json", _global_step(1000000))
+    message = _refused(capsys, CACHED, output_dir)
+    assert f"{checkpoint / 'trainer_state.json'}: `global_step` is 1000000, but the checkpoint's folder says step 4" in message
+
+
+def test_the_hand_over_checkpoint_of_a_staged_cached_run_is_checked(staged_run, tmp_path, capsys):
+    output_dir = tmp_path / "out"
+    checkpoint = _interrupted_at(staged_run, output_dir, 4)  # the images stage resumes from the hand-over at step 4
+    _edit_json(checkpoint / "resume_state.json", _numpy_keys_cut)
+    message = _refused(capsys, STAGED, output_dir)
+    assert f"{checkpoint / 'resume_state.json'}: `numpy_random`" in message
+
+
+def _buffer_longer(values):
+    values["buffer"][0]["length"] += 1000
+
+
+def _rng_junk(values):
+    values["position"]["rng"] = {"bit_generator": "PCG64", "state": "junk"}
+
+
+@pytest.mark.parametrize(("tamper", "words"), [(_buffer_longer, "the buffer's images"), (_rng_junk, "`position.rng`")],
+                         ids=["buffer_past_its_bytes", "rng_malformed"])
+def test_the_stream_position_is_checked(tamper, words, stream_run, tmp_path, capsys, quick_stream_close):
+    output_dir = tmp_path / "out"
+    checkpoint = _interrupted_at(stream_run, output_dir, 4)
+    _edit_json(checkpoint / "stream_state.json", tamper)
+    message = _refused(capsys, STREAM, output_dir)
+    assert f"{checkpoint / 'stream_state.json'}: " in message and words in message, message
