@@ -16,6 +16,7 @@ import functools
 import json
 import os
 import re
+import reprlib
 import shutil
 import socket
 from datetime import datetime
@@ -30,7 +31,19 @@ from .trainer import last_complete_checkpoint, no_complete_checkpoint
 if TYPE_CHECKING:
     from .recipe import RunArguments
 
-MOVABLE = {"training.output_dir", "training.logging_dir"}
+# The options a run in the folder may change and still be the same run: `--resume` continues it with them, so each must
+# leave what trains untouched (a resumed run under another `feature_cache` or `exclude_flagged` would mix two settings,
+# and its card and recipe.yaml would describe only the second). Every other key of run_config.json must match.
+SAME_RUN_CHANGES = {
+    "run.resume", "run.overwrite",  # what to do with the folder, not how to train
+    "training.output_dir", "training.logging_dir",  # the folder itself may have been moved
+    # How often the loss is logged, and where: evaluations and checkpoints have their own options (eval_steps is
+    # compared too, so a logging_steps that TrainingArguments copies into it is refused there).
+    "training.logging_strategy", "training.logging_steps", "training.logging_first_step", "training.report_to",
+    "training.run_name", "training.log_level", "training.log_level_replica", "training.log_on_each_node", "training.disable_tqdm",
+    "training.push_to_hub", "training.hub_model_id", "training.hub_private_repo",  # pushed once, after the run (hub.py)
+    "doctor.doctor_sheet_size",  # how many suspects the data doctor's contact sheet shows: a picture, not a decision
+}
 # A run's folders: Trainer's checkpoints, the staging folder, TensorBoard's default `runs/`. Its files are repo_files.RUN_OUTPUTS:
 # a new output file is named there, or --overwrite would refuse it as foreign.
 OWNED_FOLDERS = re.compile(rf"checkpoint-\d+|runs|{re.escape(STAGING)}")
@@ -88,10 +101,16 @@ def check_output_dir(output_dir: Path, run_config: dict, options: RunArguments) 
             )
         return
     else:
-        previous, now = _flatten(json.loads(config_file.read_text())), _flatten(run_config)
-        # Run options and the folder's own path (it may have been moved) do not make it another run.
-        changed = sorted(k for k in set(previous) | set(now)
-                         if k not in MOVABLE and not k.startswith("run.") and previous.get(k) != now.get(k))
+        previous, now = _flatten(_read_run_config(config_file)), _flatten(run_config)
+        changed = sorted(k for k in set(previous) | set(now) if k not in SAME_RUN_CHANGES and previous.get(k) != now.get(k))
+        if changed and options.resume:
+            differences = "; ".join(f"{key}: {reprlib.repr(previous.get(key))} in the folder, {reprlib.repr(now.get(key))} now"
+                                    for key in changed[:8])
+            raise OutputDirError(
+                f"`--resume` continues the run in {output_dir}, which was trained with other options ({differences}"
+                f"{f' and {len(changed) - 8} more' if len(changed) > 8 else ''}). A resumed run keeps the run's options "
+                "(only logging and reporting ones may change): pass them as before, or start again with `--overwrite`."
+            )
         if changed:
             raise OutputDirError(
                 f"{output_dir} already holds a different run (differs in: {', '.join(changed[:8])}). "
@@ -153,6 +172,19 @@ def claim_output_dir(output_dir: Path, run_config: dict, overwrite: bool) -> Non
 
 def _flatten(sections: dict) -> dict:
     return {f"{section}.{key}": value for section, values in sections.items() for key, value in values.items()}
+
+
+def _read_run_config(config_file: Path) -> dict:
+    """The folder's run_config.json, sections of options (it comes from disk: anything else is refused)."""
+    try:
+        sections = json.loads(config_file.read_text())
+    except (OSError, ValueError) as error:
+        raise OutputDirError(f"{config_file} is unreadable ({reprlib.repr(str(error))}), so which run the folder holds is "
+                             "unknown. Restore it, or start again with `--overwrite`.") from None
+    if not (isinstance(sections, dict) and all(isinstance(values, dict) for values in sections.values())):
+        raise OutputDirError(f"{config_file} is not a run's options by section, so which run the folder holds is unknown. "
+                             "Restore it, or start again with `--overwrite`.")
+    return sections
 
 
 # ---- publishing ----------------------------------------------------------------------------------------------------
