@@ -1,0 +1,104 @@
+"""Inputs that used to crash a run or the demo: a stream stored as one parquet file read by two loader workers, a corrupt
+parquet shard among streamed ones, an `image_size` no memory holds, and an image 39,000,000 pixels wide and one high.
+Each now trains, or stops with one `error: ...` line before anything is read, or is skipped and counted."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import datasets
+import gradio as gr
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import IMAGE, LABEL, SAMPLE, TINY_RUN, labelled, run_command, write_dataset
+from PIL import Image
+
+from hf_transfer.demo import load_app
+from hf_transfer.images import MAX_ASPECT_RATIO, UnreadableImageError, load_image, unreadable_reason
+
+pytestmark = pytest.mark.usefixtures("offline_hub")
+
+STREAM = ("--model", "test_efficientnet", "--pretrained", "false", "--freeze", "full", "--per_device_eval_batch_size", "8",
+          "--max_test_samples", "16", "--load_best_model_at_end", "false", "--report_to", "none", "--seed", "0",
+          "--streaming", "true", "--validation_size", "4", "--per_device_train_batch_size", "2", "--max_steps", "4",
+          "--shuffle_buffer_size", "4", "--eval_strategy", "no", "--save_strategy", "no", "--disable_tqdm", "true")
+
+
+@pytest.fixture(autouse=True)
+def no_pause_when_a_stream_closes(monkeypatch):
+    # datasets sleeps 5 s whenever a parquet stream closes, against an Arrow crash at interpreter exit
+    # (config.SLEEP_TIME_ON_THREADS_SHUTDOWN); this process lives on, so its tests skip the pause.
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
+
+
+def _environment(tmp_path: Path) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "datasets")}
+    env.pop("HF_TRANSFER_DEBUG", None)
+    return env
+
+
+def train_shards(folder: Path, shards: int, train_images: int = 24) -> str:
+    """The sample's first train photos as `shards` parquet files (the Hub's layout) and 16 test photos as one."""
+    data = folder / "data"
+    data.mkdir(parents=True)
+    rows = pq.read_table(SAMPLE / "data" / "train-00000-of-00001.parquet").slice(0, train_images)
+    for index in range(shards):
+        pq.write_table(pa.Table.from_pylist(rows.to_pylist()[index::shards], schema=rows.schema),
+                       data / f"train-{index:05d}-of-{shards:05d}.parquet")
+    pq.write_table(pq.read_table(SAMPLE / "data" / "test-00000-of-00001.parquet").slice(0, 16), data / "test-00000-of-00001.parquet")
+    return str(folder)
+
+
+# ---- an image 39,000,000 pixels wide and one high (under the 40-megapixel limit) ----------------------------------
+
+@pytest.fixture(scope="module")
+def long_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (39_000_000, 1), (200, 100, 50)).save(buffer, "PNG")
+    assert len(buffer.getvalue()) < 200_000  # a small upload
+    return buffer.getvalue()
+
+
+def test_an_image_far_longer_than_wide_is_unreadable_with_a_reason(long_png):
+    with pytest.raises(UnreadableImageError, match=r"aspect ratio 39,000,000:1 \(39,000,000 x 1 pixels\)"):
+        load_image(long_png)
+    for size in ((MAX_ASPECT_RATIO + 1, 1), (1, MAX_ASPECT_RATIO + 1), (3 * MAX_ASPECT_RATIO + 3, 3)):
+        assert "aspect ratio" in unreadable_reason(_png(size)), size
+    for size in ((MAX_ASPECT_RATIO, 1), (1, MAX_ASPECT_RATIO), (3 * MAX_ASPECT_RATIO, 3)):
+        assert load_image(_png(size)).size == size
+
+
+def _png(size: tuple[int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_the_demo_answers_one_line_to_it(long_png, tmp_path):
+    app = load_app()
+    upload = tmp_path / "long.png"
+    upload.write_bytes(long_png)
+    with pytest.raises(gr.Error) as error:
+        app.read_upload({"path": str(upload)}, tmp_path)
+    assert "\n" not in error.value.message and "aspect ratio 39,000,000:1" in error.value.message, error.value.message
+
+
+@pytest.mark.slow
+def test_a_training_folder_skips_and_counts_it(long_png, tmp_path):
+    """In the test split it used to end the run (an OverflowError resizing it for evaluation); in the train split each
+    epoch decoded 117 MB of it for a random crop."""
+    train, test = labelled("train", 16), labelled("test", 8)
+    train["image"][3] = {"bytes": long_png, "path": "train/long.png"}
+    test["image"][2] = {"bytes": long_png, "path": "test/long.png"}
+    dataset = write_dataset(tmp_path / "folder", {"train": train, "test": test}, {"image": IMAGE, "labels": LABEL})
+    out = tmp_path / "run"
+    result = run_command("--dataset", dataset, *TINY_RUN, "--output_dir", str(out), env=_environment(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["skipped_images"] == {"train": 1, "validation": 0, "test": 1}, results["skipped_images"]
+    assert results["skipped_image_examples"]["test"] == ["test/long.png: aspect ratio 39,000,000:1 (39,000,000 x 1 pixels) "
+                                                         f"> limit {MAX_ASPECT_RATIO}:1"], results["skipped_image_examples"]
