@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 import datasets
@@ -14,11 +15,14 @@ import gradio as gr
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import IMAGE, LABEL, SAMPLE, TINY_RUN, labelled, run_command, write_dataset
+from conftest import IMAGE, LABEL, SAMPLE, TINY_RUN, labelled, run_command, user_error, write_dataset
 from PIL import Image
 
 from hf_transfer.demo import load_app
 from hf_transfer.images import MAX_ASPECT_RATIO, UnreadableImageError, load_image, unreadable_reason
+from hf_transfer.models import MAX_IMAGE_SIZE, check_image_size
+from hf_transfer.output_dir import LOCK_FILE
+from hf_transfer.recipe import parse_recipe_for
 
 pytestmark = pytest.mark.usefixtures("offline_hub")
 
@@ -51,6 +55,53 @@ def train_shards(folder: Path, shards: int, train_images: int = 24) -> str:
                        data / f"train-{index:05d}-of-{shards:05d}.parquet")
     pq.write_table(pq.read_table(SAMPLE / "data" / "test-00000-of-00001.parquet").slice(0, 16), data / "test-00000-of-00001.parquet")
     return str(folder)
+
+
+# ---- image_size: refused before the dataset is read when no memory holds a training batch -----------------------
+
+def _recipe(*options: str):
+    return parse_recipe_for("cpu", ["--dataset", str(SAMPLE), *TINY_RUN, *options])
+
+
+def test_image_size_8192_is_refused_before_the_dataset_is_read(capsys, tmp_path):
+    out = tmp_path / "out"
+    missing = tmp_path / "no_such_dataset"  # reading the dataset would fail: the size is refused first
+    message = user_error(capsys, "--dataset", str(missing), *TINY_RUN, "--image_size", "8192", "--output_dir", str(out))
+    assert "`image_size: 8192`" in message and "no_such_dataset" not in message, message
+    assert re.search(r"Set `image_size` to at most \d+", message), message
+    assert not (out / LOCK_FILE).exists(), "the lock file is gone after the refusal"
+
+
+def test_the_largest_size_offered_fits_and_the_next_does_not():
+    available = 2 * 2**30  # a machine with 2 GiB free
+    with pytest.raises(Exception) as refused:
+        check_image_size(_recipe("--image_size", "4096"), "cpu", available=available)
+    largest = int(re.search(r"at most (\d+)", str(refused.value)).group(1))
+    assert 160 < largest < 4096
+    check_image_size(_recipe("--image_size", str(largest)), "cpu", available=available)
+    with pytest.raises(Exception, match=f"at most {largest}"):
+        check_image_size(_recipe("--image_size", str(largest + 32)), "cpu", available=available)
+    # Twice the batch: the largest size shrinks by about sqrt(2), as activations grow with the area.
+    with pytest.raises(Exception) as refused:
+        check_image_size(_recipe("--image_size", "4096", "--per_device_train_batch_size", "8"), "cpu", available=available)
+    halved = int(re.search(r"at most (\d+)", str(refused.value)).group(1))
+    assert abs(halved - largest / 2**0.5) <= 48, (halved, largest)
+
+
+def test_a_frozen_backbone_needs_no_training_activations():
+    """`head_only` trains the head on features computed without gradients: a size too large to train the whole
+    network at fits."""
+    available = 2 * 2**30
+    with pytest.raises(Exception) as refused:
+        check_image_size(_recipe("--image_size", "4096"), "cpu", available=available)
+    too_large_to_train = int(re.search(r"at most (\d+)", str(refused.value)).group(1)) + 256
+    check_image_size(_recipe("--image_size", str(too_large_to_train), "--freeze", "head_only"), "cpu", available=available)
+
+
+def test_a_hard_upper_bound_whatever_the_memory():
+    with pytest.raises(Exception, match=f"at most {MAX_IMAGE_SIZE}"):
+        check_image_size(_recipe("--image_size", str(MAX_IMAGE_SIZE + 1), "--freeze", "head_only"), "cpu", available=2**50)
+    check_image_size(_recipe("--image_size", str(MAX_IMAGE_SIZE), "--freeze", "head_only"), "cpu", available=2**50)
 
 
 # ---- an image 39,000,000 pixels wide and one high (under the 40-megapixel limit) ----------------------------------
