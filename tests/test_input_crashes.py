@@ -8,6 +8,8 @@ import io
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
@@ -15,14 +17,18 @@ import gradio as gr
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import IMAGE, LABEL, SAMPLE, TINY_RUN, labelled, run_command, user_error, write_dataset
+import torch
+from conftest import IMAGE, LABEL, REPO, SAMPLE, TINY_RUN, labelled, run_command, user_error, write_dataset
 from PIL import Image
 
+from hf_transfer.data import DataArguments, DatasetError
 from hf_transfer.demo import load_app
 from hf_transfer.images import MAX_ASPECT_RATIO, UnreadableImageError, load_image, unreadable_reason
 from hf_transfer.models import MAX_IMAGE_SIZE, check_image_size
+from hf_transfer.optimization import HfTransferTrainingArguments
 from hf_transfer.output_dir import LOCK_FILE
 from hf_transfer.recipe import parse_recipe_for
+from hf_transfer.streaming import StreamLoader, load_streaming_dataset
 
 pytestmark = pytest.mark.usefixtures("offline_hub")
 
@@ -55,6 +61,94 @@ def train_shards(folder: Path, shards: int, train_images: int = 24) -> str:
                        data / f"train-{index:05d}-of-{shards:05d}.parquet")
     pq.write_table(pq.read_table(SAMPLE / "data" / "test-00000-of-00001.parquet").slice(0, 16), data / "test-00000-of-00001.parquet")
     return str(folder)
+
+
+# ---- a stream stored as one parquet file per split, read with `dataloader_num_workers: 2` --------------------------
+
+@pytest.mark.slow
+def test_one_parquet_file_streamed_with_two_workers_trains_with_one(tmp_path):
+    out = tmp_path / "run"
+    result = run_command("--dataset", train_shards(tmp_path / "one", shards=1), *STREAM, "--dataloader_num_workers", "2",
+                         "--output_dir", str(out), env=_environment(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert "1 DataLoader worker (of the 2 asked)" in result.stderr, result.stderr[-3000:]
+    summary = json.loads((out / "all_results.json").read_text())["streaming"]
+    assert summary["shards"] == 1 and summary["dataloader_num_workers"] == 1, summary
+    # 19 photos a pass (24 less the 4 carved and none unreadable): the worker's reads reach the summary, 4 steps of 2 at least
+    assert summary["images_read_by_rank"][0] >= 8, summary
+
+
+@pytest.mark.slow
+def test_one_parquet_file_streamed_by_two_processes_with_two_workers_each(tmp_path):
+    out = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "recipes" / "finetune.py"),
+        "--dataset", train_shards(tmp_path / "one", shards=1), *STREAM, "--dataloader_num_workers", "2",
+        "--ddp_find_unused_parameters", "false", "--output_dir", str(out),
+    ]
+    result = subprocess.run(command, cwd=REPO, env=_environment(tmp_path), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    summary = json.loads((out / "all_results.json").read_text())["streaming"]
+    assert summary["dataloader_num_workers"] == 1, summary
+    assert len(summary["images_read_by_rank"]) == 2 and all(read >= 8 for read in summary["images_read_by_rank"]), summary
+
+
+def test_a_worker_whose_shard_holds_only_carved_images_leaves_the_stream_to_the_others(tmp_path):
+    """Two shards, two workers: the first shard holds just the 4 images carved for validation, so the worker that reads
+    it has nothing to train on. The stream as a whole has (the other shard): the run goes on with the other worker."""
+    data_folder = tmp_path / "two" / "data"
+    data_folder.mkdir(parents=True)
+    train = pq.read_table(SAMPLE / "data" / "train-00000-of-00001.parquet")
+    pq.write_table(train.slice(0, 4), data_folder / "train-00000-of-00002.parquet")  # the stream's start: carved
+    pq.write_table(train.slice(4, 8), data_folder / "train-00001-of-00002.parquet")
+    pq.write_table(pq.read_table(SAMPLE / "data" / "test-00000-of-00001.parquet").slice(0, 16), data_folder / "test-00000-of-00001.parquet")
+    data = load_streaming_dataset(DataArguments(dataset=str(data_folder.parent), streaming=True, validation_size=4,
+                                                shuffle_buffer_size=2))
+    args = HfTransferTrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2,
+                                       dataloader_num_workers=2, dataloader_pin_memory=False, report_to="none")
+    loader = StreamLoader(data.train_stream(_no_pixels, 0, 1, restore_position=True), args)
+    assert loader.workers == 2
+    batches = iter(loader)
+    labels = [label for _ in range(8) for label in next(batches)["labels"].tolist()]  # two passes over the 8 photos
+    assert sorted(labels) == sorted(train.slice(4, 8).column("labels").to_pylist() * 2)
+
+
+def _no_pixels(image) -> torch.Tensor:
+    return torch.zeros(1)
+
+
+# ---- a corrupt parquet shard among the streamed ones ---------------------------------------------------------------
+
+def test_a_corrupt_parquet_shard_is_refused_before_training_naming_it(capsys, tmp_path):
+    dataset = train_shards(tmp_path / "four", shards=4)
+    shard = Path(dataset) / "data" / "train-00002-of-00004.parquet"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # an interrupted copy: no footer
+    out = tmp_path / "run"
+    message = user_error(capsys, "--dataset", dataset, *STREAM, "--output_dir", str(out))
+    assert "'data/train-00002-of-00004.parquet'" in message and "corrupt" in message, message
+    assert not out.exists() or not any(out.iterdir()), "nothing written: refused before training"
+    with pytest.raises(DatasetError, match="train-00002-of-00004"):
+        load_streaming_dataset(DataArguments(dataset=dataset, streaming=True, validation_size=4))
+
+
+def test_a_shard_corrupt_past_its_footer_ends_the_run_in_one_line(capsys, tmp_path):
+    """Its footer reads, so it passes the check; a data page does not: the run stops when the stream reaches it."""
+    dataset = train_shards(tmp_path / "two", shards=2)
+    shard = Path(dataset) / "data" / "train-00001-of-00002.parquet"
+    data = bytearray(shard.read_bytes())
+    data[4:1004] = bytes(1000)  # the first data page's header, zeroed
+    shard.write_bytes(bytes(data))
+    message = user_error(capsys, "--dataset", dataset, *STREAM, "--output_dir", str(tmp_path / "run"))
+    assert "A shard of the train stream cannot be read" in message and "Copy that shard again" in message, message
+
+
+def test_a_corrupt_test_shard_is_refused_too(tmp_path):
+    dataset = train_shards(tmp_path / "four", shards=2)
+    (Path(dataset) / "data" / "test-00000-of-00001.parquet").write_bytes(b"PAR1 not a parquet file PAR1")
+    with pytest.raises(DatasetError, match="'data/test-00000-of-00001.parquet'"):
+        load_streaming_dataset(DataArguments(dataset=dataset, streaming=True, validation_size=4))
 
 
 # ---- image_size: refused before the dataset is read when no memory holds a training batch -----------------------
