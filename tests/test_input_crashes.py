@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import IMAGE, LABEL, REPO, SAMPLE, TINY_RUN, labelled, run_command, user_error, write_dataset
+from hub_server import LocalHub
 from PIL import Image
 
 from hf_transfer.data import DataArguments, DatasetError
@@ -131,6 +132,30 @@ def test_a_corrupt_parquet_shard_is_refused_before_training_naming_it(capsys, tm
     assert not out.exists() or not any(out.iterdir()), "nothing written: refused before training"
     with pytest.raises(DatasetError, match="train-00002-of-00004"):
         load_streaming_dataset(DataArguments(dataset=dataset, streaming=True, validation_size=4))
+
+
+def test_a_corrupt_hub_shard_is_refused_reading_only_the_footers(tmp_path):
+    """Through the Hub's file system (the local test Hub): each shard's footer is read with a ranged request (206),
+    never the whole file, and the corrupt shard is named by its path in the repository."""
+    dataset = Path(train_shards(tmp_path / "ds", shards=2, train_images=112))
+    shard = dataset / "data" / "train-00001-of-00002.parquet"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    code = ("import sys\nfrom huggingface_hub import HfApi\nfrom hf_transfer.data import DataArguments, DatasetError\n"
+            "from hf_transfer.streaming import load_streaming_dataset\n"
+            "HfApi().create_repo('user/ds', repo_type='dataset')\n"
+            "HfApi().upload_folder(repo_id='user/ds', repo_type='dataset', folder_path=sys.argv[1])\n"
+            "print('uploaded', flush=True)\n"
+            "try:\n    load_streaming_dataset(DataArguments(dataset='user/ds', streaming=True, validation_size=4))\n"
+            "except DatasetError as error:\n    print('refused:', error)\n")
+    with LocalHub() as hub:
+        env = {**hub.client_env(tmp_path / "hf", token="hf_user"), "PYTHONPATH": str(REPO)}
+        done = subprocess.run([sys.executable, "-c", code, str(dataset)], env=env, capture_output=True, text=True, timeout=300)
+        requests = list(hub.requests)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "refused: Parquet shard 'data/train-00001-of-00002.parquet' of dataset 'user/ds' cannot be read" in done.stdout, done.stdout
+    reads = [request for request in requests if request["method"] == "GET" and request["path"].endswith(".parquet")]
+    assert {Path(request["path"]).name for request in reads} >= {"train-00000-of-00002.parquet", "train-00001-of-00002.parquet"}
+    assert all(request["status"] == 206 for request in reads), reads
 
 
 def test_a_shard_corrupt_past_its_footer_ends_the_run_in_one_line(capsys, tmp_path):
