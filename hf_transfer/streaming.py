@@ -242,11 +242,10 @@ def check_parquet_footers(builder: datasets.DatasetBuilder, args: DataArguments)
     fsspec file system the stream reads them with (HfFileSystem), reading the footer only."""
     files = [str(file) for split in (builder.config.data_files or {}).values() for file in split if str(file).endswith(".parquet")]
     with ThreadPoolExecutor(max_workers=min(16, len(files) or 1)) as pool:  # remote footers: one round trip each
-        failures = [(file, error) for file, error in zip(files, pool.map(_footer_error, files)) if error is not None]
+        failures = [(file, reason) for file, reason in zip(files, pool.map(_footer_problem, files)) if reason is not None]
     if failures:
-        file, error = failures[0]
+        file, reason = failures[0]
         others = f" ({len(failures) - 1} more shard(s) too)" if len(failures) > 1 else ""
-        reason = reprlib.repr(str(error).strip().split("\n")[0])
         raise DatasetError(
             f"Parquet shard {_shard_name(file, args)!r} of dataset '{args.dataset}' cannot be read{others}: {reason}. A stream "
             "would fail when it reaches it. Copy it again (an interrupted download or copy leaves a file without its footer), "
@@ -254,14 +253,16 @@ def check_parquet_footers(builder: datasets.DatasetBuilder, args: DataArguments)
         )
 
 
-def _footer_error(file: str) -> Exception | None:
+def _footer_problem(file: str) -> str | None:
+    """Why the parquet `file` cannot be streamed, read from its footer; None when it can."""
     try:
         filesystem, path = fsspec.core.url_to_fs(file)
         with filesystem.open(path, "rb") as handle:  # pyarrow reads the footer from the end: the last 64 kB at most
-            pq.ParquetFile(handle).metadata
+            rows = pq.ParquetFile(handle).metadata.num_rows
     except (pa.ArrowException, OSError) as error:  # Arrow raises OSError for a footer it cannot deserialize
-        return error
-    return None
+        return reprlib.repr(str(error).strip().split("\n")[0])
+    # datasets' parquet stream reads in batches of the first row group's size: 0 rows end it in an ArrowInvalid
+    return "it holds no rows, and datasets cannot stream an empty parquet file" if rows == 0 else None
 
 
 def _shard_name(file: str, args: DataArguments) -> str:

@@ -107,13 +107,52 @@ def test_a_worker_whose_shard_holds_only_carved_images_leaves_the_stream_to_the_
     pq.write_table(pq.read_table(SAMPLE / "data" / "test-00000-of-00001.parquet").slice(0, 16), data_folder / "test-00000-of-00001.parquet")
     data = load_streaming_dataset(DataArguments(dataset=str(data_folder.parent), streaming=True, validation_size=4,
                                                 shuffle_buffer_size=2))
-    args = HfTransferTrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2,
-                                       dataloader_num_workers=2, dataloader_pin_memory=False, report_to="none")
-    loader = StreamLoader(data.train_stream(_no_pixels, 0, 1, restore_position=True), args)
+    loader = _loader(data, tmp_path, workers=2)
     assert loader.workers == 2
     batches = iter(loader)
     labels = [label for _ in range(8) for label in next(batches)["labels"].tolist()]  # two passes over the 8 photos
     assert sorted(labels) == sorted(train.slice(4, 8).column("labels").to_pylist() * 2)
+
+
+def _loader(data, tmp_path: Path, workers: int) -> StreamLoader:
+    args = HfTransferTrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2,
+                                       dataloader_num_workers=workers, dataloader_pin_memory=False, report_to="none")
+    return StreamLoader(data.train_stream(_no_pixels, 0, 1, restore_position=True), args)
+
+
+def test_an_error_in_a_loader_worker_arrives_as_its_one_line(tmp_path):
+    """`skip_unreadable_images: false` and a truncated photo, read by a worker: the message, not a worker's traceback."""
+    folder = Path(train_shards(tmp_path / "one", shards=1, train_images=12))
+    shard = folder / "data" / "train-00000-of-00001.parquet"
+    rows = pq.read_table(shard).to_pylist()
+    rows[8]["image"]["bytes"] = rows[8]["image"]["bytes"][:300]
+    pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(shard)), shard)
+    data = load_streaming_dataset(DataArguments(dataset=str(folder), streaming=True, validation_size=4, skip_unreadable_images=False))
+    with pytest.raises(DatasetError) as error:
+        list(_loader(data, tmp_path, workers=1))
+    assert str(error.value).startswith("Unreadable image in the train stream (set `skip_unreadable_images: true` to skip it): ")
+    assert "\n" not in str(error.value), str(error.value)
+
+
+def test_a_stream_with_nothing_to_train_on_read_by_workers_says_so_in_one_line(tmp_path):
+    """The 4 photos carved for validation and one more, a copy of one of them: no worker has anything to train on
+    (a copy of a carved image is never trained on), and the loader says so."""
+    folder = Path(train_shards(tmp_path / "copies", shards=1, train_images=4))
+    shard = folder / "data" / "train-00000-of-00001.parquet"
+    rows = pq.read_table(shard)
+    pq.write_table(pa.concat_tables([rows, rows.slice(1, 1)]), shard)
+    data = load_streaming_dataset(DataArguments(dataset=str(folder), streaming=True, validation_size=4))
+    with pytest.raises(DatasetError) as error:
+        list(_loader(data, tmp_path, workers=1))
+    assert str(error.value) == "The train stream holds no images besides those carved for validation and test. Give it images."
+
+
+def test_an_empty_parquet_shard_is_refused_before_training(tmp_path):
+    folder = Path(train_shards(tmp_path / "empty", shards=2, train_images=12))
+    shard = folder / "data" / "train-00001-of-00002.parquet"
+    pq.write_table(pq.read_table(shard).slice(0, 0), shard)  # datasets' stream ends in an ArrowInvalid on it
+    with pytest.raises(DatasetError, match=r"'data/train-00001-of-00002.parquet' .* cannot be read: it holds no rows"):
+        load_streaming_dataset(DataArguments(dataset=str(folder), streaming=True, validation_size=4))
 
 
 def _no_pixels(image) -> torch.Tensor:
