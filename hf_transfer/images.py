@@ -17,6 +17,13 @@ ImageInput = Union[Image.Image, bytes, str, os.PathLike, dict[str, Any]]
 
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white
 
+# The longest side may be this many times the shortest, at most. A model's preprocessing resizes the shortest side to its
+# input size (224-1024 px), so the longest becomes up to this many times that: at 100, a 1024 px model's resize makes
+# 1024 x 102,400 px (315 MB as RGB); a 39,000,000 x 1 image (under the pixel limit) would make more pixels than Pillow
+# can address. 100:1 still admits panoramas (360 degree ones are about 10:1), receipts, long screenshots, spectrograms.
+# With the pixel limit it bounds each side too: at most sqrt(limit x 100), 94,600 px at Pillow's default limit.
+MAX_ASPECT_RATIO = 100
+
 # Leading bytes, to name the format when Pillow cannot even parse the header.
 _IMAGE_SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"GIF8": "GIF", b"BM": "BMP",
                      b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}
@@ -109,9 +116,14 @@ def _read(value: bytes | str | os.PathLike | dict[str, Any]) -> tuple[bytes, str
 
 
 def _check_size(image: Image.Image, source: str | None) -> None:
+    """Refuse, from the header alone, what would exhaust memory when decoded or resized."""
     limit, pixels = Image.MAX_IMAGE_PIXELS, image.width * image.height
     if limit and pixels > limit:
         raise UnreadableImageError(f"decompression bomb: {pixels:,} pixels > limit {limit:,}", source)
+    long, short = max(image.size), min(image.size)
+    if long > MAX_ASPECT_RATIO * short:  # also a side of 0 pixels
+        raise UnreadableImageError(f"aspect ratio {long / max(short, 1):,.0f}:1 ({image.width:,} x {image.height:,} pixels) "
+                                   f"> limit {MAX_ASPECT_RATIO}:1", source)
 
 
 def _unidentified_reason(data: bytes) -> str:

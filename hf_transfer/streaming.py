@@ -14,17 +14,22 @@ import hashlib
 import json
 import logging
 import reprlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
 import datasets
+import fsspec
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import safetensors.torch
 import torch
 import yaml
 from accelerate.utils import gather_object
 from datasets.distributed import split_dataset_by_node
+from huggingface_hub import HfFileSystem
 from safetensors import SafetensorError, safe_open
 from transformers import TrainerCallback
 
@@ -53,6 +58,8 @@ logger = logging.getLogger(__name__)
 
 STREAM_STATE = "stream_state"  # stream_state[_<rank>].safetensors (buffered image bytes) + .json (position, buffer rows)
 SKIPPED = "skipped_images"  # the names of unreadable images met since the previous example, carried with each example
+READ = "stream_read"  # (worker, pass, rows read by it) as of each example: what the run reports, read in any worker
+FAILED = "stream_failed"  # a worker's one-line error, sent as an example: raised in a worker, it would reach Trainer as a traceback
 
 
 class StreamingError(HFTransferError, ValueError):
@@ -124,17 +131,22 @@ class StreamingData(PreparedData):
     def train_stream(self, transform, rank: int, world_size: int, restore_position: bool) -> TrainStream:
         """This rank's share of the train stream, shards shuffled per pass (the same seed on every rank, so they stay disjoint)."""
         stream = self.train.shuffle(seed=self.seed, buffer_size=1)  # shard order only; the images go through our own buffer
+        shards = stream.n_shards
         if world_size > 1:
             if stream.n_shards % world_size:
                 logger.info("Streaming: %d shards do not divide among %d processes; each reads every shard and keeps "
                             "every %d-th image.", stream.n_shards, world_size, world_size)
+            else:  # split_dataset_by_node's rule: whole shards to each process when they divide evenly
+                shards //= world_size
             stream = split_dataset_by_node(stream, rank=rank, world_size=world_size)
-        return TrainStream(stream, self, transform, rank, restore_position)
+        return TrainStream(stream, self, transform, rank, restore_position, shards)
 
 
 def load_streaming_dataset(args: DataArguments) -> StreamingData:
     """The dataset as streams: columns from its features, validation and test read into memory, the train split left a stream."""
-    raw = _open(args)
+    builder = _builder(args)
+    check_parquet_footers(builder, args)  # a corrupt shard would otherwise end the run when the stream reaches it
+    raw = builder.as_streaming_dataset()
     if args.train_split not in raw:
         raise DatasetError(f"Dataset '{args.dataset}' has no '{args.train_split}' split (it has {list(raw)}). Set `train_split`.")
     train = raw[args.train_split]
@@ -203,23 +215,63 @@ def _require_class_label(features: datasets.Features, args: DataArguments) -> No
     )
 
 
-def _open(args: DataArguments) -> datasets.IterableDatasetDict:
+def _builder(args: DataArguments) -> datasets.DatasetBuilder:
+    """The datasets builder of the stream (what `load_dataset(..., streaming=True)` streams from)."""
     local = Path(args.dataset).expanduser()
     if not local.exists() and (args.dataset.startswith((".", "/", "~")) or args.dataset.count("/") > 1):
         raise DatasetError(f"Dataset folder '{args.dataset}' does not exist. Give an existing folder or a Hub id such as `uoft-cs/cifar10`.")
     if local.is_file():
         if local.suffix != ".parquet":
             raise DatasetError(f"Dataset '{args.dataset}' is a file, not a folder or a .parquet file. Give a folder or one .parquet file.")
-        return file_builder(local, args).as_streaming_dataset()
+        return file_builder(local, args)
     if local.is_dir():
-        return folder_builder(local, args).as_streaming_dataset()
+        return folder_builder(local, args)
     if not hub_reachable():
         raise DatasetError(
             f"Cannot stream '{args.dataset}': the Hugging Face Hub is unreachable (or HF_HUB_OFFLINE=1), and a stream is read "
             "from the Hub as it trains. Point `dataset` at a local copy (parquet shards, an image folder or webdataset .tar "
             "shards), or turn `streaming` off to train on the datasets cache."
         )
-    return datasets.load_dataset(args.dataset, args.dataset_config, streaming=True)
+    return datasets.load_dataset_builder(args.dataset, args.dataset_config)
+
+
+# A corrupt shard is refused, not skipped: a shard is thousands of images (a whole class, perhaps), a missing footer is
+# almost always an interrupted download or copy that copying again repairs, and a run on what is left would train on
+# other data than the recipe names. A footer is a few kB at the end of its file (a ranged read or two per Hub shard).
+def check_parquet_footers(builder: datasets.DatasetBuilder, args: DataArguments) -> None:
+    """Refuse, naming it, a parquet shard whose footer (schema, row groups) cannot be read: Hub shards through the
+    fsspec file system the stream reads them with (HfFileSystem), reading the footer only."""
+    files = [str(file) for split in (builder.config.data_files or {}).values() for file in split if str(file).endswith(".parquet")]
+    with ThreadPoolExecutor(max_workers=min(16, len(files) or 1)) as pool:  # remote footers: one round trip each
+        failures = [(file, reason) for file, reason in zip(files, pool.map(_footer_problem, files)) if reason is not None]
+    if failures:
+        file, reason = failures[0]
+        others = f" ({len(failures) - 1} more shard(s) too)" if len(failures) > 1 else ""
+        raise DatasetError(
+            f"Parquet shard {_shard_name(file, args)!r} of dataset '{args.dataset}' cannot be read{others}: {reason}. A stream "
+            "would fail when it reaches it. Copy it again (an interrupted download or copy leaves a file without its footer), "
+            "or move it out of the dataset."
+        )
+
+
+def _footer_problem(file: str) -> str | None:
+    """Why the parquet `file` cannot be streamed, read from its footer; None when it can."""
+    try:
+        filesystem, path = fsspec.core.url_to_fs(file)
+        with filesystem.open(path, "rb") as handle:  # pyarrow reads the footer from the end: the last 64 kB at most
+            rows = pq.ParquetFile(handle).metadata.num_rows
+    except (pa.ArrowException, OSError) as error:  # Arrow raises OSError for a footer it cannot deserialize
+        return reprlib.repr(str(error).strip().split("\n")[0])
+    # datasets' parquet stream reads in batches of the first row group's size: 0 rows end it in an ArrowInvalid
+    return "it holds no rows, and datasets cannot stream an empty parquet file" if rows == 0 else None
+
+
+def _shard_name(file: str, args: DataArguments) -> str:
+    """A shard as the user knows it: its path in the dataset folder or Hub repo (no local path beyond the dataset)."""
+    if file.startswith("hf://"):
+        return HfFileSystem().resolve_path(file).path_in_repo
+    root = _local_root(args.dataset)
+    return shareable_name({"path": str(Path(file).resolve())}, 0, root.resolve() if root else None)
 
 
 def _evaluation_splits(raw, args: DataArguments, train, undecoded, schema) -> tuple[datasets.DatasetDict, list[dict]]:
@@ -289,15 +341,26 @@ class TrainStream(torch.utils.data.IterableDataset):
     (a random one leaves as each new one enters), are decoded as they leave, and unreadable ones are skipped and named.
     `snapshot()` is the position after the last example handed out; `resume_from` makes the next iteration start there."""
 
-    def __init__(self, stream: datasets.IterableDataset, data: StreamingData, transform, rank: int, restore_position: bool):
+    def __init__(self, stream: datasets.IterableDataset, data: StreamingData, transform, rank: int, restore_position: bool,
+                 shards: int):
         super().__init__()
         self.stream, self.data, self.transform, self.rank = stream, data, transform, rank
+        self.shards = shards  # this rank's: each DataLoader worker reads whole shards, so more workers would read none
         self.restore_position = restore_position  # false when the recipe sets `ignore_data_skip: true`
         self.resume_from: dict | None = None
         self._live = None  # (pass, stream position, buffer, rng, rows read) as of the last example handed out
         self._pending: list[str] = []  # unreadable images met since the last example handed out
 
     def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        try:
+            yield from self._examples(worker.id if worker else 0)
+        except HFTransferError as error:
+            if worker is None:
+                raise
+            yield {FAILED: str(error)}  # to the main process, which raises it (see `StreamLoader`)
+
+    def _examples(self, worker: int):
         state, self.resume_from = self.resume_from, None
         pass_index = state["pass"] if state else 0
         read = state["read"] if state else 0  # rows read from the stream by this rank, every pass
@@ -311,7 +374,7 @@ class TrainStream(torch.utils.data.IterableDataset):
                 rng.bit_generator.state = state["rng"]
                 buffer, position, state = state["buffer"], state["stream"], None
             read_in_pass = 0
-            for row in stream:
+            for row in _rows(stream):
                 if image_key(row[self.data.image_column]) in self.data.carved:
                     continue
                 read, read_in_pass, position = read + 1, read_in_pass + 1, stream.state_dict()
@@ -323,15 +386,19 @@ class TrainStream(torch.utils.data.IterableDataset):
                 self._live = (pass_index, position, buffer, rng, read)
                 example = self._example(leaving, pass_index, read)
                 if example is not None:
-                    yield example
+                    yield {**example, READ: (worker, pass_index, read)}
             while buffer:
                 leaving = buffer.pop(int(rng.integers(len(buffer))))
                 self._live = (pass_index, position, buffer, rng, read)
                 example = self._example(leaving, pass_index, read)
                 if example is not None:
-                    yield example
+                    yield {**example, READ: (worker, pass_index, read)}
             if read == 0:
-                raise DatasetError("The train stream holds no images besides those carved for validation and test. Give it images.")
+                # Whether the stream holds any image to train on is decided once, for the whole stream, when it is
+                # opened (`_evaluation_splits`); one worker's shards may hold only carved images while the others' do not.
+                if torch.utils.data.get_worker_info() is not None:
+                    return
+                raise DatasetError(NOTHING_TO_TRAIN_ON)
             pass_index += 1
 
     def _example(self, row: dict, pass_index: int, read: int) -> dict | None:
@@ -363,9 +430,32 @@ class TrainStream(torch.utils.data.IterableDataset):
                 "rng": copy.deepcopy(rng.bit_generator.state), "read": read}
 
 
+NOTHING_TO_TRAIN_ON = "The train stream holds no images besides those carved for validation and test. Give it images."
+
+
+def _rows(stream: datasets.IterableDataset):
+    """The stream's rows; a shard that cannot be read past its footer (checked before training) ends the run in one line."""
+    rows = iter(stream)
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError) as error:  # Arrow raises OSError for a page it cannot deserialize
+            raise DatasetError(
+                f"A shard of the train stream cannot be read: {reprlib.repr(str(error).strip().splitlines()[0])} (datasets logs "
+                "which file). Copy that shard again, or move it out of the dataset."
+            ) from None
+        yield row
+
+
 def stream_collate(examples: list[dict]) -> dict:
+    failed = next((example[FAILED] for example in examples if FAILED in example), None)
+    if failed is not None:
+        return {FAILED: failed}
     skipped = [name for example in examples for name in example.pop(SKIPPED)]
-    return {**collate(examples), SKIPPED: skipped}
+    read = [example.pop(READ) for example in examples]
+    return {**collate(examples), SKIPPED: skipped, READ: read}
 
 
 class StreamLoader:
@@ -373,7 +463,13 @@ class StreamLoader:
     remembering the stream position after the last batch handed out and the unreadable images met."""
 
     def __init__(self, dataset: TrainStream, args):
-        self.dataset, self.workers = dataset, args.dataloader_num_workers
+        self.dataset, self.workers = dataset, min(args.dataloader_num_workers, dataset.shards)
+        if args.dataloader_num_workers:
+            logger.info("Streaming: %d DataLoader worker%s (of the %d asked) for the %d shard%s this process reads: a worker "
+                        "reads whole shards.", self.workers, "" if self.workers == 1 else "s", args.dataloader_num_workers,
+                        dataset.shards, "" if dataset.shards == 1 else "s")
+        else:
+            logger.info("Streaming: the training process reads the stream itself (`dataloader_num_workers: 0`).")
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_size=args.per_device_train_batch_size, collate_fn=stream_collate, num_workers=self.workers,
             pin_memory=args.dataloader_pin_memory, prefetch_factor=args.dataloader_prefetch_factor if self.workers else None,
@@ -381,6 +477,7 @@ class StreamLoader:
         )
         self.skipped: list[str] = []
         self.position: dict | None = None
+        self.read: dict[int, tuple[int, int]] = {}  # worker -> (pass, rows read) as of its last example handed out
 
     def __iter__(self):
         # The DataLoader draws a seed from the global RNG as it starts; an uninterrupted run starts it once, a resumed
@@ -389,10 +486,14 @@ class StreamLoader:
         batches = iter(self.loader)
         torch.random.set_rng_state(rng)
         for batch in batches:
+            if FAILED in batch:
+                raise DatasetError(batch[FAILED])
             self.skipped += batch.pop(SKIPPED)
+            self.read.update({worker: (pass_index, read) for worker, pass_index, read in batch.pop(READ)})
             if not self.workers:  # with workers the position lives in their processes (see `StreamingTrainer`)
                 self.position = self.dataset.snapshot()
             yield batch
+        raise DatasetError(NOTHING_TO_TRAIN_ON)  # an endless stream ends only when no worker has an image to train on
 
 
 class StreamEpochs(TrainerCallback):
@@ -420,11 +521,12 @@ class StreamingTrainer(SafeTrainer):
         output = super().train(resume_from_checkpoint, **kwargs)
         loader, data = self._loader, self.train_dataset.data
         data.skipped["train"] = gather_object(list(loader.skipped))  # every rank's, first pass only
-        position = self.train_dataset.snapshot() or {"read": 0, "pass": 0}
-        read = gather_object([position["read"]])
+        read = sum(count for _, count in loader.read.values())  # by every worker of this rank
+        passes = max((pass_index for pass_index, _ in loader.read.values()), default=0) + 1
         self.stream_summary = {
             "shuffle_buffer_size": data.shuffle_buffer_size, "shards": self.train_dataset.stream.n_shards,
-            "images_read_by_rank": read, "passes_started_by_rank": gather_object([position["pass"] + 1]),
+            "dataloader_num_workers": loader.workers,  # what read the stream: at most one per shard of a rank
+            "images_read_by_rank": gather_object([read]), "passes_started_by_rank": gather_object([passes]),
             "position_in_checkpoints": loader.workers == 0,
         }
         return output

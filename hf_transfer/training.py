@@ -30,7 +30,7 @@ from .explain import ExplainError, save_explanation_figure
 from .freezing import FreezePlan
 from .images import load_image
 from .metrics import compute_metrics, test_report
-from .models import check_model_available, data_config, load_model, save_model
+from .models import check_image_size, check_model_available, data_config, load_model, save_model
 from .nodes import output_is_node_local, placement, raise_together
 from .optimization import build_optimizer, describe_optimizer, describe_schedule
 from .output_dir import check_output_dir, claim_output_dir, holding_output_dir, publish
@@ -103,6 +103,7 @@ def build(recipe: Recipe, claim: bool = True) -> Built:
     args = run_arguments(recipe)
     raise_together(check_output_dir, Path(args.output_dir), recipe.to_dict(), recipe.run)  # each machine's copy checked
     check_model_available(recipe.model)  # before the dataset is read, which can take minutes
+    raise_together(check_image_size, recipe, args.device)  # each machine's free memory
     set_seed(args.seed)
 
     # Each machine's main process first prepares (and checks the images of) its own datasets cache; one shared by
