@@ -5,8 +5,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
+import types
 from pathlib import Path
 
 import datasets
@@ -21,6 +24,7 @@ from torch import nn
 from transformers import AutoModelForImageClassification, TimmWrapperConfig, TimmWrapperForImageClassification
 
 REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
 SAMPLE = REPO / "recipes" / "data" / "cats_vs_dogs_sample"
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
 
@@ -48,17 +52,69 @@ def quickstart_model_dir(tmp_path_factory) -> Path:
     return output_dir
 
 
-# End-to-end runs: every test that trains a model, directly or through a shared trained model, is `slow`
-# (`pytest -m "not slow"` is the fast loop: recipe parsing, errors, images, plans, cards, metrics).
-SLOW_MODULES = {"test_cache", "test_ddp", "test_multinode", "test_reliability", "test_output_dir", "test_hub", "test_classic_recipes",
-                "test_recipe_faithful", "test_training", "test_demo", "test_demo_browser", "test_demo_security"}
-SLOW_FIXTURES = {"quickstart_model_dir", "run_dir", "fresh_run", "model_dirs"}
+# ---- the fast lane: `pytest -m "not slow"` trains nothing -------------------------------------------------------
+# A helper that trains a model (in this process or through a command) is decorated `@trains`. A test that reaches one,
+# directly or through test helpers and fixtures, is marked `slow` at collection; a test that trains anyway in the fast
+# lane fails, naming itself (the guard below), so the lanes cannot drift apart as tests are added.
+TRAINING: set = set()
+TRAINING_NAMES = {"finetune", "run_training"}  # hf_transfer's own entry points that train
+
+
+def trains(function):
+    """Mark `function` (a test helper) as one that trains a model: the tests that call it are `slow`."""
+    TRAINING.add(function)
+    return function
+
+
+def _referenced(function) -> tuple[set[str], dict]:
+    """The global and attribute names `function` uses, and the entry points called in Python code it passes as text."""
+    names, codes = set(), [function.__code__]
+    while codes:
+        code = codes.pop()
+        names.update(code.co_names)
+        codes.extend(const for const in code.co_consts if isinstance(const, types.CodeType))
+        names.update(name for const in code.co_consts if isinstance(const, str) for name in TRAINING_NAMES if f"{name}(" in const)
+    return names, function.__globals__
+
+
+def _reaches_training(function, seen: set) -> bool:
+    """Whether `function` calls a `@trains` helper or hf_transfer's training entry points, through test code."""
+    if not isinstance(function, types.FunctionType) or function in seen:
+        return False
+    seen.add(function)
+    if function in TRAINING:
+        return True
+    names, namespace = _referenced(function)
+    if names & TRAINING_NAMES:  # `hf_transfer.finetune(...)`: an attribute, not a global
+        return True
+    for name in names:
+        value = namespace.get(name)
+        if isinstance(value, types.FunctionType) and value.__code__.co_filename.startswith(str(TESTS)) and _reaches_training(value, seen):
+            return True
+    return False
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        if item.module.__name__ in SLOW_MODULES or SLOW_FIXTURES & set(item.fixturenames):
+        functions = [getattr(item, "function", None)]
+        functions += [definition.func for name in item.fixturenames
+                      for definition in item._fixtureinfo.name2fixturedefs.get(name, ())]
+        seen: set = set()
+        if any(_reaches_training(function, seen) for function in functions):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _fast_lane_trains_nothing(request, monkeypatch):
+    """In the fast lane, `Trainer.train` fails the test: it trains without going through a `@trains` helper."""
+    if request.node.get_closest_marker("slow") is None:
+        import transformers
+
+        def refuse(*args, **kwargs):
+            pytest.fail(f"{request.node.nodeid} trains a model but is not marked slow: train through a @trains helper of conftest.py")
+
+        monkeypatch.setattr(transformers.Trainer, "train", refuse)
+    yield
 
 
 # A random-init test network and a handful of images: a run that gets past the checks takes seconds.
@@ -69,12 +125,67 @@ TINY_SAMPLE = ("--dataset", str(SAMPLE), "--max_train_samples", "8", "--max_eval
 CLASSES = ["cat", "dog"]
 
 
+@trains
+def train_command(*argv: str) -> list[str]:
+    """The command line of `hf-transfer train ...` in a process of its own (to start, watch or kill it)."""
+    return [sys.executable, "-m", "hf_transfer.cli", "train", *argv]
+
+
 def run_command(*argv: str, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
     """`hf-transfer train ...` in its own process, offline unless `env` says otherwise."""
     env = env or {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("HF_TRANSFER_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "hf_transfer.cli", "train", *argv], cwd=REPO, env=env,
+    return subprocess.run(train_command(*argv), cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
+FINETUNE = str(REPO / "recipes" / "finetune.py")
+
+
+@trains
+def launch_processes(*argv: str, env: dict, processes: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`accelerate launch --multi_gpu --num_processes N recipes/finetune.py ...`: N CPU processes (gloo) on this machine."""
+    launch = [*LAUNCH, "--num_processes", str(processes), "--num_machines", "1", "--main_process_port", str(free_port())]
+    return subprocess.run([*launch, FINETUNE, *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@trains
+def training_error(capsys, *argv: str) -> str:
+    """`user_error` for a run that trains before it stops (a diverging loss, a shard that breaks mid-stream)."""
+    return user_error(capsys, *argv)
+
+
+@trains
+def train_in_process(*argv: str) -> None:
+    """`hf-transfer train ...` in this process."""
+    from hf_transfer.cli import main
+
+    main(["train", *argv])
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (other runs may hold accelerate's 29500 or Gradio's 7860)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# Runs a downloaded Space the way Spaces do (`python app.py`), with hf_transfer made unimportable.
+RUN_SPACE = "import runpy, sys; sys.modules['hf_transfer'] = None; runpy.run_path('app.py', run_name='__main__')"
+
+
+def wait_for_server(process: subprocess.Popen, port: int, log: Path, timeout: float = 90) -> None:
+    """Wait until `process` listens on `port`; fail with its log if it exits or takes longer than `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"the server exited:\n{log.read_text()}"
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"the server did not start within {timeout} s:\n{log.read_text()}")
 
 
 def user_error(capsys, *argv: str) -> str:
@@ -197,6 +308,7 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 # --- block discovery ---------------------------------------------------------------------------
 
 
+@trains
 def train_tiny_run(workdir: Path) -> Path:
     """Fine-tune a ViT with hidden size 256 (a 6.5 MB model.safetensors, so a push takes the LFS path)."""
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor

@@ -10,15 +10,13 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import QUICKSTART, REPO, SAMPLE
+from conftest import QUICKSTART, SAMPLE, launch_processes, run_command
 from safetensors.torch import load_file
 from transformers import pipeline
 
@@ -331,14 +329,9 @@ def test_features_cached_by_one_process_serve_a_two_process_run(tmp_path):
         "--data_doctor", "false",  # it would extract the test features first, and the first run then checks a sample
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "datasets")}
-    finetune_script = str(REPO / "recipes" / "finetune.py")
-    one = subprocess.run([sys.executable, finetune_script, *options, "--output_dir", str(tmp_path / "one")],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    one = run_command(*options, "--output_dir", str(tmp_path / "one"), env=env, timeout=600)
     assert one.returncode == 0, one.stderr[-4000:]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", finetune_script]
-    two = subprocess.run([*launch, *options, "--output_dir", str(tmp_path / "two")],
-                         cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    two = launch_processes(*options, "--output_dir", str(tmp_path / "two"), env={**env, "OMP_NUM_THREADS": "1"}, timeout=600)
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-4000:]
 
     first, second = (json.loads((tmp_path / name / "all_results.json").read_text()) for name in ("one", "two"))

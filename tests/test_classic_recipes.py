@@ -13,7 +13,7 @@ import datasets
 import numpy as np
 import pytest
 import safetensors.torch
-from conftest import REPO, SAMPLE, write_dataset
+from conftest import REPO, SAMPLE, train_command, trains, write_dataset
 from hub_server import LocalHub
 from PIL import Image
 from sklearn.datasets import load_digits
@@ -47,6 +47,7 @@ def digits(tmp_path_factory) -> str:
                          {"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
 
 
+@trains
 def run_classic(name: str, output_dir: Path, *options: str) -> dict:
     main(["train", str(CLASSIC / f"{name}.yaml"), *FEW_STEPS, "--output_dir", str(output_dir), *options])
     return json.loads((output_dir / "all_results.json").read_text())
@@ -120,8 +121,8 @@ def test_resnet18_loads_from_the_hub_through_the_normal_online_path(timm_hub, tm
     served = safetensors.torch.load_file(home / "resnet18.tv_in1k" / "model.safetensors")
     output_dir = tmp_path / "out"
     done = subprocess.run(
-        [sys.executable, "-m", "hf_transfer.cli", "train", str(CLASSIC / "resnet18_cifar10.yaml"), *FEW_STEPS[2:],
-         "--model", "timm/resnet18.tv_in1k", "--dataset", str(SAMPLE), "--validation_size", "4", "--output_dir", str(output_dir)],
+        train_command(str(CLASSIC / "resnet18_cifar10.yaml"), *FEW_STEPS[2:],
+         "--model", "timm/resnet18.tv_in1k", "--dataset", str(SAMPLE), "--validation_size", "4", "--output_dir", str(output_dir)),
         env=hub.client_env(tmp_path / "hf", token="hf_reader"), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     trained = safetensors.torch.load_file(output_dir / "model.safetensors")

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import datasets
 import pytest
-from conftest import IMAGE, LABEL, SAMPLE, TINY_RUN, labelled, photos, sample_rows, user_error, write_dataset
+from conftest import IMAGE, LABEL, SAMPLE, TINY_RUN, labelled, photos, sample_rows, train_in_process, user_error, write_dataset
 
-from hf_transfer.cli import main
 from hf_transfer.data import DataArguments, DatasetError, load_image_dataset
 from hf_transfer.errors import HFTransferError
 
@@ -207,7 +206,7 @@ def test_skipped_images_are_named_relative_to_the_dataset_folder(tmp_path):
     write_photos(root / "dog", 1, 8)
     (root / "dog" / "broken.jpg").write_bytes(sample_rows("train")[0]["image"]["bytes"][:300])  # a truncated download
     output_dir = tmp_path / "out"
-    main(["train", "--dataset", str(root), "--output_dir", str(output_dir), *TINY_RUN, "--test_size", "4"])
+    train_in_process("--dataset", str(root), "--output_dir", str(output_dir), *TINY_RUN, "--test_size", "4")
 
     results = json.loads((output_dir / "all_results.json").read_text())
     entries = [entry for found in results["skipped_image_examples"].values() for entry in found]

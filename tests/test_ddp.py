@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import torch
-from conftest import REPO, SAMPLE, block_tensors, changed_blocks, load, save_timm_model, weights
+from conftest import SAMPLE, block_tensors, changed_blocks, launch_processes, load, save_timm_model, weights
 
 from hf_transfer.checksums import checksum
 
@@ -23,8 +21,6 @@ def test_staged_unfreezing_under_two_process_ddp(tmp_path):
     model_dir = save_timm_model(tmp_path / "model", "test_efficientnet")
     out = tmp_path / "run"
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "recipes" / "finetune.py"),
         "--dataset", str(SAMPLE), "--model", str(model_dir), "--output_dir", str(out),
         "--validation_size", "8", "--max_train_samples", "32", "--max_eval_samples", "8", "--max_test_samples", "16",
         "--per_device_train_batch_size", "4", "--max_steps", "6", "--learning_rate", "0.01", "--warmup_steps", "0",
@@ -34,7 +30,7 @@ def test_staged_unfreezing_under_two_process_ddp(tmp_path):
         "--stages", "[{at_step: 0, train: head}, {at_step: 3, train: 'last_n:2'}]",
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "datasets")}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = launch_processes(*command, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
 
     plan = json.loads((out / "freeze_plan.json").read_text())

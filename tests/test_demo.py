@@ -8,13 +8,13 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import gradio as gr
 import numpy as np
 import pytest
 from bad_images import build_corpus
+from conftest import RUN_SPACE, free_port, wait_for_server
 from datasets import Image as ImageFeature
 from datasets import load_dataset
 from gradio_client import Client, handle_file
@@ -152,28 +152,6 @@ snapshot_download("user/cats-demo", repo_type="space", local_dir=download_to)
 print(url)
 """
 
-# Runs the downloaded Space the way Spaces do (`python app.py`), with hf_transfer made unimportable.
-RUN_SPACE = "import runpy, sys; sys.modules['hf_transfer'] = None; runpy.run_path('app.py', run_name='__main__')"
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _wait_for_server(process: subprocess.Popen, port: int, log: Path, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"the Space app exited:\n{log.read_text()}"
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise TimeoutError(f"the Space app did not start within {timeout} s:\n{log.read_text()}")
-
-
 def test_pushed_space_runs_from_its_own_files(quickstart_model_dir, tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     for folder, names in ((first, ["cat_1.jpg", "cat_2.jpg"]), (second, ["cat_1.jpg"])):
@@ -191,7 +169,7 @@ def test_pushed_space_runs_from_its_own_files(quickstart_model_dir, tmp_path):
         assert SpaceCard.load(space / "README.md").data.models == ["user/cats-model"]
         assert sorted(p.name for p in (space / "examples").iterdir()) == ["cat_1.jpg"]  # the update removed cat_2
 
-        port = _free_port()
+        port = free_port()
         env = hub.client_env(tmp_path / "hf_home_space")  # a fresh cache: the model comes from the local Hub
         env["GRADIO_SERVER_PORT"] = str(port)
         log = tmp_path / "space.log"
@@ -199,7 +177,7 @@ def test_pushed_space_runs_from_its_own_files(quickstart_model_dir, tmp_path):
             server = subprocess.Popen([sys.executable, "-c", RUN_SPACE], cwd=space, env=env,
                                       stdout=output, stderr=subprocess.STDOUT)
         try:
-            _wait_for_server(server, port, log)
+            wait_for_server(server, port, log)
             client = Client(f"http://127.0.0.1:{port}", verbose=False)
             prediction = client.predict(handle_file(str(CAT)), api_name="/classify")
             assert prediction["label"] == "cat"

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import RUN_SPACE, free_port, wait_for_server
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
-from test_demo import RUN_SPACE, _free_port, _wait_for_server
 
 from hf_transfer.demo import load_app, stage_space
 from hf_transfer.examples import examples_from_run
@@ -44,7 +44,7 @@ def server(request, quickstart_model_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("demo-server")
     cache = work / "gradio-cache"  # GRADIO_TEMP_DIR: the only folder the app may read requests' files from
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_TEMP_DIR": str(cache), "GRADIO_ANALYTICS_ENABLED": "False"}
-    port = _free_port()
+    port = free_port()
     if request.param == "hf-transfer demo":
         command, cwd = [sys.executable, "-m", "hf_transfer.cli", "demo", str(quickstart_model_dir), "--port", str(port)], REPO_ROOT
     else:
@@ -57,7 +57,7 @@ def server(request, quickstart_model_dir, tmp_path_factory):
     with log.open("w") as output:
         process = subprocess.Popen(command, cwd=cwd, env=env, stdout=output, stderr=subprocess.STDOUT)
     try:
-        _wait_for_server(process, port, log, timeout=180)
+        wait_for_server(process, port, log, timeout=180)
         outside = work / "outside"
         outside.mkdir()
         (outside / "secret.txt").write_text(SECRET + "\n")

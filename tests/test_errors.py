@@ -10,8 +10,7 @@ from __future__ import annotations
 import datasets
 import pytest
 
-from conftest import CLASSES, IMAGE, LABEL, SAMPLE, TINY_RUN, TINY_SAMPLE, labelled, photos, run_command, user_error, write_dataset
-from hf_transfer.cli import main
+from conftest import CLASSES, IMAGE, LABEL, SAMPLE, TINY_RUN, TINY_SAMPLE, labelled, photos, run_command, train_in_process, user_error, write_dataset
 
 pytestmark = pytest.mark.usefixtures("offline_hub")
 
@@ -155,7 +154,7 @@ def test_wrong_type_on_the_command_line(capsys):
 
 def test_output_dir_of_a_different_run_is_refused_unless_overwrite(tmp_path, capsys):
     output_dir = tmp_path / "out"
-    main(["train", *TINY_SAMPLE, *TINY_RUN, "--output_dir", str(output_dir)])
+    train_in_process(*TINY_SAMPLE, *TINY_RUN, "--output_dir", str(output_dir))
     (output_dir / "marker.txt").write_text("from the earlier run")
     message = user_error(capsys, *TINY_SAMPLE, *TINY_RUN, "--output_dir", str(output_dir), "--learning_rate", "0.01")
     assert f"{output_dir} already holds a different run (differs in: training.learning_rate)" in message
@@ -163,7 +162,7 @@ def test_output_dir_of_a_different_run_is_refused_unless_overwrite(tmp_path, cap
     assert (output_dir / "marker.txt").exists()
 
     (output_dir / "marker.txt").unlink()  # --overwrite deletes only a run's own files (test_output_dir.py)
-    main(["train", *TINY_SAMPLE, *TINY_RUN, "--output_dir", str(output_dir), "--learning_rate", "0.01", "--overwrite", "true"])
+    train_in_process(*TINY_SAMPLE, *TINY_RUN, "--output_dir", str(output_dir), "--learning_rate", "0.01", "--overwrite", "true")
     assert (output_dir / "model.safetensors").is_file()
     assert '"learning_rate": 0.01' in (output_dir / "run_config.json").read_text()
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from conftest import SAMPLE, block_tensors, model_photos, changed_blocks, load, save_timm_model, weights
+from conftest import SAMPLE, block_tensors, changed_blocks, load, model_photos, save_timm_model, trains, weights
 from torch import nn
 from transformers import (
     DeiTConfig,
@@ -51,6 +51,7 @@ def model_dirs(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+@trains
 def train(model_dir: Path, output_dir: Path, *options: str) -> Path:
     """A real run on the repo's cat and dog photos, saving a checkpoint after every optimizer step."""
     run(parse_recipe([

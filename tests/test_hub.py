@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from hub_server import LocalHub
-from conftest import SAMPLE
+from conftest import SAMPLE, train_command
 
 from hf_transfer.hub import HubError, push_to_hub
 
@@ -422,9 +422,9 @@ def test_recipe_push_to_hub_uploads_and_verifies_at_the_end_of_training(hub, run
     env["PYTHONPATH"] = str(REPO_ROOT)
     output_dir = tmp_path / "run"
     process = subprocess.run(
-        [sys.executable, "-m", "hf_transfer.cli", "train", str(REPO_ROOT / "recipes" / "quickstart.yaml"),
-         "--model", str(base_model), "--output_dir", str(output_dir), "--max_train_samples", "24", "--max_test_samples", "16",
-         "--num_train_epochs", "1", "--push_to_hub", "true", "--hub_model_id", "user/quickstart-pushed"],
+        train_command(str(REPO_ROOT / "recipes" / "quickstart.yaml"),
+                      "--model", str(base_model), "--output_dir", str(output_dir), "--max_train_samples", "24", "--max_test_samples", "16",
+                      "--num_train_epochs", "1", "--push_to_hub", "true", "--hub_model_id", "user/quickstart-pushed"),
         env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
     )
     output = process.stdout + process.stderr

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import IMAGE, LABEL, REPO, SAMPLE, TINY_RUN, labelled, run_command, user_error, write_dataset
+from conftest import IMAGE, LABEL, REPO, SAMPLE, TINY_RUN, labelled, launch_processes, run_command, training_error, user_error, write_dataset
 from hub_server import LocalHub
 from PIL import Image
 
@@ -84,12 +84,10 @@ def test_one_parquet_file_streamed_with_two_workers_trains_with_one(tmp_path):
 def test_one_parquet_file_streamed_by_two_processes_with_two_workers_each(tmp_path):
     out = tmp_path / "run"
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "recipes" / "finetune.py"),
         "--dataset", train_shards(tmp_path / "one", shards=1), *STREAM, "--dataloader_num_workers", "2",
         "--ddp_find_unused_parameters", "false", "--output_dir", str(out),
     ]
-    result = subprocess.run(command, cwd=REPO, env=_environment(tmp_path), capture_output=True, text=True, timeout=300)
+    result = launch_processes(*command, env=_environment(tmp_path))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     summary = json.loads((out / "all_results.json").read_text())["streaming"]
     assert summary["dataloader_num_workers"] == 1, summary
@@ -204,7 +202,7 @@ def test_a_shard_corrupt_past_its_footer_ends_the_run_in_one_line(capsys, tmp_pa
     data = bytearray(shard.read_bytes())
     data[4:1004] = bytes(1000)  # the first data page's header, zeroed
     shard.write_bytes(bytes(data))
-    message = user_error(capsys, "--dataset", dataset, *STREAM, "--output_dir", str(tmp_path / "run"))
+    message = training_error(capsys, "--dataset", dataset, *STREAM, "--output_dir", str(tmp_path / "run"))
     assert "A shard of the train stream cannot be read" in message and "Copy that shard again" in message, message
 
 

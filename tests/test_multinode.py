@@ -12,18 +12,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import QUICKSTART, REPO, SAMPLE, save_timm_model
+from conftest import FINETUNE, LAUNCH, QUICKSTART, REPO, SAMPLE, free_port, save_timm_model, trains
 from transformers import pipeline
 
 from hf_transfer.feature_store import KEY_FILE
 
-FINETUNE = str(REPO / "recipes" / "finetune.py")
 # 32 training images in batches of 2 x 4: 4 optimizer steps an epoch, 8 in all; 16 test images, so one image is 1/16.
 TINY = ["--max_train_samples", "32", "--max_test_samples", "16", "--validation_size", "8", "--num_train_epochs", "2",
         "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8", "--augmentation", "none",
@@ -33,7 +30,6 @@ FREEZES = {
     "staged": ["--freeze", "staged", "--batchnorm", "frozen", "--stages", "[{at_step: 0, train: head}, {at_step: 3, train: 'last_n:2'}]"],
     "full": ["--freeze", "full", "--learning_rate", "0.01"],
 }
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
 @pytest.fixture(scope="module")
@@ -47,19 +43,14 @@ def _env(home: Path) -> dict:
             "HF_DATASETS_CACHE": str(home / "datasets")}
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _options(model_dir: Path, freeze: str, *extra: str) -> list[str]:
     return [str(QUICKSTART), "--dataset", str(SAMPLE), "--model", str(model_dir), *TINY, *FREEZES[freeze], *extra]
 
 
+@trains
 def one_machine(tmp_path: Path, options: list[str]) -> Path:
     out = tmp_path / "one" / "out"
-    launch = [*LAUNCH, "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(_free_port())]  # other runs may hold 29500
+    launch = [*LAUNCH, "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port())]  # other runs may hold 29500
     result = subprocess.run([*launch, FINETUNE, *options, "--output_dir", str(out)], check=False, cwd=REPO,
                             env=_env(tmp_path / "one"), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
@@ -71,9 +62,10 @@ def launch_two_machines(tmp_path: Path, options: list[str], shared: bool) -> tup
     return launch_machines(options, [tmp_path / ("shared" if shared else f"machine{rank}") for rank in range(2)])
 
 
+@trains
 def launch_machines(options: list[str], homes: list[Path]) -> tuple[list[Path], list[int], list[str]]:
     """One machine per home, one process each, launched at once; a home named twice is a disk those machines share."""
-    port, machines = _free_port(), []
+    port, machines = free_port(), []
     for rank, home in enumerate(homes):
         home.mkdir(exist_ok=True)  # a machine's own disk exists before the run; only its sub-folders are made by it
         launch = [*LAUNCH, "--num_processes", str(len(homes)), "--num_machines", str(len(homes)), "--machine_rank", str(rank),

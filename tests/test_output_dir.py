@@ -26,7 +26,7 @@ import safetensors.torch
 import torch
 from transformers import TrainingArguments, ViTConfig, ViTForImageClassification
 
-from conftest import REPO, SAMPLE, TINY_RUN, TINY_SAMPLE, run_command, sample_rows, user_error
+from conftest import REPO, SAMPLE, TINY_RUN, TINY_SAMPLE, run_command, sample_rows, train_command, trains, user_error
 from hf_transfer.trainer import CheckpointError, SafeTrainer, last_complete_checkpoint
 from hf_transfer.cli import main
 
@@ -67,10 +67,6 @@ def _environment() -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("HF_TRANSFER_DEBUG", None)
     return env
-
-
-def _train_command(*argv: str) -> list[str]:
-    return [sys.executable, "-m", "hf_transfer.cli", "train", *argv]
 
 
 def _one_error_line(stderr: str) -> str:
@@ -178,8 +174,9 @@ def _in_mount_namespace(script: str) -> subprocess.CompletedProcess:
                           env=_environment(), capture_output=True, text=True, timeout=600, check=False)
 
 
+@trains
 def _train(*argv: str) -> str:
-    return shlex.join(_train_command(*argv))
+    return shlex.join(train_command(*argv))
 
 
 def test_read_only_output_folder(tmp_path):
@@ -237,7 +234,7 @@ def test_disk_full_during_training_then_resume_once_there_is_space(finished_run,
 # ---- two runs, one folder -------------------------------------------------------------------------
 def test_a_second_run_into_the_same_folder_is_refused_and_a_killed_run_releases_it(tmp_path, capsys):
     output_dir = tmp_path / "out"
-    first = subprocess.Popen(_train_command(*CHECKPOINTED, "--num_train_epochs", "20", "--output_dir", str(output_dir)),
+    first = subprocess.Popen(train_command(*CHECKPOINTED, "--num_train_epochs", "20", "--output_dir", str(output_dir)),
                              cwd=REPO, env=_environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for_complete_checkpoint(first, output_dir)
@@ -285,7 +282,7 @@ def test_the_card_is_published_with_the_model(finished_run, tmp_path):
 def test_ctrl_c_stops_with_one_line_and_the_run_resumes(tmp_path):
     output_dir = tmp_path / "out"
     argv = (*CHECKPOINTED, "--num_train_epochs", "3", "--output_dir", str(output_dir))  # 12 steps: 9 left after the first checkpoint
-    run = subprocess.Popen(_train_command(*argv), cwd=REPO, env=_environment(), stdout=subprocess.DEVNULL,
+    run = subprocess.Popen(train_command(*argv), cwd=REPO, env=_environment(), stdout=subprocess.DEVNULL,
                            stderr=subprocess.PIPE, text=True)
     _wait_for_complete_checkpoint(run, output_dir)
     run.send_signal(signal.SIGINT)

@@ -13,7 +13,7 @@ import safetensors.torch
 import timm
 import torch
 import yaml
-from conftest import IMAGE, LABEL, QUICKSTART, REPO, SAMPLE, TINY_RUN, TINY_SAMPLE, user_error, write_dataset
+from conftest import IMAGE, LABEL, QUICKSTART, REPO, SAMPLE, TINY_RUN, TINY_SAMPLE, train_in_process, trains, user_error, write_dataset
 from transformers import AutoModelForImageClassification, TimmWrapperForImageClassification, pipeline
 
 from hf_transfer.cli import main
@@ -26,6 +26,7 @@ pytestmark = pytest.mark.usefixtures("offline_hub")
 PER_STEP = ("--logging_strategy", "steps", "--logging_steps", "1", "--warmup_steps", "0")
 
 
+@trains
 def train(output_dir: Path, *options: str) -> Path:
     main(["train", *TINY_SAMPLE, *TINY_RUN, "--output_dir", str(output_dir), *options])
     return output_dir
@@ -179,7 +180,7 @@ def test_the_recipe_written_into_the_output_folder_reproduces_the_run_bit_for_bi
     written = yaml.safe_load((first / "recipe.yaml").read_text())
     assert written["load_best_model_at_end"] is False and written["optim"] == "sgd"
     assert json.loads((first / "run_config.json").read_text())["training"]["load_best_model_at_end"] is False
-    main(["train", str(first / "recipe.yaml"), "--output_dir", str(tmp_path / "second")])
+    train_in_process(str(first / "recipe.yaml"), "--output_dir", str(tmp_path / "second"))
     second = tmp_path / "second"
     assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
     keys = ("test_accuracy", "test_loss", "eval_loss", "train_loss")

@@ -11,7 +11,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -21,7 +20,7 @@ import pytest
 import safetensors.torch
 import torch
 from bad_images import build_corpus
-from conftest import REPO, TINY_RUN, TINY_SAMPLE, sample_rows, user_error
+from conftest import REPO, TINY_RUN, TINY_SAMPLE, sample_rows, train_command, train_in_process, training_error, trains
 from PIL import Image
 from torch.overrides import TorchFunctionMode
 from transformers import AutoModelForImageClassification, TimmWrapperConfig, TimmWrapperForImageClassification, TrainerCallback
@@ -47,7 +46,7 @@ TIMING = ("runtime", "per_second")  # the only things allowed to differ between 
 
 
 def _command(output_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "hf_transfer.cli", "train", *RESUMABLE_RUN, "--output_dir", str(output_dir), *extra]
+    return train_command(*RESUMABLE_RUN, "--output_dir", str(output_dir), *extra)
 
 
 def _environment() -> dict:
@@ -178,7 +177,7 @@ def test_kill_at_any_point_of_publishing_never_leaves_half_a_model(tmp_path):
 
 def test_diverging_run_stops_clearly_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     output_dir = tmp_path / "out"
-    message = user_error(capsys, *RESUMABLE_RUN, "--learning_rate", "1e6", "--save_steps", "1",
+    message = training_error(capsys, *RESUMABLE_RUN, "--learning_rate", "1e6", "--save_steps", "1",
                          "--output_dir", str(output_dir))
     assert "Lower `learning_rate` (or use `bf16` instead of `fp16`) and start again with `--overwrite`" in message
     assert "Loss became nan at step" in message or "Loss became inf at step" in message or "Weights became NaN or inf" in message
@@ -208,6 +207,7 @@ class Photos(torch.utils.data.Dataset):
         return {"pixel_values": pixels, "labels": self.labels[index]}
 
 
+@trains
 def _trainer(output_dir: Path, photos: Photos, *callbacks: TrainerCallback) -> SafeTrainer:
     """What training.run builds, on the recipe defaults (log and save once per epoch): one photo per step."""
     recipe = parse_recipe([], dataset="in-memory", model="test_efficientnet", pretrained=False, freeze="full",
@@ -298,7 +298,7 @@ def folder_with_bad_images(tmp_path_factory) -> Path:
 
 def test_run_over_unreadable_images_skips_counts_and_reports_them(folder_with_bad_images, tmp_path, capfd, caplog):
     output_dir = tmp_path / "out"
-    main(["train", "--dataset", str(folder_with_bad_images), "--output_dir", str(output_dir), *TINY_RUN])
+    train_in_process("--dataset", str(folder_with_bad_images), "--output_dir", str(output_dir), *TINY_RUN)
 
     results = json.loads((output_dir / "all_results.json").read_text())
     skipped, examples = results["skipped_images"], results["skipped_image_examples"]

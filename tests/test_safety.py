@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from conftest import TINY_RUN, TINY_SAMPLE
+from conftest import TINY_RUN, TINY_SAMPLE, train_in_process
 from transformers import TrainingArguments, ViTConfig, ViTForImageClassification, ViTImageProcessor
 
-from hf_transfer.cli import main
 from hf_transfer.models import ModelArguments, ModelNotAvailableError, load_model
 from hf_transfer.trainer import CheckpointError, SafeTrainer
 
@@ -27,8 +26,8 @@ def test_tokens_never_reach_logs_cards_or_saved_files_and_only_safetensors_are_w
     """The default recipe path (frozen backbone, head trained on cached features), with checkpoints."""
     monkeypatch.setenv("HF_TOKEN", ENV_TOKEN)
     output_dir = tmp_path / "out"
-    main(["train", *TINY_SAMPLE, *TINY_RUN, "--freeze", "head_only", "--save_strategy", "steps", "--save_steps", "1",
-          "--hub_token", ARG_TOKEN, "--output_dir", str(output_dir)])
+    train_in_process(*TINY_SAMPLE, *TINY_RUN, "--freeze", "head_only", "--save_strategy", "steps", "--save_steps", "1",
+          "--hub_token", ARG_TOKEN, "--output_dir", str(output_dir))
 
     printed = capfd.readouterr()
     for text in (printed.out, printed.err, caplog.text):

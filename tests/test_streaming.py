@@ -11,7 +11,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import safetensors.torch
 import torch
-from conftest import CLASSES, IMAGE, REPO, SAMPLE, labelled, sample_rows, user_error, write_dataset
+from conftest import CLASSES, IMAGE, REPO, SAMPLE, labelled, launch_processes, sample_rows, train_command, user_error, write_dataset
 
 from hf_transfer.data import DataArguments
 from hf_transfer.streaming import image_key, load_streaming_dataset
@@ -153,13 +152,11 @@ def test_streaming_run_reaches_the_map_style_accuracy(tmp_path):
 def test_two_process_streaming_run(tmp_path):
     out = tmp_path / "run"
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "recipes" / "finetune.py"),
         "--dataset", shards(tmp_path / "shards", train_images=40), "--streaming", "true", *TINY, "--output_dir", str(out),
         "--validation_size", "8", "--per_device_train_batch_size", "4", "--max_steps", "6", "--shuffle_buffer_size", "4",
         "--eval_strategy", "no", "--save_strategy", "no", "--ddp_find_unused_parameters", "false",
     ]
-    result = subprocess.run(command, cwd=REPO, env=_environment(tmp_path), capture_output=True, text=True, timeout=300)
+    result = launch_processes(*command, env=_environment(tmp_path))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     results = json.loads((out / "all_results.json").read_text())
     read = results["streaming"]["images_read_by_rank"]
@@ -177,10 +174,10 @@ def test_killed_streaming_run_resumes_to_identical_weights(tmp_path):
     dataset = shards(tmp_path / "shards", train_images=24)
 
     def command(output_dir: Path, *extra: str) -> list[str]:
-        return [sys.executable, "-m", "hf_transfer.cli", "train", "--dataset", dataset, "--streaming", "true", *TINY,
+        return train_command("--dataset", dataset, "--streaming", "true", *TINY,
                 "--validation_size", "4", "--per_device_train_batch_size", "2", "--max_steps", "16", "--shuffle_buffer_size", "6",
                 "--save_strategy", "steps", "--save_steps", "4", "--save_total_limit", "10", "--logging_strategy", "steps",
-                "--logging_steps", "2", "--eval_strategy", "no", "--output_dir", str(output_dir), *extra]
+                "--logging_steps", "2", "--eval_strategy", "no", "--output_dir", str(output_dir), *extra)
 
     uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
     env = _environment(tmp_path)
