@@ -23,11 +23,16 @@ class FreezeCallback(TrainerCallback, ExportableState):
 
     def __init__(self, plan: FreezePlan):
         self.plan = plan
+        self.training = False  # only evaluations during training count (not that of the final model after it)
 
     def state(self) -> dict:
         return {"args": {}, "attributes": {"stage_starts": self.plan.stage_starts, "reasons": self.plan.reasons}}
 
+    def on_train_end(self, args, state, control, **kwargs):
+        self.training = False
+
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        self.training = True
         # Under DDP every rank's reducer expects a gradient for every parameter it registered, every step.
         if args.world_size == 1:
             self.plan.use_one_process()
@@ -49,7 +54,7 @@ class FreezeCallback(TrainerCallback, ExportableState):
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         key = metric_key(args)
-        if metrics and key in metrics:  # not the test split's metrics (`eval_test_each_epoch`)
+        if self.training and metrics and key in metrics:  # not the test split's metrics (`eval_test_each_epoch`)
             self.plan.observe(key.removeprefix("eval_"), metrics[key], bool(args.greater_is_better), state.global_step)
 
     def on_epoch_end(self, args, state, control, **kwargs):
@@ -71,16 +76,25 @@ class EarlyStopping(EarlyStoppingCallback):
         super().__init__(early_stopping_patience=patience, early_stopping_threshold=threshold)
         self.plan = plan
         self.stopped: dict | None = None
+        self.training = False  # the evaluation of the final model, after training, stops nothing
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.training = True
+        return super().on_train_begin(args, state, control, **kwargs)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.training = False
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         key = metric_key(args)
-        if not metrics or key not in metrics:
+        if not self.training or not metrics or key not in metrics:
             return  # the test split's per-epoch metrics are never a stopping signal
         if self.plan.waits_for_plateau or not self.plan.in_last_stage:
             self.early_stopping_patience_counter = 0
             return
         super().on_evaluate(args, state, control, metrics, **kwargs)
-        if control.should_training_stop and self.stopped is None:
+        # Not `control.should_training_stop` alone: Trainer sets it before the evaluation of the last step.
+        if self.early_stopping_patience_counter >= self.early_stopping_patience and self.stopped is None:
             self.stopped = {
                 "epoch": state.epoch, "step": state.global_step,
                 "reason": f"validation {key.removeprefix('eval_')} did not improve by more than {self.early_stopping_threshold} "

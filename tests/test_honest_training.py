@@ -95,4 +95,25 @@ STAGES = "[{at_epoch: 0, train: head}, {at_epoch: 1, train: all, lr_scale: 0.1}]
 # ---- only evaluations during training count ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
+def test_evaluating_the_final_model_starts_no_plateau_stage(tmp_path):
+    # One epoch: one evaluation during training sets the best; the evaluation after training must not count as a second.
+    out = train(tmp_path / "plateau", "--freeze", "staged", "--stages", "[{at_epoch: 0, train: head}, {at_plateau: 1, train: all}]",
+                "--learning_rate", "1e-12", "--save_strategy", "epoch", "--load_best_model_at_end", "true")
+    saved = json.loads((out / "trainer_state.json").read_text())["stateful_callbacks"]["FreezeCallback"]["attributes"]
+    assert saved["stage_starts"] == [0, None] and saved["reasons"] == {"0": "at_epoch 0"}
+    assert [stage["train"] for stage in json.loads((out / "freeze_plan.json").read_text())["history"]] == ["head"]
+
+
+@pytest.mark.slow
+def test_a_run_that_trains_every_epoch_was_not_stopped_early(tmp_path):
+    # Validation never improves (a rate too small to change a prediction): evaluation 2, at the last step, is the first
+    # without improvement, one short of patience 2. Trainer is ending there anyway, which is no early stop; the evaluation
+    # of the final model after training would be the second, and must not count.
+    out = train(tmp_path / "early", "--num_train_epochs", "2", "--learning_rate", "1e-12", "--early_stopping_patience", "2")
+    stopping = results(out)["early_stopping"]
+    assert not stopping["stopped_early"], stopping
+    assert "was on but did not stop training" in (out / "README.md").read_text()
+
+
 # ---- two processes, bf16 from `accelerate launch` ----------------------------------------------------------------------
