@@ -41,9 +41,9 @@ class HfTransferTrainingArguments(TrainingArguments):
     lr_scheduler_type: str = field(
         default="linear",
         metadata={
-            "help": "Learning-rate schedule: any of Trainer's, or `step` (multiply by `gamma` every `step_size` epochs, "
-                    "as torch's StepLR stepped once per epoch; set them with `lr_scheduler_kwargs: {step_size: 2, gamma: 0.1}`). "
-                    "`warmup_steps` applies to every schedule.",
+            "help": "Learning-rate schedule: any of Trainer's, or `step` (multiply by `gamma` every `step_size` epochs: the rate "
+                    "torch's StepLR gives stepped once per epoch, applied per optimizer step by a LambdaLR; set them with "
+                    "`lr_scheduler_kwargs: {step_size: 2, gamma: 0.1}`). `warmup_steps` applies to every schedule.",
             "choices": SCHEDULES,
         },
     )
@@ -243,19 +243,36 @@ def build_optimizer(args: TrainingArguments, model: torch.nn.Module, groups: lis
 def describe_optimizer(optimizer: torch.optim.Optimizer) -> dict:
     """The optimizer as it ran: its class and the hyperparameters it holds (read back from the object)."""
     optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
-    defaults = {key: value for key, value in optimizer.defaults.items() if isinstance(value, (int, float, str, bool, tuple, type(None)))}
     rates = sorted({group.get("initial_lr", group["lr"]) for group in optimizer.param_groups})  # before the schedule scaled them
     return {
         "class": f"{type(optimizer).__module__}.{type(optimizer).__name__}",
-        "hyperparameters": defaults,
+        "hyperparameters": _group_values(optimizer),
         "parameter_groups": len(optimizer.param_groups),
         "weight_decays": sorted({group.get("weight_decay", 0.0) for group in optimizer.param_groups}, reverse=True),
         "learning_rates": [rates[0], rates[-1]] if rates else [],
     }
 
 
+def _group_values(optimizer: torch.optim.Optimizer) -> dict:
+    """Each hyperparameter as the parameter groups ran with it (the optimizer's `defaults` are only what a group without
+    its own value would get): one value where all groups agree, else each value, largest first. `lr` is the groups'
+    rate before the schedule scaled it."""
+    values = {}
+    for key, default in optimizer.defaults.items():
+        if not isinstance(default, (int, float, str, bool, tuple, type(None))):
+            continue
+        found = list(dict.fromkeys(group.get("initial_lr", group["lr"]) if key == "lr" else group.get(key, default)
+                                   for group in optimizer.param_groups))
+        numbers = all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in found)
+        values[key] = found[0] if len(found) == 1 else (sorted(found, reverse=True) if numbers else found)
+    return values
+
+
 def step_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, steps_per_epoch: int, step_size: int, gamma: float):
-    """Linear warm-up, then lr x gamma ** (completed epochs // step_size): torch's StepLR stepped once per epoch."""
+    """Linear warm-up, then lr x gamma ** (completed epochs // step_size): the rate torch's StepLR gives when stepped once
+    per epoch, applied per optimizer step by a LambdaLR. A LambdaLR, as Trainer's own schedules: its closed form resumes
+    bit-exactly, and a stage's `lr_scale` scales its base rates (FreezePlan.scale_learning_rates); StepLR multiplies the
+    current rate, and has no warm-up."""
 
     def factor(step: int) -> float:
         if step < warmup_steps:  # as transformers' warm-up schedules
@@ -269,9 +286,10 @@ def describe_schedule(args: TrainingArguments, scheduler, num_training_steps: in
     """The schedule as it ran: its type, arguments, warm-up and the scheduler class that applied it."""
     kwargs = {**STEP_DEFAULTS, **(args.lr_scheduler_kwargs or {})} if args.lr_scheduler_type == STEP else (args.lr_scheduler_kwargs or {})
     lr_scheduler_type = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+    scheduler = getattr(scheduler, "scheduler", scheduler)  # accelerate's AcceleratedScheduler wraps the real one
     return {
         "type": lr_scheduler_type,
         "kwargs": dict(kwargs),
         "warmup_steps": args.get_warmup_steps(num_training_steps),
-        "class": type(scheduler).__name__,
+        "class": f"{type(scheduler).__module__}.{type(scheduler).__qualname__}",
     }

@@ -50,6 +50,7 @@ from .repo_files import (
     TRAINER_STATE,
 )
 from .trainer import SafeTrainer
+from .training_passes import describe_training_passes
 
 logger = logging.getLogger(__name__)
 
@@ -215,6 +216,7 @@ def write_model_repo(built: Built, fitted: Fitted) -> dict:
         "skipped_image_examples": {name: entries[:20] for name, entries in data.skipped.items()},
         "resized_on_device": built.device_step is not None,  # what `resize_on_device: auto` decided
         "inference_precision": built.precision.as_dict(),  # what `inference_precision: auto` decided
+        "training_passes": describe_training_passes(trainer),  # precision, processes, machines and batches, as they ran
         "optimizer": describe_optimizer(trainer.optimizer),
         "lr_scheduler": describe_schedule(built.args, trainer.lr_scheduler, trainer.state.max_steps),
         "early_stopping": early_stopping.summary() if early_stopping else None,
