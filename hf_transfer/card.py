@@ -12,7 +12,7 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from scipy.stats import binomtest
 
-from .plots import plot_confusion_matrix, plot_training_curves, training_log
+from .plots import curve_marks, plot_confusion_matrix, plot_training_curves, training_log
 from .repo_files import CONFUSION_PNG, CURVES_PNG, DATA_REPORT, DATA_SUSPECTS_PNG, EXPLANATIONS_PNG, MODEL_CARD, RunFiles
 
 
@@ -471,7 +471,7 @@ def ensure_plots(run: RunFiles) -> None:
     """Draw the figures the card embeds if the run did not leave them."""
     history = run.state.get("log_history") or []
     if not (run.dir / CURVES_PNG).is_file() and any("loss" in e or "eval_loss" in e for e in history):
-        plot_training_curves(history, run.dir / CURVES_PNG)
+        plot_training_curves(history, run.dir / CURVES_PNG, curve_marks(run.freeze_plan, run.results.get("early_stopping")))
     if not (run.dir / CONFUSION_PNG).is_file() and run.report:
         plot_confusion_matrix(run.report["confusion_matrix"], run.report["labels"], run.dir / CONFUSION_PNG)
 

@@ -34,7 +34,7 @@ from .models import check_model_available, data_config, load_model, save_model
 from .nodes import output_is_node_local, placement, raise_together
 from .optimization import build_optimizer, describe_optimizer, describe_schedule
 from .output_dir import check_output_dir, claim_output_dir, holding_output_dir, publish
-from .plots import plot_confusion_matrix, plot_training_curves
+from .plots import curve_marks, plot_confusion_matrix, plot_training_curves
 from .precision import FrozenPasses, Precision, classifier_of, resolve
 from .recipe import Recipe
 from .repo_files import (
@@ -241,7 +241,8 @@ def write_model_repo(built: Built, fitted: Fitted) -> dict:
         built.plan.save(staging / FREEZE_PLAN)
         if built.data_check:
             built.data_check.write(staging)
-        plot_training_curves(trainer.state.log_history, staging / CURVES_PNG)
+        marks = curve_marks({"history": built.plan.history}, results["early_stopping"])  # stage switches, the early stop
+        plot_training_curves(trainer.state.log_history, staging / CURVES_PNG, marks)
         plot_confusion_matrix(report["confusion_matrix"], data.labels, staging / CONFUSION_PNG)
         try:
             save_explanation_figure(staging, data.splits["test"][data.image_column], test_output.label_ids,

@@ -136,6 +136,30 @@ def test_the_per_epoch_table_gives_each_epochs_learning_rate(staged_run):
 
 
 @pytest.mark.slow
+def test_training_curves_mark_the_stage_switch_the_early_stop_and_test_accuracy(staged_run, tmp_path):
+    from hf_transfer.plots import curve_marks, plot_training_curves, training_curves_figure
+
+    plan = json.loads((staged_run / "freeze_plan.json").read_text())
+    stopping = results(staged_run)["early_stopping"]
+    assert stopping["stopped_early"] and stopping["step"] == 4
+    marks = curve_marks(plan, stopping)
+    assert marks == [(2, "stage 1: all"), (4, "early stop")]
+    figure = training_curves_figure(log_history(staged_run), marks)
+    for axis in figure.axes:
+        lines = {line.get_label(): line for line in axis.get_lines()}
+        assert list(lines["stage 1: all"].get_xdata()) == [1.0, 1.0], "at the end of epoch 1 (step 2)"
+        assert list(lines["early stop"].get_xdata()) == [2.0, 2.0]
+    metric_lines = {line.get_label(): line for line in figure.axes[1].get_lines()}
+    tested = [entry["test_accuracy"] for entry in log_history(staged_run) if "test_accuracy" in entry]
+    assert list(metric_lines["test accuracy"].get_ydata()) == tested and len(tested) == 2
+    # The figure the run wrote is this one, marks included.
+    unmarked = plot_training_curves(log_history(staged_run), tmp_path / "unmarked.png")
+    marked = plot_training_curves(log_history(staged_run), tmp_path / "marked.png", marks)
+    written = (staged_run / "training_curves.png").read_bytes()
+    assert written == marked.read_bytes() and written != unmarked.read_bytes()
+
+
+@pytest.mark.slow
 def test_a_one_process_run_says_its_precision_and_batches(staged_run):
     passes = results(staged_run)["training_passes"]
     assert passes == {"precision": "fp32", "mixed_precision": "no", "gradient_scaler": None, "device": "cpu", "processes": 1,
