@@ -382,7 +382,8 @@ def _results_section(run: RunFiles) -> str:
                   _table(["epoch", "step", "training loss", *([_logged_rate_header(run)] if with_rates else []), "validation loss",
                           "validation accuracy", "validation macro-F1", *(["test accuracy", "test macro-F1"] if test_by_step else [])],
                          rows),
-                  "", "Training loss: the mean over the epoch's steps; learning rate: the one its last logged step ran at."]
+                  "", "Training loss: the mean over the epoch's steps"
+                  + ("; learning rate: the one its last logged step ran at." if with_rates else ".")]
     if run.report:
         per_class = run.report["per_class"]
         lines += ["", "Per class (test split):", "",
