@@ -19,15 +19,23 @@ def metric_key(args) -> str:
 
 class FreezeCallback(TrainerCallback, ExportableState):
     """Moves the plan through its stages at the declared epoch, step or plateau (also after `--resume`), and applies
-    each stage's `lr_scale`. The steps at which plateau stages began are saved in every checkpoint's trainer state."""
+    each stage's `lr_scale`. The steps at which plateau stages began are saved in every checkpoint's trainer state.
+    Each stage's record in the plan's history gets the rate each of its blocks had at the stage's first optimizer step
+    (`learning_rates`) and at its last (`learning_rates_at_last_step`), read from the optimizer's groups."""
 
     def __init__(self, plan: FreezePlan):
         self.plan = plan
+        self.training = False  # only evaluations during training count (not that of the final model after it)
+        self._trained_blocks: tuple[int | None, set[str]] = (None, set())
 
     def state(self) -> dict:
         return {"args": {}, "attributes": {"stage_starts": self.plan.stage_starts, "reasons": self.plan.reasons}}
 
+    def on_train_end(self, args, state, control, **kwargs):
+        self.training = False
+
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        self.training = True
         # Under DDP every rank's reducer expects a gradient for every parameter it registered, every step.
         if args.world_size == 1:
             self.plan.use_one_process()
@@ -44,12 +52,25 @@ class FreezeCallback(TrainerCallback, ExportableState):
     def on_step_begin(self, args, state, control, **kwargs):
         self._sync(state, **kwargs)
 
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         self.plan.drop_waiting_gradients()
+        if optimizer is not None and self.plan.history:
+            self._record_rates(optimizer, self.plan.history[-1])
+
+    def _record_rates(self, optimizer, stage: dict) -> None:
+        """The rate each block this stage trains is about to step with (the groups of one block share it)."""
+        if self._trained_blocks[0] != self.plan.stage_index:
+            self._trained_blocks = (self.plan.stage_index, {block.name for block in self.plan.blocks
+                                                            if self.plan.active.intersection(block.parameter_names)})
+        trained = self._trained_blocks[1]
+        rates = {group["block"]: group["lr"] for group in optimizer.param_groups if group.get("block") in trained}
+        stage.setdefault("learning_rates", rates)
+        stage["learning_rates_at_last_step"] = rates
+        stage.setdefault("logged_rate_block", optimizer.param_groups[0].get("block"))  # Trainer logs the first group's rate
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         key = metric_key(args)
-        if metrics and key in metrics:  # not the test split's metrics (`eval_test_each_epoch`)
+        if self.training and metrics and key in metrics:  # not the test split's metrics (`eval_test_each_epoch`)
             self.plan.observe(key.removeprefix("eval_"), metrics[key], bool(args.greater_is_better), state.global_step)
 
     def on_epoch_end(self, args, state, control, **kwargs):
@@ -61,6 +82,16 @@ class FreezeCallback(TrainerCallback, ExportableState):
             self.plan.enter_stage(index, step=state.global_step)
             if optimizer is not None and lr_scheduler is not None:
                 self.plan.scale_learning_rates(optimizer, lr_scheduler)
+                _last_rates_follow_the_groups(optimizer, lr_scheduler)
+
+
+def _last_rates_follow_the_groups(optimizer, scheduler) -> None:
+    """Trainer logs a step's rate from `lr_scheduler.get_last_lr()`, which torch's schedulers set only when they step: after
+    a stage rescaled the groups' rates, the log of its first step would show the rate before the scaling. `_last_lr` is
+    the private attribute get_last_lr() returns (torch has no public way to set it); it is saved with the scheduler."""
+    scheduler = getattr(scheduler, "scheduler", scheduler)  # accelerate's AcceleratedScheduler
+    if hasattr(scheduler, "_last_lr"):
+        scheduler._last_lr = [group["lr"] for group in getattr(optimizer, "optimizer", optimizer).param_groups]
 
 
 class EarlyStopping(EarlyStoppingCallback):
@@ -71,16 +102,25 @@ class EarlyStopping(EarlyStoppingCallback):
         super().__init__(early_stopping_patience=patience, early_stopping_threshold=threshold)
         self.plan = plan
         self.stopped: dict | None = None
+        self.training = False  # the evaluation of the final model, after training, stops nothing
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.training = True
+        return super().on_train_begin(args, state, control, **kwargs)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.training = False
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         key = metric_key(args)
-        if not metrics or key not in metrics:
+        if not self.training or not metrics or key not in metrics:
             return  # the test split's per-epoch metrics are never a stopping signal
         if self.plan.waits_for_plateau or not self.plan.in_last_stage:
             self.early_stopping_patience_counter = 0
             return
         super().on_evaluate(args, state, control, metrics, **kwargs)
-        if control.should_training_stop and self.stopped is None:
+        # Not `control.should_training_stop` alone: Trainer sets it before the evaluation of the last step.
+        if self.early_stopping_patience_counter >= self.early_stopping_patience and self.stopped is None:
             self.stopped = {
                 "epoch": state.epoch, "step": state.global_step,
                 "reason": f"validation {key.removeprefix('eval_')} did not improve by more than {self.early_stopping_threshold} "

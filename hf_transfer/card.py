@@ -15,7 +15,7 @@ from huggingface_hub.utils import validate_repo_id
 from scipy.stats import binomtest
 
 from . import escape
-from .plots import plot_confusion_matrix, plot_training_curves, training_log
+from .plots import curve_marks, plot_confusion_matrix, plot_training_curves, training_log
 from .repo_files import CONFUSION_PNG, CURVES_PNG, DATA_REPORT, DATA_SUSPECTS_PNG, EXPLANATIONS_PNG, MODEL_CARD, RunFiles
 
 
@@ -259,15 +259,24 @@ def _freeze_section(run: RunFiles) -> str:
     history = plan.get("history") or []
     if len(history) > 1 or plan.get("stages"):
         rows = [[h.get("stage"), h.get("train"), h.get("started_at_step"), h.get("reason", "—"), h.get("lr_scale", 1.0),
-                 f"{h.get('trainable_parameters', 0):,}"] for h in history]
+                 _rate_range(h.get("learning_rates")), f"{h.get('trainable_parameters', 0):,}"] for h in history]
         lines += ["", "Stages as they ran:", "",
-                  _table(["stage", "trains", "from step", "why it started", "lr scale", "trainable parameters"], rows)]
+                  _table(["stage", "trains", "from step", "why it started", "lr scale", "learning rate at its first step",
+                          "trainable parameters"], rows)]
     blocks = plan.get("blocks") or []
-    if blocks:
+    last = history[-1] if history else {}
+    if blocks and "learning_rates" in last:  # the rates the optimizer's groups held as the final stage ran
+        first, final = last["learning_rates"], last.get("learning_rates_at_last_step") or {}
+        rows = [[b.get("name"), f"{b.get('params', 0):,}", "yes" if b.get("trainable") else "no", first.get(b.get("name")),
+                 final.get(b.get("name")), b.get("batchnorm")] for b in blocks]
+        lines += ["", "Blocks (final stage):", "",
+                  _table(["block", "parameters", "trainable", "learning rate at the stage's first step", "at its last step",
+                          "BatchNorm"], rows)]
+    elif blocks:  # a run that recorded no rates from its optimizer: the plan's, before the schedule scaled them
         rows = [[b.get("name"), f"{b.get('params', 0):,}", "yes" if b.get("trainable") else "no", b.get("lr"),
                  b.get("batchnorm")] for b in blocks]
         lines += ["", "Blocks (final stage):", "",
-                  _table(["block", "parameters", "trainable", "learning rate", "BatchNorm"], rows)]
+                  _table(["block", "parameters", "trainable", "learning rate before the schedule", "BatchNorm"], rows)]
     integrity = plan.get("integrity") or {}
     if integrity.get("frozen_unchanged") is not None:
         verdict = "bit-identical to the start" if integrity["frozen_unchanged"] else "NOT identical to the start"
@@ -284,15 +293,27 @@ def _procedure_section(run: RunFiles) -> str:
         ignored = ("lr", "weight_decay", "foreach", "capturable", "differentiable", "maximize")  # per group, or not about the math
         hyper = {k: v for k, v in optimizer["hyperparameters"].items() if k not in ignored}
         decays = optimizer.get("weight_decays") or []
-        low, high = (optimizer.get("learning_rates") or [None, None])[:2] if optimizer.get("learning_rates") else (None, None)
-        rates = f"{low:.3g}" if low == high else f"{low:.3g} to {high:.3g} across blocks"
+        stages = [stage for stage in (run.freeze_plan or {}).get("history") or [] if "learning_rates" in stage]
+        rates = ""
+        if not stages and optimizer.get("learning_rates"):  # a run that recorded no stage rates: the groups' initial rates
+            rates = f"initial learning rate {_rate_range(dict(enumerate(optimizer['learning_rates'])))}, "
         lines.append(f"- Optimizer: `{optimizer['class']}` ({_cell(hyper)}), {optimizer['parameter_groups']} parameter groups, "
-                     f"learning rate {rates}, weight decay {' or '.join(f'{d:g}' for d in decays) or 'as above'} "
+                     f"{rates}weight decay {' or '.join(f'{d:g}' for d in decays) or 'as above'} "
                      "(none on biases and norm weights).")
+        if stages:  # as the optimizer's groups held them (freeze_plan.json has each block's)
+            lines.append("- Learning rate: " + "; ".join(
+                f"stage {stage['stage']} (`{stage['train']}`) {_rate_range(stage['learning_rates'])} at its first step, "
+                f"{_rate_range(stage.get('learning_rates_at_last_step'))} at its last" for stage in stages)
+                + " (per epoch in the table under Results).")
     if schedule:
         kwargs = f" with {_cell(schedule['kwargs'])}" if schedule.get("kwargs") else ""
         unit = " (step_size in epochs)" if schedule["type"] == "step" else ""
-        lines.append(f"- Learning-rate schedule: `{schedule['type']}`{kwargs}{unit}, {schedule['warmup_steps']} warm-up step(s).")
+        when = "after each evaluation" if schedule["type"] == "reduce_lr_on_plateau" else "per optimizer step"
+        applied = f", applied {when} by `{schedule['class']}`" if schedule.get("class") else ""
+        lines.append(f"- Learning-rate schedule: `{schedule['type']}`{kwargs}{unit}, {schedule['warmup_steps']} warm-up step(s){applied}.")
+    passes = results.get("training_passes")
+    if passes:
+        lines.append(f"- Training passes: {_training_passes(passes)}.")
     stopping = results.get("early_stopping")
     if stopping:
         what = (f"stopped training at epoch {stopping['epoch']:g} (step {stopping['step']}): {stopping['reason']}" if stopping["stopped_early"]
@@ -309,6 +330,27 @@ def _procedure_section(run: RunFiles) -> str:
     if len(lines) == 2:
         return "## Training procedure\n\nThis run recorded no optimizer, schedule or checkpoint information."
     return "\n".join(lines)
+
+
+def _rate_range(rates: dict | None) -> str:
+    """Learning rates by block as one value, or their range across blocks."""
+    values = sorted((rates or {}).values())
+    if not values:
+        return "—"
+    return _cell(values[0]) if values[0] == values[-1] else f"{_cell(values[0])} to {_cell(values[-1])} across blocks"
+
+
+def _training_passes(passes: dict) -> str:
+    """all_results.json's `training_passes` in words: precision, processes, machines and the batch of an optimizer step."""
+    def count(number: int, word: str) -> str:
+        return f"{number} {word}{'' if number == 1 else ('es' if word.endswith('s') else 's')}"
+
+    distributed = f" ({passes['distributed']})" if passes["processes"] > 1 else ""
+    gpus = f" x {passes['devices_per_process']} GPUs" if passes.get("devices_per_process", 1) > 1 else ""
+    return (f"{passes['precision']} on {passes['device']}, {count(passes['processes'], 'process')}{distributed} on "
+            f"{count(passes['machines'], 'machine')}; effective batch {passes['effective_batch_size']} "
+            f"({passes['per_device_train_batch_size']} per device{gpus} x "
+            f"{count(passes['gradient_accumulation_steps'], 'accumulation step')} x {count(passes['processes'], 'process')})")
 
 
 def _without_local_folders(value):
@@ -330,14 +372,42 @@ def _hyperparameters_section(run: RunFiles) -> str:
                       _table(["section", "setting", "value"], rows)])
 
 
+def _epoch_training(history: list[dict], start: int, end: int) -> tuple[float | None, float | None]:
+    """The mean training loss of optimizer steps start+1..end, and the learning rate Trainer logged last among them.
+
+    Each logged `loss` is the mean over the steps since the previous log: every step counts with the loss of the log
+    that covers it (exact when logs do not straddle the evaluations; with `logging_steps` that do, the closest there is)."""
+    logged = [entry for entry in history if "loss" in entry and "step" in entry]
+    total = steps = 0
+    previous = 0
+    for entry in logged:
+        covered = min(entry["step"], end) - max(previous, start)
+        if covered > 0:
+            total, steps = total + entry["loss"] * covered, steps + covered
+        previous = entry["step"]
+    rates = [entry["learning_rate"] for entry in logged if start < entry["step"] <= end and "learning_rate" in entry]
+    return (total / steps if steps else None), (rates[-1] if rates else None)
+
+
+def _logged_rate_header(run: RunFiles) -> str:
+    """Trainer logs the rate of the optimizer's first parameter group; where blocks differ, the header says whose."""
+    stages = [stage for stage in (run.freeze_plan or {}).get("history") or [] if stage.get("learning_rates")]
+    differ = any(len(set(stage["learning_rates"].values())) > 1 for stage in stages)
+    block = next((stage.get("logged_rate_block") for stage in stages if stage.get("logged_rate_block")), None)
+    return f"learning rate of `{block}`" if differ and block else "learning rate"
+
+
 def _results_section(run: RunFiles) -> str:
     history = training_log(run.state.get("log_history") or [])
     rows = []
     test_by_step = {e.get("step"): e for e in history if "test_accuracy" in e}  # `eval_test_each_epoch`
+    with_rates = any("learning_rate" in e for e in history)
+    previous = 0
     for entry in (e for e in history if "eval_loss" in e):
-        train = [e["loss"] for e in history if "loss" in e and e.get("step", 0) <= entry.get("step", 0)]
+        loss, rate = _epoch_training(history, previous, entry.get("step", 0))
+        previous = entry.get("step", 0)
         test = test_by_step.get(entry.get("step"), {})
-        rows.append([round(entry.get("epoch", 0), 2), entry.get("step"), train[-1] if train else None,
+        rows.append([round(entry.get("epoch", 0), 2), entry.get("step"), loss, *([rate] if with_rates else []),
                      entry.get("eval_loss"), entry.get("eval_accuracy"), entry.get("eval_f1"),
                      *([test.get("test_accuracy"), test.get("test_f1")] if test_by_step else [])])
     results = run.results
@@ -347,8 +417,11 @@ def _results_section(run: RunFiles) -> str:
     if rows:
         title = "Per epoch (validation split; the test columns never chose a checkpoint):" if test_by_step else "Per epoch (validation split):"
         lines += ["", title, "",
-                  _table(["epoch", "step", "training loss", "validation loss", "validation accuracy", "validation macro-F1",
-                          *(["test accuracy", "test macro-F1"] if test_by_step else [])], rows)]
+                  _table(["epoch", "step", "training loss", *([_logged_rate_header(run)] if with_rates else []), "validation loss",
+                          "validation accuracy", "validation macro-F1", *(["test accuracy", "test macro-F1"] if test_by_step else [])],
+                         rows),
+                  "", "Training loss: the mean over the epoch's steps"
+                  + ("; learning rate: the one its last logged step ran at." if with_rates else ".")]
     if run.report:
         per_class = run.report["per_class"]
         lines += ["", "Per class (test split):", "",
@@ -437,7 +510,7 @@ def ensure_plots(run: RunFiles) -> None:
     """Draw the figures the card embeds if the run did not leave them."""
     history = run.state.get("log_history") or []
     if not (run.dir / CURVES_PNG).is_file() and any("loss" in e or "eval_loss" in e for e in history):
-        plot_training_curves(history, run.dir / CURVES_PNG)
+        plot_training_curves(history, run.dir / CURVES_PNG, curve_marks(run.freeze_plan, run.results.get("early_stopping")))
     if not (run.dir / CONFUSION_PNG).is_file() and run.report:
         plot_confusion_matrix(run.report["confusion_matrix"], run.report["labels"], run.dir / CONFUSION_PNG)
 

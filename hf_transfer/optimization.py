@@ -8,10 +8,16 @@ transfer-learning recipes (lr / 10 every few epochs), so `lr_scheduler_type: ste
 
 from __future__ import annotations
 
+import copy
+import difflib
+import inspect
+import json
+import reprlib
 from dataclasses import dataclass, field
 
 import torch
 from transformers import Trainer, TrainingArguments
+from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION, GreedyLR, get_scheduler
 from transformers.trainer_optimizer import is_optimizer_factory
 from transformers.trainer_utils import SchedulerType
 
@@ -35,9 +41,9 @@ class HfTransferTrainingArguments(TrainingArguments):
     lr_scheduler_type: str = field(
         default="linear",
         metadata={
-            "help": "Learning-rate schedule: any of Trainer's, or `step` (multiply by `gamma` every `step_size` epochs, "
-                    "as torch's StepLR stepped once per epoch; set them with `lr_scheduler_kwargs: {step_size: 2, gamma: 0.1}`). "
-                    "`warmup_steps` applies to every schedule.",
+            "help": "Learning-rate schedule: any of Trainer's, or `step` (multiply by `gamma` every `step_size` epochs: the rate "
+                    "torch's StepLR gives stepped once per epoch, applied per optimizer step by a LambdaLR; set them with "
+                    "`lr_scheduler_kwargs: {step_size: 2, gamma: 0.1}`). `warmup_steps` applies to every schedule.",
             "choices": SCHEDULES,
         },
     )
@@ -46,15 +52,177 @@ class HfTransferTrainingArguments(TrainingArguments):
         step = str(self.lr_scheduler_type) == STEP
         if step:  # TrainingArguments accepts only its own names; it checks nothing else about the schedule
             self.lr_scheduler_type = SchedulerType.CONSTANT.value
+        schedule = STEP if step else getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type)
+        self.lr_scheduler_kwargs = _schedule_kwargs_mapping(self.lr_scheduler_kwargs, schedule)
         super().__post_init__()
         if step:
             self.lr_scheduler_type = STEP
-            unknown = set(self.lr_scheduler_kwargs or {}) - set(STEP_DEFAULTS)
-            if unknown:
-                raise ValueError(f"`lr_scheduler_type: step` takes `lr_scheduler_kwargs` {sorted(STEP_DEFAULTS)}, not {sorted(unknown)}.")
-            kwargs = {**STEP_DEFAULTS, **(self.lr_scheduler_kwargs or {})}
-            if not (isinstance(kwargs["step_size"], int) and kwargs["step_size"] >= 1 and 0 < kwargs["gamma"] <= 1):
-                raise ValueError(f"`lr_scheduler_kwargs` for `step` need a whole `step_size` >= 1 (epochs) and 0 < `gamma` <= 1, not {kwargs}.")
+        check_schedule_kwargs(schedule, self.lr_scheduler_kwargs)
+
+
+# What a schedule's function takes that Trainer itself passes (from `warmup_steps` and the run's length), or that would
+# break resuming (`last_epoch`): never from `lr_scheduler_kwargs`.
+_SET_BY_TRAINER = {"optimizer": None, "num_warmup_steps": "warmup_steps", "num_training_steps": "num_train_epochs / max_steps",
+                   "last_epoch": None}
+# The schedules whose function passes `**kwargs` on to a class: that class's arguments are the ones they take.
+_SCHEDULE_CLASSES = {SchedulerType.REDUCE_ON_PLATEAU.value: torch.optim.lr_scheduler.ReduceLROnPlateau,
+                     SchedulerType.GREEDY.value: GreedyLR}
+
+
+def schedule_kwargs_taken(lr_scheduler_type: str) -> list[str] | None:
+    """The `lr_scheduler_kwargs` keys a schedule takes, in its signature's order; None when its signature does not say."""
+    if lr_scheduler_type == STEP:
+        return list(STEP_DEFAULTS)
+    function = _SCHEDULE_CLASSES.get(lr_scheduler_type) or TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(lr_scheduler_type)]
+    parameters = inspect.signature(function).parameters.values()
+    if any(parameter.kind == parameter.VAR_KEYWORD for parameter in parameters):
+        return None
+    # transformers' get_scheduler calls `constant` and `constant_with_warmup` without the kwargs: their signatures take none.
+    return [parameter.name for parameter in parameters if parameter.name not in _SET_BY_TRAINER and parameter.name != "verbose"]
+
+
+def _schedule_kwargs_mapping(value, lr_scheduler_type: str):
+    """`lr_scheduler_kwargs` as a mapping: a YAML mapping from a recipe, or JSON text from the command line."""
+    example = '{"step_size": 2, "gamma": 0.1}' if lr_scheduler_type == STEP else '{"num_cycles": 0.5}'
+    taken = schedule_kwargs_taken(lr_scheduler_type) if lr_scheduler_type in SCHEDULES else None
+    takes = f" `lr_scheduler_type: {lr_scheduler_type}` takes {', '.join(taken) or 'none'}." if taken is not None else ""
+    parsed = value
+    if isinstance(value, str):
+        try:  # as TrainingArguments reads it (JSON from a `{`), which then converts "true" and number strings itself
+            parsed = json.loads(value) if value.startswith("{") else value
+        except ValueError as error:
+            raise ValueError(f"`lr_scheduler_kwargs` is not valid JSON ({error}): write a mapping such as `{example}`.{takes}") from None
+    if parsed is not None and not isinstance(parsed, dict):
+        raise ValueError(f"`lr_scheduler_kwargs` must be a mapping such as `{example}` (JSON on the command line, a YAML "
+                         f"mapping in a recipe), not {reprlib.repr(value)}.{takes}")
+    return value
+
+
+def check_schedule_kwargs(lr_scheduler_type: str, kwargs: dict | None) -> None:
+    """Every key of `lr_scheduler_kwargs` is one the schedule takes, and the schedule builds and runs with their values:
+    checked when the recipe is read, not at the first training step (a raw TypeError from get_scheduler)."""
+    if not kwargs:
+        return
+    taken = schedule_kwargs_taken(lr_scheduler_type)
+    for key in kwargs:
+        if taken is not None and key not in taken:
+            match = difflib.get_close_matches(str(key), taken, n=1)
+            hint = f" Did you mean `{match[0]}`?" if match else ""
+            trainer = f" (set from `{_SET_BY_TRAINER[key]}`)" if _SET_BY_TRAINER.get(key) else ""
+            if not taken:
+                raise ValueError(f"`lr_scheduler_type: {lr_scheduler_type}` takes no `lr_scheduler_kwargs`, not `{key}`{trainer}: "
+                                 "remove them.")
+            raise ValueError(f"`lr_scheduler_type: {lr_scheduler_type}` takes `lr_scheduler_kwargs` {', '.join(taken)}, "
+                             f"not `{key}`{trainer}.{hint}")
+    if lr_scheduler_type == STEP:
+        step = {**STEP_DEFAULTS, **kwargs}
+        size, gamma = step["step_size"], step["gamma"]
+        number = isinstance(gamma, (int, float)) and not isinstance(gamma, bool)
+        if not (isinstance(size, int) and not isinstance(size, bool) and size >= 1 and number and 0 < gamma <= 1):
+            raise ValueError(f"`lr_scheduler_kwargs` for `step` need a whole `step_size` >= 1 (epochs) and 0 < `gamma` <= 1, not {step}.")
+    for tried in [{key: value} for key, value in kwargs.items()] + [kwargs]:
+        error = _schedule_error(lr_scheduler_type, tried)
+        if error:
+            shown = ", ".join(f"{key}={value!r}" for key, value in tried.items())
+            raise ValueError(f"`lr_scheduler_kwargs` `{shown}` cannot be used by `lr_scheduler_type: {lr_scheduler_type}`: {error}.")
+
+
+def _schedule_error(lr_scheduler_type: str, kwargs: dict) -> str | None:
+    """What goes wrong when the schedule is built with `kwargs` over a few steps of a stand-in optimizer; None if nothing."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    try:
+        if lr_scheduler_type == STEP:
+            scheduler = step_schedule(optimizer, 2, 1, **{**STEP_DEFAULTS, **kwargs})
+        else:
+            scheduler = get_scheduler(lr_scheduler_type, optimizer, num_warmup_steps=2, num_training_steps=10,
+                                      scheduler_specific_kwargs=dict(kwargs))
+        for step in range(11):
+            for factor in getattr(scheduler, "lr_lambdas", []):
+                float(factor(step))
+    except Exception as error:  # noqa: BLE001 - whatever the schedule raises is the user's answer, in one line
+        return f"{type(error).__name__}: {str(error).rstrip('.')}"
+    return None
+
+
+# Keys every parameter group sets for itself (per-block rates, no decay on norms and biases): an optimizer-wide value
+# from `optim_args` would be overridden, so it is refused with the recipe option to set instead.
+_SET_PER_GROUP = {"lr": "learning_rate", "weight_decay": "weight_decay"}
+
+
+def check_optim_args(args: TrainingArguments) -> None:
+    """`optim_args` as Trainer.get_optimizer_cls_and_kwargs reads them for `optim`: each pair well formed, each key one
+    that reaches the optimizer class (Trainer's handlers take the keys they know and drop the rest without a word), and
+    the class built with the values. Checked when the recipe is read, before any data loads."""
+    if not args.optim_args:
+        return
+    name = getattr(args.optim, "value", args.optim)
+    base = _optimizer_or_error(args, None)
+    if isinstance(base, str) or is_optimizer_factory(base[0]) or any(key in base[1] for key in _NOT_GROUPS):
+        return  # cannot run here, or builds its own groups: build_optimizer says so with the model at hand
+    optimizer_cls, base_kwargs = base
+    described = _class_name(optimizer_cls)
+    taken = _optim_args_taken(args, optimizer_cls, base_kwargs)
+    takes = f"`optim: {name}` takes {', '.join(taken)}" if taken else f"Trainer passes no `optim_args` to `optim: {name}` ({described})"
+    pairs = {}
+    for item in args.optim_args.replace(" ", "").split(","):  # as transformers' _parse_optim_args splits them
+        key, equals, value = item.partition("=")
+        if not (key and equals and value) or "=" in value:
+            example = f"{taken[0]}=<value>" if taken else "key=value"
+            raise OptimizerError(f"`optim_args: {reprlib.repr(args.optim_args)}`: {reprlib.repr(item)} is not a `key=value` pair. "
+                                 "Write comma-separated "
+                                 f"pairs, e.g. `optim_args: {example}`; {takes}.")
+        pairs[key] = value
+    for key, value in pairs.items():
+        if key in _SET_PER_GROUP:
+            raise OptimizerError(f"`optim_args` key `{key}` would not take effect: every parameter group sets its own. "
+                                 f"Set `{_SET_PER_GROUP[key]}: {value}` instead.")
+        if key not in taken:
+            if not taken:
+                adam = " Set Adam's betas and eps with `adam_beta1`, `adam_beta2`, `adam_epsilon`." if "betas" in base_kwargs else ""
+                raise OptimizerError(f"{takes}: remove `{key}` from `optim_args`.{adam}")
+            match = difflib.get_close_matches(key, taken, n=1)
+            hint = f" Did you mean `{match[0]}`?" if match else ""
+            raise OptimizerError(f"`optim_args` key `{key}` is not an option of `optim: {name}` ({described}).{hint} "
+                                 f"It takes {', '.join(taken)}.")
+    for tried in [{key: value} for key, value in pairs.items()] + [pairs]:
+        error = _optimizer_or_error(args, ",".join(f"{key}={value}" for key, value in tried.items()), build=True)
+        if isinstance(error, str):
+            shown = ",".join(f"{key}={value}" for key, value in tried.items())
+            keys = ", ".join(f"`{key}`" for key in tried)
+            raise OptimizerError(f"`optim_args` `{shown}` cannot be used by `optim: {name}` ({described}): {error}. "
+                                 f"Fix the value of {keys} in `optim_args`.")
+
+
+def _optimizer_or_error(args: TrainingArguments, optim_args: str | None, build: bool = False):
+    """(class, kwargs) as Trainer builds them with `optim_args`, the class also instantiated when `build`; or the error."""
+    trial = copy.copy(args)
+    trial.optim_args = optim_args
+    stand_in = torch.nn.Linear(2, 2)
+    try:
+        optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(trial, stand_in)
+        if build:
+            optimizer_cls(list(stand_in.parameters()), **kwargs)
+    except Exception as error:  # noqa: BLE001 - a missing package, a value Trainer cannot convert, one the class refuses
+        return str(error).rstrip(".")
+    return optimizer_cls, kwargs
+
+
+def _optim_args_taken(args: TrainingArguments, optimizer_cls, base_kwargs: dict) -> list[str]:
+    """The arguments of `optimizer_cls` that Trainer passes on from `optim_args` for this `optim`: those that change (or
+    fail) what it builds when given alone."""
+    taken = []
+    for parameter in inspect.signature(optimizer_cls).parameters:
+        if parameter in ("params", "self", *_SET_PER_GROUP):
+            continue
+        found = _optimizer_or_error(args, f"{parameter}=1")
+        if isinstance(found, str) or found[1] != base_kwargs:
+            taken.append(parameter)
+    return taken
+
+
+def _class_name(cls) -> str:
+    """`torch.optim.SGD` rather than its defining module's `torch.optim.sgd.SGD`, where torch.optim exports it."""
+    return f"torch.optim.{cls.__name__}" if getattr(torch.optim, cls.__name__, None) is cls else f"{cls.__module__}.{cls.__qualname__}"
 
 
 def build_optimizer(args: TrainingArguments, model: torch.nn.Module, groups: list[dict]) -> torch.optim.Optimizer:
@@ -75,19 +243,36 @@ def build_optimizer(args: TrainingArguments, model: torch.nn.Module, groups: lis
 def describe_optimizer(optimizer: torch.optim.Optimizer) -> dict:
     """The optimizer as it ran: its class and the hyperparameters it holds (read back from the object)."""
     optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
-    defaults = {key: value for key, value in optimizer.defaults.items() if isinstance(value, (int, float, str, bool, tuple, type(None)))}
     rates = sorted({group.get("initial_lr", group["lr"]) for group in optimizer.param_groups})  # before the schedule scaled them
     return {
         "class": f"{type(optimizer).__module__}.{type(optimizer).__name__}",
-        "hyperparameters": defaults,
+        "hyperparameters": _group_values(optimizer),
         "parameter_groups": len(optimizer.param_groups),
         "weight_decays": sorted({group.get("weight_decay", 0.0) for group in optimizer.param_groups}, reverse=True),
         "learning_rates": [rates[0], rates[-1]] if rates else [],
     }
 
 
+def _group_values(optimizer: torch.optim.Optimizer) -> dict:
+    """Each hyperparameter as the parameter groups ran with it (the optimizer's `defaults` are only what a group without
+    its own value would get): one value where all groups agree, else each value, largest first. `lr` is the groups'
+    rate before the schedule scaled it."""
+    values = {}
+    for key, default in optimizer.defaults.items():
+        if not isinstance(default, (int, float, str, bool, tuple, type(None))):
+            continue
+        found = list(dict.fromkeys(group.get("initial_lr", group["lr"]) if key == "lr" else group.get(key, default)
+                                   for group in optimizer.param_groups))
+        numbers = all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in found)
+        values[key] = found[0] if len(found) == 1 else (sorted(found, reverse=True) if numbers else found)
+    return values
+
+
 def step_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, steps_per_epoch: int, step_size: int, gamma: float):
-    """Linear warm-up, then lr x gamma ** (completed epochs // step_size): torch's StepLR stepped once per epoch."""
+    """Linear warm-up, then lr x gamma ** (completed epochs // step_size): the rate torch's StepLR gives when stepped once
+    per epoch, applied per optimizer step by a LambdaLR. A LambdaLR, as Trainer's own schedules: its closed form resumes
+    bit-exactly, and a stage's `lr_scale` scales its base rates (FreezePlan.scale_learning_rates); StepLR multiplies the
+    current rate, and has no warm-up."""
 
     def factor(step: int) -> float:
         if step < warmup_steps:  # as transformers' warm-up schedules
@@ -101,9 +286,10 @@ def describe_schedule(args: TrainingArguments, scheduler, num_training_steps: in
     """The schedule as it ran: its type, arguments, warm-up and the scheduler class that applied it."""
     kwargs = {**STEP_DEFAULTS, **(args.lr_scheduler_kwargs or {})} if args.lr_scheduler_type == STEP else (args.lr_scheduler_kwargs or {})
     lr_scheduler_type = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+    scheduler = getattr(scheduler, "scheduler", scheduler)  # accelerate's AcceleratedScheduler wraps the real one
     return {
         "type": lr_scheduler_type,
         "kwargs": dict(kwargs),
         "warmup_steps": args.get_warmup_steps(num_training_steps),
-        "class": type(scheduler).__name__,
+        "class": f"{type(scheduler).__module__}.{type(scheduler).__qualname__}",
     }

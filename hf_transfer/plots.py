@@ -13,7 +13,9 @@ import numpy as np  # noqa: E402
 
 from .escape import plot_text  # noqa: E402
 
-EVAL_METRICS = {"eval_accuracy": "validation accuracy", "eval_f1": "validation macro-F1"}
+# The test split's, scored after every evaluation with `eval_test_each_epoch`; they never choose a checkpoint.
+EVAL_METRICS = {"eval_accuracy": "validation accuracy", "eval_f1": "validation macro-F1", "test_accuracy": "test accuracy",
+                "test_f1": "test macro-F1"}
 
 
 def training_log(log_history: Sequence[dict]) -> list[dict]:
@@ -27,8 +29,35 @@ def _series(log_history: Sequence[dict], key: str) -> tuple[list[float], list[fl
     return [epoch for epoch, _ in points], [value for _, value in points]
 
 
-def plot_training_curves(log_history: Sequence[dict], path: str | Path) -> Path:
-    """Plot train/validation loss and validation metrics against epochs from Trainer's log_history."""
+def curve_marks(freeze_plan: dict | None, early_stopping: dict | None) -> list[tuple[int, str]]:
+    """The optimizer steps to mark on the curves, from freeze_plan.json and all_results.json's `early_stopping`: where
+    each later stage started, and where early stopping ended training."""
+    marks = [(stage["started_at_step"], f"stage {stage['stage']}: {stage['train']}")
+             for stage in (freeze_plan or {}).get("history", [])[1:] if stage.get("started_at_step")]
+    if early_stopping and early_stopping.get("stopped_early"):
+        marks.append((early_stopping["step"], "early stop"))
+    return marks
+
+
+def _epoch_at(log_history: Sequence[dict], step: int) -> float:
+    """The epoch Trainer logged at optimizer step `step` (interpolated between logged steps)."""
+    points = sorted({entry["step"]: entry["epoch"] for entry in training_log(log_history) if "step" in entry and "epoch" in entry}.items())
+    if not points:
+        return float(step)
+    steps, epochs = zip(*points)
+    if step > steps[-1] and steps[-1]:
+        return epochs[-1] * step / steps[-1]
+    return float(np.interp(step, steps, epochs))
+
+
+def plot_training_curves(log_history: Sequence[dict], path: str | Path, marks: Sequence[tuple[int, str]] = ()) -> Path:
+    """Plot train/validation loss and validation (and test) metrics against epochs from Trainer's log_history, with a
+    vertical line at each of `marks` (optimizer step, label: see `curve_marks`)."""
+    return _save(training_curves_figure(log_history, marks), path)
+
+
+def training_curves_figure(log_history: Sequence[dict], marks: Sequence[tuple[int, str]] = ()) -> plt.Figure:
+    """The figure `plot_training_curves` saves."""
     train_loss, eval_loss = _series(log_history, "loss"), _series(log_history, "eval_loss")
     metrics = {label: _series(log_history, key) for key, label in EVAL_METRICS.items()}
     metrics = {label: points for label, points in metrics.items() if points[0]}
@@ -42,14 +71,18 @@ def plot_training_curves(log_history: Sequence[dict], path: str | Path) -> Path:
     loss_ax.set(title="Loss", xlabel="epoch", ylabel="cross-entropy loss")
     for label, (epochs, values) in metrics.items():
         metric_ax.plot(epochs, values, "-o", label=label, markersize=4)
-    metric_ax.set(title="Validation metrics", xlabel="epoch", ylabel="score", ylim=(0, 1.02))
+    tested = any(label.startswith("test") for label in metrics)
+    metric_ax.set(title="Validation and test metrics" if tested else "Validation metrics", xlabel="epoch", ylabel="score", ylim=(0, 1.02))
     for ax in (loss_ax, metric_ax):
+        for step, label in marks:
+            ax.axvline(_epoch_at(log_history, step), color="tab:red" if label == "early stop" else "tab:gray",
+                       linestyle="--" if label == "early stop" else ":", linewidth=1.2, label=label)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
     fig.suptitle("Training curves")
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
 def plot_confusion_matrix(matrix: Sequence[Sequence[int]], labels: Sequence[str], path: str | Path) -> Path:

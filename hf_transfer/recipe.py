@@ -30,8 +30,9 @@ from .doctor_options import DoctorArguments
 from .errors import HFTransferError
 from .freezing import FreezeArguments
 from .models import ModelArguments
-from .optimization import HfTransferTrainingArguments
+from .optimization import HfTransferTrainingArguments, check_optim_args
 from .precision import CHOICES as PRECISIONS
+from .precision import native_bf16
 from .recipe_yaml import RecipeYAMLError, read_recipe_file
 from .streaming import check_recipe as check_streaming
 
@@ -243,6 +244,8 @@ def parse_recipe_for(device_type: str, argv: list[str] | None = None, **override
         raise RecipeError("`push_to_hub: true` needs `hub_model_id: <user>/<name>`, the model repo to push to.")
     _check_evaluation_needs(freezing, run, training)
     _check_combinations(run, training)
+    _check_training_precision(device_type, training)
+    check_optim_args(training)
     check_streaming(data, freezing, run, doctor, training)
     return Recipe(data, model, freezing, run, doctor, training)
 
@@ -344,6 +347,22 @@ def _check_combinations(run: RunArguments, training) -> None:
                           "from its last complete checkpoint; `--overwrite` deletes that run to start a new one. Pass one of them.")
     if training.num_train_epochs == 0 and training.max_steps <= 0:
         raise RecipeError("`num_train_epochs: 0` trains nothing: give a number of epochs > 0, e.g. 3, or a `max_steps` > 0.")
+
+
+def _check_training_precision(device_type: str, training) -> None:
+    """fp16 training on a CPU: Accelerate turns on fp16 autocast and its gradient scaler only on accelerators
+    (Accelerator.__init__ skips `device.type == "cpu"`), so the run would train in fp32 while its recipe says fp16."""
+    if training.mixed_precision != "fp16":  # `fp16: true`, or `accelerate launch --mixed_precision fp16`
+        return
+    forced = training.use_cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    if not forced and (device_type != "cpu" or torch.backends.mps.is_available()):
+        return
+    asked = "`fp16: true`" if training.fp16 else "`--mixed_precision fp16` (accelerate launch)"
+    has_bf16, hardware = native_bf16("cpu")
+    instead = (f"Use `bf16: true` (or `--mixed_precision bf16`) instead: this {hardware} computes bf16 natively"
+               if has_bf16 else f"Remove it to train in fp32 as it would anyway (this {hardware} would only emulate bf16)")
+    raise RecipeError(f"{asked} on a CPU would change nothing: Accelerate has fp16 mixed precision (autocast with a gradient "
+                      f"scaler) only on GPUs, so the run would train in fp32. {instead}.")
 
 
 def _parse(arg_parser, argv):

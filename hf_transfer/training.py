@@ -34,7 +34,7 @@ from .models import check_image_size, check_model_available, data_config, load_m
 from .nodes import output_is_node_local, placement, raise_together
 from .optimization import build_optimizer, describe_optimizer, describe_schedule
 from .output_dir import check_output_dir, claim_output_dir, holding_output_dir, publish
-from .plots import plot_confusion_matrix, plot_training_curves
+from .plots import curve_marks, plot_confusion_matrix, plot_training_curves
 from .precision import FrozenPasses, Precision, classifier_of, resolve
 from .recipe import Recipe
 from .repo_files import (
@@ -50,6 +50,7 @@ from .repo_files import (
     TRAINER_STATE,
 )
 from .trainer import SafeTrainer
+from .training_passes import describe_training_passes
 
 logger = logging.getLogger(__name__)
 
@@ -216,6 +217,7 @@ def write_model_repo(built: Built, fitted: Fitted) -> dict:
         "skipped_image_examples": {name: entries[:20] for name, entries in data.skipped.items()},
         "resized_on_device": built.device_step is not None,  # what `resize_on_device: auto` decided
         "inference_precision": built.precision.as_dict(),  # what `inference_precision: auto` decided
+        "training_passes": describe_training_passes(trainer),  # precision, processes, machines and batches, as they ran
         "optimizer": describe_optimizer(trainer.optimizer),
         "lr_scheduler": describe_schedule(built.args, trainer.lr_scheduler, trainer.state.max_steps),
         "early_stopping": early_stopping.summary() if early_stopping else None,
@@ -240,7 +242,8 @@ def write_model_repo(built: Built, fitted: Fitted) -> dict:
         built.plan.save(staging / FREEZE_PLAN)
         if built.data_check:
             built.data_check.write(staging)
-        plot_training_curves(trainer.state.log_history, staging / CURVES_PNG)
+        marks = curve_marks({"history": built.plan.history}, results["early_stopping"])  # stage switches, the early stop
+        plot_training_curves(trainer.state.log_history, staging / CURVES_PNG, marks)
         plot_confusion_matrix(report["confusion_matrix"], data.labels, staging / CONFUSION_PNG)
         try:
             save_explanation_figure(staging, data.splits["test"][data.image_column], test_output.label_ids,

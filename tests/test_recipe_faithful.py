@@ -116,7 +116,8 @@ def test_head_until_plateau_then_unfreeze_at_a_lower_rate_in_one_run(tmp_path):
     # Evaluation 1 (step 2) sets the best; evaluation 2 (step 4) does not improve: the next stage starts at step 4.
     assert history[1]["started_at_step"] == 4 and history[1]["reason"].startswith("at_plateau 1") and history[1]["lr_scale"] == 0.1
     rates = logged_rates(out)
-    assert rates[4] == pytest.approx(1e-12) and rates[5] == pytest.approx(1e-13), "lr x 0.1 from the stage on"
+    # abs=0: pytest.approx's default absolute tolerance (1e-12) would make these two rates equal.
+    assert rates[4] == pytest.approx(1e-12, abs=0) and rates[5] == pytest.approx(1e-13, abs=0), "lr x 0.1 from the stage on"
     # Early stopping counts only in the last stage: evaluation 3 (step 6) does not beat the best, so training ends there.
     assert results(out)["early_stopping"]["step"] == 6
     card = (out / "README.md").read_text()
