@@ -139,14 +139,15 @@ def run_command(*argv: str, env: dict | None = None, timeout: float = 240) -> su
                           capture_output=True, text=True, timeout=timeout)
 
 
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--dynamo_backend", "no"]
 FINETUNE = str(REPO / "recipes" / "finetune.py")
 
 
 @trains
-def launch_processes(*argv: str, env: dict, processes: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+def launch_processes(*argv: str, env: dict, processes: int = 2, mixed_precision: str = "no", timeout: float = 300) -> subprocess.CompletedProcess:
     """`accelerate launch --multi_gpu --num_processes N recipes/finetune.py ...`: N CPU processes (gloo) on this machine."""
-    launch = [*LAUNCH, "--num_processes", str(processes), "--num_machines", "1", "--main_process_port", str(free_port())]
+    launch = [*LAUNCH, "--mixed_precision", mixed_precision, "--num_processes", str(processes), "--num_machines", "1",
+              "--main_process_port", str(free_port())]
     return subprocess.run([*launch, FINETUNE, *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -154,6 +155,13 @@ def launch_processes(*argv: str, env: dict, processes: int = 2, timeout: float =
 def training_error(capsys, *argv: str) -> str:
     """`user_error` for a run that trains before it stops (a diverging loss, a shard that breaks mid-stream)."""
     return user_error(capsys, *argv)
+
+
+@trains
+def tiny_run(output_dir: Path, *options: str) -> Path:
+    """A TINY_RUN on TINY_SAMPLE in this process, into `output_dir`, with `options` on top."""
+    train_in_process(*TINY_SAMPLE, *TINY_RUN, "--output_dir", str(output_dir), *options)
+    return output_dir
 
 
 @trains

@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, SAMPLE, TINY_RUN, TINY_SAMPLE, save_timm_model, user_error
+from conftest import SAMPLE, TINY_RUN, TINY_SAMPLE, launch_processes, save_timm_model, tiny_run, user_error
 
-from hf_transfer.cli import main
 from hf_transfer.optimization import HfTransferTrainingArguments, build_optimizer, describe_optimizer
 from hf_transfer.precision import native_bf16
 
@@ -24,11 +21,6 @@ pytestmark = pytest.mark.usefixtures("offline_hub")
 
 # 8 training images in batches of 4: 2 optimizer steps per epoch; every step logged.
 PER_STEP = ("--logging_strategy", "steps", "--logging_steps", "1", "--warmup_steps", "0")
-
-
-def train(output_dir: Path, *options: str) -> Path:
-    main(["train", *TINY_SAMPLE, *TINY_RUN, "--output_dir", str(output_dir), *options])
-    return output_dir
 
 
 def results(output_dir: Path) -> dict:
@@ -106,12 +98,11 @@ STAGES = "[{at_epoch: 0, train: head}, {at_epoch: 1, train: all, lr_scale: 0.1}]
 def staged_run(tmp_path_factory) -> Path:
     """Head for an epoch (on cached features), then everything at a tenth of the rate; a rate too small to change a
     prediction, so validation never improves and early stopping (patience 1, counted in the last stage) ends it at epoch 2."""
-    return train(tmp_path_factory.mktemp("staged") / "out", "--freeze", "staged", "--stages", STAGES, "--learning_rate", "1e-12",
+    return tiny_run(tmp_path_factory.mktemp("staged") / "out", "--freeze", "staged", "--stages", STAGES, "--learning_rate", "1e-12",
                  "--lr_scheduler_type", "constant", "--num_train_epochs", "4", "--early_stopping_patience", "1",
                  "--eval_test_each_epoch", "true", *PER_STEP)
 
 
-@pytest.mark.slow
 def test_each_stage_says_the_rate_its_blocks_started_with(staged_run):
     history = json.loads((staged_run / "freeze_plan.json").read_text())["history"]
     assert [stage["train"] for stage in history] == ["head", "all"]
@@ -126,7 +117,6 @@ def test_each_stage_says_the_rate_its_blocks_started_with(staged_run):
     assert "stage 1 (`all`) 1e-13 at its first step" in card, "the procedure names the rate the last stage ran at"
 
 
-@pytest.mark.slow
 def test_the_per_epoch_table_gives_each_epochs_learning_rate(staged_run):
     rates = {entry["step"]: entry["learning_rate"] for entry in log_history(staged_run) if "learning_rate" in entry}
     rows = card_table(staged_run, "Per epoch")
@@ -135,7 +125,6 @@ def test_the_per_epoch_table_gives_each_epochs_learning_rate(staged_run):
     assert [number(row["learning rate"]) for row in rows] == exactly([1e-12, 1e-13]), "lr x 0.1 from stage 1 on"
 
 
-@pytest.mark.slow
 def test_training_curves_mark_the_stage_switch_the_early_stop_and_test_accuracy(staged_run, tmp_path):
     from hf_transfer.plots import curve_marks, plot_training_curves, training_curves_figure
 
@@ -159,7 +148,6 @@ def test_training_curves_mark_the_stage_switch_the_early_stop_and_test_accuracy(
     assert written == marked.read_bytes() and written != unmarked.read_bytes()
 
 
-@pytest.mark.slow
 def test_a_one_process_run_says_its_precision_and_batches(staged_run):
     passes = results(staged_run)["training_passes"]
     assert passes == {"precision": "fp32", "mixed_precision": "no", "gradient_scaler": None, "device": "cpu", "processes": 1,
@@ -178,12 +166,11 @@ def step_run(tmp_path_factory) -> Path:
     """Three epochs of step decay (/10 after each) on a test network with real activations (its BatchNorm statistics set from
     photos), so that the losses of an epoch's two steps differ."""
     model = save_timm_model(tmp_path_factory.mktemp("model") / "effnet", "test_efficientnet")
-    return train(tmp_path_factory.mktemp("step") / "out", "--model", str(model), "--pretrained", "true", "--num_train_epochs", "3",
+    return tiny_run(tmp_path_factory.mktemp("step") / "out", "--model", str(model), "--pretrained", "true", "--num_train_epochs", "3",
                  "--learning_rate", "0.001", "--weight_decay", "0", "--lr_scheduler_type", "step",
                  "--lr_scheduler_kwargs", '{"step_size": 1, "gamma": 0.1}', *PER_STEP)
 
 
-@pytest.mark.slow
 def test_the_per_epoch_training_loss_is_the_mean_of_the_epochs_steps(step_run):
     losses = {entry["step"]: entry["loss"] for entry in log_history(step_run) if "loss" in entry}
     rows = card_table(step_run, "Per epoch")
@@ -195,7 +182,6 @@ def test_the_per_epoch_training_loss_is_the_mean_of_the_epochs_steps(step_run):
         assert number(row["training loss"]) == pytest.approx(mean, rel=6e-4), "the epoch's mean, not its last step's loss"
 
 
-@pytest.mark.slow
 def test_the_blocks_table_shows_the_rate_the_step_schedule_fell_to(step_run):
     rows = card_table(step_run, "Blocks (final stage)")
     trained = [row for row in rows if row["trainable"] == "yes"]
@@ -205,14 +191,12 @@ def test_the_blocks_table_shows_the_rate_the_step_schedule_fell_to(step_run):
     assert [number(row["learning rate"]) for row in epochs] == exactly([1e-3, 1e-4, 1e-5])
 
 
-@pytest.mark.slow
 def test_the_step_schedule_is_reported_as_what_applies_it(step_run):
     schedule = results(step_run)["lr_scheduler"]
     assert schedule["class"] == "torch.optim.lr_scheduler.LambdaLR"
     assert "applied per optimizer step by `torch.optim.lr_scheduler.LambdaLR`" in (step_run / "README.md").read_text()
 
 
-@pytest.mark.slow
 def test_weight_decay_zero_is_reported_as_zero(step_run):
     optimizer = results(step_run)["optimizer"]
     assert optimizer["class"] == "torch.optim.adamw.AdamW"
@@ -222,22 +206,20 @@ def test_weight_decay_zero_is_reported_as_zero(step_run):
 # ---- only evaluations during training count ---------------------------------------------------------------------------
 
 
-@pytest.mark.slow
 def test_evaluating_the_final_model_starts_no_plateau_stage(tmp_path):
     # One epoch: one evaluation during training sets the best; the evaluation after training must not count as a second.
-    out = train(tmp_path / "plateau", "--freeze", "staged", "--stages", "[{at_epoch: 0, train: head}, {at_plateau: 1, train: all}]",
+    out = tiny_run(tmp_path / "plateau", "--freeze", "staged", "--stages", "[{at_epoch: 0, train: head}, {at_plateau: 1, train: all}]",
                 "--learning_rate", "1e-12", "--save_strategy", "epoch", "--load_best_model_at_end", "true")
     saved = json.loads((out / "trainer_state.json").read_text())["stateful_callbacks"]["FreezeCallback"]["attributes"]
     assert saved["stage_starts"] == [0, None] and saved["reasons"] == {"0": "at_epoch 0"}
     assert [stage["train"] for stage in json.loads((out / "freeze_plan.json").read_text())["history"]] == ["head"]
 
 
-@pytest.mark.slow
 def test_a_run_that_trains_every_epoch_was_not_stopped_early(tmp_path):
     # Validation never improves (a rate too small to change a prediction): evaluation 2, at the last step, is the first
     # without improvement, one short of patience 2. Trainer is ending there anyway, which is no early stop; the evaluation
     # of the final model after training would be the second, and must not count.
-    out = train(tmp_path / "early", "--num_train_epochs", "2", "--learning_rate", "1e-12", "--early_stopping_patience", "2")
+    out = tiny_run(tmp_path / "early", "--num_train_epochs", "2", "--learning_rate", "1e-12", "--early_stopping_patience", "2")
     stopping = results(out)["early_stopping"]
     assert not stopping["stopped_early"], stopping
     assert "was on but did not stop training" in (out / "README.md").read_text()
@@ -246,19 +228,16 @@ def test_a_run_that_trains_every_epoch_was_not_stopped_early(tmp_path):
 # ---- two processes, bf16 from `accelerate launch` ----------------------------------------------------------------------
 
 
-@pytest.mark.slow
 def test_a_two_process_bf16_run_states_its_precision_processes_and_effective_batch(tmp_path):
     out = tmp_path / "run"
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "bf16", "--dynamo_backend", "no", str(REPO / "recipes" / "finetune.py"),
         "--dataset", str(SAMPLE), "--model", "test_efficientnet", "--pretrained", "false", "--freeze", "full",
         "--output_dir", str(out), "--validation_size", "4", "--max_train_samples", "16", "--max_eval_samples", "4",
         "--max_test_samples", "8", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
         "--num_train_epochs", "1", "--save_strategy", "no", "--load_best_model_at_end", "false",
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "datasets")}
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    done = launch_processes(*command, env=env, mixed_precision="bf16", timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     passes = results(out)["training_passes"]
     assert passes == {"precision": "bf16 autocast", "mixed_precision": "bf16", "gradient_scaler": None, "device": "cpu",

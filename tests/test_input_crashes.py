@@ -66,7 +66,6 @@ def train_shards(folder: Path, shards: int, train_images: int = 24) -> str:
 
 # ---- a stream stored as one parquet file per split, read with `dataloader_num_workers: 2` --------------------------
 
-@pytest.mark.slow
 def test_one_parquet_file_streamed_with_two_workers_trains_with_one(tmp_path):
     out = tmp_path / "run"
     result = run_command("--dataset", train_shards(tmp_path / "one", shards=1), *STREAM, "--dataloader_num_workers", "2",
@@ -80,7 +79,6 @@ def test_one_parquet_file_streamed_with_two_workers_trains_with_one(tmp_path):
     assert summary["images_read_by_rank"][0] >= 8, summary
 
 
-@pytest.mark.slow
 def test_one_parquet_file_streamed_by_two_processes_with_two_workers_each(tmp_path):
     out = tmp_path / "run"
     command = [
@@ -294,7 +292,6 @@ def test_the_demo_answers_one_line_to_it(long_png, tmp_path):
     assert "\n" not in error.value.message and "aspect ratio 39,000,000:1" in error.value.message, error.value.message
 
 
-@pytest.mark.slow
 def test_a_training_folder_skips_and_counts_it(long_png, tmp_path):
     """In the test split it used to end the run (an OverflowError resizing it for evaluation); in the train split each
     epoch decoded 117 MB of it for a random crop."""

@@ -13,10 +13,9 @@ import safetensors.torch
 import timm
 import torch
 import yaml
-from conftest import IMAGE, LABEL, QUICKSTART, REPO, SAMPLE, TINY_RUN, TINY_SAMPLE, train_in_process, trains, user_error, write_dataset
+from conftest import IMAGE, LABEL, QUICKSTART, REPO, SAMPLE, TINY_RUN, TINY_SAMPLE, tiny_run, train_in_process, user_error, write_dataset
 from transformers import AutoModelForImageClassification, TimmWrapperForImageClassification, pipeline
 
-from hf_transfer.cli import main
 from hf_transfer.models import ModelArguments, ModelNotAvailableError, load_model, save_model
 from hf_transfer.recipe import parse_recipe
 
@@ -24,12 +23,6 @@ pytestmark = pytest.mark.usefixtures("offline_hub")
 
 # 8 training images in batches of 4: 2 optimizer steps per epoch; every step logged.
 PER_STEP = ("--logging_strategy", "steps", "--logging_steps", "1", "--warmup_steps", "0")
-
-
-@trains
-def train(output_dir: Path, *options: str) -> Path:
-    main(["train", *TINY_SAMPLE, *TINY_RUN, "--output_dir", str(output_dir), *options])
-    return output_dir
 
 
 def results(output_dir: Path) -> dict:
@@ -42,7 +35,7 @@ def logged_rates(output_dir: Path) -> dict[int, float]:
 
 
 def test_sgd_with_momentum_is_what_trains_and_what_the_card_says(tmp_path):
-    out = train(tmp_path / "sgd", "--optim", "sgd", "--optim_args", "momentum=0.9", "--freeze", "last_n:2", "--layer_decay", "0.5")
+    out = tiny_run(tmp_path / "sgd", "--optim", "sgd", "--optim_args", "momentum=0.9", "--freeze", "last_n:2", "--layer_decay", "0.5")
     optimizer = results(out)["optimizer"]
     assert optimizer["class"] == "torch.optim.sgd.SGD"
     assert optimizer["hyperparameters"]["momentum"] == 0.9
@@ -81,7 +74,7 @@ def test_an_optimizer_that_cannot_run_here_is_refused_before_training(optim, tmp
 
 
 def test_step_decay_divides_the_rate_every_step_size_epochs(tmp_path):
-    out = train(tmp_path / "step", "--num_train_epochs", "4", "--learning_rate", "0.1", "--lr_scheduler_type", "step",
+    out = tiny_run(tmp_path / "step", "--num_train_epochs", "4", "--learning_rate", "0.1", "--lr_scheduler_type", "step",
                 "--lr_scheduler_kwargs", '{"step_size": 2, "gamma": 0.1}', "--optim", "sgd", *PER_STEP)
     rates = logged_rates(out)
     # Trainer logs at step k the rate step k used; step k lies in epoch (k - 1) // 2 (2 steps per epoch).
@@ -93,14 +86,14 @@ def test_step_decay_divides_the_rate_every_step_size_epochs(tmp_path):
 
 
 def test_trainer_schedules_keep_working(tmp_path):
-    out = train(tmp_path / "cosine", "--num_train_epochs", "2", "--lr_scheduler_type", "cosine", *PER_STEP)
+    out = tiny_run(tmp_path / "cosine", "--num_train_epochs", "2", "--lr_scheduler_type", "cosine", *PER_STEP)
     rates = logged_rates(out)
     assert rates[1] > rates[2] > rates[3] and results(out)["lr_scheduler"]["type"] == "cosine"
 
 
 def test_early_stopping_stops_when_validation_stops_improving_and_says_so(tmp_path):
     # A rate too small to change a prediction: validation accuracy never improves on the first evaluation.
-    out = train(tmp_path / "early", "--num_train_epochs", "6", "--learning_rate", "1e-12", "--early_stopping_patience", "2")
+    out = tiny_run(tmp_path / "early", "--num_train_epochs", "6", "--learning_rate", "1e-12", "--early_stopping_patience", "2")
     stopping = results(out)["early_stopping"]
     assert stopping["stopped_early"] and stopping["epoch"] == 3 and stopping["step"] == 6
     assert results(out)["published_weights"] == {"kind": "last", "step": 6, "epoch": 3.0}
@@ -109,7 +102,7 @@ def test_early_stopping_stops_when_validation_stops_improving_and_says_so(tmp_pa
 
 def test_head_until_plateau_then_unfreeze_at_a_lower_rate_in_one_run(tmp_path):
     stages = "[{at_epoch: 0, train: head}, {at_plateau: 1, train: all, lr_scale: 0.1}]"
-    out = train(tmp_path / "plateau", "--freeze", "staged", "--stages", stages, "--num_train_epochs", "8", "--learning_rate", "1e-12",
+    out = tiny_run(tmp_path / "plateau", "--freeze", "staged", "--stages", stages, "--num_train_epochs", "8", "--learning_rate", "1e-12",
                 "--lr_scheduler_type", "constant", "--early_stopping_patience", "1", *PER_STEP)
     history = json.loads((out / "freeze_plan.json").read_text())["history"]
     assert [stage["train"] for stage in history] == ["head", "all"]
@@ -167,17 +160,17 @@ def test_pretrained_false_builds_a_local_folder_with_fresh_weights(finetuned):
 
 
 def test_card_says_which_weights_were_published(tmp_path):
-    last = train(tmp_path / "last")
+    last = tiny_run(tmp_path / "last")
     card = (last / "README.md").read_text()
     assert "after the last training step (step 2" in card and "best checkpoint" not in card
-    best = train(tmp_path / "best", "--num_train_epochs", "2", "--save_strategy", "epoch", "--load_best_model_at_end", "true")
+    best = tiny_run(tmp_path / "best", "--num_train_epochs", "2", "--save_strategy", "epoch", "--load_best_model_at_end", "true")
     published = results(best)["published_weights"]
     assert published["kind"] == "best" and (best / published["checkpoint"]).is_dir()
     assert f"best checkpoint by validation accuracy (`{published['checkpoint']}`" in (best / "README.md").read_text()
 
 
 def test_the_recipe_written_into_the_output_folder_reproduces_the_run_bit_for_bit(tmp_path):
-    first = train(tmp_path / "first", "--num_train_epochs", "2", "--optim", "sgd", "--optim_args", "momentum=0.9", "--learning_rate", "0.01")
+    first = tiny_run(tmp_path / "first", "--num_train_epochs", "2", "--optim", "sgd", "--optim_args", "momentum=0.9", "--learning_rate", "0.01")
     written = yaml.safe_load((first / "recipe.yaml").read_text())
     assert written["load_best_model_at_end"] is False and written["optim"] == "sgd"
     assert json.loads((first / "run_config.json").read_text())["training"]["load_best_model_at_end"] is False
@@ -196,7 +189,7 @@ def test_freeze_on_the_command_line_replaces_the_recipes_freeze_section():
 
 
 def test_image_size_reaches_training_the_saved_config_pipeline_and_timm(tmp_path):
-    out = train(tmp_path / "small", "--image_size", "64")
+    out = tiny_run(tmp_path / "small", "--image_size", "64")
     config = json.loads((out / "config.json").read_text())
     assert config["pretrained_cfg"]["input_size"] == [3, 64, 64]
     classifier = pipeline("image-classification", model=str(out))
@@ -214,7 +207,7 @@ def test_image_size_on_a_vit_resamples_position_embeddings_and_reloads(tmp_path)
 
 
 def test_drop_rate_is_applied_saved_and_reloaded(tmp_path):
-    out = train(tmp_path / "dropout", "--drop_rate", "0.4", "--freeze", "head_only")
+    out = tiny_run(tmp_path / "dropout", "--drop_rate", "0.4", "--freeze", "head_only")
     assert json.loads((out / "config.json").read_text())["model_args"]["drop_rate"] == 0.4
     model = AutoModelForImageClassification.from_pretrained(out)
     assert model.timm_model.drop_rate == 0.4
@@ -262,7 +255,7 @@ def test_the_python_api_prints_the_freeze_plan(tmp_path):
 
 
 def test_cached_head_speed_is_not_reported_as_the_models(tmp_path):
-    out = train(tmp_path / "cached", "--freeze", "head_only")
+    out = tiny_run(tmp_path / "cached", "--freeze", "head_only")
     found = results(out)
     assert "feature_cache" in found and "eval_samples_per_second" not in found
     assert "head_eval" in found["feature_cache"]

@@ -177,7 +177,6 @@ def hostile_run(tmp_path_factory) -> dict:
     return {"dir": output_dir, "output": process.stdout + process.stderr}
 
 
-@pytest.mark.slow
 def test_card_shows_every_name_as_text(hostile_run):
     path = hostile_run["dir"] / "README.md"
     card = ModelCard.load(path)  # huggingface_hub's own parser
@@ -201,7 +200,6 @@ def test_card_shows_every_name_as_text(hostile_run):
     assert UNREADABLE_PATH in page.text and DATASET_FOLDER in page.text and OUTPUT_FOLDER in page.text
 
 
-@pytest.mark.slow
 def test_figures_are_drawn_and_the_model_keeps_the_names(hostile_run):
     from transformers import pipeline
 
@@ -264,7 +262,6 @@ def demo_url(request, hostile_run, tmp_path_factory):
         process.wait(timeout=30)
 
 
-@pytest.mark.slow
 def test_demo_page_shows_every_name_as_text(demo_url):
     from playwright.sync_api import expect, sync_playwright
 
