@@ -33,6 +33,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
+from transformers import set_seed
 
 from .cached_head import head_module
 from .data import PreparedData, _local_root, load_image_dataset, shareable_name
@@ -88,6 +89,7 @@ def _features(recipe, data: PreparedData | None, store: FeatureStore | None) -> 
     if data is None:
         with args.main_process_first(desc="dataset preparation"):
             data = load_image_dataset(recipe.data, seed=args.seed)
+    set_seed(args.seed)  # as a run does before it loads the model: a `pretrained: false` model gets the run's weights
     model, image_processor = load_model(recipe.model, data.labels)
     train_transform, eval_transform, device_step = transforms_for_run(recipe.data, data, data_config(model, image_processor), args.device)
     model.to(args.device)
