@@ -4,8 +4,10 @@
    extract the features, so the table also has the warm-cache time. Its findings are the mirror's own problems.
 2. Planted problems on the same cached features: `--flip` of every split's labels changed to another class (seeded), and
    `--leaks` test images copied into train as an exact copy, a copy resized to 3/4 of the side (JPEG 90) or a JPEG
-   re-encoded at quality 50, in turn. The copies' features come from the same backbone and preprocessing
-   (`split_features` on a dataset of the copies); the mirror's features are not extracted again.
+   re-encoded at quality 50, in turn; `--colour-copies` more, saved in another colour mode (CMYK JPEG, grayscale PNG,
+   palette PNG, RGBA PNG, 16-bit grayscale PNG) in turn. The copies' features come from the same backbone and
+   preprocessing (`split_features` on a dataset of the copies), their perceptual hashes from `image_hashes`; the
+   mirror's features are not extracted again.
 3. `diagnose` on the planted data. Label issues: precision and recall of the flagged images against the flipped ones
    (flagged images that were not flipped but are flagged on the clean mirror too are the mirror's own, counted apart).
    Leaks: a planted copy counts as found when its pair with its source is a leak; any other pair with a copy is false,
@@ -16,6 +18,7 @@
 
     python benchmarks/doctor.py --dataset cats_vs_dogs --calibrate 60 --probe-c 0.01,0.1,1 --check-ivf   # 2,000 + 2,000 photos
     python benchmarks/doctor.py --dataset cifar10 --check-ivf     # all 60,000 images; the first run extracts them (hours on 2 cores)
+    python benchmarks/doctor.py --dataset noise   # 500 classes of noise images (generated once): every pair it reports is false
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from PIL import Image
 
 from hf_transfer import doctor, doctor_options
 from hf_transfer.data import PreparedData, load_image_dataset
+from hf_transfer.images import load_image
 from hf_transfer.recipe import parse_recipe
 
 # Copies: (scale of the side, JPEG quality); quality None = the same bytes.
@@ -40,16 +44,25 @@ CALIBRATION = {"exact": (1.0, None), "resized 7/8": (0.875, 90), "resized 3/4": 
                "resized 1/2": (0.5, 90), "JPEG 75": (1.0, 75), "JPEG 50": (1.0, 50), "JPEG 40": (1.0, 40), "JPEG 30": (1.0, 30)}
 COPIES.update(CALIBRATION)
 KINDS = ("exact", "resized", "reencoded", "half")
+# Copies in another colour mode: (mode, format); 16-bit is grayscale with 16-bit samples.
+COLOUR_COPIES = {"cmyk": ("CMYK", "JPEG"), "gray": ("L", "PNG"), "palette": ("P", "PNG"), "rgba": ("RGBA", "PNG"),
+                 "16-bit": ("I;16", "PNG")}
+NOISE = {"classes": 500, "train": 2, "validation": 1, "test": 1, "side": 32}  # images per class and split
 
 
 def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="cats_vs_dogs", choices=sorted(MIRRORS))
+    parser.add_argument("--dataset", default="cats_vs_dogs", choices=sorted(MIRRORS) + ["noise"])
     parser.add_argument("--model", default="timm/tf_efficientnet_lite0.in1k")
     parser.add_argument("--flip", type=float, default=0.02, help="fraction of every split's labels changed to another class")
     parser.add_argument("--leaks", type=int, default=20, help="test images copied into train")
     parser.add_argument("--kinds", default="exact,resized,reencoded",
                         help=f"copies planted in turn, among {', '.join(KINDS)} (half: resized to 1/2 of the side)")
+    parser.add_argument("--colour-copies", type=int, default=20,
+                        help=f"more test images copied into train in another colour mode ({', '.join(COLOUR_COPIES)} in turn)")
+    parser.add_argument("--max-train", type=int, help="only this many train images (and --max-test test images): a subset")
+    parser.add_argument("--max-test", type=int)
+    parser.add_argument("--max-validation", type=int)
     parser.add_argument("--calibrate", type=int, default=0,
                         help="also measure the similarity of copies (resized, re-encoded) of this many test images to their source")
     parser.add_argument("--probe-c", default="", help="also rank the flipped labels with these probe C values, e.g. 0.01,0.1,1")
@@ -65,7 +78,18 @@ def arguments() -> argparse.Namespace:
 
 
 def copy_of(cell: dict, kind: str) -> dict:
-    """A copy of the image: `exact` (same bytes), or resized by a scale and saved as JPEG at a quality (`COPIES`)."""
+    """A copy of the image: `exact` (same bytes), resized by a scale and saved as JPEG at a quality (`COPIES`), or saved in
+    another colour mode (`COLOUR_COPIES`)."""
+    if kind in COLOUR_COPIES:
+        mode, kind_format = COLOUR_COPIES[kind]
+        image = load_image(cell)
+        if mode == "I;16":
+            image = Image.fromarray(np.asarray(image.convert("L"), dtype=np.uint16) * 257)  # 16-bit samples
+        else:
+            image = image.convert(mode)  # palette: Pillow's web palette with dithering
+        buffer = io.BytesIO()
+        image.save(buffer, kind_format, **({"quality": 95} if kind_format == "JPEG" else {}))
+        return {"bytes": buffer.getvalue(), "path": None}
     scale, quality = COPIES[kind]
     if quality is None:
         return {"bytes": cell["bytes"], "path": None}
@@ -77,8 +101,9 @@ def copy_of(cell: dict, kind: str) -> dict:
     return {"bytes": buffer.getvalue(), "path": None}
 
 
-def copy_features(recipe, data: PreparedData, sources: list[int], kinds: list[str]) -> np.ndarray:
-    """Features of copies of test rows `sources` (`kinds[i]` of `sources[i]`), from the recipe's backbone and preprocessing."""
+def copy_features(recipe, data: PreparedData, sources: list[int], kinds: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Features and perceptual hashes of copies of test rows `sources` (`kinds[i]` of `sources[i]`), from the recipe's
+    backbone and preprocessing."""
     test = data.splits["test"]
     cells = [copy_of(test[row][data.image_column], kind) for row, kind in zip(sources, kinds)]
     labels = [test[row][data.label_column] for row in sources]
@@ -86,25 +111,27 @@ def copy_features(recipe, data: PreparedData, sources: list[int], kinds: list[st
                                   data.label_column: datasets.ClassLabel(names=data.labels)})
     split = datasets.Dataset.from_dict({data.image_column: cells, data.label_column: labels}, features=features)
     copies = PreparedData(datasets.DatasetDict(train=split), data.labels, data.image_column, data.label_column, {})
-    return doctor.split_features(recipe, copies)["train"][0]
+    return doctor.split_features(recipe, copies)["train"][0], doctor.image_hashes(copies)["train"]
 
 
 def timed_doctor(recipe) -> list[dict]:
-    """`run_doctor` as the command runs it; twice when the first run extracted features (the second is warm)."""
+    """`run_doctor` as the command runs it, twice: the first run computes what is not cached yet (features, hashes), the
+    second is warm."""
     runs = []
     for attempt in range(2):
         started = time.perf_counter()
         found = doctor.run_doctor(recipe)
         runs.append({"report": found, "seconds": time.perf_counter() - started, "attempt": attempt})
-        if all(split["hit"] for split in found["feature_cache"].values()):
-            break
     return runs
 
 
-def planted_copies(recipe, data: PreparedData, count: int, kinds: list[str], rng) -> tuple[list[int], list[str], np.ndarray]:
-    """Test rows copied, the kind of each copy, and the copies' features."""
-    sources = sorted(rng.choice(len(data.splits["test"]), count, replace=False).tolist())
-    planted_kinds = [kinds[index % len(kinds)] for index in range(count)]
+def planted_copies(recipe, data: PreparedData, count: int, kinds: list[str], colour: int, rng) -> tuple[list[int], list[str], tuple]:
+    """Test rows copied, the kind of each copy, and the copies' features and hashes: `count` of `kinds`, then `colour`
+    in another colour mode, each of a different test image."""
+    sources = sorted(rng.choice(len(data.splits["test"]), count + colour, replace=False).tolist())
+    rng.shuffle(sources)
+    planted_kinds = [kinds[index % len(kinds)] for index in range(count)] + [list(COLOUR_COPIES)[index % len(COLOUR_COPIES)]
+                                                                             for index in range(colour)]
     return sources, planted_kinds, copy_features(recipe, data, sources, planted_kinds)
 
 
@@ -112,7 +139,7 @@ def calibrate(recipe, data: PreparedData, features: dict, count: int, rng) -> li
     """Cosine similarity (as the doctor measures it) of every kind of copy of `count` test images to its source."""
     sources = sorted(rng.choice(len(data.splits["test"]), count, replace=False).tolist())
     kinds = list(CALIBRATION)
-    found = copy_features(recipe, data, [row for row in sources for _ in kinds], kinds * count).reshape(count, len(kinds), -1)
+    found = copy_features(recipe, data, [row for row in sources for _ in kinds], kinds * count)[0].reshape(count, len(kinds), -1)
     originals = features["test"][0][sources]
     threshold, rows = doctor_options.DUPLICATE_THRESHOLD, []
     for position, kind in enumerate(kinds):
@@ -139,24 +166,50 @@ def key(image: dict) -> tuple[str, int]:
     return image["split"], image["index"]
 
 
+def noise_dataset(root: Path) -> Path:
+    """`NOISE["classes"]` classes of uniform RGB noise images (seeded), as a parquet dataset with all three splits, written
+    once (a second run reads the same files, so the feature cache hits): images unlike ImageNet, all distinct."""
+    folder = root / "noise_dataset"
+    if (folder / "data" / "test-00000-of-00001.parquet").is_file():
+        return folder
+    rng, side = np.random.default_rng(0), NOISE["side"]
+    classes = datasets.ClassLabel(names=[f"noise{number}" for number in range(NOISE["classes"])])
+    features = datasets.Features({"image": datasets.Image(), "label": classes})
+    for split in ("train", "validation", "test"):
+        images, labels = [], []
+        for label in range(NOISE["classes"]):
+            for _ in range(NOISE[split]):
+                buffer = io.BytesIO()
+                Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buffer, "PNG")
+                images.append({"bytes": buffer.getvalue(), "path": None})
+                labels.append(label)
+        (folder / "data").mkdir(parents=True, exist_ok=True)
+        datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).to_parquet(
+            str(folder / "data" / f"{split}-00000-of-00001.parquet"))
+    return folder
+
+
 def main() -> None:
     options = arguments()
     offline_logging()
     datasets.config.HF_DATASETS_CACHE = options.cache_dir
     rng = np.random.default_rng(options.seed)
+    dataset = noise_dataset(Path(options.output_root)) if options.dataset == "noise" else MIRRORS[options.dataset]
     recipe = parse_recipe(
-        [], dataset=str(MIRRORS[options.dataset]), model=options.model, validation_size=VALIDATION_SIZE[options.dataset],
+        [], dataset=str(dataset), model=options.model, validation_size=VALIDATION_SIZE.get(options.dataset, 0.1),
         per_device_eval_batch_size=options.eval_batch_size, dataloader_num_workers=options.workers,
         output_dir=str(Path(options.output_root) / options.dataset), seed=42, disable_tqdm=True,
+        max_train_samples=options.max_train, max_eval_samples=options.max_validation, max_test_samples=options.max_test,
     )
     runs = timed_doctor(recipe)
     clean = runs[-1]["report"]
 
     data = load_image_dataset(recipe.data, seed=recipe.training.seed)
     features = doctor.split_features(recipe, data)
+    hashes = doctor.image_hashes(data)
     names = doctor.image_names(data, recipe.data.dataset)
     kinds = options.kinds.split(",")
-    sources, planted_kinds, copy_features = planted_copies(recipe, data, options.leaks, kinds, rng)
+    sources, planted_kinds, (copy_features, copy_hashes) = planted_copies(recipe, data, options.leaks, kinds, options.colour_copies, rng)
     planted_features = {split: values for split, (values, _) in features.items()}
     planted_labels = {}
     flipped = {}
@@ -165,9 +218,10 @@ def main() -> None:
     first_copy = len(planted_features["train"])
     planted_features["train"] = np.concatenate([planted_features["train"], copy_features])
     planted_labels["train"] = np.concatenate([planted_labels["train"], features["test"][1][sources]])
+    planted_hashes = {**hashes, "train": np.concatenate([hashes["train"], copy_hashes])}
     names = {**names, "train": names["train"] + [f"copy-{index}" for index in range(len(sources))]}
     started = time.perf_counter()
-    planted = doctor.diagnose(planted_features, planted_labels, data.labels, names, seed=recipe.training.seed)
+    planted = doctor.diagnose(planted_features, planted_labels, data.labels, names, seed=recipe.training.seed, hashes=planted_hashes)
     analysis_seconds = time.perf_counter() - started
 
     # label issues
@@ -177,25 +231,29 @@ def main() -> None:
     hits = truth & set(flagged)
     others = [image for image in flagged if image not in truth]
     top = set(flagged[:len(truth)])
-    # leaks
+    # leaks: a planted copy is found when it is in one group of copies with its source
     copy_rows = {first_copy + number: (sources[number], kind) for number, kind in enumerate(planted_kinds)}
-    # A copy may also pair with an image that the clean mirror pairs with its source (a duplicate of the source): not false.
-    clean_pairs = {frozenset(map(key, pair["images"])) for pair in clean["leaks"] + clean["near_duplicates"]}
-    found_kinds, copy_pairs, false_leaks = {kind: 0 for kind in kinds}, 0, []
-    for pair in planted["leaks"] + planted["near_duplicates"]:
-        images = [key(image) for image in pair["images"]]
-        copies = [(split, index) for split, index in images if split == "train" and index in copy_rows]
-        if not copies:
-            continue
-        copy_pairs += 1
-        source, kind = copy_rows[copies[0][1]]
-        other = next(image for image in images if image != copies[0])
-        if other == ("test", source):
-            found_kinds[kind] += 1
-        elif frozenset({("test", source), other}) not in clean_pairs:
-            false_leaks.append(pair)
+    group_of = {key(image): number for number, group in enumerate(planted["copy_groups"]) for image in group["images"]}
+    all_kinds = list(dict.fromkeys(planted_kinds))
+    found_kinds = {kind: 0 for kind in all_kinds}
+    for row, (source, kind) in copy_rows.items():
+        copy_group = group_of.get(("train", row))
+        found_kinds[kind] += copy_group is not None and copy_group == group_of.get(("test", source))
+    # A copy may also group with an image that the clean mirror groups with its source (a duplicate of the source): not false.
+    clean_groups = [{key(image) for image in group["images"]} for group in clean["copy_groups"]]
+    false_members = []
+    for group in planted["copy_groups"]:
+        members = {key(image) for image in group["images"]}
+        copies = [row for split, row in members if split == "train" and row in copy_rows]
+        allowed = set()
+        for row in copies:
+            source = ("test", copy_rows[row][0])
+            allowed |= {("train", row), source} | next((known for known in clean_groups if source in known), set())
+        if copies:
+            false_members += sorted(members - allowed)
     found = sum(found_kinds.values())
-    planted_per_kind = {kind: planted_kinds.count(kind) for kind in kinds}
+    planted_per_kind = {kind: planted_kinds.count(kind) for kind in all_kinds}
+    colour = [kind for kind in all_kinds if kind in COLOUR_COPIES]
     sizes = "/".join(str(len(features[split][0])) for split in ("train", "validation", "test"))
     row = {
         "dataset": options.dataset,
@@ -209,32 +267,44 @@ def main() -> None:
         "planted_leaks": len(sources),
         "leaks_found": found,
         "leak_recall": found / max(len(sources), 1),
-        "by_kind": ", ".join(f"{kind} {found_kinds[kind]}/{planted_per_kind[kind]}" for kind in kinds),
-        "false_pairs_with_copies": len(false_leaks),
-        "leak_precision": (copy_pairs - len(false_leaks)) / max(copy_pairs, 1),
+        "colour_mode_recall": sum(found_kinds[kind] for kind in colour) / max(sum(planted_per_kind[kind] for kind in colour), 1),
+        "by_kind": ", ".join(f"{kind} {found_kinds[kind]}/{planted_per_kind[kind]}" for kind in all_kinds),
+        "false_images_grouped_with_copies": len(false_members),
         "mirror_leaks": clean["summary"]["leak_pairs"],
-        "doctor_s (cold)": runs[0]["seconds"] if len(runs) == 2 else "",
+        "mirror_near_duplicates": clean["summary"]["near_duplicate_pairs"],
+        "mirror_copy_groups (images)": f"{clean['summary']['copy_groups']} ({clean['summary']['images_in_copy_groups']})",
+        "mirror_groups_with_two_labels": clean["summary"]["conflicting_label_groups"],
+        "features_meaningful": clean["copies"]["features_meaningful"],
+        "doctor_s (first run)": runs[0]["seconds"],
         "doctor_s (warm)": runs[-1]["seconds"],
         "label_check_s": runs[-1]["report"]["timing"]["label_issues_s"],
         "duplicates_s": runs[-1]["report"]["timing"]["near_duplicates_s"],
+        "hashes_s (warm)": runs[-1]["report"]["timing"]["hashes_s"],
         "analysis_s (planted)": analysis_seconds,
     }
+    subset = f"; a subset: {sizes} images" if options.max_train or options.max_test or options.max_validation else ""
     settings = (f"{options.model}, seed {options.seed}; flip {options.flip:.0%} of every split; {options.leaks} test images copied into "
-                f"train ({', '.join(kinds)} in turn); threshold {doctor_options.DUPLICATE_THRESHOLD}, probe C {doctor.PROBE_C}, "
-                f"{doctor_options.DoctorArguments().doctor_folds} folds")
-    timing = ("doctor_s: `run_doctor` on the clean mirror, end to end (data preparation, features, checks, report, contact sheet); "
-              "warm = features read from the feature cache")
+                f"train ({', '.join(kinds)} in turn) and {options.colour_copies} more in another colour mode ({', '.join(COLOUR_COPIES)}); "
+                f"threshold {doctor_options.DUPLICATE_THRESHOLD}, pHash radius {doctor.HASH_RADIUS}, probe C {doctor.PROBE_C}, "
+                f"{doctor_options.DoctorArguments().doctor_folds} folds{subset}")
+    timing = ("doctor_s: `run_doctor` on the clean mirror, end to end (data preparation, features, hashes, checks, report, contact "
+              "sheet); the first run computes what is not cached yet, warm = the second, features read from the feature cache and "
+              "hashes from the datasets cache")
     own_findings = (f"the clean mirror's own findings: {clean['summary']['label_issues']} label issue(s), "
                     f"{clean['summary']['near_duplicate_pairs']} near-duplicate pair(s) within a split, "
-                    f"{clean['summary']['leak_pairs']} leak pair(s){_top(clean)}")
+                    f"{clean['summary']['leak_pairs']} leak pair(s), {clean['summary']['copy_groups']} group(s) of copies, "
+                    f"{clean['summary']['conflicting_label_groups']} with two labels; features "
+                    f"{'meaningful' if clean['copies']['features_meaningful'] else 'NOT meaningful'} ("
+                    f"{clean['copies']['share_with_a_neighbour_above_threshold']:.1%} of the images have a neighbour at or above the "
+                    f"threshold, median nearest neighbour {clean['copies']['median_nearest_neighbour']}){_top(clean)}")
     notes = [settings, timing, own_findings]
-    notes += [f"false pair: {_name(pair['images'][0])} ~ {_name(pair['images'][1])} ({pair['similarity']})" for pair in false_leaks[:5]]
+    notes += [f"falsely grouped with a copy: {split} {names[split][index]}" for split, index in false_members[:5]]
     if options.probe_c:
         notes.append("probe C sweep (flipped labels in the top k, k = flipped): " + probe_sweep(planted_features, planted_labels, truth,
                                                                                           options.probe_c, recipe.training.seed))
     if options.check_ivf:
         notes.append(check_ivf(planted_features))
-    report(options.name, f"Data doctor on {options.dataset}: planted label flips and leaks", [row], notes)
+    report(options.name, f"Data doctor on {options.dataset}: planted label flips and copies", [row], notes)
     if options.calibrate:
         rows = calibrate(recipe, data, features, options.calibrate, rng)
         own = doctor.image_names(data, recipe.data.dataset)

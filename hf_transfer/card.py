@@ -183,10 +183,19 @@ def data_quality_section(report: dict, excluded: dict[str, int] | None = None, e
         ("likely wrong labels (cleanlab, out-of-fold probe)",
          f"{counts['label_issues']} ({', '.join(f'{s} {n}' for s, n in counts['label_issues_by_split'].items())})"),
         ("near-duplicate pairs within a split", counts["near_duplicate_pairs"]),
-        (f"leaks across splits (cosine >= {report['settings']['duplicate_threshold']})", f"{counts['leak_pairs']} ({leaks})"),
+        (f"leaks across splits (cosine >= {report['settings']['duplicate_threshold']}, or the same perceptual hash)",
+         f"{counts['leak_pairs']} ({leaks})"),
+        ("groups of copies", f"{counts.get('copy_groups', '—')} group(s), {counts.get('images_in_copy_groups', '—')} images"),
+        ("copies with different labels", f"{counts.get('conflicting_label_groups', '—')} group(s), "
+                                         f"{counts.get('conflicting_label_images', '—')} images"),
         ("classes below the minimum", counts["classes_below_minimum"]),
     ]
     lines = ["## Data quality", "", "| check | found |", "|---|---|", *[f"| {name} | {value} |" for name, value in rows], ""]
+    copies = report.get("copies") or {}
+    if copies.get("features_meaningful") is False:  # data unlike the backbone's: its features call everything a copy
+        lines += [f"The backbone's features do not tell these images apart ({copies['share_with_a_neighbour_above_threshold']:.0%} have a "
+                  f"neighbour at cosine >= {report['settings']['duplicate_threshold']}): copies were found by the perceptual hash "
+                  "alone.", ""]
     if excluded and any(excluded.values()):
         removed = ", ".join(f"{count} from {split}" for split, count in excluded.items() if count)
         scope = " minus its excluded images." if excluded.get("test") else "."

@@ -114,10 +114,12 @@ def push_command(args: argparse.Namespace) -> None:
 DOCTOR_USAGE = """usage: hf-transfer doctor RECIPE.yaml [--key value ...]
 
 Check a recipe's data before training, on the backbone's features (read from the feature cache, or extracted into it):
-images whose label is likely wrong (cleanlab on out-of-fold probe probabilities), near-duplicates within a split and
-leaks across splits (cosine similarity of the features), and images per class per split. Writes data_report.json and
+images whose label is likely wrong (cleanlab on out-of-fold probe probabilities), copies (cosine similarity of the
+features, and a perceptual hash that colour mode and re-encoding barely move) grouped into near-duplicates within a
+split, leaks across splits and copies with different labels, and images per class per split. Writes data_report.json and
 data_suspects.png (the top suspects) to --output_dir, and prints a summary. Same recipe and options as `hf-transfer train`;
-a training run whose features are cached runs the same check first (`data_doctor: false` turns it off).
+a training run whose features are cached runs the same check first (`data_doctor: false` turns it off). Into a run's
+folder only with the options that run used: its model card describes the report there.
 """
 
 

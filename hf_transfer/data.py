@@ -374,10 +374,16 @@ def _check_image_folder_layout(root: Path, builder, args: DataArguments) -> None
             f"Images in image folder '{args.dataset}' sit at different depths, so their classes cannot be read from folder "
             f"names: {found}. Put every image in a folder named after its class: {layout}."
         )
-    folders = {image.parent for image in images}
+    folders = Counter(image.parent for image in images)
     if len({folder.name for folder in folders}) == 1:
-        folder = folders.pop()
-        where = "directly in the folder, with no class folders" if folder == Path() else f"in one folder ('{folder.as_posix()}')"
+        folder = next(iter(folders))
+        if folder == Path():
+            where = "directly in the folder, with no class folders"
+        elif len(folders) == 1:
+            where = f"in one folder ({folder.as_posix()!r})"
+        else:  # train/cat and test/cat: one class, in several splits
+            each = ", ".join(f"{found.as_posix()!r}: {count}" for found, count in sorted(folders.items()))
+            where = f"in folders named {folder.name!r} ({each})"
         raise DatasetError(
             f"Image folder '{args.dataset}': all {len(images)} images are {where}, so there is nothing to tell apart. "
             f"Classification needs at least two class folders: {layout}."

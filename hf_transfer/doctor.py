@@ -1,4 +1,4 @@
-"""Check a dataset before training: label issues, near-duplicates and leaks, class balance, from cached backbone features.
+"""Check a dataset before training: label issues, copies and leaks, class balance, from cached backbone features.
 
 `hf-transfer doctor RECIPE.yaml` (and a run whose features are cached, unless `data_doctor: false`) reads the backbone's
 pooled features of every split from the feature cache (extracting them on a miss), and writes `data_report.json` and a
@@ -6,8 +6,12 @@ contact sheet of the top suspects (`data_suspects.png`). Nothing is dropped or r
 
 - Label issues: out-of-fold class probabilities of a logistic-regression probe (stratified K-fold, seeded) on the features
   of all splits together, passed to `cleanlab.filter.find_label_issues`; ranked by cleanlab's self-confidence score.
-- Near-duplicates and leaks: cosine similarity of power-normalised features (signed square root, then unit length), every
-  pair at or above `doctor_duplicate_threshold`; pairs within one split are near-duplicates, pairs across splits leaks.
+- Copies: two signals. Cosine similarity of power-normalised features (signed square root, then unit length) at or above
+  `doctor_duplicate_threshold`, unless that threshold means nothing on this data (too many images have a neighbour
+  above it: images unlike the backbone's, which all look alike to it); and a perceptual hash of the grayscale image
+  (`imagehash.phash`), which colour mode, re-encoding and resizing barely move. Pairs within one split are
+  near-duplicates, pairs across splits leaks; pairs join into groups (a copy of a copy is a copy). A group whose images
+  carry more than one label is a label problem too.
 - Class balance: images per class per split, and training classes with fewer than `doctor_min_class_images`.
 """
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -28,12 +33,13 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
+from transformers import set_seed
 
 from .cached_head import head_module
 from .data import PreparedData, _local_root, load_image_dataset, shareable_name
 from .device_resize import transforms_for_run
+from .doctor_options import EXCLUDE_CHOICES, REPORT_OPTIONS, SPLIT_ORDER, DoctorArguments, DoctorError
 from .escape import one_line, plot_text
-from .doctor_options import EXCLUDE_CHOICES, SPLIT_ORDER, DoctorArguments, DoctorError
 from .feature_store import FeatureStore
 from .freezing import discover_blocks
 from .models import data_config, load_model
@@ -54,6 +60,16 @@ PROBE_C = 0.01
 # CIFAR-10 (78%) only 15% of the flagged images were planted flips, against 87% on cats vs dogs (99.3%) (benchmarks/doctor.py).
 WEAK_PROBE = 0.9
 NEIGHBOURS = 20  # each image's most similar images that are checked: bounds memory when thousands of copies exist
+# The features stop telling copies apart when more than this share of the images has a neighbour at or above the
+# threshold: 0.1% on the cats-vs-dogs mirror, 0.5% on 11,000 CIFAR-10 images, 100% on noise images (which gave 20,705
+# false leaks); above it, copies come from the perceptual hash alone (benchmarks/doctor.py --dataset noise).
+MAX_SHARE_ABOVE_THRESHOLD = 0.1
+# Hamming distance of two 64-bit pHashes at or below which the images are copies. On the cats-vs-dogs mirror copies in
+# CMYK, grayscale, palette, RGBA and 16-bit, at half the side or JPEG 30 are within 4 (most 0 or 2), distinct photos at
+# 10 or more; on CIFAR-10's 32 px images 401 pairs are within 4, 5 of them with different labels (benchmarks/doctor.py).
+HASH_RADIUS = 4
+HASH_DECODE_SIDE = 128  # JPEGs decode at 1/2-1/8 scale down to this side: a 4000 px photo in ms; the hash moves by 0-2 bits
+EXHAUSTIVE_HASHES_UP_TO = 100_000  # distinct hashes compared all with all (CIFAR-10's 60,000: 3 s, 16 s on 2 busy cores)
 
 
 # --- features ---------------------------------------------------------------------------------------------------------
@@ -74,6 +90,7 @@ def _features(recipe, data: PreparedData | None, store: FeatureStore | None) -> 
     if data is None:
         with args.main_process_first(desc="dataset preparation"):
             data = load_image_dataset(recipe.data, seed=args.seed)
+    set_seed(args.seed)  # as a run does before it loads the model: a `pretrained: false` model gets the run's weights
     model, image_processor = load_model(recipe.model, data.labels)
     train_transform, eval_transform, device_step = transforms_for_run(recipe.data, data, data_config(model, image_processor), args.device)
     model.to(args.device)
@@ -166,15 +183,22 @@ def power_normalised(features: np.ndarray) -> np.ndarray:
 def similar_pairs(features: np.ndarray, threshold: float, neighbours: int = NEIGHBOURS,
                   exact_up_to: int = EXACT_PAIRS_UP_TO, seed: int = 42) -> np.ndarray:
     """Pairs `(i, j, cosine)` with i < j and cosine similarity of power-normalised features >= threshold, most similar
-    first, from each image's `neighbours` most similar images (faiss). Up to `exact_up_to` images every pair is compared
+    first, from each image's `neighbours` most similar images (`nearest_neighbours`)."""
+    unit = np.ascontiguousarray(power_normalised(features), dtype=np.float32)
+    if len(unit) < 2:
+        return np.zeros((0, 3))
+    return _pairs_at(*nearest_neighbours(unit, neighbours, exact_up_to, seed), threshold)
+
+
+def nearest_neighbours(unit: np.ndarray, neighbours: int = NEIGHBOURS, exact_up_to: int = EXACT_PAIRS_UP_TO,
+                       seed: int = 42) -> tuple[np.ndarray, np.ndarray]:
+    """`(similarity, found)`, each `(images, neighbours + 1)`: every row's most similar rows of `unit` (unit-length
+    vectors, at least 2), itself included, by inner product (faiss). Up to `exact_up_to` images every pair is compared
     (`IndexFlatIP`); beyond, an inverted-file index (`IndexIVFFlat`, sqrt(n) k-means cells, 8 searched per image)
-    compares each image with the images of its 8 nearest cells, at full width."""
+    compares each image with the images of its 8 nearest cells, at full width. `found` is -1 where fewer were found."""
     import faiss
 
-    unit = np.ascontiguousarray(power_normalised(features), dtype=np.float32)
     count, width = unit.shape
-    if count < 2:
-        return np.zeros((0, 3))
     if count > exact_up_to:
         cells = int(math.sqrt(count))  # faiss wants >= 39 training points per cell: true from 1,521 images on
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(width), width, cells, faiss.METRIC_INNER_PRODUCT)
@@ -186,8 +210,12 @@ def similar_pairs(features: np.ndarray, threshold: float, neighbours: int = NEIG
     else:
         index = faiss.IndexFlatIP(width)
     index.add(unit)
-    similarity, found = index.search(unit, min(neighbours + 1, count))  # +1: an image finds itself (or a tie with a copy)
-    rows = np.repeat(np.arange(count), found.shape[1])
+    return index.search(unit, min(neighbours + 1, count))  # +1: an image finds itself (or a tie with a copy)
+
+
+def _pairs_at(similarity: np.ndarray, found: np.ndarray, threshold: float) -> np.ndarray:
+    """The `(i, j, cosine)` pairs (i < j, most similar first) of a neighbour search at or above `threshold`."""
+    rows = np.repeat(np.arange(len(found)), found.shape[1])
     similarity, found = similarity.ravel(), found.ravel()
     keep = (similarity >= threshold) & (found != rows) & (found >= 0)
     pairs = np.sort(np.stack([rows[keep], found[keep]], axis=1), axis=1)
@@ -195,6 +223,117 @@ def similar_pairs(features: np.ndarray, threshold: float, neighbours: int = NEIG
     similarity = np.minimum(similarity[keep][first].astype(np.float64), 1.0)
     order = np.lexsort((pairs[:, 1], pairs[:, 0], -similarity))  # most similar first; ties in index order
     return np.column_stack([pairs[order], similarity[order]])
+
+
+def image_hashes(data: PreparedData) -> dict[str, np.ndarray]:
+    """Split -> `(images, 8)` uint8: each image's 64-bit perceptual hash (`imagehash.phash`: the 8 x 8 lowest DCT
+    frequencies of the grayscale image at 32 x 32) of the image as a run decodes it. Computed with `datasets.map`, so
+    the datasets cache keeps them by the split's fingerprint: a second check reads them back."""
+    found = {}
+    for split, rows in data.splits.items():
+        hashed = rows.select_columns([data.image_column]).map(
+            _hash_batch, batched=True, batch_size=256, fn_kwargs={"column": data.image_column}, remove_columns=[data.image_column],
+            features=datasets.Features({"phash": datasets.Value("binary")}), desc=f"Hashing {split} images",
+        )
+        found[split] = np.frombuffer(b"".join(hashed["phash"]), dtype=np.uint8).reshape(len(rows), 8)
+    return found
+
+
+def _hash_batch(batch: dict, column: str) -> dict:
+    return {"phash": [image_hash(cell) for cell in batch[column]]}
+
+
+def image_hash(cell: dict) -> bytes:
+    """The 8-byte pHash of an image cell (`{"bytes", "path"}`), decoded as `images.load_image` decodes it."""
+    import imagehash
+    from PIL import Image
+
+    from .images import load_image
+
+    with Image.open(io.BytesIO(cell["bytes"]) if cell.get("bytes") is not None else cell["path"]) as image:
+        image.draft("RGB", (HASH_DECODE_SIDE, HASH_DECODE_SIDE))  # JPEG only; others decode whole
+        return np.packbits(imagehash.phash(load_image(image)).hash).tobytes()
+
+
+def hash_pairs(hashes: np.ndarray, radius: int = HASH_RADIUS, candidates: np.ndarray | None = None,
+               exhaustive_up_to: int = EXHAUSTIVE_HASHES_UP_TO) -> np.ndarray:
+    """Pairs `(i, j)`, i < j, of rows of `hashes` (`(images, 8)` uint8) within Hamming distance `radius`. Rows with the
+    very same hash are each paired with the first of them only (thousands of blank images stay thousands of pairs); the
+    distinct hashes are compared all with all up to `exhaustive_up_to` of them (faiss `IndexBinaryFlat`, O(n^2)), and
+    beyond only as the `candidates` pairs (the feature neighbours) ask."""
+    import faiss
+
+    count = len(hashes)
+    _, first, inverse = np.unique(np.ascontiguousarray(hashes).view(np.uint64).ravel(), return_index=True, return_inverse=True)
+    inverse = inverse.ravel()
+    repeated = np.flatnonzero(first[inverse] != np.arange(count))
+    found = [np.stack([first[inverse[repeated]], repeated], axis=1)]
+    if len(first) <= exhaustive_up_to:
+        index = faiss.IndexBinaryFlat(64)
+        distinct = np.ascontiguousarray(hashes[first])
+        index.add(distinct)
+        limits, _, near = index.range_search(distinct, radius + 1)  # faiss keeps distances below its radius
+        found.append(first[np.stack([np.repeat(np.arange(len(first)), np.diff(limits).astype(np.int64)), near.astype(np.int64)], axis=1)])
+    elif candidates is not None:
+        near = first[inverse[candidates]]  # each candidate as the first row of its hash
+        found.append(near[hamming(hashes[near[:, 0]], hashes[near[:, 1]]) <= radius])
+    pairs = np.sort(np.concatenate(found).astype(np.int64), axis=1)
+    return np.unique(pairs[pairs[:, 0] != pairs[:, 1]], axis=0).reshape(-1, 2)
+
+
+def hamming(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Bits that differ between rows of two `(n, 8)` uint8 hash arrays."""
+    return np.unpackbits(np.bitwise_xor(first, second), axis=1).sum(axis=1).astype(np.int64)
+
+
+def find_copies(features: np.ndarray, hashes: np.ndarray | None, threshold: float, seed: int = 42,
+                neighbours: int = NEIGHBOURS, exact_up_to: int = EXACT_PAIRS_UP_TO) -> dict:
+    """Copies among the rows: `pairs` `(i, j)` (i < j, most similar first) with their `cosine` and `hash_distance` (-1
+    without hashes), `group` (each row's group of copies, transitively; -1 for a row with none) and how the features
+    were judged (`calibration`).
+
+    A pair is a copy when its features are at or above `threshold` (only where the features tell images apart: at most
+    MAX_SHARE_ABOVE_THRESHOLD of the rows have a neighbour that close), or its hashes within HASH_RADIUS bits."""
+    unit = np.ascontiguousarray(power_normalised(features), dtype=np.float32)
+    count = len(unit)
+    found_pairs, calibration = [np.zeros((0, 2), dtype=np.int64)], {"images": count}
+    candidates = None
+    if count >= 2:
+        similarity, found = nearest_neighbours(unit, neighbours, exact_up_to, seed)
+        others = (found != np.arange(count)[:, None]) & (found >= 0)
+        nearest = np.where(others, similarity, -np.inf).max(axis=1)
+        share = float(np.mean(nearest >= threshold))
+        meaningful = share <= MAX_SHARE_ABOVE_THRESHOLD
+        calibration.update(features_meaningful=meaningful, share_with_a_neighbour_above_threshold=round(share, 4),
+                           median_nearest_neighbour=round(float(np.median(nearest[np.isfinite(nearest)])), 4))
+        if meaningful:
+            found_pairs.append(_pairs_at(similarity, found, threshold)[:, :2].astype(np.int64))
+        candidates = np.stack([np.repeat(np.arange(count), found.shape[1]), found.ravel()], axis=1)
+        candidates = candidates[others.ravel()]
+    else:
+        calibration.update(features_meaningful=True, share_with_a_neighbour_above_threshold=0.0, median_nearest_neighbour=None)
+    calibration.update(hash="imagehash.phash (64 bits, grayscale)" if hashes is not None else None, hash_radius=HASH_RADIUS)
+    if hashes is not None:
+        found_pairs.append(hash_pairs(hashes, HASH_RADIUS, candidates))
+    pairs = np.unique(np.sort(np.concatenate(found_pairs), axis=1), axis=0).reshape(-1, 2)
+    cosine = np.minimum(np.einsum("ij,ij->i", unit[pairs[:, 0]], unit[pairs[:, 1]]).astype(np.float64), 1.0)
+    distance = hamming(hashes[pairs[:, 0]], hashes[pairs[:, 1]]) if hashes is not None else np.full(len(pairs), -1)
+    order = np.lexsort((pairs[:, 1], pairs[:, 0], distance, -cosine))  # most similar first; ties in index order
+    return {"pairs": pairs[order], "cosine": cosine[order], "hash_distance": distance[order],
+            "group": copy_groups(pairs, count), "calibration": calibration}
+
+
+def copy_groups(pairs: np.ndarray, count: int) -> np.ndarray:
+    """Each row's group (connected components of the `pairs` graph, numbered from 0), -1 for a row in no pair."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(count, count))
+    _, component = connected_components(graph, directed=False)
+    paired, group = np.zeros(count, dtype=bool), np.full(count, -1)
+    paired[pairs.ravel()] = True
+    group[paired] = np.unique(component[paired], return_inverse=True)[1]
+    return group
 
 
 def class_balance(labels: dict[str, np.ndarray], classes: list[str], minimum: int) -> dict:
@@ -209,9 +348,11 @@ def class_balance(labels: dict[str, np.ndarray], classes: list[str], minimum: in
 
 
 def diagnose(features: dict[str, np.ndarray], labels: dict[str, np.ndarray], classes: list[str],
-             names: dict[str, list[str]] | None = None, options: DoctorArguments | None = None, seed: int = 42) -> dict:
+             names: dict[str, list[str]] | None = None, options: DoctorArguments | None = None, seed: int = 42,
+             hashes: dict[str, np.ndarray] | None = None) -> dict:
     """The data report: `features[split]` `(images, dim)`, `labels[split]` class ids, `classes` their names, `names[split]`
-    each image's path relative to the dataset (or `#index`)."""
+    each image's path relative to the dataset (or `#index`), `hashes[split]` their perceptual hashes (`image_hashes`;
+    without them copies come from the features alone)."""
     options = options or DoctorArguments()
     splits = [split for split in SPLIT_ORDER if split in features] + [split for split in features if split not in SPLIT_ORDER]
     names = names or {split: [f"#{index}" for index in range(len(features[split]))] for split in splits}
@@ -231,13 +372,16 @@ def diagnose(features: dict[str, np.ndarray], labels: dict[str, np.ndarray], cla
                      "label_quality": round(quality, 4)} for row, suggested, probability, quality in found["ranked"]]
 
     started = time.perf_counter()
-    pairs = similar_pairs(pooled, options.doctor_duplicate_threshold, seed=seed)
+    pooled_hashes = np.concatenate([hashes[split] for split in splits]) if hashes is not None else None
+    copies = find_copies(pooled, pooled_hashes, options.doctor_duplicate_threshold, seed)
     timing["near_duplicates_s"] = round(time.perf_counter() - started, 3)
     near_duplicates, leaks = [], []
-    for first, second, similarity in pairs:
-        pair = {"similarity": round(float(similarity), 4), "images": [image(int(first)), image(int(second))]}
-        same_split = where[int(first)][0] == where[int(second)][0]
-        (near_duplicates if same_split else leaks).append(pair)
+    for (first, second), cosine, distance in zip(copies["pairs"].tolist(), copies["cosine"], copies["hash_distance"]):
+        pair = {"similarity": round(float(cosine), 4), "hash_distance": None if distance < 0 else int(distance),
+                "images": [image(first), image(second)]}
+        (near_duplicates if where[first][0] == where[second][0] else leaks).append(pair)
+    groups = _groups(copies["group"], image, classes)
+    conflicting = [group for group in groups if len(group["labels"]) > 1]
 
     balance = class_balance({split: labels[split] for split in splits}, classes, options.doctor_min_class_images)
     return {
@@ -247,16 +391,33 @@ def diagnose(features: dict[str, np.ndarray], labels: dict[str, np.ndarray], cla
                      "min_class_images": options.doctor_min_class_images, "probe": f"StandardScaler + LogisticRegression(C={PROBE_C})",
                      "label_issue_method": "cleanlab.filter.find_label_issues (prune_by_noise_rate), ranked by self_confidence",
                      "similarity": "cosine of signed-square-root, unit-length backbone features"},
-        "summary": _summary_counts(label_issues, near_duplicates, leaks, balance, splits, found),
+        "summary": _summary_counts(label_issues, near_duplicates, leaks, balance, splits, found, groups, conflicting, copies),
         "label_issues": label_issues,
+        "conflicting_labels": conflicting,
         "near_duplicates": near_duplicates,
         "leaks": leaks,
+        "copy_groups": groups,
+        "copies": copies["calibration"],
         "class_balance": balance,
         "timing": timing,
     }
 
 
-def _summary_counts(label_issues, near_duplicates, leaks, balance, splits, found) -> dict:
+def _groups(group: np.ndarray, image, classes: list[str]) -> list[dict]:
+    """The groups of copies, largest first: their images (in split order) and the labels they carry (class order)."""
+    rows = np.flatnonzero(group >= 0)
+    members = np.split(rows[np.argsort(group[rows], kind="stable")], np.cumsum(np.bincount(group[rows]))[:-1]) if len(rows) else []
+    found = []
+    for member_rows in sorted(members, key=lambda found_rows: (-len(found_rows), found_rows[0])):
+        images = [image(int(row)) for row in member_rows]
+        images.sort(key=lambda found_image: (_split_rank(found_image["split"]), found_image["index"]))
+        labels = {found_image["label"] for found_image in images}
+        found.append({"images": images, "labels": [name for name in classes if name in labels],
+                      "splits": list(dict.fromkeys(found_image["split"] for found_image in images))})
+    return found
+
+
+def _summary_counts(label_issues, near_duplicates, leaks, balance, splits, found, groups, conflicting, copies) -> dict:
     by_split = {split: sum(issue["split"] == split for issue in label_issues) for split in splits}
     crossings = {}
     for pair in leaks:
@@ -279,6 +440,11 @@ def _summary_counts(label_issues, near_duplicates, leaks, balance, splits, found
         "near_duplicate_pairs_by_split": {split: sum(pair["images"][0]["split"] == split for pair in near_duplicates) for split in splits},
         "leak_pairs": len(leaks),
         "leaks_by_splits": leak_counts,
+        "copy_groups": len(groups),
+        "images_in_copy_groups": sum(len(group["images"]) for group in groups),
+        "conflicting_label_groups": len(conflicting),
+        "conflicting_label_images": sum(len(group["images"]) for group in conflicting),
+        "features_meaningful": copies["calibration"]["features_meaningful"],
         "classes_below_minimum": len(balance["below_minimum"]),
     }
 
@@ -291,34 +457,49 @@ def _split_rank(split: str) -> int:
 def flagged_indices(report: dict, exclude_flagged: str | None, splits: list[str] | tuple[str, ...] = ("train",)) -> dict[str, list[int]]:
     """`{split: sorted indices}` to remove for `exclude_flagged` (leaks | label_issues | both), from `splits` only.
 
-    A leak removes the copy in the earlier split of train < validation < test (the later one measures the model), when
-    that split is in `splits`; a label issue removes the image itself."""
+    Leaks: every image of a group of copies that is in an earlier split of train < validation < test than the group's
+    latest (that one measures the model), when its split is in `splits`. Label issues: the image itself, and every image
+    of a group of copies that carries more than one label."""
     if exclude_flagged is None:
         return {}
     if exclude_flagged not in EXCLUDE_CHOICES:
         raise DoctorError(f"`exclude_flagged: {exclude_flagged}` is not one of {' | '.join(EXCLUDE_CHOICES)}.")
     flagged: dict[str, set[int]] = {}
+    chosen = []
     if exclude_flagged in ("label_issues", "both"):
-        for issue in report["label_issues"]:
-            if issue["split"] in splits:
-                flagged.setdefault(issue["split"], set()).add(issue["index"])
+        chosen += report["label_issues"] + [image for group in report["conflicting_labels"] for image in group["images"]]
     if exclude_flagged in ("leaks", "both"):
-        for pair in report["leaks"]:
-            earlier = min(pair["images"], key=lambda image: _split_rank(image["split"]))
-            if earlier["split"] in splits:
-                flagged.setdefault(earlier["split"], set()).add(earlier["index"])
+        for group in report["copy_groups"]:
+            latest = max(_split_rank(split) for split in group["splits"])
+            chosen += [image for image in group["images"] if _split_rank(image["split"]) < latest]
+    for image in chosen:
+        if image["split"] in splits:
+            flagged.setdefault(image["split"], set()).add(image["index"])
     return {split: sorted(indices) for split, indices in flagged.items()}
 
 
-def exclude(data: PreparedData, flagged: dict[str, list[int]]) -> PreparedData:
-    """`data` without the flagged images (`flagged_indices`); the report's indices refer to `data` as given."""
+def exclude(data: PreparedData, flagged: dict[str, list[int]], option: str = "exclude_flagged") -> PreparedData:
+    """`data` without the flagged images (`flagged_indices`); the report's indices refer to `data` as given. Refused when
+    a split would lose every image of a class it has (as at load time: no class without training images, and none the
+    test cannot measure); `option` names what asked for the exclusions in that message."""
     splits = dict(data.splits)
     for split, indices in flagged.items():
-        if indices:
-            drop = set(indices)
-            splits[split] = splits[split].select([index for index in range(len(splits[split])) if index not in drop])
-            if len(splits[split]) == 0:
-                raise DoctorError(f"`exclude_flagged` would remove every image of the {split} split. Check data_report.json.")
+        if not indices:
+            continue
+        drop = set(indices)
+        kept = [index for index in range(len(splits[split])) if index not in drop]
+        labels = np.asarray(splits[split][data.label_column])
+        had, keeps = (np.bincount(values, minlength=len(data.labels)) for values in (labels, labels[kept]))
+        emptied = [f"{data.labels[label]!r} ({had[label]} of {had[label]})" for label in np.flatnonzero((had > 0) & (keeps == 0))]
+        if emptied:
+            role = ("a model cannot learn a class it has no training images of" if split == "train"
+                    else "its accuracy could not be measured there")
+            raise DoctorError(
+                f"`{option}` would remove every {split} image of class{'es' if len(emptied) > 1 else ''} {', '.join(emptied)}: {role}. "
+                f"Remove those copies from the later split instead, exclude from fewer splits (`exclude_flagged_from`), or unset "
+                f"`exclude_flagged`; `hf-transfer doctor` lists the flagged images in {DATA_REPORT}."
+            )
+        splits[split] = splits[split].select(kept)
     return dataclasses.replace(data, splits=datasets.DatasetDict(splits))
 
 
@@ -338,16 +519,15 @@ def summary_text(report: dict, folder: str | Path | None = None) -> str:
         lines.append(f"    {_where(issue)} labelled {one_line(issue['label'])}, looks like {one_line(issue['suggested_label'])} "
                      f"(p={issue['suggested_probability']:.2f})")
     lines.append(f"  near-duplicates within a split: {counts['near_duplicate_pairs']} pair(s)")
-    lines += [f"    {_where(pair['images'][0])} ~ {_where(pair['images'][1])} (cosine {pair['similarity']:.3f})"
-              for pair in report["near_duplicates"][:2]]
+    lines += [_pair_line(pair) for pair in report["near_duplicates"][:2]]
     leaks = []
     for crossing, values in counts["leaks_by_splits"].items():
         earlier, later = crossing.split("-")
         leaks.append(f"{crossing}: {values['pairs']} pair(s), {values[f'{later}_images']} {later} image(s) with a copy in {earlier}")
     crossings = " (" + "; ".join(leaks) + ")" if leaks else ""
     lines.append(f"  leaks across splits: {counts['leak_pairs']} pair(s){crossings}")
-    lines += [f"    {_where(pair['images'][0])} ~ {_where(pair['images'][1])} (cosine {pair['similarity']:.3f})"
-              for pair in report["leaks"][:3]]
+    lines += [_pair_line(pair) for pair in report["leaks"][:3]]
+    lines += _copy_lines(report)
     balance = report["class_balance"]
     for split, per in balance["images_per_class"].items():
         shown = ", ".join(f"{one_line(name)} {n}" for name, n in list(per.items())[:10]) + (", ..." if len(per) > 10 else "")
@@ -359,6 +539,31 @@ def summary_text(report: dict, folder: str | Path | None = None) -> str:
     if counts["label_check_skipped_classes"]:
         lines.append(f"  not label-checked (fewer images than folds): classes {counts['label_check_skipped_classes']}")
     return "\n".join(lines)
+
+
+def _pair_line(pair: dict) -> str:
+    first, second = pair["images"]
+    labels = f"; labelled {one_line(first['label'])} and {one_line(second['label'])}" if first["label"] != second["label"] else ""
+    distance = f", hash distance {pair['hash_distance']}" if pair.get("hash_distance") is not None else ""
+    return f"    {_where(first)} ~ {_where(second)} (cosine {pair['similarity']:.3f}{distance}{labels})"
+
+
+def _copy_lines(report: dict) -> list[str]:
+    """Groups of copies, those whose images carry different labels (a label problem), and whether the features counted."""
+    counts, copies = report["summary"], report["copies"]
+    lines = [f"  copies: {counts['copy_groups']} group(s) of 2 or more images ({counts['images_in_copy_groups']} images)"]
+    if not copies["features_meaningful"]:
+        lines.append(f"    the backbone's features do not tell these images apart ({copies['share_with_a_neighbour_above_threshold']:.0%} "
+                     f"have a neighbour at cosine >= {report['settings']['duplicate_threshold']}; the median nearest neighbour is at "
+                     f"{copies['median_nearest_neighbour']:.3f}): copies come from the perceptual hash alone")
+    lines.append(f"  copies with different labels: {counts['conflicting_label_groups']} group(s), {counts['conflicting_label_images']} "
+                 "image(s)" + (": at least one label in each group is wrong" if counts["conflicting_label_groups"] else ""))
+    for group in report["conflicting_labels"][:3]:
+        one_each = [next(image for image in group["images"] if image["label"] == label) for label in group["labels"]]
+        shown = (one_each + [image for image in group["images"] if image not in one_each])[:3]
+        lines.append("    " + " ~ ".join(f"{_where(image)} labelled {one_line(image['label'])}" for image in shown)
+                     + (f" (+{len(group['images']) - len(shown)} more)" if len(group["images"]) > len(shown) else ""))
+    return lines
 
 
 def _where(image: dict) -> str:
@@ -400,7 +605,9 @@ def _suspect_caption(issue: dict) -> str:
 
 
 def _leak_caption(pair: dict) -> str:
-    return f"{plot_text(_where(pair['images'][0]))}\n~ {plot_text(_where(pair['images'][1]))}\ncosine {pair['similarity']:.3f}"
+    first, second = pair["images"]
+    labels = f"\nlabelled {plot_text(first['label'])} and {plot_text(second['label'])}" if first["label"] != second["label"] else ""
+    return f"{plot_text(_where(first))}\n~ {plot_text(_where(second))}\ncosine {pair['similarity']:.3f}{labels}"
 
 
 def _cell(data: PreparedData, image: dict):
@@ -457,9 +664,13 @@ def check_data(recipe, data: PreparedData, store: FeatureStore | None = None, op
     started = time.perf_counter()
     found, cache = _features(recipe, data, store)
     seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    with recipe.training.main_process_first(desc="image hashes"):
+        hashes = image_hashes(data)
+    hashing = time.perf_counter() - started
     report = diagnose({split: f for split, (f, _) in found.items()}, {split: y for split, (_, y) in found.items()},
-                      data.labels, image_names(data, recipe.data.dataset), options, recipe.training.seed)
-    report["timing"]["features_s"] = round(seconds, 3)
+                      data.labels, image_names(data, recipe.data.dataset), options, recipe.training.seed, hashes)
+    report["timing"]["features_s"], report["timing"]["hashes_s"] = round(seconds, 3), round(hashing, 3)
     report["dataset"], report["model"], report["feature_cache"] = recipe.data.dataset, recipe.model.model, cache
     return report
 
@@ -476,12 +687,15 @@ def run_doctor(recipe, options: DoctorArguments | None = None) -> dict:
     lock = None
     if state.is_main_process:
         check_place(folder, recipe.to_dict(), overwrite=False)  # never into the dataset's folder or the home folder
-        if (folder / RUN_CONFIG).is_file():  # a run's folder: its report must describe the data and model it trained on
-            previous, now = json.loads((folder / RUN_CONFIG).read_text()), recipe.to_dict()
-            differ = [section for section in ("data", "model") if previous.get(section) != now[section]]
+        if (folder / RUN_CONFIG).is_file():  # a run's folder: its report must be the one the run's card describes
+            previous, now = (_report_settings(config) for config in (json.loads((folder / RUN_CONFIG).read_text()), recipe.to_dict()))
+            differ = sorted(key for key in set(previous) | set(now) if previous.get(key) != now.get(key))
             if differ:
-                raise DoctorError(f"{folder} holds a run with other {' and '.join(differ)} options: a data report there would not "
-                                  "describe what it trained on. Choose another `--output_dir`.")
+                raise DoctorError(
+                    f"{folder} holds a run whose data and data report were made with other options (differs in: "
+                    f"{', '.join(differ[:8])}): a report written there would replace the one its model card describes. "
+                    "Choose another `--output_dir`, or give the run's options."
+                )
         lock = OutputDirLock(folder)
         lock.acquire()  # not while a training run writes there
     try:
@@ -500,6 +714,17 @@ def run_doctor(recipe, options: DoctorArguments | None = None) -> dict:
                 lock.release()
 
 
+def _report_settings(config: dict) -> dict:
+    """What a data report depends on, from a resolved recipe (`Recipe.to_dict`, as in run_config.json): the data, the
+    model, the checks' options, the seed of the probe's folds and the precision of the features."""
+    sections = {section: config.get(section) or {} for section in ("data", "model", "doctor", "run", "training")}
+    return {
+        **{f"{section}.{key}": value for section in ("data", "model") for key, value in sections[section].items()},
+        **{f"doctor.{key}": sections["doctor"].get(key) for key in REPORT_OPTIONS},
+        "training.seed": sections["training"].get("seed"), "run.inference_precision": sections["run"].get("inference_precision"),
+    }
+
+
 # --- in a training run ------------------------------------------------------------------------------------------------
 @dataclass
 class DataCheck:
@@ -509,9 +734,13 @@ class DataCheck:
     data: PreparedData  # as loaded: the report's indices refer to it
     excluded: dict[str, list[int]]  # split -> indices removed before training
     options: DoctorArguments
+    _kept: PreparedData | None = dataclasses.field(default=None, repr=False)
 
     def kept_data(self) -> PreparedData:
-        return exclude(self.data, self.excluded)
+        """The data without the excluded images; refused when a split would lose every image of a class (`exclude`)."""
+        if self._kept is None:
+            self._kept = exclude(self.data, self.excluded, f"exclude_flagged: {self.options.exclude_flagged}")
+        return self._kept
 
     def kept_rows(self) -> dict[str, np.ndarray]:
         """Split -> the indices that stay, for the splits that lose images."""
@@ -524,6 +753,7 @@ class DataCheck:
         return {
             "label_issues": counts["label_issues"], "near_duplicate_pairs": counts["near_duplicate_pairs"],
             "leak_pairs": counts["leak_pairs"], "classes_below_minimum": counts["classes_below_minimum"],
+            "copy_groups": counts["copy_groups"], "conflicting_label_groups": counts["conflicting_label_groups"],
             "exclude_flagged": self.options.exclude_flagged,
             "excluded": {split: len(indices) for split, indices in self.excluded.items() if indices},
             "seconds": self.report["timing"].get("total_s"),
@@ -543,6 +773,8 @@ def check_run_data(recipe, data: PreparedData, store: FeatureStore | None, model
     report = check_data(recipe, data, store or doctor_store(recipe, data, model, transforms, args), options)
     report["timing"]["total_s"] = round(time.perf_counter() - started, 3)
     check = DataCheck(report, data, flagged_indices(report, options.exclude_flagged, options.excluded_splits()), options)
+    if check.excluded:
+        check.kept_data()  # refused now, before training, when a split would lose every image of a class
     if args.process_index == 0:
         logger.info("\n%s", summary_text(report))
         if check.excluded:

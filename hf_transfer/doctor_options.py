@@ -8,6 +8,8 @@ from .errors import HFTransferError
 
 EXCLUDE_CHOICES = ("leaks", "label_issues", "both")
 SPLIT_ORDER = ("train", "validation", "test")
+# The options that change what data_report.json says (the others choose whether the doctor runs and what a run excludes).
+REPORT_OPTIONS = ("doctor_folds", "doctor_duplicate_threshold", "doctor_min_class_images", "doctor_sheet_size")
 # Calibrated on EfficientNet-Lite0 features of the cats-vs-dogs mirror (4,000 photos, 256 px short side) and copies of 60
 # of them (benchmarks/doctor.py --calibrate): exact copies 1.0; JPEG quality 50 at least 0.941, 30 at least 0.900; resized
 # to 3/4 of the side at least 0.946, to 5/8 0.895, to 1/2 0.836 (median 0.913, 63% found). The closest distinct photos
@@ -27,8 +29,9 @@ class DoctorArguments:
     exclude_flagged: str | None = field(
         default=None,
         metadata={"help": f"Remove flagged images before training: {' | '.join(EXCLUDE_CHOICES)}. Leaks: the train copy of an image "
-                          "that is also in validation/test; label_issues: images whose label is likely wrong. Only from the splits "
-                          "in `exclude_flagged_from`."},
+                          "that is also in validation/test, with all its copies; label_issues: images whose label is likely wrong, "
+                          "and copies that carry different labels. Only from the splits in `exclude_flagged_from`; refused when a "
+                          "split would lose every image of a class."},
     )
     exclude_flagged_from: str = field(
         default="train",
@@ -41,7 +44,9 @@ class DoctorArguments:
             "Cosine similarity of power-normalised backbone features at or above which two images count as copies. 0.90 (Lite0, "
             "cats-vs-dogs mirror) finds every exact copy, copy resized to 3/4 of the side and JPEG re-encoded at quality 30-75, "
             "2 in 3 copies resized to half the side, and no pair of distinct photos (the closest reach 0.889). Photos, not "
-            "thumbnails: on CIFAR-10's 32 px images a JPEG-50 re-encode falls below it."
+            "thumbnails: on CIFAR-10's 32 px images a JPEG-50 re-encode falls below it. Where more than 10% of the images have "
+            "a neighbour this close (images unlike the backbone's), the features are not used for copies, and the report says "
+            "so; a perceptual hash finds copies either way."
         )},
     )
     doctor_min_class_images: int = field(default=10, metadata={"help": "Flag training classes with fewer images than this."})
