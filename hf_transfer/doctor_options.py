@@ -44,7 +44,7 @@ class DoctorArguments:
             "Cosine similarity of power-normalised backbone features at or above which two images count as copies. 0.90 (Lite0, "
             "cats-vs-dogs mirror) finds every exact copy, copy resized to 3/4 of the side and JPEG re-encoded at quality 30-75, "
             "2 in 3 copies resized to half the side, and no pair of distinct photos (the closest reach 0.889). Photos, not "
-            "thumbnails: on CIFAR-10's 32 px images a JPEG-50 re-encode falls below it. Where more than 10% of the images have "
+            "thumbnails: on CIFAR-10's 32 px images a JPEG-50 re-encode falls below it. Where more than 10%% of the images have "
             "a neighbour this close (images unlike the backbone's), the features are not used for copies, and the report says "
             "so; a perceptual hash finds copies either way."
         )},

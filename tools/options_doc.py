@@ -51,7 +51,7 @@ def cell(text: str) -> str:
 
 
 def help_of(f: dataclasses.Field) -> str:
-    text = f.metadata.get("help", "")
+    text = f.metadata.get("help", "").replace("%%", "%")  # argparse help text doubles a literal %
     if f.metadata.get("choices"):
         text += f" Choices: {', '.join(str(c) for c in f.metadata['choices'])}."
     if f.type in (bool, "bool") and default_of(f) is True:
