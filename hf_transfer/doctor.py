@@ -37,7 +37,7 @@ from .feature_store import FeatureStore
 from .freezing import discover_blocks
 from .models import data_config, load_model
 from .precision import resolve
-from .repo_files import DATA_REPORT, DATA_SUSPECTS_PNG
+from .repo_files import DATA_REPORT, DATA_SUSPECTS_PNG, shareable_path, without_local_paths
 
 logger = logging.getLogger(__name__)
 
@@ -458,7 +458,9 @@ def check_data(recipe, data: PreparedData, store: FeatureStore | None = None, op
     report = diagnose({split: f for split, (f, _) in found.items()}, {split: y for split, (_, y) in found.items()},
                       data.labels, image_names(data, recipe.data.dataset), options, recipe.training.seed)
     report["timing"]["features_s"] = round(seconds, 3)
-    report["dataset"], report["model"], report["feature_cache"] = recipe.data.dataset, recipe.model.model, cache
+    # Published with the model: local folders as the run config names them (`shareable_path`).
+    report["dataset"], report["model"] = shareable_path(recipe.data.dataset), shareable_path(recipe.model.model)
+    report["feature_cache"] = cache
     return report
 
 
@@ -473,9 +475,9 @@ def run_doctor(recipe, options: DoctorArguments | None = None) -> dict:
     state = PartialState()
     lock = None
     if state.is_main_process:
-        check_place(folder, recipe.to_dict(), overwrite=False)  # never into the dataset's folder or the home folder
+        check_place(folder, recipe.to_dict(local_paths=True), overwrite=False)  # never into the dataset's folder or the home folder
         if (folder / RUN_CONFIG).is_file():  # a run's folder: its report must describe the data and model it trained on
-            previous, now = json.loads((folder / RUN_CONFIG).read_text()), recipe.to_dict()
+            previous, now = without_local_paths(json.loads((folder / RUN_CONFIG).read_text())), recipe.to_dict()
             differ = [section for section in ("data", "model") if previous.get(section) != now[section]]
             if differ:
                 raise DoctorError(f"{folder} holds a run with other {' and '.join(differ)} options: a data report there would not "

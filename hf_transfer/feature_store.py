@@ -182,7 +182,7 @@ class FeatureStore:
         record = {
             "hit": extracted is None, "seconds": round(seconds if extracted is None else max(seconds, extracted), 2),
             "images": len(features), "views": features.shape[1], "dtype": str(features.dtype), "bytes": folder_size(path),
-            "path": str(path),
+            "entry": path.name,  # under `cache_root()`: all_results.json is published, and names no local path
         }
         if extracted:
             record["images_per_second"] = round(len(features) * features.shape[1] / extracted, 1)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from .errors import HFTransferError
 from .nodes import output_is_node_local
-from .repo_files import CONFIG, LOCK_FILE, RUN_CONFIG, RUN_OUTPUTS, STAGING
+from .repo_files import CONFIG, LOCK_FILE, RUN_CONFIG, RUN_OUTPUTS, STAGING, without_local_paths
 from .trainer import last_complete_checkpoint, no_complete_checkpoint
 
 if TYPE_CHECKING:
@@ -88,7 +88,8 @@ def check_output_dir(output_dir: Path, run_config: dict, options: RunArguments) 
             )
         return
     else:
-        previous, now = _flatten(json.loads(config_file.read_text())), _flatten(run_config)
+        # Both as run_config.json records them (a folder written before it stopped recording absolute paths too).
+        previous, now = (_flatten(without_local_paths(config)) for config in (json.loads(config_file.read_text()), run_config))
         # Run options and the folder's own path (it may have been moved) do not make it another run.
         changed = sorted(k for k in set(previous) | set(now)
                          if k not in MOVABLE and not k.startswith("run.") and previous.get(k) != now.get(k))
@@ -295,7 +296,7 @@ def holding_output_dir(run):
         finished = False
         try:
             if lock is not None:
-                check_place(output_dir, recipe.to_dict(), recipe.run.overwrite)  # before anything is made there
+                check_place(output_dir, recipe.to_dict(local_paths=True), recipe.run.overwrite)  # before anything is made there
                 lock.acquire()
             results = run(recipe)
             finished = True
