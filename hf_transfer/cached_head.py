@@ -27,29 +27,20 @@ from transformers import PreTrainedModel, TimmWrapperForImageClassification, Tra
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, PredictionOutput
 
-from .errors import HFTransferError
-from .feature_store import FeatureCapture, FeatureStore, relative_errors
+from .feature_store import (  # noqa: F401 (CHECK_IMAGES: tests and benchmarks read it here)
+    CHECK_IMAGES,
+    FEATURE_RTOL,
+    FeatureCacheMismatchError,
+    FeatureCapture,
+    FeatureStore,
+    check_sample,
+    relative_errors,
+)
 from .metrics import compute_metrics
 from .precision import Precision
 from .trainer import SafeTrainer, newest_checkpoint_on_every_process
 
 logger = logging.getLogger(__name__)
-
-# Test images the full model is checked on when the test features come from the cache (a seeded sample, the same
-# on every run with the same seed): a wrong cache (another model or preprocessing) differs on every image, and 64
-# images cost about a second of a 2-core CPU at Lite0's bf16 extraction rate (66 images/s at load average 4-5.6).
-CHECK_IMAGES = 64
-# Per-image relative error ||full - cached|| / ||cached|| of the head's input features above which the full model and
-# the cache do not hold the same image's features. Measured on Lite0 and the cats-vs-dogs sample: bf16 passes with other
-# batch sizes or thread counts give identical features (0), a bf16 and an fp32 pass differ by at most 0.07; a cache
-# made without the centre crop differs by 0.37 (median), from ImageNet's instead of Lite0's normalisation by 0.53,
-# another image's features by 1.2. Logits are compared too, but only to report flips: a near-tie flips under any noise.
-FEATURE_RTOL = 0.2
-
-
-class FeatureCacheMismatchError(HFTransferError, RuntimeError):
-    """The full model's test predictions differ from those computed on cached features."""
-
 
 def head_module(model: nn.Module, head_names: list[str]) -> tuple[str, nn.Module] | None:
     """The module that owns exactly the head block's parameters (the classifier), with its dotted name."""
@@ -189,6 +180,8 @@ class CachedHeadTraining:
         self.store = store or FeatureStore(self.model, head, head_name, recipe.model, data, transforms, self.args,
                                            recipe.run.feature_cache_views, precision=precision)
         self.summary = self.store.summary  # what all_results.json records as `feature_cache`
+        if later_stages_start is None:  # `_test` checks the cached test features against the full model's, with its logits
+            self.store.checked_by_caller.add("test")
         self.trainer_that_finished = trainer
 
     @classmethod
@@ -336,13 +329,6 @@ class CachedHeadTraining:
 def _speed(metrics: dict) -> dict:
     """Takes Trainer's speed figures (`*_runtime`, `*_per_second`) out of `metrics` and returns them."""
     return {key: metrics.pop(key) for key in list(metrics) if key.endswith(("_runtime", "_per_second"))}
-
-
-def check_sample(images: int, seed: int) -> np.ndarray:
-    """The test rows the full model is checked on: CHECK_IMAGES of them, seeded, in order."""
-    if images <= CHECK_IMAGES:
-        return np.arange(images)
-    return np.sort(np.random.default_rng(seed).choice(images, CHECK_IMAGES, replace=False))
 
 
 @dataclass

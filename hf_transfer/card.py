@@ -16,7 +16,7 @@ from scipy.stats import binomtest
 
 from . import escape
 from .plots import curve_marks, plot_confusion_matrix, plot_training_curves, training_log
-from .repo_files import CONFUSION_PNG, CURVES_PNG, DATA_REPORT, DATA_SUSPECTS_PNG, EXPLANATIONS_PNG, MODEL_CARD, RunFiles
+from .repo_files import CONFUSION_PNG, CURVES_PNG, DATA_REPORT, DATA_SUSPECTS_PNG, EXPLANATIONS_PNG, MODEL_CARD, RunFiles, shareable_path
 
 
 def _table(headers: list[str], rows: list[list]) -> str:
@@ -131,7 +131,7 @@ def _summary(run: RunFiles, repo_id: str | None, data: ModelCardData) -> str:
         origin = f"fine-tuned from {escape.markdown_code(run.architecture)} (its pretrained checkpoint was not recorded)"
     n_test = (results.get("split_sizes") or {}).get("test")
     scored = f" on {n_test} held-out test images" if n_test else " on the held-out test split"
-    source = repo_id or str(run.location)
+    source = repo_id or shareable_path(str(run.location))  # the card is published: no absolute local path
     snippet = [
         "```python", "from transformers import pipeline", "",
         f'classifier = pipeline("image-classification", model="{source}")',

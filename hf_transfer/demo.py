@@ -6,6 +6,7 @@ Both use the very app.py a Space runs, found next to this package in the reposit
 from __future__ import annotations
 
 import importlib.util
+import pickle
 import shutil
 import socket
 import tempfile
@@ -109,6 +110,10 @@ def start_demo(model: str, *, examples_dir: Path | None = None, port: int | None
             examples_dir = examples_from_run(Path(model), Path(scratch))
         try:
             demo = app.build_demo(model, examples_dir=examples_dir, top_k=top_k)  # copies the examples away
+        except pickle.UnpicklingError as error:  # transformers opens pytorch_model.bin with torch.load(weights_only=True)
+            from .models import unsafe_pickle_message  # torch and timm: loaded by the app already, not by `push --space`
+
+            raise DemoError(unsafe_pickle_message(model, error)) from None
         except OSError as error:  # transformers: not on the Hub, the Hub unreachable, or offline and not cached
             if Path(model).exists():
                 raise

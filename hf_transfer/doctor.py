@@ -44,7 +44,7 @@ from .feature_store import FeatureStore
 from .freezing import discover_blocks
 from .models import data_config, load_model
 from .precision import resolve
-from .repo_files import DATA_REPORT, DATA_SUSPECTS_PNG
+from .repo_files import DATA_REPORT, DATA_SUSPECTS_PNG, shareable_path, without_local_paths
 
 logger = logging.getLogger(__name__)
 
@@ -671,7 +671,9 @@ def check_data(recipe, data: PreparedData, store: FeatureStore | None = None, op
     report = diagnose({split: f for split, (f, _) in found.items()}, {split: y for split, (_, y) in found.items()},
                       data.labels, image_names(data, recipe.data.dataset), options, recipe.training.seed, hashes)
     report["timing"]["features_s"], report["timing"]["hashes_s"] = round(seconds, 3), round(hashing, 3)
-    report["dataset"], report["model"], report["feature_cache"] = recipe.data.dataset, recipe.model.model, cache
+    # Published with the model: local folders as the run config names them (`shareable_path`).
+    report["dataset"], report["model"] = shareable_path(recipe.data.dataset), shareable_path(recipe.model.model)
+    report["feature_cache"] = cache
     return report
 
 
@@ -686,9 +688,10 @@ def run_doctor(recipe, options: DoctorArguments | None = None) -> dict:
     state = PartialState()
     lock = None
     if state.is_main_process:
-        check_place(folder, recipe.to_dict(), overwrite=False)  # never into the dataset's folder or the home folder
+        check_place(folder, recipe.to_dict(local_paths=True), overwrite=False)  # never into the dataset's folder or the home folder
         if (folder / RUN_CONFIG).is_file():  # a run's folder: its report must be the one the run's card describes
-            previous, now = (_report_settings(config) for config in (json.loads((folder / RUN_CONFIG).read_text()), recipe.to_dict()))
+            previous, now = (_report_settings(config) for config in (without_local_paths(json.loads((folder / RUN_CONFIG).read_text())),
+                                                                     recipe.to_dict()))
             differ = sorted(key for key in set(previous) | set(now) if previous.get(key) != now.get(key))
             if differ:
                 raise DoctorError(

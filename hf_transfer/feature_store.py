@@ -3,15 +3,18 @@
 The features are the input of the model's classifier (its pooled features). Keyed by model id, backbone weights,
 preprocessing, dataset fingerprint, split, views and the precision of the pass (`precision.Precision`): a second
 run (or `hf-transfer doctor`) skips extraction. Extraction runs in that precision (bf16 autocast and channels_last
-on hardware that computes bf16 natively).
+on hardware that computes bf16 natively). The cache is a folder anyone with write access can change under its key: an
+entry read from it is checked first, every label against the dataset and a seeded sample of its features against the model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import random
 import shutil
 import time
 from pathlib import Path
@@ -21,24 +24,41 @@ import numpy as np
 import torch
 from accelerate import PartialState
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
-from transformers import set_seed
 
 from .checksums import checksum
 from .data import attach_transforms, collate
-from .nodes import gather_rows, on_every_process, placement
+from .errors import HFTransferError
+from .nodes import gather_rows, on_every_process, placement, raise_together
 from .precision import Precision
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: the key names the precision of the pass; float32 storage where float16 would lose precision
+# 2: the key names the precision of the pass; float32 storage where float16 would lose precision. 3: each augmented view is
+# seeded per image (`SeededViews`), so that a sample of it can be computed again to check an entry.
+FORMAT_VERSION = 3
 KEY_FILE = "cache_key.json"  # written last: a folder without it is an unfinished extraction
 FLOAT16_MAX = 65504.0
 # Largest relative error (per image, L2) that float16 storage may add: its rounding is 2**-11 = 4.9e-4 per value in
 # the normal range. Below 6.1e-5 values become subnormal and lose bits: pooled features of a random-init network
 # (~1e-14) rounded to 0 and the cached head disagreed with the full model on 75% of test images.
 FLOAT16_RTOL = 1e-3
+
+# Images of a split the model is checked on when its features come from the cache (a seeded sample, the same on every
+# run with the same seed): a wrong cache (another model or preprocessing) differs on every image, and 64 images cost
+# about a second of a 2-core CPU at Lite0's bf16 extraction rate (66 images/s at load average 4-5.6).
+CHECK_IMAGES = 64
+# Per-image relative error ||full - cached|| / ||cached|| of the head's input features above which the full model and
+# the cache do not hold the same image's features. Measured on Lite0 and the cats-vs-dogs sample: bf16 passes with other
+# batch sizes or thread counts give identical features (0), a bf16 and an fp32 pass differ by at most 0.07; a cache
+# made without the centre crop differs by 0.37 (median), from ImageNet's instead of Lite0's normalisation by 0.53,
+# another image's features by 1.2. Logits are compared too, but only to report flips: a near-tie flips under any noise.
+FEATURE_RTOL = 0.2
+
+
+class FeatureCacheMismatchError(HFTransferError, RuntimeError):
+    """Cached features that are not this model's on this data: other labels, other features, or other predictions."""
 
 
 def cache_root() -> Path:
@@ -112,6 +132,43 @@ def load(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return features, table.column("labels").to_numpy().copy()  # writable, for torch
 
 
+def check_sample(images: int, seed: int) -> np.ndarray:
+    """The rows of a split the model is checked on: CHECK_IMAGES of them, seeded, in order."""
+    if images <= CHECK_IMAGES:
+        return np.arange(images)
+    return np.sort(np.random.default_rng(seed).choice(images, CHECK_IMAGES, replace=False))
+
+
+class SeededViews(Dataset):
+    """View `view` of every image of `split` (a dataset with the train transform attached): each image's augmentation
+    seeded by (seed, view, its index), so that any image's view comes out the same alone (the check of a cache hit) as
+    in the whole split, whatever the batch size, loader workers or processes."""
+
+    def __init__(self, split, seed: int, view: int):
+        self.split, self.seed, self.view = split, seed, view
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> dict:
+        # The generators the transforms draw from: torch (torchvision) and random (timm's RandAugment).
+        state = int(np.random.SeedSequence([self.seed, self.view, int(index)]).generate_state(1)[0])
+        random.seed(state)
+        np.random.seed(state)
+        torch.manual_seed(state)
+        return self.split[int(index)]
+
+
+@contextlib.contextmanager
+def _random_state_kept():
+    """The random generators as they were: reading the cache (hit or miss) must not change what training draws next."""
+    python, legacy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        yield
+    random.setstate(python)
+    np.random.set_state(legacy)
+
+
 def folder_size(path: Path) -> int:
     return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
 
@@ -127,6 +184,8 @@ class FeatureStore:
         self.summary = {"splits": {}, "precision": self.precision.dtype, "channels_last": self.precision.channels_last}
         self.extracted: dict[str, float] = {}  # split -> seconds, for splits this run computed and stored
         self.kept: dict[str, np.ndarray] = {}  # split -> the rows served (see `keep`)
+        self.checked: set[Path] = set()  # entries read from the cache and checked (`_check`)
+        self.checked_by_caller: set[str] = set()  # splits whose features the run checks against the model itself
         self.writer = placement(cache_root()).writer  # writes this machine's copy of the cache (every process asks)
         self.model_key = {
             "format": FORMAT_VERSION,
@@ -154,22 +213,70 @@ class FeatureStore:
         return cache_root() / f"{key['split']}-{digest}"
 
     def features(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        """The split's cached features, extracted first on a miss (train: K views when asked for)."""
+        """The split's cached features, extracted first on a miss (train: K views when asked for); checked on a hit."""
         views = self.views if split == "train" else 0
         key = self.key(split, views)
         path = self.path(key)
         started = time.perf_counter()
         # A hit only when every machine's copy of the cache has the split (their fingerprints may differ): else all extract.
-        if split not in self.extracted and on_every_process((path / KEY_FILE).is_file()):
+        hit = split not in self.extracted and on_every_process((path / KEY_FILE).is_file())
+        if hit:
             logger.info("feature cache hit: skipping extraction of %s (%s)", split, path)
         elif split not in self.extracted:
             self._extract(split, views, path, key)
             self.extracted[split] = time.perf_counter() - started
         features, labels = load(path)
+        if hit and path not in self.checked:  # each machine checks its own copy; a failure on one stops them all
+            raise_together(self._check, split, views, path, features, labels)
+            self.checked.add(path)
         self._record(split, path, time.perf_counter() - started, features)
         if split in self.kept:  # the split as this run trains or tests on it, after the data doctor's exclusions
             return features[self.kept[split]], labels[self.kept[split]]
         return features, labels
+
+    def _check(self, split: str, views: int, path: Path, features: np.ndarray, labels: np.ndarray) -> None:
+        """Every label of the entry against the dataset's, and the features of CHECK_IMAGES seeded images (each in one seeded
+        view) against the model's own: an entry changed under its key (flipped labels trained a 0%-accuracy model) stops the
+        run. The test split's features are left to the run's own check when it has one (`checked_by_caller`)."""
+        started = time.perf_counter()
+        fix = (f"Delete {path.name} in {cache_root()} (the next run extracts it again), or set `feature_cache: false`.")
+        split_labels = self.data.splits[split].select_columns([self.data.label_column]).with_format("numpy")
+        expected = np.asarray(split_labels[self.data.label_column])
+        wrong = int((labels != expected).sum()) if labels.shape == expected.shape else len(expected)
+        if wrong:
+            raise FeatureCacheMismatchError(f"The cached {split} features hold other labels than the dataset for {wrong} of "
+                                            f"{len(expected)} images, so they are not this data's. {fix}")
+        record = {"labels": len(expected)}
+        if split not in self.checked_by_caller:
+            rows = check_sample(len(labels), self.args.seed)
+            seen = np.random.default_rng(self.args.seed).integers(max(views, 1), size=len(rows))  # the view checked per image
+            computed = self._sample(split, views, rows, seen)
+            shape_ok = features.shape[1:] == (max(views, 1), computed.shape[-1])
+            errors = relative_errors(computed, features[rows, seen].astype(np.float32)) if shape_ok else np.full(len(rows), np.inf)
+            mismatched = int((errors > FEATURE_RTOL).sum())
+            record.update(images=len(rows), mismatched=mismatched, max_feature_error=float(errors.max()) if len(rows) else 0.0)
+            if mismatched:
+                raise FeatureCacheMismatchError(
+                    f"The cached {split} features are not this model's: on {mismatched} of {len(rows)} checked images they differ "
+                    f"from the model's own features of the same image{' and view' if views else ''} by more than {FEATURE_RTOL} "
+                    f"(relative error up to {errors.max():.2f}). {fix}")
+        self.summary.setdefault("checks", {})[split] = {**record, "seconds": round(time.perf_counter() - started, 2)}
+
+    def _sample(self, split: str, views: int, rows: np.ndarray, seen: np.ndarray) -> np.ndarray:
+        """The model's features of `rows` of `split`, row i in view `seen[i]` (the un-augmented image when `views` is 0)."""
+        transform = self.train_transform if views else self.eval_transform
+        dataset = attach_transforms(self.data, transform, transform)[split]
+        computed = None
+        with _random_state_kept():
+            for view in np.unique(seen):
+                chosen = np.flatnonzero(seen == view)
+                source = SeededViews(dataset, self.args.seed, int(view)) if views else dataset
+                loader = DataLoader(Subset(source, rows[chosen].tolist()), batch_size=self.args.per_device_eval_batch_size,
+                                    collate_fn=collate)
+                features, _ = self._pass(loader, disable=True)
+                computed = np.zeros((len(rows), features.shape[-1]), np.float32) if computed is None else computed
+                computed[chosen] = features.numpy()
+        return computed if computed is not None else np.zeros((0, 0), np.float32)
 
     def keep(self, rows: dict[str, np.ndarray]) -> None:
         """Serve only `rows` of each split named (the images `exclude_flagged` left), from the whole split's cache entry:
@@ -182,7 +289,7 @@ class FeatureStore:
         record = {
             "hit": extracted is None, "seconds": round(seconds if extracted is None else max(seconds, extracted), 2),
             "images": len(features), "views": features.shape[1], "dtype": str(features.dtype), "bytes": folder_size(path),
-            "path": str(path),
+            "entry": path.name,  # under `cache_root()`: all_results.json is published, and names no local path
         }
         if extracted:
             record["images_per_second"] = round(len(features) * features.shape[1] / extracted, 1)
@@ -194,32 +301,27 @@ class FeatureStore:
         state = PartialState()
         transform = self.train_transform if views else self.eval_transform
         dataset = attach_transforms(self.data, transform, transform)[split]
-        shard = dataset.shard(state.num_processes, state.process_index, contiguous=True) if state.num_processes > 1 else dataset
-        loader = DataLoader(
-            shard, batch_size=self.args.per_device_eval_batch_size, collate_fn=collate,
-            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory,
-        )
+        # The rows `datasets.Dataset.shard(contiguous=True)` gives this process.
+        size, extra = divmod(len(dataset), state.num_processes)
+        start = size * state.process_index + min(state.process_index, extra)
+        shard = range(start, start + size + (state.process_index < extra))
         started = time.perf_counter()
-        per_view, labels = [], []
-        self.model.eval()
-        memory_format = torch.channels_last if self.precision.channels_last else torch.contiguous_format
-        if self.precision.channels_last:
-            self.model.to(memory_format=memory_format)  # exact; a run's model already is (precision.FrozenPasses)
-        for view in range(max(views, 1)):
-            if views:
-                set_seed(self.args.seed + view)  # fixed views: the same crops and flips on every extraction
-            description = f"Extracting {split} features" + (f" (view {view + 1}/{views})" if views else "")
-            with FeatureCapture(self.head) as capture, torch.inference_mode(), self.precision.autocast():
-                for batch in tqdm(loader, desc=description, disable=not state.is_main_process or self.args.disable_tqdm):
-                    pixels = batch["pixel_values"].to(self.args.device, non_blocking=True)
-                    if pixels.is_floating_point() and pixels.ndim == 4:  # uint8 images are resized first (`resize_on_device`)
-                        pixels = pixels.contiguous(memory_format=memory_format)
-                    self.model(pixel_values=pixels)
-                    if view == 0:
-                        labels.append(batch["labels"])
-            per_view.append(capture.features())
+        per_view, labels = [], None
+        with _random_state_kept():
+            for view in range(max(views, 1)):
+                # Augmented views: each image seeded on its own, the same crops and flips on every extraction and check.
+                source = Subset(SeededViews(dataset, self.args.seed, view), shard) if views else (
+                    dataset.select(shard) if state.num_processes > 1 else dataset)
+                loader = DataLoader(
+                    source, batch_size=self.args.per_device_eval_batch_size, collate_fn=collate,
+                    num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory,
+                )
+                description = f"Extracting {split} features" + (f" (view {view + 1}/{views})" if views else "")
+                features, view_labels = self._pass(loader, description, disable=not state.is_main_process or self.args.disable_tqdm)
+                per_view.append(features)
+                labels = view_labels if labels is None else labels
         features = gather_rows(torch.stack(per_view, dim=1))
-        labels = gather_rows(torch.cat(labels))
+        labels = gather_rows(labels)
         if self.writer:  # one process per copy of the cache: each machine's own, or one for a shared filesystem
             store(path, features.numpy(), labels.numpy(), key)
         if state.is_main_process:
@@ -229,6 +331,22 @@ class FeatureStore:
                 len(features), split, max(views, 1), seconds, len(features) * max(views, 1) / seconds, state.num_processes, path,
             )
         state.wait_for_everyone()
+
+    def _pass(self, loader: DataLoader, description: str = "", disable: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head's input features (float32, CPU) and the labels of every batch of `loader`, in the run's precision."""
+        self.model.eval()
+        memory_format = torch.channels_last if self.precision.channels_last else torch.contiguous_format
+        if self.precision.channels_last:
+            self.model.to(memory_format=memory_format)  # exact; a run's model already is (precision.FrozenPasses)
+        labels = []
+        with FeatureCapture(self.head) as capture, torch.inference_mode(), self.precision.autocast():
+            for batch in tqdm(loader, desc=description, disable=disable):
+                pixels = batch["pixel_values"].to(self.args.device, non_blocking=True)
+                if pixels.is_floating_point() and pixels.ndim == 4:  # uint8 images are resized first (`resize_on_device`)
+                    pixels = pixels.contiguous(memory_format=memory_format)
+                self.model(pixel_values=pixels)
+                labels.append(batch["labels"])
+        return capture.features(), torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)
 
     def has(self, split: str) -> bool:
         return on_every_process((self.path(self.key(split, 0)) / KEY_FILE).is_file())

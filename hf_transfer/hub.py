@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import reprlib
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from pathlib import Path
 
-from huggingface_hub import HfApi, constants, get_token, snapshot_download
+from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token, snapshot_download
 from huggingface_hub.errors import (
     HfHubHTTPError,
     HFValidationError,
@@ -22,17 +25,20 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from huggingface_hub.utils import filter_repo_objects, validate_repo_id
+from huggingface_hub.utils import validate_repo_id
 
 from .card import write_model_card
 from .errors import HFTransferError
 from .images import ImageInput, load_image
+from .repo_files import ALL_RESULTS, CONFIG, LOCK_FILE, MODEL_CARD, RUN_CONFIG, RUN_OUTPUTS
 
 logger = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")  # can run code when loaded: never shared
-# Trainer's checkpoints are resumable training state, not the model; hidden paths are staging or caches.
-NOT_UPLOADED = ["checkpoint-*", ".*", "*/.*"]  # fnmatch: `*` also matches `/`
+# Push uploads the files a run writes and nothing else: the output folder may hold the user's own files (or a link to
+# any file). Trainer's checkpoints are resumable training state, not the model; hidden entries are staging or the lock.
+UPLOADED = [name for name in RUN_OUTPUTS if name != LOCK_FILE]
+NOT_UPLOADED = ["checkpoint-*", ".*"]  # passed over without a word
 
 
 class HubError(HFTransferError, RuntimeError):
@@ -81,21 +87,35 @@ def check_repo_id(repo_id: str, repo_type: str = "model") -> None:
 
 
 def _files_to_upload(folder: Path) -> list[Path]:
-    """What upload_folder sends with NOT_UPLOADED as ignore_patterns (the same filter it applies)."""
-    files = [p for p in sorted(folder.rglob("*")) if p.is_file()]
-    return list(filter_repo_objects(files, ignore_patterns=NOT_UPLOADED, key=lambda p: p.relative_to(folder).as_posix()))
-
-
-def _check_output_dir(folder: Path) -> list[Path]:
-    if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
+    """The files push uploads, checked before anything is sent: the run's own (UPLOADED), each a regular file at the top of
+    a folder `hf-transfer train` finished. Links and pickles are refused; the user's own files stay local, and are named."""
+    if not (folder / CONFIG).is_file() or not any(folder.glob("*.safetensors")):
         raise HubError(f"{folder} holds no model to push (config.json and *.safetensors are required). "
                        "Train one first: `hf-transfer train <recipe.yaml>`.")
-    files = _files_to_upload(folder)
-    pickles = [str(p.relative_to(folder)) for p in files if p.suffix in PICKLE_SUFFIXES]
+    missing = [name for name in (RUN_CONFIG, ALL_RESULTS) if not (folder / name).is_file()]
+    if missing:  # the model card is written from them: a folder `save_pretrained` wrote has neither
+        raise HubError(f"{folder} is not a finished training output dir: it has no {' and no '.join(missing)}, which "
+                       "`hf-transfer train` writes with the model and its card. Push a run's folder, or upload any other "
+                       f"model folder with `hf upload <repo-id> {folder}`.")
+    entries = [entry for entry in sorted(folder.iterdir()) if not any(fnmatch(entry.name, p) for p in NOT_UPLOADED)]
+    links = [entry for entry in entries if entry.is_symlink()]
+    if links:
+        listing = "; ".join(f"{entry.name!r} is a symbolic link (to {reprlib.repr(os.readlink(entry))})" for entry in links)
+        raise HubError(f"Refusing to push: {listing}. Push uploads only files a run wrote into {folder}, never what a link "
+                       "points to: remove the link (or put the file itself there) and push again.")
+    pickles = [entry.name for entry in entries if entry.suffix in PICKLE_SUFFIXES]
     if pickles:
-        raise HubError(f"Refusing to push pickle files, which can run code when loaded: {', '.join(pickles)}. "
+        raise HubError(f"Refusing to push pickle files, which can run code when loaded: {', '.join(map(repr, pickles))}. "
                        "Only safetensors weights are shared; delete these files from the output dir and push again.")
-    return files
+    runs = [entry for entry in entries if any(fnmatch(entry.name, pattern) for pattern in UPLOADED)]
+    odd = [entry.name for entry in runs if not entry.is_file()]
+    if odd:
+        raise HubError(f"Refusing to push: {', '.join(map(repr, odd))} in {folder} should be the run's file(s) of that name "
+                       "but are not regular files. Move them away and push again.")
+    others = [entry.name for entry in entries if entry not in runs]
+    if others:
+        logger.warning("Not uploaded (hf-transfer train did not write them): %s", ", ".join(map(repr, others)))
+    return runs
 
 
 def _check_no_token_inside(files: list[Path], token: str, folder: Path) -> None:
@@ -115,14 +135,15 @@ def _missing_repo_message(repo_id: str, revision: str | None, repo_type: str = "
 
 def push_to_hub(output_dir: str | Path, repo_id: str, private: bool = False, revision: str | None = None,
                 commit_message: str | None = None, token: str | None = None) -> str:
-    """Upload the whole output dir (model, processor, card, logs, plots) to `repo_id`; return the commit URL.
+    """Upload the run in the output dir (model, processor, card, logs, plots: the files a run writes) to `repo_id`; return
+    the commit URL.
 
     The repo is created if needed (`private` applies only then); `revision` is a branch, created from main
     if missing. The model card is re-written with the real repo id before the upload.
     """
     check_repo_id(repo_id)
     folder = Path(output_dir)
-    files = _check_output_dir(folder)
+    files = _files_to_upload(folder)
     token = token or get_token()
     if not token:
         raise HubError("No Hugging Face token found. Run `hf auth login` (or set HF_TOKEN) with a token that "
@@ -133,21 +154,60 @@ def push_to_hub(output_dir: str | Path, repo_id: str, private: bool = False, rev
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         if revision not in (None, constants.DEFAULT_REVISION):
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        write_model_card(folder, repo_id=repo_id)
-        _check_no_token_inside([folder / "README.md"], token, folder)
-        commit = api.upload_folder(
-            repo_id=repo_id, folder_path=folder, revision=revision, ignore_patterns=NOT_UPLOADED,
-            commit_message=commit_message or "Upload image classifier trained with hf_transfer",
-        )
     except HfHubHTTPError as error:
-        status = error.response.status_code if error.response is not None else None
-        if status in (401, 403):
-            raise HubError(f"The Hub refused to write to '{repo_id}' (HTTP {status}). Use your own username or an "
-                           "organization you belong to as namespace, and a token with write access "
-                           "(`hf auth login`).") from None
-        raise
+        raise _refused(error, repo_id) or HubError(
+            f"The Hub at {constants.ENDPOINT} {_answer(error)} when asked to create or open '{repo_id}': nothing was "
+            "uploaded. Push again later.") from None
+    write_model_card(folder, repo_id=repo_id)
+    _check_no_token_inside([folder / MODEL_CARD], token, folder)
+    commit = _upload(api, repo_id, revision, [file.name for file in files], folder,
+                     commit_message or "Upload image classifier trained with hf_transfer")
     logger.info("Pushed %s to %s", folder, commit.commit_url)
     return commit.commit_url
+
+
+def _upload(api: HfApi, repo_id: str, revision: str | None, names: list[str], folder: Path, commit_message: str):
+    """Send the files one at a time (upload_folder sends them all at once: a failure could not say what was sent), then
+    commit them. The Hub keeps the large files (LFS objects) it received, so a push that failed half-way resumes without
+    sending them again: HfApi skips any the Hub already has."""
+    where = f"'{repo_id}'" + (f" (branch {revision!r})" if revision not in (None, constants.DEFAULT_REVISION) else "")
+    again = "Run the same push again: it resumes, and what the Hub already has is not sent twice."
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=folder / name) for name in names]
+    for done, operation in enumerate(operations):
+        try:
+            api.preupload_lfs_files(repo_id, additions=[operation], revision=revision)
+        except (HfHubHTTPError, RuntimeError) as error:  # RuntimeError: HfApi's wrapper of an LFS upload's failure
+            after = f"after {', '.join(names[:done][:5])}{' and more' if done > 5 else ''}" if done else "the first"
+            raise _refused(error, repo_id) or HubError(
+                f"The Hub at {constants.ENDPOINT} {_answer(error)} while {operation.path_in_repo!r} was uploading to {where} "
+                f"(file {done + 1} of {len(names)}, {after}): nothing is committed, and the Hub keeps the large files it "
+                f"received. {again}") from None
+    try:
+        return api.create_commit(repo_id, operations, commit_message=commit_message, revision=revision)
+    except HfHubHTTPError as error:
+        raise _refused(error, repo_id) or HubError(
+            f"The Hub at {constants.ENDPOINT} {_answer(error)} to the commit of {len(names)} files to {where}: their contents "
+            f"were uploaded (the Hub keeps the large ones), but nothing is committed. {again}") from None
+
+
+def _answer(error: BaseException) -> str:
+    """How a request failed, from the Hub's HTTP answer (HfApi wraps LFS uploads' errors in a RuntimeError)."""
+    cause = error.__cause__ if isinstance(error, RuntimeError) and error.__cause__ is not None else error
+    response = getattr(cause, "response", None)
+    if response is not None:
+        return f"answered HTTP {response.status_code}"
+    return f"gave no answer ({type(cause).__name__}: {reprlib.repr(str(cause))})"
+
+
+def _refused(error: BaseException, repo_id: str) -> HubError | None:
+    """The error for a Hub that refuses this token write access (HTTP 401 or 403); None for any other failure."""
+    cause = error.__cause__ if isinstance(error, RuntimeError) and error.__cause__ is not None else error
+    response = getattr(cause, "response", None)
+    status = response.status_code if response is not None else None
+    if status not in (401, 403):
+        return None
+    return HubError(f"The Hub refused to write to '{repo_id}' (HTTP {status}). Use your own username or an organization you "
+                    "belong to as namespace, and a token with write access (`hf auth login`).")
 
 
 def download_model(repo_id: str, revision: str | None = None, cache_dir: str | Path | None = None,

@@ -307,12 +307,7 @@ def _from_pretrained(model_id, args, label_maps, local_files_only):
             raise ModelNotAvailableError(_not_on_hub_message(model_id, error)) from None
         raise
     except pickle.UnpicklingError as error:  # transformers opens .bin/.pt/.pth with torch.load(weights_only=True)
-        culprit = re.search(r"GLOBAL ([\w.]+)", str(error))
-        raise ModelNotAvailableError(
-            f"Refusing to load '{model_id}': its pickled weights file holds more than tensors"
-            f"{f' (it would call `{culprit[1]}`)' if culprit else ''}, and unpickling it could run any code. "
-            "Use a copy saved as safetensors."
-        ) from None
+        raise ModelNotAvailableError(unsafe_pickle_message(model_id, error)) from None
     except ValueError as error:
         if "trust_remote_code" not in str(error):
             raise
@@ -322,6 +317,14 @@ def _from_pretrained(model_id, args, label_maps, local_files_only):
         ) from None
     check_drop_rate(model, args.drop_rate)
     return model, AutoImageProcessor.from_pretrained(model_id, **common)
+
+
+def unsafe_pickle_message(model_id, error: pickle.UnpicklingError) -> str:
+    """Why a model whose pickled weights torch.load(weights_only=True) refused is not loaded (training and the demo)."""
+    culprit = re.search(r"GLOBAL ([\w.]+)", str(error))
+    return (f"Refusing to load '{model_id}': its pickled weights file holds more than tensors"
+            f"{f' (it would call `{culprit[1]}`)' if culprit else ''}, and unpickling it could run any code. "
+            "Use a copy saved as safetensors.")
 
 
 def _timm_wrapper(architecture: str, pretrained_cfg: dict, label_maps: dict, drop_rate: float | None) -> TimmWrapperForImageClassification:

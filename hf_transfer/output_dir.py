@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from .errors import HFTransferError
 from .nodes import output_is_node_local
-from .repo_files import CONFIG, LOCK_FILE, RUN_CONFIG, RUN_OUTPUTS, STAGING
+from .repo_files import CONFIG, LOCK_FILE, RUN_CONFIG, RUN_OUTPUTS, STAGING, without_local_paths
 from .trainer import last_complete_checkpoint, no_complete_checkpoint
 
 if TYPE_CHECKING:
@@ -101,7 +101,8 @@ def check_output_dir(output_dir: Path, run_config: dict, options: RunArguments) 
             )
         return
     else:
-        previous, now = _flatten(_read_run_config(config_file)), _flatten(run_config)
+        # Both as run_config.json records them (a folder written before it stopped recording absolute paths too).
+        previous, now = (_flatten(without_local_paths(config)) for config in (_read_run_config(config_file), run_config))
         changed = sorted(k for k in set(previous) | set(now) if k not in SAME_RUN_CHANGES and previous.get(k) != now.get(k))
         if changed and options.resume:
             differences = "; ".join(f"{key}: {reprlib.repr(previous.get(key))} in the folder, {reprlib.repr(now.get(key))} now"
@@ -327,7 +328,7 @@ def holding_output_dir(run):
         finished = False
         try:
             if lock is not None:
-                check_place(output_dir, recipe.to_dict(), recipe.run.overwrite)  # before anything is made there
+                check_place(output_dir, recipe.to_dict(local_paths=True), recipe.run.overwrite)  # before anything is made there
                 lock.acquire()
             results = run(recipe)
             finished = True

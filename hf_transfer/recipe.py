@@ -34,6 +34,7 @@ from .optimization import HfTransferTrainingArguments, check_optim_args
 from .precision import CHOICES as PRECISIONS
 from .precision import native_bf16
 from .recipe_yaml import RecipeYAMLError, read_recipe_file
+from .repo_files import without_local_paths
 from .streaming import check_recipe as check_streaming
 
 
@@ -97,9 +98,11 @@ class Recipe:
     doctor: DoctorArguments
     training: HfTransferTrainingArguments
 
-    def to_dict(self) -> dict:
+    def to_dict(self, local_paths: bool = False) -> dict:
         """The resolved recipe by section; TrainingArguments where they differ from Trainer's defaults or are ours
-        (TRAINING_DEFAULTS, which a later version of hf_transfer may change); no tokens."""
+        (TRAINING_DEFAULTS, which a later version of hf_transfer may change); no tokens. Absolute paths (dataset, model and
+        output folders) as the model repo may publish them (`repo_files.shareable_path`) unless `local_paths`: for the
+        checks of where the run writes."""
         # Sections named as in run_config.json: `freeze` holds the FreezeArguments.
         resolved = {section: dataclasses.asdict(arguments) for section, arguments in (
             ("data", self.data), ("model", self.model), ("freeze", self.freezing), ("run", self.run), ("doctor", self.doctor))}
@@ -114,7 +117,7 @@ class Recipe:
             ours = f.name in TRAINING_DEFAULTS or f.name == "seed"
             if "token" not in f.name and f.init and plain and (value != default or ours):
                 resolved["training"][f.name] = value
-        return resolved
+        return resolved if local_paths else without_local_paths(resolved)
 
     def to_yaml(self) -> str:
         """A recipe that reproduces this run: `hf-transfer train <it> --output_dir <another>`."""

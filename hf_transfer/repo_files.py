@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from safetensors import safe_open
@@ -29,6 +30,28 @@ LOCK_FILE = ".hf_transfer.lock"  # the running run's flock
 RUN_OUTPUTS = (CONFIG, WEIGHTS, "model-*-of-*.safetensors", f"{WEIGHTS}.index.json", PREPROCESSOR, MODEL_CARD, ALL_RESULTS,
                TEST_REPORT, TRAINER_STATE, FREEZE_PLAN, RUN_CONFIG, RECIPE, CURVES_PNG, CONFUSION_PNG, EXPLANATIONS_PNG, DATA_REPORT,
                DATA_SUSPECTS_PNG, LOCK_FILE)
+
+
+def shareable_path(value: str, start: str | os.PathLike | None = None) -> str:
+    """A local path as the model repo may name it (its files are published): an absolute one relative to `start` (the
+    working directory), so that a recipe reproduces from there, or only its base name when the two share no folder but
+    the root (`../../home/ana/pets` would spell out `/home/ana/pets`); a relative path or a Hub id stays as given."""
+    if not isinstance(value, str) or not value or not Path(value).expanduser().is_absolute():
+        return value
+    absolute, start = os.path.abspath(Path(value).expanduser()), os.path.abspath(start or os.getcwd())
+    shared = os.path.commonpath([absolute, start])
+    if os.path.dirname(shared) == shared and start != shared:  # only the filesystem root in common
+        return Path(absolute).name or value
+    return Path(os.path.relpath(absolute, start)).as_posix()
+
+
+def without_local_paths(values):
+    """`values` (a run config: sections of options) with every absolute path made `shareable_path`."""
+    if isinstance(values, dict):
+        return {key: without_local_paths(value) for key, value in values.items()}
+    if isinstance(values, (list, tuple)):
+        return [without_local_paths(value) for value in values]
+    return shareable_path(values)
 
 
 def _read_json(path: Path) -> dict | None:

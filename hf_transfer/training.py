@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,7 +103,7 @@ def build(recipe: Recipe, claim: bool = True) -> Built:
 
     With `claim`, the output folder is then claimed for the run (`--overwrite` clears it only now)."""
     args = run_arguments(recipe)
-    raise_together(check_output_dir, Path(args.output_dir), recipe.to_dict(), recipe.run)  # each machine's copy checked
+    raise_together(check_output_dir, Path(args.output_dir), recipe.to_dict(local_paths=True), recipe.run)  # each machine's copy checked
     check_model_available(recipe.model)  # before the dataset is read, which can take minutes
     raise_together(check_image_size, recipe, args.device)  # each machine's free memory
     set_seed(args.seed)
@@ -238,7 +239,7 @@ def write_model_repo(built: Built, fitted: Fitted) -> dict:
         _write_json(staging / TEST_REPORT, report)
         _write_json(staging / RUN_CONFIG, built.recipe.to_dict())
         (staging / RECIPE).write_text(built.recipe.to_yaml())
-        trainer.state.save_to_json(str(staging / TRAINER_STATE))
+        published_state(trainer.state, output_dir).save_to_json(str(staging / TRAINER_STATE))
         built.plan.save(staging / FREEZE_PLAN)
         if built.data_check:
             built.data_check.write(staging)
@@ -264,6 +265,15 @@ def published_weights(trainer) -> dict:
         return {"kind": "best", "checkpoint": Path(trainer.reloaded_best).name, "step": trainer.state.best_global_step,
                 "metric": trainer.args.metric_for_best_model, "value": trainer.state.best_metric}
     return {"kind": "last", "step": trainer.state.global_step, "epoch": trainer.state.epoch}
+
+
+def published_state(state, output_dir: Path):
+    """Trainer's state as the model repo publishes it: the best checkpoint named relative to the output folder (Trainer
+    records the path it saved to, and reloads the best model from there: its own copies in the checkpoints keep it)."""
+    state = copy.copy(state)
+    if state.best_model_checkpoint:
+        state.best_model_checkpoint = Path(os.path.relpath(state.best_model_checkpoint, output_dir)).as_posix()
+    return state
 
 
 def _write_json(path: Path, value) -> None:

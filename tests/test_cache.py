@@ -22,7 +22,7 @@ from transformers import pipeline
 
 from hf_transfer import finetune
 from hf_transfer.cached_head import CHECK_IMAGES, CachedHeadTraining, FeatureCacheMismatchError, check_cache
-from hf_transfer.feature_store import KEY_FILE, load, relative_errors, storage_dtype, store, weights_digest
+from hf_transfer.feature_store import KEY_FILE, cache_root, load, relative_errors, storage_dtype, store, weights_digest
 
 # The data doctor off: these tests count the cache's own extractions and checks (tests/test_doctor.py runs it in a run).
 TINY = dict(
@@ -46,8 +46,13 @@ def _train(tmp_path, name, **options):
     return finetune(output_dir=str(tmp_path / name), **{**TINY, **options})
 
 
+def _entry(info: dict) -> Path:
+    """The cache entry a run's record names (all_results.json names it relative to the cache, which it publishes)."""
+    return cache_root() / info["entry"]
+
+
 def _mtimes(results) -> dict:
-    return {split: os.stat(info["path"]).st_mtime_ns for split, info in results["feature_cache"]["splits"].items()}
+    return {split: os.stat(_entry(info)).st_mtime_ns for split, info in results["feature_cache"]["splits"].items()}
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +67,10 @@ def test_first_run_extracts_float16_features_into_the_datasets_cache(first_run, 
     assert {split: info["hit"] for split, info in splits.items()} == {"train": False, "validation": False, "test": False}
     for split, size in results["split_sizes"].items():
         info = splits[split]
-        assert info["path"].startswith(str(cache_dir)) and info["images"] == size and info["dtype"] == "float16"
-        features, labels = load(info["path"])
+        assert _entry(info).is_relative_to(cache_dir) and info["images"] == size and info["dtype"] == "float16"
+        features, labels = load(_entry(info))
         assert features.dtype == np.float16 and features.shape == (size, 1, 64) and len(labels) == size
-        key = json.loads((Path(info["path"]) / KEY_FILE).read_text())
+        key = json.loads((_entry(info) / KEY_FILE).read_text())
         assert key["split"] == split and key["model"] == "test_convnext" and "Normalize" in key["transform"]
 
 
@@ -85,7 +90,7 @@ def test_output_dir_loads_with_pipeline_and_predicts_like_the_trained_head(first
 
     # The same predictions from the saved head applied to the cached test features.
     weights = load_file(model_dir / "model.safetensors")
-    features, labels = load(results["feature_cache"]["splits"]["test"]["path"])
+    features, labels = load(_entry(results["feature_cache"]["splits"]["test"]))
     logits = torch.from_numpy(features[:, 0]).float() @ weights["head.fc.weight"].T + weights["head.fc.bias"]  # timm layout
     assert np.array_equal(labels, np.array(test["labels"]))
     assert np.array_equal(piped, logits.argmax(-1).numpy())
@@ -108,7 +113,7 @@ def test_changed_data_invalidates_only_that_split(first_run):
     results = _train(out, "fewer", max_train_samples=24)
     hits = {split: info["hit"] for split, info in results["feature_cache"]["splits"].items()}
     assert hits == {"train": False, "validation": True, "test": True}
-    assert results["feature_cache"]["splits"]["train"]["path"] != first["feature_cache"]["splits"]["train"]["path"]
+    assert results["feature_cache"]["splits"]["train"]["entry"] != first["feature_cache"]["splits"]["train"]["entry"]
 
 
 def test_augmented_views_are_cached_separately_and_used_one_per_epoch(first_run):
@@ -116,7 +121,7 @@ def test_augmented_views_are_cached_separately_and_used_one_per_epoch(first_run)
     results = _train(out, "views", augmentation="default", feature_cache_views=2)
     train = results["feature_cache"]["splits"]["train"]
     assert not train["hit"] and train["views"] == 2
-    features, _ = load(train["path"])
+    features, _ = load(_entry(train))
     assert features.shape[1] == 2 and not np.array_equal(features[:, 0], features[:, 1]), "two different augmented views"
     assert results["feature_cache"]["splits"]["validation"]["hit"], "evaluation splits stay un-augmented"
 
@@ -233,7 +238,7 @@ def _near_tie_case(first_run, images: int = 500):
     """Real cached test features tiled to `images` rows, a linear head, and the full model's view of them: the same
     features with last-bit float16 noise (another batch composition), one image a near-tie that flips."""
     _, results = first_run
-    features, labels = load(results["feature_cache"]["splits"]["test"]["path"])
+    features, labels = load(_entry(results["feature_cache"]["splits"]["test"]))
     cached = np.resize(features[:, 0].astype(np.float32), (images, features.shape[-1]))
     labels = np.resize(labels, images)
     rng = np.random.default_rng(0)
@@ -269,7 +274,7 @@ def test_a_wrong_cache_fails_the_check(first_run):
 
 def test_a_corrupted_cache_stops_the_run_with_a_user_error(first_run, tmp_path):
     _, results = first_run
-    path = Path(results["feature_cache"]["splits"]["test"]["path"])
+    path = _entry(results["feature_cache"]["splits"]["test"])
     key = json.loads((path / KEY_FILE).read_text())
     features, labels = load(path)
     original = tmp_path / "original"

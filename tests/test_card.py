@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from hf_transfer.card import describe_hardware, write_model_card
+from hf_transfer.repo_files import shareable_path
 from hf_transfer.repo_files import RunFiles
 from hf_transfer.models import ModelArguments
 from hf_transfer.plots import plot_confusion_matrix, plot_training_curves, training_log
@@ -74,7 +75,9 @@ def test_card_body_is_filled_from_the_run(fresh_run):
     report = json.loads((fresh_run / "test_report.json").read_text())
     state = json.loads((fresh_run / "trainer_state.json").read_text())
 
-    assert f'pipeline("image-classification", model="{fresh_run.resolve()}")' in body
+    # The card is published: it names the folder relative to the working directory (or by name), never its absolute path.
+    assert f'pipeline("image-classification", model="{shareable_path(str(fresh_run.resolve()))}")' in body
+    assert str(fresh_run.resolve()) not in body
     assert "`cat`, `dog`" in body
     sizes = results["split_sizes"]
     assert f"| train | {sizes['train']} | 1 |" in body and f"| test | {sizes['test']} | 0 |" in body

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from transformers import pipeline
 
 from hf_transfer import finetune, metrics
-from hf_transfer.feature_store import KEY_FILE
+from hf_transfer.feature_store import KEY_FILE, cache_root
 from hf_transfer.data import DataArguments, DatasetError, build_transforms, collate, load_image_dataset
 from hf_transfer.device_resize import device_transforms, transforms_for_run, use_device_resize
 from hf_transfer.images import load_image
@@ -209,7 +209,7 @@ def test_a_run_resizes_on_the_device_and_saves_a_model_that_pipeline_preprocesse
     )
     # The frozen backbone's features were extracted from uint8 32 px batches, resized by the hook.
     for info in results["feature_cache"]["splits"].values():
-        assert "then on the device: DeviceResize" in json.loads((Path(info["path"]) / KEY_FILE).read_text())["transform"]
+        assert "then on the device: DeviceResize" in json.loads((cache_root() / info["entry"] / KEY_FILE).read_text())["transform"]
     assert results["test_cache_agreement"] == 1.0
 
     classifier = pipeline("image-classification", model=str(output_dir))

@@ -27,6 +27,8 @@ import torch
 from transformers import TrainingArguments, ViTConfig, ViTForImageClassification
 
 from conftest import REPO, SAMPLE, TINY_RUN, TINY_SAMPLE, run_command, sample_rows, train_command, trains, user_error
+
+from hf_transfer.repo_files import shareable_path
 from hf_transfer.trainer import CheckpointError, SafeTrainer, last_complete_checkpoint
 from hf_transfer.cli import main
 
@@ -275,7 +277,9 @@ def test_the_card_is_published_with_the_model(finished_run, tmp_path):
     assert (output_dir / "config.json").is_file()  # the new model is published...
     card = (output_dir / "README.md").read_text()  # ...and its card with it, naming the folder users load
     assert "| training | learning_rate | 0.01 |" in card
-    assert f'pipeline("image-classification", model="{output_dir.resolve()}")' in card and ".partial" not in card
+    # The folder as the run (working directory REPO) names it on a published card, not the staging folder.
+    assert f'pipeline("image-classification", model="{shareable_path(str(output_dir.resolve()), REPO)}")' in card
+    assert ".partial" not in card
 
 
 # ---- Ctrl-C ----------------------------------------------------------------------------------------
