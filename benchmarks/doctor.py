@@ -33,7 +33,7 @@ import numpy as np
 from common import MIRRORS, REPO, VALIDATION_SIZE, offline_logging, report
 from PIL import Image
 
-from hf_transfer import doctor, doctor_options
+from hf_transfer import doctor, options
 from hf_transfer.data import PreparedData, load_image_dataset
 from hf_transfer.images import load_image
 from hf_transfer.recipe import parse_recipe
@@ -141,7 +141,7 @@ def calibrate(recipe, data: PreparedData, features: dict, count: int, rng) -> li
     kinds = list(CALIBRATION)
     found = copy_features(recipe, data, [row for row in sources for _ in kinds], kinds * count)[0].reshape(count, len(kinds), -1)
     originals = features["test"][0][sources]
-    threshold, rows = doctor_options.DUPLICATE_THRESHOLD, []
+    threshold, rows = options.DUPLICATE_THRESHOLD, []
     for position, kind in enumerate(kinds):
         similarity = np.sum(doctor.power_normalised(found[:, position]) * doctor.power_normalised(originals), axis=1)
         raw = np.sum(unit(found[:, position]) * unit(originals), axis=1)  # without the signed square root
@@ -285,8 +285,8 @@ def main() -> None:
     subset = f"; a subset: {sizes} images" if options.max_train or options.max_test or options.max_validation else ""
     settings = (f"{options.model}, seed {options.seed}; flip {options.flip:.0%} of every split; {options.leaks} test images copied into "
                 f"train ({', '.join(kinds)} in turn) and {options.colour_copies} more in another colour mode ({', '.join(COLOUR_COPIES)}); "
-                f"threshold {doctor_options.DUPLICATE_THRESHOLD}, pHash radius {doctor.HASH_RADIUS}, probe C {doctor.PROBE_C}, "
-                f"{doctor_options.DoctorArguments().doctor_folds} folds{subset}")
+                f"threshold {options.DUPLICATE_THRESHOLD}, pHash radius {doctor.HASH_RADIUS}, probe C {doctor.PROBE_C}, "
+                f"{options.DoctorArguments().doctor_folds} folds{subset}")
     timing = ("doctor_s: `run_doctor` on the clean mirror, end to end (data preparation, features, hashes, checks, report, contact "
               "sheet); the first run computes what is not cached yet, warm = the second, features read from the feature cache and "
               "hashes from the datasets cache")
@@ -363,10 +363,10 @@ def probe_sweep(features: dict, labels: dict, truth: set, values: str, seed: int
 def check_ivf(features: dict) -> str:
     pooled = np.concatenate(list(features.values()))
     started = time.perf_counter()
-    inverted = doctor.similar_pairs(pooled, doctor_options.DUPLICATE_THRESHOLD, exact_up_to=0)
+    inverted = doctor.similar_pairs(pooled, options.DUPLICATE_THRESHOLD, exact_up_to=0)
     inverted_s = time.perf_counter() - started
     started = time.perf_counter()
-    exhaustive = doctor.similar_pairs(pooled, doctor_options.DUPLICATE_THRESHOLD, exact_up_to=len(pooled))
+    exhaustive = doctor.similar_pairs(pooled, options.DUPLICATE_THRESHOLD, exact_up_to=len(pooled))
     exhaustive_s = time.perf_counter() - started
     pairs = {tuple(pair) for pair in exhaustive[:, :2].astype(int)}
     found = pairs & {tuple(pair) for pair in inverted[:, :2].astype(int)}

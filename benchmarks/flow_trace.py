@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def trace(argv: list[str]) -> list[tuple[str, str]]:
-    from hf_transfer.recipe import ARGUMENT_CLASSES, Recipe, parse_recipe
+    from hf_transfer.options import ARGUMENT_CLASSES
+    from hf_transfer.recipe import Recipe, parse_recipe
     from hf_transfer.training import run
 
     recipe = parse_recipe(argv)

@@ -25,8 +25,9 @@ from common import device, report
 from transformers import TimmWrapperForImageClassification, set_seed
 
 from hf_transfer.cli import setup_logging
-from hf_transfer.data import DataArguments, load_image_dataset
-from hf_transfer.models import ModelArguments, data_config, load_model
+from hf_transfer.data import load_image_dataset
+from hf_transfer.models import data_config, load_model
+from hf_transfer.options import DataArguments, ModelArguments
 from hf_transfer.recipe import parse_recipe
 from hf_transfer.training import run
 

@@ -20,10 +20,11 @@ import torch
 from common import Stopwatch, device, median, report
 from torch.utils.data import DataLoader
 
-from hf_transfer.data import DataArguments, attach_transforms, build_transforms, collate, load_image_dataset
+from hf_transfer.data import attach_transforms, build_transforms, collate, load_image_dataset
 from hf_transfer.device_resize import DeviceResize, device_transforms
 from hf_transfer.images import load_image
-from hf_transfer.models import ModelArguments, data_config, load_model
+from hf_transfer.models import data_config, load_model
+from hf_transfer.options import DataArguments, ModelArguments
 
 
 def loader_rates(dataset, batch_size: int, workers: int) -> tuple[float, float]:

@@ -58,7 +58,8 @@ import torch
 from common import MIRRORS, REPO, device, load_average, offline_logging, report
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, Trainer, TrainerCallback, TrainingArguments
 
-from hf_transfer.models import ModelArguments, data_config, load_model, save_model
+from hf_transfer.models import data_config, load_model, save_model
+from hf_transfer.options import ModelArguments
 from hf_transfer.recipe import parse_recipe
 from hf_transfer.training import build, fit, write_model_repo
 

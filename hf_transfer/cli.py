@@ -85,12 +85,9 @@ def _recipe_or_help(argv: list[str], usage: str, sections: tuple):
 
 def run_training(argv: list[str] | None = None) -> dict:
     """`recipes/finetune.py` and `hf-transfer train`: parse the recipe and run the flow."""
-    from .data import DataArguments
-    from .doctor_options import DoctorArguments
-    from .freezing import FreezeArguments
     from .hub import share_run
-    from .models import ModelArguments
-    from .recipe import TRAINING_DEFAULTS, RunArguments, parser
+    from .options import TRAINING_DEFAULTS, DataArguments, DoctorArguments, FreezeArguments, ModelArguments, RunArguments
+    from .recipe import parser
     from .training import run
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -126,7 +123,7 @@ folder only with the options that run used: its model card describes the report 
 def doctor_command(argv: list[str]) -> dict:
     """`hf-transfer doctor RECIPE.yaml [--key value ...]`."""
     from .doctor import run_doctor
-    from .doctor_options import DoctorArguments
+    from .options import DoctorArguments
 
     return _exit_on_user_error(run_doctor, _recipe_or_help(argv, DOCTOR_USAGE, (DoctorArguments,)))
 

@@ -13,7 +13,7 @@ import math
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
@@ -22,93 +22,16 @@ import torch
 from datasets.data_files import FILES_TO_IGNORE, EmptyDatasetError
 from torchvision import transforms as T
 
-from .errors import HFTransferError
+from .errors import DatasetError
 from .escape import one_line
 from .images import load_image, unreadable_reason
 from .offline import hub_reachable, offline_mode
+from .options import AUGMENTATIONS, LIMITS, DataArguments, number_text
 
 logger = logging.getLogger(__name__)
 
-AUGMENTATIONS = ("default", "none", "randaugment", "trivialaugment")
-RESIZE_ON_DEVICE = ("auto", "true", "false")
 _PREFERRED_IMAGE_COLUMNS = ("image", "img", "pixel_values", "picture")
 _PREFERRED_LABEL_COLUMNS = ("label", "labels", "fine_label", "class", "target")
-_LIMITS = {"max_train_samples": "train", "max_eval_samples": "validation", "max_test_samples": "test"}
-
-
-@dataclass
-class DataArguments:
-    dataset: str = field(
-        default=None,
-        metadata={"help": (
-            "A Hub dataset id (`uoft-cs/cifar10`), a local folder (parquet export, or image folder with one sub-folder per "
-            "class; linked folders are followed) or one .parquet file (the train split; the others are carved from it)."
-        )},
-    )
-    dataset_config: str | None = field(default=None, metadata={"help": "The dataset's configuration name, if it has several."})
-    image_column: str | None = field(default=None, metadata={"help": "Image column; found by feature type when unset."})
-    label_column: str | None = field(default=None, metadata={"help": "Label column (a ClassLabel); found by feature type when unset."})
-    train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    validation_split: str | None = field(default=None, metadata={"help": "Validation split; `validation`/`valid`/`val` if present, else carved from train."})
-    test_split: str | None = field(default=None, metadata={"help": "Held-out test split; `test` if present, else carved from train."})
-    validation_size: float = field(default=0.1, metadata={"help": "Fraction (<1) or number of train images carved out for validation when there is no such split."})
-    test_size: float = field(default=0.1, metadata={"help": "Fraction (<1) or number of train images carved out for test when there is no such split."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the train split to this many images (debugging, quick runs)."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the validation split to this many images."})
-    max_test_samples: int | None = field(default=None, metadata={"help": "Truncate the test split to this many images."})
-    augmentation: str = field(default="default", metadata={"help": f"Train-time augmentation: {' | '.join(AUGMENTATIONS)}. `default` = random-resized-crop + flip."})
-    crop_min_scale: float = field(default=0.35, metadata={"help": "Smallest area fraction kept by the random-resized-crop."})
-    skip_unreadable_images: bool = field(default=True, metadata={"help": "Skip (and count) images that cannot be decoded; false = stop and list them."})
-    streaming: bool = field(
-        default=False,
-        metadata={"help": (
-            "Read the dataset as a stream (datasets' `streaming=True`: Hub datasets, local parquet, image folders, webdataset "
-            "shards), never copied to disk: for datasets bigger than the disk. Needs `max_steps`; validation and test are "
-            "named splits or a number of images (`validation_size: 500`) from the start of the stream. See README, Streaming."
-        )},
-    )
-    shuffle_buffer_size: int = field(
-        default=1000,
-        metadata={"help": (
-            "With `streaming`: training images are drawn at random from a buffer of this many (the shard order is shuffled "
-            "too, every pass). Larger mixes better and takes more memory (and checkpoint space: the buffer is saved)."
-        )},
-    )
-    resize_on_device: str = field(
-        default="auto",
-        metadata={"help": (
-            "Send images of one size to the training device at that size and resize, crop and normalise them there, batched "
-            "(the CPU only decodes): auto = on a CUDA device when the images are smaller than the model's input (CIFAR's 32 px) "
-            "| true | false. `default` augmentation is then a random shift by 1/8 of the side (reflect padding) + flip."
-        )},
-    )
-
-    def __post_init__(self):
-        self.resize_on_device = str(self.resize_on_device).lower()  # YAML `true` arrives as True or "True"
-        if self.resize_on_device not in RESIZE_ON_DEVICE:
-            raise ValueError(f"`resize_on_device: {self.resize_on_device}` is not one of {' | '.join(RESIZE_ON_DEVICE)}.")
-        # Checked here, when the options are read: before any data is loaded, and naming the option the user set.
-        for option in ("validation_size", "test_size"):
-            size = getattr(self, option)
-            if not size > 0:  # also NaN
-                raise DatasetError(
-                    f"`{option}: {_number(size)}` carves no images. Give a fraction of the train split below 1 (0.1 = 10%) "
-                    "or a whole number of images (e.g. 50)."
-                )
-            if size >= 1 and not float(size).is_integer():  # also inf
-                raise DatasetError(
-                    f"`{option}: {_number(size)}` is neither a fraction below 1 nor a whole number of images. "
-                    "Give e.g. 0.1 (10% of the train split) or 50 (images)."
-                )
-        if self.shuffle_buffer_size < 1:
-            raise DatasetError(f"`shuffle_buffer_size: {self.shuffle_buffer_size}` holds no images. Give a number >= 1, e.g. 1000.")
-        for option, split in _LIMITS.items():
-            limit = getattr(self, option)
-            if limit is not None and limit < 1:
-                raise DatasetError(
-                    f"`{option}: {limit}` would leave the {split} split without images. "
-                    f"Give a positive number of images, or leave `{option}` unset to use the whole split."
-                )
 
 
 @dataclass
@@ -126,8 +49,6 @@ class PreparedData:
         return {name: len(split) for name, split in self.splits.items()}
 
 
-class DatasetError(HFTransferError, ValueError):
-    """A dataset that cannot be used as it is; the message says how to fix it."""
 
 
 def load_image_dataset(args: DataArguments, seed: int = 42) -> PreparedData:
@@ -138,7 +59,7 @@ def load_image_dataset(args: DataArguments, seed: int = 42) -> PreparedData:
 
     _check_label_values({"train": train}, label_column, labels)  # before the stratified carving trips over a bad label
     splits = _carve_splits(raw, args, label_column, seed)
-    limits = {split: getattr(args, option) for option, split in _LIMITS.items()}
+    limits = {split: getattr(args, option) for option, split in LIMITS.items()}
     splits = datasets.DatasetDict({
         name: split if limits[name] is None else split.shuffle(seed=seed).select(range(min(limits[name], len(split))))
         for name, split in splits.items()
@@ -350,9 +271,6 @@ def _data_files_through_links(root: Path, links: list[Path]) -> dict[str, list[s
     return data_files
 
 
-def _number(value: float) -> str:
-    """An option's number as the user wrote it: 1000 rather than 1000.0 or 1e+03."""
-    return str(int(value)) if float(value).is_integer() else str(value)
 
 
 def _check_image_folder_layout(root: Path, builder, args: DataArguments) -> None:
@@ -508,7 +426,7 @@ def _stratified_split(dataset, name, size, label_column, seed, carved_before="")
     source = f"the train split{carved_before}"
     if count >= total:
         raise DatasetError(
-            f"`{option}: {_number(size)}` asks for {count} images but the train split has only {total}{carved_before}. "
+            f"`{option}: {number_text(size)}` asks for {count} images but the train split has only {total}{carved_before}. "
             f"Lower `{option}` (a fraction such as 0.1, or fewer than {total} images), or give the dataset a {name} split."
         )
     counts = Counter(dataset[label_column])
@@ -525,12 +443,12 @@ def _stratified_split(dataset, name, size, label_column, seed, carved_before="")
     if count < len(counts):
         fraction = math.ceil(len(counts) / total * 100) / 100
         raise DatasetError(
-            f"`{option}: {_number(size)}` carves {count} of the {total} images in {source} for {len(counts)} classes; a "
+            f"`{option}: {number_text(size)}` carves {count} of the {total} images in {source} for {len(counts)} classes; a "
             f"stratified split needs one of each. Set `{option}` to at least {len(counts)} (images) or {fraction:g} (a fraction)."
         )
     if total - count < len(counts):
         raise DatasetError(
-            f"`{option}: {_number(size)}` leaves {total - count} images in {source} for {len(counts)} classes; training needs one "
+            f"`{option}: {number_text(size)}` leaves {total - count} images in {source} for {len(counts)} classes; training needs one "
             f"of each. Set `{option}` to at most {total - len(counts)}, or add images."
         )
     parts = dataset.train_test_split(test_size=count, stratify_by_column=label_column, seed=seed)
@@ -624,3 +542,10 @@ def collate(examples) -> dict[str, torch.Tensor]:
         "pixel_values": torch.stack(pixels),
         "labels": torch.tensor([example["labels"] for example in examples]),
     }
+
+
+def check_options(recipe) -> None:
+    """What the recipe's data source cannot honour, refused with what to set instead (`validation.check_recipe`)."""
+    from .streaming import check_recipe
+
+    check_recipe(recipe.data, recipe.freezing, recipe.run, recipe.doctor, recipe.training)

@@ -15,7 +15,8 @@ from torch.nn import functional as F
 from torch.utils.hooks import RemovableHandle
 from torchvision import transforms as T
 
-from .data import DataArguments, DatasetError, PreparedData, build_transforms, check_augmentation, image_name
+from .data import DatasetError, PreparedData, build_transforms, check_augmentation, image_name
+from .options import DataArguments
 
 logger = logging.getLogger(__name__)
 

@@ -38,11 +38,12 @@ from transformers import set_seed
 from .cached_head import head_module
 from .data import PreparedData, _local_root, load_image_dataset, shareable_name
 from .device_resize import transforms_for_run
-from .doctor_options import EXCLUDE_CHOICES, REPORT_OPTIONS, SPLIT_ORDER, DoctorArguments, DoctorError
+from .errors import DoctorError
 from .escape import one_line, plot_text
 from .feature_store import FeatureStore
 from .freezing import discover_blocks
 from .models import data_config, load_model
+from .options import EXCLUDE_CHOICES, REPORT_OPTIONS, SPLIT_ORDER, DoctorArguments
 from .precision import resolve
 from .repo_files import DATA_REPORT, DATA_SUSPECTS_PNG, shareable_path, without_local_paths
 

@@ -11,7 +11,7 @@ import logging
 import os
 import pickle
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import timm
@@ -34,35 +34,9 @@ from transformers import (
 from .blocks import discover_blocks
 from .errors import HFTransferError
 from .offline import OFFLINE_WEIGHTS, hub_reachable, load_offline_state_dict, offline_hub_id
+from .options import ModelArguments
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class ModelArguments:
-    model: str = field(
-        default="timm/tf_efficientnet_lite0.in1k",
-        metadata={"help": "A timm name (`resnet50`), a Hub id (`timm/resnet50.a1_in1k`, `google/vit-base-patch16-224`) or a local model folder."},
-    )
-    pretrained: bool = field(default=True, metadata={"help": "Start from pretrained weights (false: random init, for smoke tests and throughput)."})
-    model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of the Hub model."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow code from the model repo to run. Off unless you trust the repo."})
-    image_size: int | None = field(
-        default=None,
-        metadata={"help": "Input resolution in pixels (square), e.g. 160 (default: the model's own). Resize and crop scale with it; "
-                          "config.json and preprocessor_config.json record it, so `pipeline` and timm preprocess alike."},
-    )
-    drop_rate: float | None = field(
-        default=None,
-        metadata={"help": "Dropout before the classifier, 0 <= p < 1 (timm's `drop_rate`; a transformers model's `classifier_dropout`), "
-                          "saved in config.json. Default: the model's own."},
-    )
-
-    def __post_init__(self):
-        if self.image_size is not None and not (isinstance(self.image_size, int) and self.image_size >= 16):
-            raise ValueError(f"`image_size` must be a whole number of pixels >= 16, e.g. 160, not {self.image_size!r}.")
-        if self.drop_rate is not None and not 0 <= self.drop_rate < 1:
-            raise ValueError(f"`drop_rate` is a dropout probability, 0 <= drop_rate < 1, not {self.drop_rate!r}.")
 
 
 class ModelNotAvailableError(HFTransferError, RuntimeError):

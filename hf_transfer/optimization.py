@@ -11,9 +11,7 @@ from __future__ import annotations
 import copy
 import difflib
 import inspect
-import json
 import reprlib
-from dataclasses import dataclass, field
 
 import torch
 from transformers import Trainer, TrainingArguments
@@ -22,42 +20,14 @@ from transformers.trainer_optimizer import is_optimizer_factory
 from transformers.trainer_utils import SchedulerType
 
 from .errors import HFTransferError
+from .options import STEP, STEP_DEFAULTS
 
-STEP = "step"
-SCHEDULES = [scheduler.value for scheduler in SchedulerType] + [STEP]
-STEP_DEFAULTS = {"step_size": 1, "gamma": 0.1}  # torch's StepLR has no default step_size; 1 epoch, / 10, as in its docs
 # What `get_optimizer_cls_and_kwargs` returns in place of parameter groups: optimizers that cannot take the plan's groups.
 _NOT_GROUPS = ("params", "model", "optimizer_dict")
 
 
 class OptimizerError(HFTransferError, ValueError):
     """An `optim` that cannot run here or cannot take per-block parameter groups; the message names one that can."""
-
-
-@dataclass
-class HfTransferTrainingArguments(TrainingArguments):
-    """`TrainingArguments` whose `lr_scheduler_type` also takes `step` (lr x gamma every `step_size` epochs)."""
-
-    lr_scheduler_type: str = field(
-        default="linear",
-        metadata={
-            "help": "Learning-rate schedule: any of Trainer's, or `step` (multiply by `gamma` every `step_size` epochs: the rate "
-                    "torch's StepLR gives stepped once per epoch, applied per optimizer step by a LambdaLR; set them with "
-                    "`lr_scheduler_kwargs: {step_size: 2, gamma: 0.1}`). `warmup_steps` applies to every schedule.",
-            "choices": SCHEDULES,
-        },
-    )
-
-    def __post_init__(self):
-        step = str(self.lr_scheduler_type) == STEP
-        if step:  # TrainingArguments accepts only its own names; it checks nothing else about the schedule
-            self.lr_scheduler_type = SchedulerType.CONSTANT.value
-        schedule = STEP if step else getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type)
-        self.lr_scheduler_kwargs = _schedule_kwargs_mapping(self.lr_scheduler_kwargs, schedule)
-        super().__post_init__()
-        if step:
-            self.lr_scheduler_type = STEP
-        check_schedule_kwargs(schedule, self.lr_scheduler_kwargs)
 
 
 # What a schedule's function takes that Trainer itself passes (from `warmup_steps` and the run's length), or that would
@@ -79,23 +49,6 @@ def schedule_kwargs_taken(lr_scheduler_type: str) -> list[str] | None:
         return None
     # transformers' get_scheduler calls `constant` and `constant_with_warmup` without the kwargs: their signatures take none.
     return [parameter.name for parameter in parameters if parameter.name not in _SET_BY_TRAINER and parameter.name != "verbose"]
-
-
-def _schedule_kwargs_mapping(value, lr_scheduler_type: str):
-    """`lr_scheduler_kwargs` as a mapping: a YAML mapping from a recipe, or JSON text from the command line."""
-    example = '{"step_size": 2, "gamma": 0.1}' if lr_scheduler_type == STEP else '{"num_cycles": 0.5}'
-    taken = schedule_kwargs_taken(lr_scheduler_type) if lr_scheduler_type in SCHEDULES else None
-    takes = f" `lr_scheduler_type: {lr_scheduler_type}` takes {', '.join(taken) or 'none'}." if taken is not None else ""
-    parsed = value
-    if isinstance(value, str):
-        try:  # as TrainingArguments reads it (JSON from a `{`), which then converts "true" and number strings itself
-            parsed = json.loads(value) if value.startswith("{") else value
-        except ValueError as error:
-            raise ValueError(f"`lr_scheduler_kwargs` is not valid JSON ({error}): write a mapping such as `{example}`.{takes}") from None
-    if parsed is not None and not isinstance(parsed, dict):
-        raise ValueError(f"`lr_scheduler_kwargs` must be a mapping such as `{example}` (JSON on the command line, a YAML "
-                         f"mapping in a recipe), not {reprlib.repr(value)}.{takes}")
-    return value
 
 
 def check_schedule_kwargs(lr_scheduler_type: str, kwargs: dict | None) -> None:

@@ -29,7 +29,7 @@ from .repo_files import CONFIG, LOCK_FILE, RUN_CONFIG, RUN_OUTPUTS, STAGING, wit
 from .trainer import last_complete_checkpoint, no_complete_checkpoint
 
 if TYPE_CHECKING:
-    from .recipe import RunArguments
+    from .options import RunArguments
 
 # The options a run in the folder may change and still be the same run: `--resume` continues it with them, so each must
 # leave what trains untouched (a resumed run under another `feature_cache` or `exclude_flagged` would mix two settings,

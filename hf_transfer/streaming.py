@@ -35,7 +35,6 @@ from transformers import TrainerCallback
 
 from .data import (
     _PREFERRED_LABEL_COLUMNS,
-    DataArguments,
     DatasetError,
     PreparedData,
     _check_label_values,
@@ -51,7 +50,7 @@ from .data import (
 from .errors import HFTransferError
 from .images import UnreadableImageError, load_image
 from .offline import hub_reachable
-from .optimization import STEP
+from .options import STEP, DataArguments
 from .trainer import CheckpointError, SafeTrainer, checkpoint_refused
 
 logger = logging.getLogger(__name__)

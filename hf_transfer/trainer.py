@@ -28,7 +28,8 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from .errors import HFTransferError
 from .models import save_pretrained
-from .optimization import STEP, STEP_DEFAULTS, step_schedule
+from .optimization import step_schedule
+from .options import STEP, STEP_DEFAULTS
 
 logger = logging.getLogger(__name__)
 

@@ -286,7 +286,8 @@ def save_timm_model(path: Path, architecture: str, image_size: int = 32, **model
 
 
 def load(model_dir: Path) -> nn.Module:
-    from hf_transfer.models import ModelArguments, load_model
+    from hf_transfer.models import load_model
+    from hf_transfer.options import ModelArguments
 
     return load_model(ModelArguments(model=str(model_dir)), CLASSES)[0]
 

@@ -17,10 +17,9 @@ import pytest
 from PIL import Image
 
 from hf_transfer.card import describe_hardware, write_model_card
-from hf_transfer.repo_files import shareable_path
-from hf_transfer.repo_files import RunFiles
-from hf_transfer.models import ModelArguments
+from hf_transfer.options import ModelArguments
 from hf_transfer.plots import plot_confusion_matrix, plot_training_curves, training_log
+from hf_transfer.repo_files import RunFiles, shareable_path
 
 LABELS = ["cat", "dog"]
 PLACEHOLDERS = (r"\[More Information Needed\]", r"\{\{", r"\bTODO\b", r"\bTBD\b", r"\bNone\b", r"\bnan\b", r"\.partial")

@@ -18,12 +18,14 @@ from torch.nn import functional as F
 from transformers import pipeline
 
 from hf_transfer import finetune, metrics
-from hf_transfer.feature_store import KEY_FILE, cache_root
-from hf_transfer.data import DataArguments, DatasetError, build_transforms, collate, load_image_dataset
+from hf_transfer.data import DatasetError, build_transforms, collate, load_image_dataset
 from hf_transfer.device_resize import device_transforms, transforms_for_run, use_device_resize
+from hf_transfer.errors import RecipeError
+from hf_transfer.feature_store import KEY_FILE, cache_root
 from hf_transfer.images import load_image
-from hf_transfer.models import ModelArguments, data_config, load_model
-from hf_transfer.recipe import RecipeError, device_defaults, parse_recipe, parse_recipe_for
+from hf_transfer.models import data_config, load_model
+from hf_transfer.options import DataArguments, ModelArguments
+from hf_transfer.recipe import device_defaults, parse_recipe, parse_recipe_for
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")  # only compared, never used to compute here
 LITE0 = {"input_size": (3, 224, 224), "interpolation": "bicubic", "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 0.875, "crop_mode": "center"}

@@ -19,7 +19,7 @@ from PIL import Image
 from hf_transfer import finetune, offline
 from hf_transfer.card import data_quality_section
 from hf_transfer.cli import main
-from hf_transfer.data import DataArguments, load_image_dataset
+from hf_transfer.data import load_image_dataset
 from hf_transfer.device_resize import transforms_for_run
 from hf_transfer.doctor import (
     class_balance,
@@ -35,9 +35,10 @@ from hf_transfer.doctor import (
     summary_text,
     write_report,
 )
-from hf_transfer.doctor_options import DoctorArguments, DoctorError
+from hf_transfer.errors import DoctorError
 from hf_transfer.feature_store import cache_root
 from hf_transfer.models import data_config, load_model
+from hf_transfer.options import DataArguments, DoctorArguments
 from hf_transfer.recipe import parse_recipe
 from hf_transfer.repo_files import DATA_REPORT, DATA_SUSPECTS_PNG
 

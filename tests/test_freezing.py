@@ -24,8 +24,10 @@ from transformers import (
 )
 
 from hf_transfer.blocks import discover_blocks
-from hf_transfer.freezing import FreezeArguments, FreezePlan, FreezePlanError
-from hf_transfer.recipe import RecipeError, parse_recipe
+from hf_transfer.errors import RecipeError
+from hf_transfer.freezing import FreezePlan, FreezePlanError
+from hf_transfer.options import FreezeArguments
+from hf_transfer.recipe import parse_recipe
 from hf_transfer.training import run
 
 LABELS = ["cat", "dog"]

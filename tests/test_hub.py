@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from hub_server import LocalHub
 from conftest import SAMPLE, train_command
+from hub_server import LocalHub
 
 from hf_transfer.hub import HubError, push_to_hub
 
@@ -290,7 +290,7 @@ def test_a_hub_dataset_streams_without_being_downloaded(hub, tmp_path):
     streamed = run_client(hub, """
         import os
         from huggingface_hub import HfApi
-        from hf_transfer.data import DataArguments
+        from hf_transfer.options import DataArguments
         from hf_transfer.streaming import load_streaming_dataset
         api = HfApi()
         api.create_repo("user/cats-dogs-stream", repo_type="dataset")

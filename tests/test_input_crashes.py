@@ -18,15 +18,27 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import IMAGE, LABEL, REPO, SAMPLE, TINY_RUN, labelled, launch_processes, run_command, training_error, user_error, write_dataset
+from conftest import (
+    IMAGE,
+    LABEL,
+    REPO,
+    SAMPLE,
+    TINY_RUN,
+    labelled,
+    launch_processes,
+    run_command,
+    training_error,
+    user_error,
+    write_dataset,
+)
 from hub_server import LocalHub
 from PIL import Image
 
-from hf_transfer.data import DataArguments, DatasetError
+from hf_transfer.data import DatasetError
 from hf_transfer.demo import load_app
 from hf_transfer.images import MAX_ASPECT_RATIO, UnreadableImageError, load_image, unreadable_reason
 from hf_transfer.models import MAX_IMAGE_SIZE, check_image_size
-from hf_transfer.optimization import HfTransferTrainingArguments
+from hf_transfer.options import DataArguments, HfTransferTrainingArguments
 from hf_transfer.output_dir import LOCK_FILE
 from hf_transfer.recipe import parse_recipe_for
 from hf_transfer.streaming import StreamLoader, load_streaming_dataset
@@ -175,7 +187,7 @@ def test_a_corrupt_hub_shard_is_refused_reading_only_the_footers(tmp_path):
     dataset = Path(train_shards(tmp_path / "ds", shards=2, train_images=112))
     shard = dataset / "data" / "train-00001-of-00002.parquet"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    code = ("import sys\nfrom huggingface_hub import HfApi\nfrom hf_transfer.data import DataArguments, DatasetError\n"
+    code = ("import sys\nfrom huggingface_hub import HfApi\nfrom hf_transfer.data import DatasetError\nfrom hf_transfer.options import DataArguments\n"
             "from hf_transfer.streaming import load_streaming_dataset\n"
             "HfApi().create_repo('user/ds', repo_type='dataset')\n"
             "HfApi().upload_folder(repo_id='user/ds', repo_type='dataset', folder_path=sys.argv[1])\n"

@@ -15,7 +15,8 @@ from conftest import TINY_RUN, TINY_SAMPLE, run_command, sample_rows, user_error
 from hf_transfer.errors import HFTransferError
 from hf_transfer.feature_store import FeatureCapture, relative_errors
 from hf_transfer.images import load_image
-from hf_transfer.models import ModelArguments, load_model
+from hf_transfer.models import load_model
+from hf_transfer.options import ModelArguments
 from hf_transfer.precision import FrozenPasses, PrecisionError, classifier_of, native_bf16, prepare_for_inference, resolve
 from hf_transfer.repo_files import MODEL_CARD
 

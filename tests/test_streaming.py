@@ -23,7 +23,7 @@ import safetensors.torch
 import torch
 from conftest import CLASSES, IMAGE, REPO, SAMPLE, labelled, launch_processes, sample_rows, train_command, user_error, write_dataset
 
-from hf_transfer.data import DataArguments
+from hf_transfer.options import DataArguments
 from hf_transfer.streaming import image_key, load_streaming_dataset
 from hf_transfer.trainer import last_complete_checkpoint
 
