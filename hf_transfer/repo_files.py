@@ -126,6 +126,9 @@ class RunFiles:
     @property
     def dataset(self) -> tuple[str, bool]:
         """(identifier, is a Hub id) of the training data; a local folder is named by its base name."""
+        recorded = self.results.get("dataset") if isinstance(self.results, dict) else None
+        if isinstance(recorded, dict) and recorded.get("name"):  # as the run found it (a run before it recorded this: guessed)
+            return (recorded["name"], True) if recorded.get("on_hub") else (Path(recorded["name"]).name, False)
         requested = str(self.run_config.get("data", {}).get("dataset") or "")
         if not requested:
             return "unknown", False

@@ -49,6 +49,7 @@ from .repo_files import (
     STAGING,
     TEST_REPORT,
     TRAINER_STATE,
+    shareable_path,
 )
 from .trainer import SafeTrainer
 from .training_passes import describe_training_passes
@@ -212,6 +213,9 @@ def write_model_repo(built: Built, fitted: Fitted) -> dict:
     early_stopping = next((callback for callback in built.callbacks if isinstance(callback, EarlyStopping)), None)
     results = {
         **fitted.train_metrics, **fitted.eval_metrics, **test_output.metrics,
+        # Whether the data came from the Hub, decided where its path was read: the card links a Hub id, names a folder.
+        "dataset": {"name": shareable_path(built.recipe.data.dataset),
+                    "on_hub": not Path(built.recipe.data.dataset).expanduser().exists()},
         "split_sizes": data.sizes,
         "hardware": describe_hardware(),
         "skipped_images": {name: len(entries) for name, entries in data.skipped.items()},
