@@ -85,17 +85,19 @@ def _recipe_or_help(argv: list[str], usage: str, sections: tuple):
 
 def run_training(argv: list[str] | None = None) -> dict:
     """`recipes/finetune.py` and `hf-transfer train`: parse the recipe and run the flow."""
-    from .hub import share_run
     from .options import TRAINING_DEFAULTS, DataArguments, DoctorArguments, FreezeArguments, ModelArguments, RunArguments
-    from .recipe import parser
-    from .training import run
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--help-all" in argv:
+        from .recipe import parser
+
         parser().print_help()
         sys.exit(0)
     usage = TRAIN_USAGE.format(defaults=", ".join(f"{k}={v}" for k, v in TRAINING_DEFAULTS.items()))
     recipe = _recipe_or_help(argv, usage, (DataArguments, ModelArguments, FreezeArguments, RunArguments, DoctorArguments))
+    from .hub import share_run  # the training stack loads once the recipe is read: `--help` answers without it
+    from .training import run
+
     results = _exit_on_user_error(run, recipe)
     _exit_on_user_error(share_run, recipe.training)
     return results

@@ -542,10 +542,3 @@ def collate(examples) -> dict[str, torch.Tensor]:
         "pixel_values": torch.stack(pixels),
         "labels": torch.tensor([example["labels"] for example in examples]),
     }
-
-
-def check_options(recipe) -> None:
-    """What the recipe's data source cannot honour, refused with what to set instead (`validation.check_recipe`)."""
-    from .streaming import check_recipe
-
-    check_recipe(recipe.data, recipe.freezing, recipe.run, recipe.doctor, recipe.training)

@@ -8,17 +8,15 @@ are checked once, in `validation.py`. Importing this module loads no model, data
 
 from __future__ import annotations
 
-import json
 import math
-import reprlib
 from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
-from transformers.trainer_utils import SchedulerType
 
 from .errors import DatasetError, DoctorError
 from .precision import CHOICES as PRECISIONS
 from .recipe_yaml import load_recipe_yaml
+from .schedules import SCHEDULES, STEP, schedule_kwargs_mapping
 
 # ---- data --------------------------------------------------------------------------------------------------------------
 AUGMENTATIONS = ("default", "none", "randaugment", "trivialaugment")
@@ -405,9 +403,6 @@ VALUE_RANGES = {
     "weight_decay": (lambda v: 0 <= v < math.inf, "give a number >= 0, e.g. 0.01 (0 = none)"),
     "warmup_steps": (lambda v: 0 <= v < math.inf, "give a fraction of the training steps below 1 (e.g. 0.1) or a number of steps >= 1"),
 }
-STEP = "step"
-SCHEDULES = [scheduler.value for scheduler in SchedulerType] + [STEP]
-STEP_DEFAULTS = {"step_size": 1, "gamma": 0.1}  # torch's StepLR has no default step_size; 1 epoch, / 10, as in its docs
 
 
 @dataclass
@@ -432,32 +427,12 @@ class HfTransferTrainingArguments(TrainingArguments):
                                  "the command line.")
         step = str(self.lr_scheduler_type) == STEP
         if step:  # TrainingArguments accepts only its own names; it checks nothing else about the schedule
-            self.lr_scheduler_type = SchedulerType.CONSTANT.value
+            self.lr_scheduler_type = "constant"
         schedule = STEP if step else getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type)
-        self.lr_scheduler_kwargs = _schedule_kwargs_mapping(self.lr_scheduler_kwargs, schedule)
+        self.lr_scheduler_kwargs = schedule_kwargs_mapping(self.lr_scheduler_kwargs, schedule)
         super().__post_init__()
         if step:
             self.lr_scheduler_type = STEP
-
-
-def _schedule_kwargs_mapping(value, lr_scheduler_type: str):
-    """`lr_scheduler_kwargs` as a mapping: a YAML mapping from a recipe, or JSON text from the command line."""
-    example = '{"step_size": 2, "gamma": 0.1}' if lr_scheduler_type == STEP else '{"num_cycles": 0.5}'
-    from .optimization import schedule_kwargs_taken  # transformers' schedule table: only when a recipe is read, not for --help
-
-    taken = schedule_kwargs_taken(lr_scheduler_type) if lr_scheduler_type in SCHEDULES else None
-    takes = f" `lr_scheduler_type: {lr_scheduler_type}` takes {', '.join(taken) or 'none'}." if taken is not None else ""
-    parsed = value
-    if isinstance(value, str):
-        try:  # as TrainingArguments reads it (JSON from a `{`), which then converts "true" and number strings itself
-            parsed = json.loads(value) if value.startswith("{") else value
-        except ValueError as error:
-            raise ValueError(f"`lr_scheduler_kwargs` is not valid JSON ({error}): write a mapping such as `{example}`.{takes}") from None
-    if parsed is not None and not isinstance(parsed, dict):
-        raise ValueError(f"`lr_scheduler_kwargs` must be a mapping such as `{example}` (JSON on the command line, a YAML "
-                         f"mapping in a recipe), not {reprlib.repr(value)}.{takes}")
-    return value
-
 
 
 # Our defaults that differ from Trainer's, each with its reason; a recipe or the command line overrides any.

@@ -50,7 +50,8 @@ from .data import (
 from .errors import HFTransferError
 from .images import UnreadableImageError, load_image
 from .offline import hub_reachable
-from .options import STEP, DataArguments
+from .options import DataArguments
+from .schedules import STEP
 from .trainer import CheckpointError, SafeTrainer, checkpoint_refused
 
 logger = logging.getLogger(__name__)

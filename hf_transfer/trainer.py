@@ -28,8 +28,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from .errors import HFTransferError
 from .models import save_pretrained
-from .optimization import step_schedule
-from .options import STEP, STEP_DEFAULTS
+from .schedules import STEP, STEP_DEFAULTS, step_schedule
 
 logger = logging.getLogger(__name__)
 

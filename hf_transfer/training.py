@@ -33,7 +33,7 @@ from .images import load_image
 from .metrics import compute_metrics, test_report
 from .models import check_image_size, check_model_available, data_config, load_model, save_model
 from .nodes import output_is_node_local, placement, raise_together
-from .optimization import build_optimizer, describe_optimizer, describe_schedule
+from .optimization import build_optimizer, describe_optimizer
 from .output_dir import check_output_dir, claim_output_dir, holding_output_dir, publish
 from .plots import curve_marks, plot_confusion_matrix, plot_training_curves
 from .precision import FrozenPasses, Precision, classifier_of, resolve
@@ -51,6 +51,7 @@ from .repo_files import (
     TRAINER_STATE,
     shareable_path,
 )
+from .schedules import describe_schedule
 from .trainer import SafeTrainer
 from .training_passes import describe_training_passes
 

@@ -13,11 +13,12 @@ from .errors import RecipeError
 
 def check_recipe(recipe, device_type: str) -> None:
     """Refuse, with what to write instead, a recipe whose options cannot go together on `device_type`."""
-    from .data import check_options
-    from .optimization import check_optim_args, check_schedule_kwargs
+    from .streaming import check_recipe as check_stream_options
+    from .optimization import check_optim_args
+    from .schedules import check_schedule_kwargs
 
     data, freezing, run, training = recipe.data, recipe.freezing, recipe.run, recipe.training
-    check_schedule_kwargs(str(training.lr_scheduler_type), training.lr_scheduler_kwargs)
+    check_schedule_kwargs(getattr(training.lr_scheduler_type, "value", training.lr_scheduler_type), training.lr_scheduler_kwargs)
     if not data.dataset:
         raise RecipeError("No dataset given: set `dataset:` in the recipe or pass `--dataset <hub id or folder>`.")
     if training.push_to_hub and (training.hub_model_id or "").count("/") != 1:
@@ -30,7 +31,7 @@ def check_recipe(recipe, device_type: str) -> None:
         raise RecipeError("`num_train_epochs: 0` trains nothing: give a number of epochs > 0, e.g. 3, or a `max_steps` > 0.")
     _check_training_precision(device_type, training)
     check_optim_args(training)
-    check_options(recipe)
+    check_stream_options(data, freezing, run, recipe.doctor, training)
 
 
 def _check_evaluation_needs(freezing, run, training) -> None:
