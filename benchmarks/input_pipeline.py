@@ -114,7 +114,7 @@ def main() -> None:
     paths = {"cpu-resize": attach_transforms(data, train_cpu, train_cpu)["train"]}
     small = args.device_resize if args.device_resize is not None else args.dataset.rstrip("/").endswith("cifar10")
     if small:
-        train_small, _, _ = device_transforms(config)
+        train_small, _, _ = device_transforms(config, source[::-1])  # (height, width) of the decoded images
         paths["device-resize"] = attach_transforms(data, train_small, train_small)["train"]
 
     rates = model_rates(model, config, args.batch_size, args.bf16, args.channels_last, args.model_steps)
