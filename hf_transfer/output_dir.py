@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import errno
-import fcntl
 import fnmatch
 import functools
 import json
@@ -22,6 +21,8 @@ import socket
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import filelock
 
 from .errors import HFTransferError
 from .nodes import output_is_node_local
@@ -203,37 +204,27 @@ def publish(staging: Path, output_dir: Path) -> None:
 
 # ---- the run's lock ------------------------------------------------------------------------------------------------
 class OutputDirLock:
-    """An exclusive `flock` on `output_dir/.hf_transfer.lock`, which records its holder for the refusal message.
-
-    The file is deleted when the lock is released; a run that opened it just before then finds, once it holds the lock,
-    that the path names another file (or none), and starts over on the new one (the usual way to delete lock files)."""
+    """An exclusive lock on `output_dir/.hf_transfer.lock` (filelock's `flock`), which records its holder for the refusal
+    message. The file is removed at release while still held: filelock retries an acquire that won the lock of a file
+    removed meanwhile, so two runs never both hold the folder."""
 
     def __init__(self, output_dir: Path):
         self.dir, self.path = output_dir, output_dir / LOCK_FILE
-        self.fd: int | None = None
+        self.lock = filelock.FileLock(self.path, timeout=0, on_acquired=_record_holder)
         self.created: list[Path] = []  # the folders this run made, removed again if it ends before claiming them
+
+    @property
+    def held(self) -> bool:
+        return self.lock.is_locked
 
     def acquire(self) -> None:
         try:
             self._make_folders()
-            while True:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    holder = _describe_holder(fd)
-                    os.close(fd)
-                    raise OutputDirError(
-                        f"{self.dir} is in use by another hf-transfer run ({holder}). Wait for it to finish, or choose "
-                        "another `--output_dir`."
-                    ) from None
-                if _names_same_file(fd, self.path):
-                    break
-                os.close(fd)
-            self.fd = fd
-            holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": datetime.now().isoformat(timespec="seconds")}
-            os.ftruncate(fd, 0)
-            os.write(fd, json.dumps(holder).encode())
+            self.lock.acquire()
+        except filelock.Timeout:
+            self.release()
+            raise OutputDirError(f"{self.dir} is in use by another hf-transfer run ({_describe_holder(self.path)}). Wait for it to "
+                                 "finish, or choose another `--output_dir`.") from None
         except BaseException as error:
             self.release()
             if isinstance(error, OSError) and (disk := disk_error(error, self.dir, writing=True)) is not None:
@@ -254,13 +245,9 @@ class OutputDirLock:
             self.created.append(folder)
 
     def release(self) -> None:
-        if self.fd is not None:
-            try:
-                self.path.unlink(missing_ok=True)  # while still held: see the class docstring
-            except OSError:
-                pass
-            os.close(self.fd)
-            self.fd = None
+        if self.lock.is_locked:
+            self.path.unlink(missing_ok=True)  # while still held: see the class docstring
+            self.lock.release()
         for folder in reversed(self.created):  # empty unless the run claimed the folder
             try:
                 folder.rmdir()
@@ -269,17 +256,15 @@ class OutputDirLock:
         self.created = []
 
 
-def _names_same_file(fd: int, path: Path) -> bool:
-    try:
-        on_disk, held = path.stat(), os.fstat(fd)
-    except FileNotFoundError:
-        return False
-    return (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino)
+def _record_holder(fd: int) -> None:
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": datetime.now().isoformat(timespec="seconds")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(holder).encode(), 0)
 
 
-def _describe_holder(fd: int) -> str:
+def _describe_holder(path: Path) -> str:
     try:
-        holder = json.loads(os.pread(fd, 4096, 0))
+        holder = json.loads(path.read_bytes()[:4096])
         return f"pid {holder['pid']} on {holder['host']}, started {holder['started'].replace('T', ' ')}"
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return "which has not recorded itself yet"
@@ -341,7 +326,7 @@ def holding_output_dir(run):
             raise disk from error
         finally:
             if lock is not None:
-                if lock.fd is not None and not finished:  # a half-staged model: never published, and it may have filled the disk
+                if lock.held and not finished:  # a half-staged model: never published, and it may have filled the disk
                     shutil.rmtree(output_dir / STAGING, ignore_errors=True)
                 lock.release()
 
