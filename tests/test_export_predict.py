@@ -376,3 +376,17 @@ def test_export_and_predict_help_load_no_training_stack():
         shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
         assert shown.returncode == 0 and "--" in shown.stdout, shown.stderr
         assert shown.stdout.strip().splitlines()[-1] == "[]", f"`{command} --help` imported {shown.stdout.strip().splitlines()[-1]}"
+
+
+def test_the_space_ships_the_graph_runner_and_onnxruntime(tmp_path):
+    from hf_transfer.demo import SHIPPED_ONNX_MODULE, SHIPPED_REPO_FILES_MODULE, stage_space
+
+    space = stage_space(tmp_path / "space", "user/cats-model")
+    assert (space / SHIPPED_ONNX_MODULE).read_bytes() == (REPO / "hf_transfer" / "onnx_runtime.py").read_bytes()
+    assert (space / SHIPPED_REPO_FILES_MODULE).is_file()  # what the shipped module imports on a Space
+    assert any(line.startswith("onnxruntime") for line in (space / "requirements.txt").read_text().splitlines())
+    # Importable there on its own, with hf_transfer absent.
+    code = ("import sys; sys.modules['hf_transfer'] = None; import hf_transfer_onnx_runtime as runner; "
+            "print(runner.GRAPHS['int8'], issubclass(runner.OnnxModelError, Exception))")
+    shown = subprocess.run([sys.executable, "-c", code], cwd=space, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
+    assert shown.returncode == 0 and shown.stdout.split() == ["onnx/model_quantized.onnx", "True"], shown.stderr[-2000:]
