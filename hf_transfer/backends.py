@@ -61,12 +61,12 @@ class ModelFolder:
         return cls(snapshot, model, links_into=snapshot.parent.parent / "blobs")
 
     @classmethod
-    def local(cls, model: str) -> ModelFolder:
+    def local(cls, model: str, hint: str = MODEL_HINT) -> ModelFolder:
         path = Path(model).expanduser()
         if not path.exists():
-            raise ModelFolderError(f"The model folder {model!r} does not exist. {MODEL_HINT}")
+            raise ModelFolderError(f"The model folder {model!r} does not exist. {hint}")
         if not path.is_dir() or not (path / CONFIG).is_file():
-            raise ModelFolderError(f"{model!r} is not a model folder: it has no {CONFIG}. {MODEL_HINT}")
+            raise ModelFolderError(f"{model!r} is not a model folder: it has no {CONFIG}. {hint}")
         return cls(path, path.resolve().name)
 
     def check(self) -> None:

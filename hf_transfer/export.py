@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 MIN_FP32_AGREEMENT = 0.999  # the fp32 graph computes what PyTorch computes: it may differ on 1 image in 1,000 at most
 BATCH = 32  # images per forward pass of the check, and the batch of the throughput figure
+EXPORT_HINT = ("The graphs are written into the model folder: give a local folder (`hf-transfer train` writes one; a Hub model "
+               "downloads into one with `hf download <user/name> --local-dir <folder>`).")
 SPEED_NAMES = {"pytorch": "PyTorch eager fp32", "pytorch_auto": "PyTorch, inference_precision: auto", "fp32": "ONNX fp32",
                "int8": "ONNX int8"}
 
@@ -60,7 +62,7 @@ class CheckData:
 
 def export_model(args: ExportArguments) -> dict:
     """Export, check, report; raises ExportError when a graph is refused (the fp32 one: nothing is written)."""
-    folder = ModelFolder.local(args.model)
+    folder = ModelFolder.local(args.model, EXPORT_HINT)
     folder.check()
     lock = OutputDirLock(folder.path)  # no training run may publish into the folder meanwhile
     try:

@@ -285,9 +285,9 @@ def fast_graph(model_ref: str) -> tuple[OnnxClassifier | None, str]:
     folder = report.parent.parent  # <model>/onnx/export_report.json
     links_into = None if Path(model_ref).is_dir() else folder.parent.parent / "blobs"  # the Hub cache's own links
     try:
+        path, entry = checked_graph(folder, "int8", links_into)  # refused, or from other weights: says so
         if _model_file(model_ref, GRAPHS["int8"]) is None:
-            return None, "no int8 ONNX graph exported"
-        path, entry = checked_graph(folder, "int8", links_into)
+            return None, "the int8 ONNX graph is missing"
         return OnnxClassifier(path, links_into), (f"export check: {entry['accuracy']:.1%} test accuracy on {entry['images']} images, "
                                                   f"{entry['agreement']:.1%} top-1 agreement with PyTorch")
     except OnnxModelError as error:

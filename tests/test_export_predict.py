@@ -169,7 +169,8 @@ def test_static_quantization_failing_falls_back_to_dynamic(tmp_path, monkeypatch
 def test_export_refuses_bad_folders_in_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert "is not a model folder: it has no config.json" in error_line(capsys, "export", str(tmp_path / "empty"))
-    assert f"The model folder {str(tmp_path / 'missing')!r} does not exist" in error_line(capsys, "export", str(tmp_path / "missing"))
+    message = error_line(capsys, "export", "user/model-on-the-hub")
+    assert "The model folder 'user/model-on-the-hub' does not exist" in message and "give a local folder" in message
     folder = save_timm_model(tmp_path / "no-processor", "test_efficientnet")
     message = error_line(capsys, "export", str(folder), "--dataset", str(SAMPLE))
     assert "has no image processor (preprocessor_config.json)" in message and "save_pretrained" in message
