@@ -27,11 +27,12 @@ from transformers import PreTrainedModel, TimmWrapperForImageClassification, Tra
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, PredictionOutput
 
+from .checkpoints import newest_checkpoint_on_every_process
 from .errors import HFTransferError
 from .feature_store import FeatureCapture, FeatureStore, relative_errors
 from .metrics import compute_metrics
 from .precision import Precision
-from .trainer import SafeTrainer, newest_checkpoint_on_every_process
+from .trainer import SafeTrainer
 
 logger = logging.getLogger(__name__)
 
