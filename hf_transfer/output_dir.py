@@ -23,10 +23,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .checkpoints import last_complete_checkpoint, no_complete_checkpoint
 from .errors import HFTransferError
 from .nodes import output_is_node_local
 from .repo_files import CONFIG, LOCK_FILE, ONNX_DIR, RUN_CONFIG, RUN_OUTPUTS, STAGING, without_local_paths
-from .trainer import last_complete_checkpoint, no_complete_checkpoint
 
 if TYPE_CHECKING:
     from .recipe import RunArguments

@@ -284,7 +284,7 @@ def test_an_interrupted_run_resumes_after_its_last_chunk(exported, photos, tmp_p
     with pytest.raises(predict_module.PredictInterrupted) as interrupted:  # what the CLI prints, then ends by SIGINT
         predict_module.predict(PredictArguments(model=str(exported), images=str(images), output=str(output), chunk_size=4,
                                                 batch_size=3, num_workers=0))
-    assert f"holds the first 4 of 14 predictions: run the same command with `--resume`" in str(interrupted.value)
+    assert "holds the first 4 of 14 predictions: run the same command with `--resume`" in str(interrupted.value)
     monkeypatch.undo()
     first = rows_of(output) if suffix == ".csv" else None
     if suffix == ".csv":
