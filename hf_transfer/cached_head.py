@@ -27,6 +27,7 @@ from transformers import PreTrainedModel, TimmWrapperForImageClassification, Tra
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, PredictionOutput
 
+from .checkpoints import newest_checkpoint_on_every_process
 from .feature_store import (  # noqa: F401 (CHECK_IMAGES: tests and benchmarks read it here)
     CHECK_IMAGES,
     FEATURE_RTOL,
@@ -38,7 +39,7 @@ from .feature_store import (  # noqa: F401 (CHECK_IMAGES: tests and benchmarks r
 )
 from .metrics import compute_metrics
 from .precision import Precision
-from .trainer import SafeTrainer, newest_checkpoint_on_every_process
+from .trainer import SafeTrainer
 
 logger = logging.getLogger(__name__)
 

@@ -515,6 +515,48 @@ def _limitations_section(run: RunFiles) -> str:
     return "\n".join(["## Limitations", "", *[f"- {note}" for note in notes]])
 
 
+def _deployment_section(run: RunFiles, repo_id: str | None) -> str:
+    """`hf-transfer export`'s graphs (onnx/export_report.json): each one's check against PyTorch, and the latency table."""
+    report = run.export_report
+    if not report:
+        return ""
+    check, kept = report.get("check") or {}, {name: graph for name, graph in report["graphs"].items() if graph.get("status") == "kept"}
+    rows = [[f"`{graph.get('file')}`", name, graph.get("size_mb"), f"{graph.get('agreement', 0):.2%}", graph.get("max_abs_logit_difference"),
+             f"{graph.get('accuracy', 0):.2%}", "kept" if name in kept else f"refused: {graph.get('reason')}"]
+            for name, graph in report["graphs"].items()]
+    lines = ["## Deployment", "",
+             f"`hf-transfer export` wrote ONNX graphs of the whole classifier (preprocessed `pixel_values` in, `logits` out, any batch "
+             f"size; opset {report.get('opset')}, {_cell(report.get('exporter'))}), and checked each against the PyTorch model on "
+             f"{check.get('images')} test images of {_cell(check.get('dataset'))} (PyTorch accuracy {check.get('pytorch_accuracy', 0):.2%}):", "",
+             _table(["file", "precision", "MB", "top-1 agreement with PyTorch", "largest logit difference", "test accuracy", "status"], rows)]
+    quantization = (report["graphs"].get("int8") or {}).get("quantization")
+    if quantization:
+        lines += ["", f"int8 quantization: {_cell(quantization)}."]
+    speed = report.get("speed") or {}
+    if speed.get("rows"):
+        throughput = next((key for key in speed["rows"][0] if key.startswith("images_per_second_batch_")), None)
+        lines += ["", f"Speed on the machine that exported it ({_cell(speed.get('machine'))}), onnxruntime's CPU provider:", "",
+                  _table(["model", "latency at batch 1 (ms)", f"images/s at batch {throughput.rsplit('_', 1)[-1] if throughput else '?'}",
+                          "test accuracy"],
+                         [[row["model"], row.get("latency_ms_batch_1"), row.get(throughput), f"{row.get('accuracy', 0):.2%}"]
+                          for row in speed["rows"]])]
+    if kept:
+        graph = kept.get("int8") or kept["fp32"]
+        source = repo_id or str(run.location)
+        where = f'hf_hub_download("{source}", "{graph["file"]}")' if repo_id else f'"{source}/{graph["file"]}"'
+        backend = "onnx-int8" if "int8" in kept else "onnx"
+        lines += ["", "Without PyTorch's model code, on onnxruntime:", "", "```python",
+                  "import onnxruntime as ort", *(["from huggingface_hub import hf_hub_download"] if repo_id else []),
+                  "from PIL import Image", "from transformers import AutoImageProcessor", "",
+                  f'processor = AutoImageProcessor.from_pretrained("{source}")',
+                  f"session = ort.InferenceSession({where})",
+                  'pixels = processor(images=Image.open("photo.jpg").convert("RGB"), return_tensors="pt")["pixel_values"].numpy()',
+                  'logits = session.run(["logits"], {"pixel_values": pixels})[0]', "```", "",
+                  "A whole folder, batched, to a CSV file (resumable):", "", "```bash",
+                  f"hf-transfer predict {source} photos/ --backend {backend} --output predictions.csv", "```"]
+    return "\n".join(lines)
+
+
 def ensure_plots(run: RunFiles) -> None:
     """Draw the figures the card embeds if the run did not leave them."""
     history = run.state.get("log_history") or []
@@ -534,8 +576,8 @@ def write_model_card(output_dir: str | Path, repo_id: str | None = None, final_d
     data = build_card_data(run, repo_id)
     sections = [_summary(run, repo_id, data), _data_section(run), _data_quality_section(run), _preprocessing_section(run),
                 _freeze_section(run), _procedure_section(run), _hyperparameters_section(run), _results_section(run),
-                _compute_section(run), _limitations_section(run)]
-    sections = [section for section in sections if section]  # a run that did not check its data has no "Data quality"
+                _compute_section(run), _deployment_section(run, repo_id), _limitations_section(run)]
+    sections = [section for section in sections if section]  # no "Data quality" unless the run checked its data, no "Deployment" before export
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
     card.save(run.dir / MODEL_CARD)
     return card

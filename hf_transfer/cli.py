@@ -130,6 +130,37 @@ def doctor_command(argv: list[str]) -> dict:
     return _exit_on_user_error(run_doctor, _recipe_or_help(argv, DOCTOR_USAGE, (DoctorArguments,)))
 
 
+EXPORT_HELP = """Write the model folder's classifier as ONNX graphs into its onnx/ folder (onnx/model.onnx; with --int8 also
+onnx/model_quantized.onnx), check each against the PyTorch model on the run's test split (top-1 agreement, largest logit
+difference, accuracy), time them, and record it all in onnx/export_report.json and the model card's "Deployment" section."""
+
+PREDICT_HELP = """Label images with a model folder or Hub model: batched, with a decode pool, into a CSV or parquet file (one row per
+image: its path or index, the top-k labels and scores, the true label where the input has one, or why it could not be read).
+Accuracy and a confusion matrix are printed when the images have true labels. An interrupted run continues with --resume."""
+
+
+def export_command(argv: list[str]) -> dict:
+    """`hf-transfer export <model folder> [--int8] [--opset N] ...`."""
+    from .deploy_options import ExportArguments, command_parser, parse_options
+
+    args = _exit_on_user_error(parse_options, command_parser("hf-transfer export", EXPORT_HELP, ExportArguments), ExportArguments, argv)
+    setup_logging(True)
+    from .export import export_model
+
+    return _exit_on_user_error(export_model, args)
+
+
+def predict_command(argv: list[str]) -> dict:
+    """`hf-transfer predict <model> <images> [--output predictions.csv] [--top_k K] [--backend torch|onnx|onnx-int8] ...`."""
+    from .deploy_options import PredictArguments, command_parser, parse_options
+
+    args = _exit_on_user_error(parse_options, command_parser("hf-transfer predict", PREDICT_HELP, PredictArguments), PredictArguments, argv)
+    setup_logging(True)
+    from .predict import predict
+
+    return _exit_on_user_error(predict, args)
+
+
 def demo_command(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -146,6 +177,10 @@ def main(argv: list[str] | None = None) -> None:
     sub = commands.add_subparsers(dest="command", required=True)
     sub.add_parser("train", help="fine-tune a backbone from a recipe (recipes/quickstart.yaml)", add_help=False)
     sub.add_parser("doctor", help="check a recipe's data: likely wrong labels, near-duplicates and leaks, class balance", add_help=False)
+
+    sub.add_parser("export", help="write the model as checked ONNX graphs (fp32, --int8) into its onnx/ folder", add_help=False)
+    sub.add_parser("predict", help="label a folder, glob, parquet file, dataset or list of images into a CSV or parquet file",
+                   add_help=False)
 
     push = sub.add_parser("push", help="upload a trained output dir to the Hub with its model card, and verify it")
     push.add_argument("output_dir", help="a folder written by `hf-transfer train`")
@@ -170,6 +205,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if argv[:1] == ["doctor"]:
         doctor_command(argv[1:])
+        return
+    if argv[:1] in (["export"], ["predict"]):
+        (export_command if argv[0] == "export" else predict_command)(argv[1:])
         return
     args = commands.parse_args(argv)
     _exit_on_user_error(args.handler, args)

@@ -36,10 +36,12 @@ SHIPPED_EXPLAIN_MODULE = "hf_transfer_explain.py"
 SHIPPED_REPO_FILES_MODULE = "hf_transfer_repo_files.py"
 # ... and runs its predictions in the precision hf_transfer/precision.py decides for the Space's hardware.
 SHIPPED_PRECISION_MODULE = "hf_transfer_precision.py"
-# ... and escapes the class names and ids it shows with hf_transfer/escape.py.
+# ... and escapes the class names and ids it shows with hf_transfer/escape.py ...
 SHIPPED_ESCAPE_MODULE = "hf_transfer_escape.py"
+# ... and serves the int8 ONNX graph `hf-transfer export` checked, when the model has one, with hf_transfer/onnx_runtime.py.
+SHIPPED_ONNX_MODULE = "hf_transfer_onnx_runtime.py"
 SHIPPED_MODULES = {"images.py": SHIPPED_IMAGES_MODULE, "explain.py": SHIPPED_EXPLAIN_MODULE, "repo_files.py": SHIPPED_REPO_FILES_MODULE,
-                   "precision.py": SHIPPED_PRECISION_MODULE, "escape.py": SHIPPED_ESCAPE_MODULE}
+                   "precision.py": SHIPPED_PRECISION_MODULE, "escape.py": SHIPPED_ESCAPE_MODULE, "onnx_runtime.py": SHIPPED_ONNX_MODULE}
 EXAMPLES_IN_SPACE = "examples"
 MODEL_HINT = ("Pass the output dir of a run (`hf-transfer train` writes config.json and model.safetensors there) "
               "or a Hub model id (user/name).")

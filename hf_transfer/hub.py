@@ -30,7 +30,18 @@ from huggingface_hub.utils import validate_repo_id
 from .card import write_model_card
 from .errors import HFTransferError
 from .images import ImageInput, load_image
-from .repo_files import ALL_RESULTS, CONFIG, LOCK_FILE, MODEL_CARD, RUN_CONFIG, RUN_OUTPUTS
+from .repo_files import (
+    ALL_RESULTS,
+    CONFIG,
+    EXPORT_REPORT,
+    LOCK_FILE,
+    MODEL_CARD,
+    ONNX_DIR,
+    ONNX_INT8_MODEL,
+    ONNX_MODEL,
+    RUN_CONFIG,
+    RUN_OUTPUTS,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -112,10 +123,24 @@ def _files_to_upload(folder: Path) -> list[Path]:
     if odd:
         raise HubError(f"Refusing to push: {', '.join(map(repr, odd))} in {folder} should be the run's file(s) of that name "
                        "but are not regular files. Move them away and push again.")
-    others = [entry.name for entry in entries if entry not in runs]
+    others = [entry.name for entry in entries if entry not in runs and entry.name != ONNX_DIR]
     if others:
         logger.warning("Not uploaded (hf-transfer train did not write them): %s", ", ".join(map(repr, others)))
-    return runs
+    return runs + _exported_graphs(folder)
+
+
+def _exported_graphs(folder: Path) -> list[Path]:
+    """`hf-transfer export`'s files in onnx/, each a regular file; a link there is refused like one at the top."""
+    graphs = folder / ONNX_DIR
+    if not graphs.is_dir():
+        return []
+    found = [folder / name for name in (ONNX_MODEL, ONNX_INT8_MODEL, EXPORT_REPORT)
+             if (folder / name).exists() or (folder / name).is_symlink()]
+    links = [path for path in (graphs, *found) if path.is_symlink() or not (path.is_dir() if path == graphs else path.is_file())]
+    if links:
+        raise HubError(f"Refusing to push: {', '.join(repr(path.relative_to(folder).as_posix()) for path in links)} in {folder} should "
+                       "be what `hf-transfer export` wrote but is a link or not a regular file. Export again, then push.")
+    return found
 
 
 def _check_no_token_inside(files: list[Path], token: str, folder: Path) -> None:
@@ -160,7 +185,7 @@ def push_to_hub(output_dir: str | Path, repo_id: str, private: bool = False, rev
             "uploaded. Push again later.") from None
     write_model_card(folder, repo_id=repo_id)
     _check_no_token_inside([folder / MODEL_CARD], token, folder)
-    commit = _upload(api, repo_id, revision, [file.name for file in files], folder,
+    commit = _upload(api, repo_id, revision, [file.relative_to(folder).as_posix() for file in files], folder,
                      commit_message or "Upload image classifier trained with hf_transfer")
     logger.info("Pushed %s to %s", folder, commit.commit_url)
     return commit.commit_url

@@ -480,7 +480,7 @@ def save_pretrained(model: PreTrainedModel, folder: Path, **options) -> None:
     """`model.save_pretrained(folder)` on whichever process calls it. Under torch.distributed, transformers 5 writes
     only on global rank 0; with node-local output folders each machine's main process must write its own copy, and
     the callers already decide who saves (TrainingArguments.should_save). Overrides the internal hook
-    `PreTrainedModel.should_save_on_this_rank` (tested with transformers 5.23-5.24: tests/test_trainer_api.py)."""
+    `PreTrainedModel.should_save_on_this_rank` (tested with transformers 5.23-5.25: tests/test_trainer_api.py)."""
     model.should_save_on_this_rank = lambda is_main_process: is_main_process  # on the instance, for this call only
     try:
         model.save_pretrained(folder, **options)

@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING
 
 import filelock
 
+from .checkpoints import last_complete_checkpoint, no_complete_checkpoint
 from .errors import HFTransferError
 from .nodes import output_is_node_local
-from .repo_files import CONFIG, LOCK_FILE, RUN_CONFIG, RUN_OUTPUTS, STAGING, without_local_paths
-from .trainer import last_complete_checkpoint, no_complete_checkpoint
+from .repo_files import CONFIG, LOCK_FILE, ONNX_DIR, RUN_CONFIG, RUN_OUTPUTS, STAGING, without_local_paths
 
 if TYPE_CHECKING:
     from .options import RunArguments
@@ -45,9 +45,9 @@ SAME_RUN_CHANGES = {
     "training.push_to_hub", "training.hub_model_id", "training.hub_private_repo",  # pushed once, after the run (hub.py)
     "doctor.doctor_sheet_size",  # how many suspects the data doctor's contact sheet shows: a picture, not a decision
 }
-# A run's folders: Trainer's checkpoints, the staging folder, TensorBoard's default `runs/`. Its files are repo_files.RUN_OUTPUTS:
-# a new output file is named there, or --overwrite would refuse it as foreign.
-OWNED_FOLDERS = re.compile(rf"checkpoint-\d+|runs|{re.escape(STAGING)}")
+# A run's folders: Trainer's checkpoints, the staging folder, TensorBoard's default `runs/`, `hf-transfer export`'s graphs. Its
+# files are repo_files.RUN_OUTPUTS: a new output file is named there, or --overwrite would refuse it as foreign.
+OWNED_FOLDERS = re.compile(rf"checkpoint-\d+|runs|{re.escape(STAGING)}|{re.escape(ONNX_DIR)}")
 # Errors of a disk rather than of the run; other libraries (safetensors) give only the text "(os error 28)".
 DISK_ERRORS = {errno.ENOSPC: "no space", errno.EDQUOT: "no space", errno.EROFS: "read-only"}
 
@@ -191,8 +191,11 @@ def _read_run_config(config_file: Path) -> dict:
 
 # ---- publishing ----------------------------------------------------------------------------------------------------
 def publish(staging: Path, output_dir: Path) -> None:
-    """Move the staged files in; config.json goes last, so the folder never loads a mix of two models."""
+    """Move the staged files in; config.json goes last, so the folder never loads a mix of two models. Graphs exported from
+    the weights this replaces go: they would no longer match them."""
     (output_dir / CONFIG).unlink(missing_ok=True)
+    if (output_dir / ONNX_DIR).is_dir() and not (output_dir / ONNX_DIR).is_symlink():
+        shutil.rmtree(output_dir / ONNX_DIR)
     files = sorted(staging.iterdir(), key=lambda path: path.name == CONFIG)
     for path in files:
         target = output_dir / path.name

@@ -26,6 +26,11 @@ DATA_REPORT = "data_report.json"  # the data doctor's findings
 DATA_SUSPECTS_PNG = "data_suspects.png"  # its contact sheet of the top suspects
 STAGING = ".partial"  # the next model, assembled here and moved in
 LOCK_FILE = ".hf_transfer.lock"  # the running run's flock
+# `hf-transfer export`: the graphs where the Hugging Face ecosystem looks for them (Transformers.js, optimum's `subfolder`).
+ONNX_DIR = "onnx"  # a run's folder, like checkpoints: `--overwrite` deletes it, a newly published model removes it
+ONNX_MODEL = f"{ONNX_DIR}/model.onnx"  # fp32: preprocessed pixels in (`pixel_values`), `logits` out, any batch size
+ONNX_INT8_MODEL = f"{ONNX_DIR}/model_quantized.onnx"  # int8, by onnxruntime's quantizer
+EXPORT_REPORT = f"{ONNX_DIR}/export_report.json"  # the equivalence check and latency of each graph, and the weights it was made from
 # Every file a run writes (with the sharded-weights names save_pretrained may use): `--overwrite` deletes these only.
 RUN_OUTPUTS = (CONFIG, WEIGHTS, "model-*-of-*.safetensors", f"{WEIGHTS}.index.json", PREPROCESSOR, MODEL_CARD, ALL_RESULTS,
                TEST_REPORT, TRAINER_STATE, FREEZE_PLAN, RUN_CONFIG, RECIPE, CURVES_PNG, CONFUSION_PNG, EXPLANATIONS_PNG, DATA_REPORT,
@@ -82,6 +87,7 @@ class RunFiles:
         self.run_config = _read_json(self.dir / RUN_CONFIG) or {}
         self.preprocessor = _read_json(self.dir / PREPROCESSOR)
         self.data_report = _read_json(self.dir / DATA_REPORT)  # None unless the run checked its data
+        self.export_report = _read_json(self.dir / EXPORT_REPORT)  # None until `hf-transfer export`
 
     @property
     def labels(self) -> list[str]:

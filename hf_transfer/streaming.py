@@ -33,6 +33,8 @@ from huggingface_hub import HfFileSystem
 from safetensors import SafetensorError, safe_open
 from transformers import TrainerCallback
 
+from .checkpoint_checks import checkpoint_refused
+from .checkpoints import CheckpointError
 from .data import (
     _PREFERRED_LABEL_COLUMNS,
     DatasetError,
@@ -52,7 +54,7 @@ from .images import UnreadableImageError, load_image
 from .offline import hub_reachable
 from .options import DataArguments
 from .schedules import STEP
-from .trainer import CheckpointError, SafeTrainer, checkpoint_refused
+from .trainer import SafeTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -531,9 +533,10 @@ class StreamingTrainer(SafeTrainer):
         }
         return output
 
-    def _save_rng_state(self, output_dir: str) -> None:
-        super()._save_rng_state(output_dir)
-        stem = Path(output_dir) / self._stream_file()
+    def save_resume_state(self, output: Path) -> None:
+        """SafeTrainer's, and this rank's stream position and shuffle buffer (written by every rank)."""
+        super().save_resume_state(output)
+        stem = output / self._stream_file()
         loader = self._loader
         if loader is None or loader.workers:
             _write_json(stem.with_suffix(".json"), {"position": None, "dataloader_num_workers": loader.workers if loader else None})
@@ -551,15 +554,14 @@ class StreamingTrainer(SafeTrainer):
             "skipped": loader.skipped,
         })
 
-    def _load_rng_state(self, checkpoint: str | None) -> None:
-        """Trainer calls this right before it starts the train loader: the stream resumes from the checkpoint's position."""
-        super()._load_rng_state(checkpoint)
-        if checkpoint is None:
-            return
+    def restore_resume_state(self, checkpoint: Path) -> None:
+        """Called before the train loader starts (`ignore_data_skip`: at the resumed epoch's start): the stream resumes
+        from the checkpoint's position."""
+        super().restore_resume_state(checkpoint)
         if not self.train_dataset.restore_position:
             logger.info("Streaming: `ignore_data_skip: true`: the stream starts again from its beginning.")
             return
-        stem = Path(checkpoint) / self._stream_file()
+        stem = checkpoint / self._stream_file()
         saved = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").is_file() else None
         if saved is None or (saved["position"] is None and saved.get("dataloader_num_workers")):
             why = (f"read its stream in {saved['dataloader_num_workers']} DataLoader worker processes, whose positions a "
@@ -598,7 +600,7 @@ def check_stream_state(checkpoint: Path, stem: Path, fresh: dict, classes: int) 
     of the stream at its start, whose layout datasets' state must keep."""
     path = stem.with_suffix(".json")
     if not path.is_file():
-        return  # StreamingTrainer._load_rng_state says what a checkpoint without it means
+        return  # StreamingTrainer.restore_resume_state says what a checkpoint without it means
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError) as error:
@@ -607,7 +609,7 @@ def check_stream_state(checkpoint: Path, stem: Path, fresh: dict, classes: int) 
         raise checkpoint_refused(path, checkpoint, "it is not a mapping with the stream's `position`")
     position = saved["position"]
     if position is None:
-        return  # saved before the first batch (nothing to restore), or by DataLoader workers (_load_rng_state refuses it)
+        return  # saved before the first batch (nothing to restore), or by DataLoader workers (restore_resume_state refuses it)
     if not (isinstance(position, dict) and all(_count(position.get(key)) for key in ("pass", "read"))):
         raise checkpoint_refused(path, checkpoint, f"`position` {reprlib.repr(position)} has no whole `pass` and `read` counts")
     stream = position.get("stream")

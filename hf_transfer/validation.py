@@ -13,9 +13,9 @@ from .errors import RecipeError
 
 def check_recipe(recipe, device_type: str) -> None:
     """Refuse, with what to write instead, a recipe whose options cannot go together on `device_type`."""
-    from .streaming import check_recipe as check_stream_options
     from .optimization import check_optim_args
     from .schedules import check_schedule_kwargs
+    from .streaming import check_recipe as check_stream_options
 
     data, freezing, run, training = recipe.data, recipe.freezing, recipe.run, recipe.training
     check_schedule_kwargs(getattr(training.lr_scheduler_type, "value", training.lr_scheduler_type), training.lr_scheduler_kwargs)

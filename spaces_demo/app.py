@@ -14,6 +14,8 @@ import io
 import json
 import os
 import stat
+import statistics
+import time
 from pathlib import Path, PurePath
 
 import gradio as gr
@@ -50,6 +52,13 @@ try:
     from hf_transfer.precision import prepare_for_inference
 except ModuleNotFoundError:  # on a Space: shipped as hf_transfer_precision.py
     from hf_transfer_precision import prepare_for_inference
+# The int8 ONNX graph `hf-transfer export` wrote and checked against the model's weights, served when there is one.
+try:
+    from hf_transfer.onnx_runtime import GRAPHS, OnnxClassifier, OnnxModelError, checked_graph, class_scores, top_k_ids
+    from hf_transfer.repo_files import EXPORT_REPORT
+except ModuleNotFoundError:  # on a Space: shipped as hf_transfer_onnx_runtime.py
+    from hf_transfer_onnx_runtime import GRAPHS, OnnxClassifier, OnnxModelError, checked_graph, class_scores, top_k_ids
+    from hf_transfer_repo_files import EXPORT_REPORT
 
 APP_DIR = Path(__file__).resolve().parent
 MODEL_ENV = "HF_TRANSFER_MODEL"
@@ -272,6 +281,36 @@ def read_upload(upload: object, upload_dir: str | Path) -> Image.Image:
     return decode_image(read_uploaded_file(upload.get("path"), upload_dir))
 
 
+def fast_graph(model_ref: str) -> tuple[OnnxClassifier | None, str]:
+    """The int8 graph of the model that passed its export check against these weights, with its check in words; else None
+    and why not (the demo then serves the PyTorch model)."""
+    report = _model_file(model_ref, EXPORT_REPORT)
+    if report is None:
+        return None, "no int8 ONNX graph exported"
+    folder = report.parent.parent  # <model>/onnx/export_report.json
+    links_into = None if Path(model_ref).is_dir() else folder.parent.parent / "blobs"  # the Hub cache's own links
+    try:
+        path, entry = checked_graph(folder, "int8", links_into)  # refused, or from other weights: says so
+        if _model_file(model_ref, GRAPHS["int8"]) is None:
+            return None, "the int8 ONNX graph is missing"
+        return OnnxClassifier(path, links_into), (f"export check: {entry['accuracy']:.1%} test accuracy on {entry['images']} images, "
+                                                  f"{entry['agreement']:.1%} top-1 agreement with PyTorch")
+    except OnnxModelError as error:
+        print(f"Serving the PyTorch model: {error}")
+        return None, str(error)
+
+
+def _latency_ms(predict, image: Image.Image, runs: int = 5) -> float:
+    """Median wall time of one prediction, after a warm-up one (kernels are prepared on first use)."""
+    predict(image)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        predict(image)
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
 def build_demo(model_ref: str, examples_dir: Path | None = None, top_k: int = 5) -> gr.Blocks:
     """The page: upload, top-k labels with confidences, on request a map of where the model looked, examples,
     and the model card summary.
@@ -282,12 +321,26 @@ def build_demo(model_ref: str, examples_dir: Path | None = None, top_k: int = 5)
     precision = prepare_for_inference(classifier.model)  # what `inference_precision: auto` decides for a run's passes
     explainer = Explainer.from_pipeline(classifier)  # nothing runs until the first explanation
     label_names = list(classifier.model.config.id2label.values())
+    graph, check = fast_graph(model_ref)
+    config = classifier.model.config
+
+    def predict(picture: Image.Image) -> dict[str, float]:
+        if graph is None:
+            return {p["label"]: p["score"] for p in classifier(picture, top_k=top_k)}
+        # The pipeline's own preprocessing and scores (onnx_runtime.class_scores), the graph's logits.
+        pixels = classifier.image_processor(images=picture, return_tensors="pt")["pixel_values"].numpy()
+        scores = class_scores(graph.logits(pixels), config.num_labels, config.problem_type)[0]
+        return {config.id2label[index]: float(scores[index]) for index in top_k_ids(scores[None], top_k)[0]}
+
+    latency = _latency_ms(predict, Image.new("RGB", (256, 256), (128, 128, 128)))
+    serving = (f"the int8 ONNX graph `{GRAPHS['int8']}` on onnxruntime ({check}), {latency:.1f} ms per image; explanations "
+               f"use the PyTorch model, {precision.describe()}" if graph is not None
+               else f"{precision.describe()}, the PyTorch model, {latency:.1f} ms per image")
 
     def classify(upload: dict | None) -> dict[str, float]:
         # Raw upload payload (preprocess=False): this app checks and decodes the file itself, with limits.
         # Uploads and the examples' copies both live in the image component's cache (Gradio's upload folder).
-        predictions = classifier(read_upload(upload, image.GRADIO_CACHE), top_k=top_k)
-        return {p["label"]: p["score"] for p in predictions}
+        return predict(read_upload(upload, image.GRADIO_CACHE))
 
     def explain(upload: dict | None) -> tuple[Image.Image, dict[str, float]]:
         """The upload with the Grad-CAM map of its top class drawn over it, and the prediction that map explains
@@ -301,7 +354,7 @@ def build_demo(model_ref: str, examples_dir: Path | None = None, top_k: int = 5)
     model_name = Path(model_ref).name if Path(model_ref).is_dir() else model_ref
     with gr.Blocks(title=f"{one_line(model_name)} · image classifier", analytics_enabled=False) as demo:
         gr.Markdown(f"# Image classifier: {markdown_code(model_name)}\n{card_summary(model_ref, label_names)}\n\n"
-                    f"Predictions on this machine: {precision.describe()}.")
+                    f"Predictions on this machine: {serving}.")
         with gr.Row():
             with gr.Column():
                 image = gr.Image(type="filepath", sources=["upload", "clipboard"], label="Image",
