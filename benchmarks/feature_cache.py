@@ -1,6 +1,6 @@
 """Feature cache against the uncached Trainer path: `head_only` for 10 epochs on the same data, end to end.
 
-Each run is `hf_transfer.training.run` as `hf-transfer train` calls it (data, model, training, test, saving),
+Each run is `hf_transfer.pipeline.run` as `hf-transfer train` calls it (data, model, training, test, saving),
 timed from start to finish. Three runs per dataset: uncached (`feature_cache: false`), cached with an empty
 cache (extraction included), cached again (cache hit). Both paths train on un-augmented images
 (`augmentation: none`), so they solve the same problem and their accuracies must agree.
@@ -31,10 +31,9 @@ import datasets
 from common import MIRRORS, REPO, VALIDATION_SIZE, Stopwatch, device, load_average, offline_logging, report
 
 from hf_transfer import training
-from hf_transfer.cached_head import CHECK_IMAGES
-from hf_transfer.feature_store import cache_root
+from hf_transfer.feature_store import CHECK_IMAGES, cache_root
+from hf_transfer.pipeline import run
 from hf_transfer.recipe import parse_recipe
-from hf_transfer.training import run
 
 
 def arguments() -> argparse.Namespace:

@@ -22,8 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def trace(argv: list[str]) -> list[tuple[str, str]]:
     from hf_transfer.options import ARGUMENT_CLASSES
+    from hf_transfer.pipeline import run
     from hf_transfer.recipe import Recipe, parse_recipe
-    from hf_transfer.training import run
 
     recipe = parse_recipe(argv)
     followed = (Recipe, *ARGUMENT_CLASSES)  # the recipe, its sections and their copies (the run's TrainingArguments)

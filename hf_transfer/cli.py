@@ -96,7 +96,7 @@ def run_training(argv: list[str] | None = None) -> dict:
     usage = TRAIN_USAGE.format(defaults=", ".join(f"{k}={v}" for k, v in TRAINING_DEFAULTS.items()))
     recipe = _recipe_or_help(argv, usage, (DataArguments, ModelArguments, FreezeArguments, RunArguments, DoctorArguments))
     from .hub import share_run  # the training stack loads once the recipe is read: `--help` answers without it
-    from .training import run
+    from .pipeline import run
 
     results = _exit_on_user_error(run, recipe)
     _exit_on_user_error(share_run, recipe.training)
@@ -124,8 +124,8 @@ folder only with the options that run used: its model card describes the report 
 
 def doctor_command(argv: list[str]) -> dict:
     """`hf-transfer doctor RECIPE.yaml [--key value ...]`."""
-    from .doctor import run_doctor
     from .options import DoctorArguments
+    from .pipeline import run_doctor
 
     return _exit_on_user_error(run_doctor, _recipe_or_help(argv, DOCTOR_USAGE, (DoctorArguments,)))
 

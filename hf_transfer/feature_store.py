@@ -10,6 +10,7 @@ entry read from it is checked first, every label against the dataset and a seede
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -196,6 +197,13 @@ class FeatureStore:
             "columns": [data.image_column, data.label_column],
             "precision": self.precision.dtype,  # bf16 features differ from fp32 ones by up to a few percent
         }
+
+    def with_views(self, views: int) -> FeatureStore:
+        """The same model, data and preprocessing, caching `views` views of the train split (0: the images as they are),
+        with a record of its own: the data doctor's view of a run's store."""
+        sibling = copy.copy(self)
+        sibling.views, sibling.extracted, sibling.summary = views, {}, {"splits": {}}
+        return sibling
 
     def key(self, split: str, views: int) -> dict:
         transform = self.train_transform if views else self.eval_transform

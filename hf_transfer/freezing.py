@@ -6,6 +6,7 @@ waiting for its stage gets zero gradients (one process: none) and no update, so 
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import logging
@@ -68,20 +69,13 @@ class FreezePlan:
         self.history: list[dict] = []
         self.integrity: dict | None = None
 
-        self._gradient_gates = []
         for name, parameter in self.parameters.items():
             parameter.requires_grad_(name in self.ever_trained)
-            if name in self.ever_trained and len(self.stages) > 1:
-                self._gradient_gates.append(parameter.register_hook(self._gradient_gate(name)))
         self._norms = {
             name: (module, _norm_owner(name, module, list(self.parameters)))
             for name, module in model.named_modules() if isinstance(module, _BATCHNORM)
         }
         self._activate(0)
-        # A hook costs every forward pass: only on norm layers that some stage keeps frozen (none for `full`).
-        for name, (module, _) in self._norms.items():
-            if any(self.norm_mode(name, trained) == "frozen" for trained in self.stage_sets):
-                module.register_forward_pre_hook(self._keep_frozen_norm_in_eval)
         # What must end bit-identical: parameters that never train and the statistics that are never updated.
         kept_norms = [
             name for name, (_, owner) in self._norms.items()
@@ -90,6 +84,25 @@ class FreezePlan:
         self._fixed = [n for n in self.parameters if n not in self.ever_trained]
         self._fixed += [f"{norm}.{b}" for norm in kept_norms for b, _ in self._norms[norm][0].named_buffers()]
         self._fixed_checksum = self._checksum(self._fixed)
+
+    @contextlib.contextmanager
+    def attached(self):
+        """The plan's hooks on the model while it trains: frozen BatchNorm layers kept in eval mode (Trainer calls
+        `model.train()` every step) and, in a staged plan on several processes, zero gradients for the blocks waiting for
+        their stage (every process's reducer expects a gradient for every parameter it registered)."""
+        handles = []
+        if len(self.stages) > 1 and not self.skip_waiting_backward:  # one process: waiting blocks take no backward at all
+            handles += [parameter.register_hook(self._gradient_gate(name)) for name, parameter in self.parameters.items()
+                        if name in self.ever_trained]
+        # A hook costs every forward pass: only on norm layers that some stage keeps frozen (none for `full`).
+        for name, (module, _) in self._norms.items():
+            if any(self.norm_mode(name, trained) == "frozen" for trained in self.stage_sets):
+                handles.append(module.register_forward_pre_hook(self._keep_frozen_norm_in_eval))
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _trainable_in(self, target: str) -> set[str]:
         """Parameter names that `target` (head | all | last_n:<k> | patterns) makes trainable."""
@@ -232,12 +245,8 @@ class FreezePlan:
 
     def use_one_process(self) -> None:
         """With a single process nobody needs a waiting block's zero gradients: from the next stage entered
-        (the first at the start of training) waiting blocks get none, which skips their backward pass,
-        and the gradient gates, pass-throughs from then on, are removed."""
+        (the first at the start of training) waiting blocks get none, which skips their backward pass."""
         self.skip_waiting_backward = True
-        for gate in self._gradient_gates:
-            gate.remove()
-        self._gradient_gates = []
 
     def norm_mode(self, norm_name: str, trained: set[str] | None = None) -> str:
         """`frozen` or `train` for a norm layer, in the current stage or the one that trains `trained`."""

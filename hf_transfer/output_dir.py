@@ -8,10 +8,9 @@ leaves the folder locked, and a second run into the folder is refused while the 
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import errno
 import fnmatch
-import functools
 import json
 import os
 import re
@@ -26,7 +25,6 @@ import filelock
 
 from .checkpoints import last_complete_checkpoint, no_complete_checkpoint
 from .errors import HFTransferError
-from .nodes import output_is_node_local
 from .repo_files import CONFIG, LOCK_FILE, ONNX_DIR, RUN_CONFIG, RUN_OUTPUTS, STAGING, without_local_paths
 
 if TYPE_CHECKING:
@@ -80,11 +78,6 @@ def _listing(names: list[str]) -> str:
 
 def check_output_dir(output_dir: Path, run_config: dict, options: RunArguments) -> None:
     """Refuse, before any work, to mix two runs in one folder, or to write or delete where it would do harm."""
-    if options.resume and options.overwrite:
-        raise OutputDirError(
-            f"`--resume` continues the run in {output_dir} from its last complete checkpoint; `--overwrite` deletes that run "
-            "to start a new one. Pass one of them."
-        )
     check_place(output_dir, run_config, options.overwrite)
     config_file = output_dir / RUN_CONFIG
     if not config_file.is_file():
@@ -300,37 +293,30 @@ def _interrupted(output_dir: Path) -> RunInterrupted:
                           "`--resume` to continue from it.")
 
 
-def holding_output_dir(run):
-    """`run(recipe)` with its output folder locked from start to end by the process that writes it (others only read it):
-    the main process, or with node-local output folders on several machines each machine's main process.
+@contextlib.contextmanager
+def holding_output_dir(recipe, args):
+    """The run's output folder, locked from start to end by the process that writes it (`args.should_save`: the main
+    process, or with node-local output folders on several machines each machine's main process; others only read it).
 
     However the run ends, the lock is released and the staging folder removed; a full or read-only disk and Ctrl-C
     become one line that says what to do."""
-
-    @functools.wraps(run)
-    def locked_run(recipe):
-        args = copy.copy(recipe.training)  # the recipe stays as given
-        output_dir = Path(args.output_dir)
-        args.save_on_each_node = output_is_node_local(output_dir, args.save_on_each_node)  # every process asks, before anything is made
-        lock = OutputDirLock(output_dir) if args.should_save else None  # the process that publishes the model
-        finished = False
-        try:
-            if lock is not None:
-                check_place(output_dir, recipe.to_dict(local_paths=True), recipe.run.overwrite)  # before anything is made there
-                lock.acquire()
-            results = run(recipe)
-            finished = True
-            return results
-        except KeyboardInterrupt:
-            raise _interrupted(output_dir) from None
-        except Exception as error:
-            if (disk := disk_error(error, output_dir)) is None:
-                raise
-            raise disk from error
-        finally:
-            if lock is not None:
-                if lock.held and not finished:  # a half-staged model: never published, and it may have filled the disk
-                    shutil.rmtree(output_dir / STAGING, ignore_errors=True)
-                lock.release()
-
-    return locked_run
+    output_dir = Path(args.output_dir)
+    lock = OutputDirLock(output_dir) if args.should_save else None
+    finished = False
+    try:
+        if lock is not None:
+            check_place(output_dir, recipe.to_dict(local_paths=True), recipe.run.overwrite)  # before anything is made there
+            lock.acquire()
+        yield
+        finished = True
+    except KeyboardInterrupt:
+        raise _interrupted(output_dir) from None
+    except Exception as error:
+        if (disk := disk_error(error, output_dir)) is None:
+            raise
+        raise disk from error
+    finally:
+        if lock is not None:
+            if lock.held and not finished:  # a half-staged model: never published, and it may have filled the disk
+                shutil.rmtree(output_dir / STAGING, ignore_errors=True)
+            lock.release()

@@ -151,3 +151,13 @@ class RunFiles:
             return size["height"], size["width"]
         edge = size.get("shortest_edge")
         return (edge, edge) if edge else None
+
+
+def write_json(path: Path, value, indent: int = 2) -> None:
+    """`value` as JSON: numpy numbers as numbers, any other value JSON has no type for as its text."""
+    path.write_text(json.dumps(value, indent=indent, default=_json_value))
+
+
+def _json_value(value):
+    item = getattr(value, "item", None)  # numpy scalars
+    return item() if callable(item) and getattr(value, "shape", None) == () else str(value)

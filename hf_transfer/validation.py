@@ -13,9 +13,9 @@ from .errors import RecipeError
 
 def check_recipe(recipe, device_type: str) -> None:
     """Refuse, with what to write instead, a recipe whose options cannot go together on `device_type`."""
+    from .data.source import source_for
     from .optimization import check_optim_args
     from .schedules import check_schedule_kwargs
-    from .streaming import check_recipe as check_stream_options
 
     data, freezing, run, training = recipe.data, recipe.freezing, recipe.run, recipe.training
     check_schedule_kwargs(getattr(training.lr_scheduler_type, "value", training.lr_scheduler_type), training.lr_scheduler_kwargs)
@@ -31,7 +31,7 @@ def check_recipe(recipe, device_type: str) -> None:
         raise RecipeError("`num_train_epochs: 0` trains nothing: give a number of epochs > 0, e.g. 3, or a `max_steps` > 0.")
     _check_training_precision(device_type, training)
     check_optim_args(training)
-    check_stream_options(data, freezing, run, recipe.doctor, training)
+    source_for(recipe).check_options()
 
 
 def _check_evaluation_needs(freezing, run, training) -> None:

@@ -353,3 +353,13 @@ def run_dir(tmp_path_factory) -> Path:
     if not (workdir / "run" / "all_results.json").is_file():
         train_tiny_run(workdir)
     return workdir / "run"
+
+
+def doctor_features(recipe, data=None) -> dict:
+    """The data doctor's `{split: (features, labels)}` of a recipe's data, prepared as `hf-transfer doctor` prepares it
+    (`data`: data already in hand instead of the recipe's dataset)."""
+    from hf_transfer.data.source import MapSource
+    from hf_transfer.data_check import split_features
+    from hf_transfer.pipeline import prepare, run_arguments
+
+    return split_features(prepare(recipe, run_arguments(recipe), MapSource(recipe), data).store)

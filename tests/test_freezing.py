@@ -2,7 +2,7 @@
 
 Models: a timm CNN with BatchNorm (`test_efficientnet`), a timm ViT (`test_vit`) and a tiny transformers
 ViT, each saved to a local model folder (so the run loads it the way it loads any model and the
-folder holds the exact initial weights). Training goes through `hf_transfer.training.run`.
+folder holds the exact initial weights). Training goes through `hf_transfer.pipeline.run`.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from hf_transfer.blocks import discover_blocks
 from hf_transfer.errors import RecipeError
 from hf_transfer.freezing import FreezePlan, FreezePlanError
 from hf_transfer.options import FreezeArguments
+from hf_transfer.pipeline import run
 from hf_transfer.recipe import parse_recipe
-from hf_transfer.training import run
 
 LABELS = ["cat", "dog"]
 LABEL_MAPS = dict(num_labels=2, id2label=dict(enumerate(LABELS)), label2id={label: i for i, label in enumerate(LABELS)})
@@ -140,7 +140,8 @@ def test_a_waiting_block_gets_zero_gradients_and_no_update(model_dirs):
     optimizer = torch.optim.AdamW(plan.parameter_groups(weight_decay=0.5))
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     pixels, labels = model_photos(model, 8)
-    model(pixel_values=pixels, labels=labels).loss.backward()
+    with plan.attached():  # the plan's hooks, as FreezeCallback attaches them for the length of training
+        model(pixel_values=pixels, labels=labels).loss.backward()
     waiting = {name: p for name, p in model.named_parameters() if name not in plan.stage_sets[0]}
     # A gradient for every registered parameter keeps DDP's reducers in step; zero keeps clipping to the head's.
     assert all(p.grad is not None and not p.grad.any() for p in waiting.values())
@@ -231,7 +232,8 @@ def test_only_batchnorm_layers_of_frozen_blocks_are_held_in_eval_mode(model_dirs
     cnn = load(model_dirs["timm_cnn"])
     plan = FreezePlan(cnn, FreezeArguments(freeze="last_n:1"), 1e-3)
     cnn.train()  # as Trainer does before every step
-    cnn(pixel_values=model_photos(cnn, 4)[0])
+    with plan.attached():
+        cnn(pixel_values=model_photos(cnn, 4)[0])
     last_block = set(plan.blocks[-2].parameter_names)
     norms = {name: m for name, m in cnn.named_modules() if isinstance(m, nn.BatchNorm2d)}
     assert type(norms["timm_model.bn1"]).__name__ == "BatchNormAct2d", "timm's fused BatchNorm + activation is covered"
@@ -244,7 +246,8 @@ def test_batchnorm_eval_keeps_statistics_of_trained_blocks_too(model_dirs):
     statistics = {name: b.clone() for name, b in cnn.named_buffers()}
     plan = FreezePlan(cnn, FreezeArguments(freeze="full", batchnorm="eval"), 1e-3)
     cnn.train()
-    cnn(pixel_values=model_photos(cnn, 4)[0])
+    with plan.attached():
+        cnn(pixel_values=model_photos(cnn, 4)[0])
     assert all(torch.equal(statistics[name], b) for name, b in cnn.named_buffers())
     assert all(p.requires_grad for p in cnn.parameters()), "their scale and shift still train"
     assert {row["batchnorm"] for row in plan.table()[:-1]} == {"frozen"}

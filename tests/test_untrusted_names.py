@@ -32,7 +32,8 @@ from markdown_it import MarkdownIt
 from PIL import Image
 
 from hf_transfer import escape
-from hf_transfer.data import DatasetError, load_image_dataset
+from hf_transfer.data import load_image_dataset
+from hf_transfer.errors import DatasetError
 from hf_transfer.options import DataArguments
 from hf_transfer.plots import plot_confusion_matrix
 

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
@@ -16,8 +17,10 @@ from torch.utils.hooks import RemovableHandle
 from torchvision import transforms as T
 from torchvision.transforms import v2
 
-from .data import DatasetError, PreparedData, build_transforms, check_augmentation, image_name
-from .options import DataArguments
+from ..errors import DatasetError
+from ..options import DataArguments
+from .splits import PreparedData, image_name
+from .transforms import build_transforms, check_augmentation
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +172,15 @@ class DeviceResize:
     def attach(self, model: torch.nn.Module) -> RemovableHandle:
         """Preprocess `pixel_values` before every forward of `model` (training, evaluation, feature extraction)."""
         return model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    @contextlib.contextmanager
+    def attached(self, model: torch.nn.Module):
+        """`attach`, for the length of a `with` block: the saved model takes images preprocessed as usual."""
+        handle = self.attach(model)
+        try:
+            yield self
+        finally:
+            handle.remove()
 
     def _hook(self, _module, args, kwargs):
         if "pixel_values" in kwargs:
