@@ -294,9 +294,10 @@ def _interrupted(output_dir: Path) -> RunInterrupted:
 
 
 @contextlib.contextmanager
-def holding_output_dir(recipe, args):
+def holding_output_dir(args, run_config: dict, overwrite: bool):
     """The run's output folder, locked from start to end by the process that writes it (`args.should_save`: the main
     process, or with node-local output folders on several machines each machine's main process; others only read it).
+    `run_config`: the recipe with its local paths (`Recipe.to_dict(local_paths=True)`), to refuse harmful places.
 
     However the run ends, the lock is released and the staging folder removed; a full or read-only disk and Ctrl-C
     become one line that says what to do."""
@@ -305,7 +306,7 @@ def holding_output_dir(recipe, args):
     finished = False
     try:
         if lock is not None:
-            check_place(output_dir, recipe.to_dict(local_paths=True), recipe.run.overwrite)  # before anything is made there
+            check_place(output_dir, run_config, overwrite)  # before anything is made there
             lock.acquire()
         yield
         finished = True

@@ -1,7 +1,7 @@
 """The flow of a training run, one call per stage: prepare -> check_data -> choose -> fit -> write_model_repo.
 
-    args = run_arguments(recipe)            # the run's TrainingArguments; where the output folder lives, probed once
-    with holding_output_dir(recipe, args):  # the folder's lock; one line for a full disk or Ctrl-C
+    args = run_arguments(recipe, source)    # the run's TrainingArguments; where the output folder lives, probed once
+    with holding_output_dir(args, ...):     # the folder's lock; one line for a full disk or Ctrl-C
         prepared = prepare(recipe, args)    # data source and data, model, transforms, freeze plan, precision, feature store
         with model_hooks(prepared):         # resize on the device; frozen passes in the precision `auto` chose
             checked = check_data(prepared)  # the data doctor, before any Trainer exists: the data minus what it excludes
@@ -64,6 +64,7 @@ class Prepared:
     precision: Precision  # what `inference_precision` decided for passes without gradients
     head: tuple[str, torch.nn.Module] | None  # the classifier module and its name (`blocks.find_head`)
     store: FeatureStore | None  # the backbone's features of each split, for the cached head and the data doctor
+    cache_refusal: str | None  # why the head cannot train on cached features; None: it can (`strategies.cache_refusal`)
 
 
 @dataclass
@@ -77,24 +78,27 @@ class Checked:
 def run(recipe: Recipe, callbacks: tuple = ()) -> dict:
     """Train, evaluate on the test split and write a complete model repo; returns all results. `callbacks`: more
     Trainer callbacks (the benchmarks' clocks)."""
-    args = run_arguments(recipe)
-    with holding_output_dir(recipe, args):
-        raise_together(check_output_dir, Path(args.output_dir), recipe.to_dict(local_paths=True), recipe.run)  # every machine's copy
-        prepared = prepare(recipe, args)
+    source = source_for(recipe)
+    args = run_arguments(recipe, source)
+    run_config = recipe.to_dict(local_paths=True)
+    with holding_output_dir(args, run_config, recipe.run.overwrite):
+        raise_together(check_output_dir, Path(args.output_dir), run_config, recipe.run)  # every machine's copy
+        prepared = prepare(recipe, args, source)
         with model_hooks(prepared):
             checked = check_data(prepared)
-            splits = prepared.source.splits(checked.data, prepared.transforms, args)
+            splits = source.splits(checked.data, prepared.transforms, args)
             trainer = build_trainer(recipe, args, prepared.model, prepared.image_processor, prepared.plan, splits,
-                                    prepared.source.trainer_class, callbacks)
-            strategy = choose(recipe, prepared.plan, trainer, splits["test"], prepared.store, prepared.head)
+                                    source.trainer_class, callbacks)
+            strategy = choose(recipe, prepared, trainer, splits["test"])
             if args.should_save:  # the run is certain to start: only now may --overwrite clear the folder
                 claim_output_dir(Path(args.output_dir), recipe.to_dict(), recipe.run.overwrite)
             fitted = strategy.fit(recipe.run.resume)
         return write_model_repo(prepared, checked, fitted)
 
 
-def run_arguments(recipe: Recipe) -> TrainingArguments:
-    """The recipe's TrainingArguments as a run uses them; a copy, so the recipe stays as given.
+def run_arguments(recipe: Recipe, source: MapSource | None = None) -> TrainingArguments:
+    """The recipe's TrainingArguments as a run uses them (and as its data `source` needs them); a copy, so the recipe
+    stays as given.
 
     `save_on_each_node` is set when the run's machines each have their own output folder (node-local disk), so each
     machine's main process writes its copy of every checkpoint and of the model repo."""
@@ -102,7 +106,7 @@ def run_arguments(recipe: Recipe) -> TrainingArguments:
     args.save_on_each_node = output_is_node_local(Path(args.output_dir), args.save_on_each_node)  # every process asks
     args.dataloader_pin_memory = args.dataloader_pin_memory and torch.cuda.is_available()
     args.push_to_hub = False  # pushed once, after the run, with our card and a verification (cli, finetune)
-    source_for(recipe).adjust_arguments(args)
+    (source or source_for(recipe)).adjust_arguments(args)
     return args
 
 
@@ -127,12 +131,13 @@ def prepare(recipe: Recipe, args: TrainingArguments, source: MapSource | None = 
     # Passes without gradients (extraction, evaluation, test) in bf16 + channels_last where the hardware has bf16.
     precision = resolve(recipe.run.inference_precision, args.device, model, fp16=args.fp16)
     head = find_head(model)
+    cached = cache_refusal(recipe, plan, head)
     store = None  # for the cached head, and for the data doctor when it is asked to exclude images
-    if head is not None and not recipe.data.streaming and (recipe.doctor.exclude_flagged or cache_refusal(recipe, plan, head) is None):
+    if head is not None and not recipe.data.streaming and (recipe.doctor.exclude_flagged or cached is None):
         store = FeatureStore(model, head[1], head[0], recipe.model, data, (train_transform, eval_transform), args,
                              recipe.run.feature_cache_views, precision=precision)
     return Prepared(recipe, args, source, data, model, image_processor, (train_transform, eval_transform), device_step, plan,
-                    precision, head, store)
+                    precision, head, store, cached)
 
 
 @contextlib.contextmanager
@@ -151,9 +156,8 @@ def model_hooks(prepared: Prepared):
 def check_data(prepared: Prepared) -> Checked:
     """The data doctor on the prepared data: in a run whose head trains on cached features (`data_doctor`), and whenever
     `exclude_flagged` asks for exclusions; the data the run trains on is what stays."""
-    recipe = prepared.recipe
-    cached = prepared.store is not None and cache_refusal(recipe, prepared.plan, prepared.head) is None
-    check = check_run_data(recipe, prepared.data, prepared.store, cached, prepared.args)
+    cached = prepared.store is not None and prepared.cache_refusal is None
+    check = check_run_data(prepared.recipe, prepared.data, prepared.store, cached, prepared.args)
     if check is None or not check.excluded:
         return Checked(prepared.data, check)
     prepared.store.keep(check.kept_rows())  # train on what is left, read from the whole split's cache entries
@@ -185,7 +189,8 @@ def run_doctor(recipe: Recipe) -> dict:
     contact sheet written to `output_dir`, and a summary printed."""
     with report_folder(recipe) as folder:
         started = time.perf_counter()
-        prepared = prepare(recipe, run_arguments(recipe), MapSource(recipe))
+        source = MapSource(recipe)
+        prepared = prepare(recipe, run_arguments(recipe, source), source)
         with prepared.device_step.attached(prepared.model) if prepared.device_step else contextlib.nullcontext():
             report = data_report(recipe, prepared.data, features_of(recipe, prepared.store))
         report["timing"]["total_s"] = round(time.perf_counter() - started, 3)

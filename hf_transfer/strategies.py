@@ -203,9 +203,10 @@ def cache_refusal(recipe, plan, head: tuple[str, nn.Module] | None) -> str | Non
     return None
 
 
-def choose(recipe, plan, trainer: SafeTrainer, test_split, store: FeatureStore | None, head) -> FullModel:
-    """The strategy of a run: the cached head when the backbone starts frozen (`cache_refusal`), else the full model."""
-    refusal = cache_refusal(recipe, plan, head)
+def choose(recipe, prepared, trainer: SafeTrainer, test_split) -> FullModel:
+    """The strategy of a run: the cached head when the backbone starts frozen (`prepared.cache_refusal`), else the full
+    model."""
+    refusal, plan, store, head = prepared.cache_refusal, prepared.plan, prepared.store, prepared.head
     if refusal or store is None:
         if refusal and recipe.run.feature_cache and not refusal.startswith("off"):
             logger.info("Feature cache not used: %s.", refusal)

@@ -64,8 +64,8 @@ def load_image_dataset(args: DataArguments, seed: int = 42) -> PreparedData:
 
 def find_columns(features: datasets.Features, args: DataArguments) -> tuple[str, str]:
     """The image and label columns: as the recipe names them, else found by feature type; the label must be a ClassLabel."""
-    image_column = args.image_column or _find_column(features, datasets.Image, _PREFERRED_IMAGE_COLUMNS, "image", args)
-    label_column = args.label_column or _find_column(features, datasets.ClassLabel, _PREFERRED_LABEL_COLUMNS, "label", args)
+    image_column = args.image_column or _find_column(features, datasets.Image, _PREFERRED_IMAGE_COLUMNS, "image", args.dataset)
+    label_column = args.label_column or _find_column(features, datasets.ClassLabel, _PREFERRED_LABEL_COLUMNS, "label", args.dataset)
     for kind, column in (("image", image_column), ("label", label_column)):
         if column not in features:
             raise DatasetError(f"Dataset '{args.dataset}' has no column '{column}' (it has {list(features)}). Set `{kind}_column` to one of them.")
@@ -112,7 +112,7 @@ def _load_from_cache(args: DataArguments) -> datasets.DatasetDict:
         ) from None
 
 
-def _find_column(features, feature_type, preferred, kind, args) -> str:
+def _find_column(features, feature_type, preferred, kind, dataset: str) -> str:
     candidates = [name for name, feature in features.items() if isinstance(feature, feature_type)]
     named = next((name for name in preferred if name in features), None)
     if not candidates and kind == "label" and named:
@@ -122,7 +122,7 @@ def _find_column(features, feature_type, preferred, kind, args) -> str:
             "cast the label column with `dataset.class_encode_column(...)` or set `label_column`"
             if kind == "label" else "set `image_column`"
         )
-        raise DatasetError(f"Dataset '{args.dataset}' has no {kind} column ({feature_type.__name__} feature) among {list(features)}: {hint}.")
+        raise DatasetError(f"Dataset '{dataset}' has no {kind} column ({feature_type.__name__} feature) among {list(features)}: {hint}.")
     return next((name for name in preferred if name in candidates), candidates[0])
 
 
