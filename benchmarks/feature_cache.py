@@ -30,7 +30,7 @@ from pathlib import Path
 import datasets
 from common import MIRRORS, REPO, VALIDATION_SIZE, Stopwatch, device, load_average, offline_logging, report
 
-from hf_transfer import training
+from hf_transfer import model_repo
 from hf_transfer.feature_store import CHECK_IMAGES, cache_root
 from hf_transfer.pipeline import run
 from hf_transfer.recipe import parse_recipe
@@ -126,12 +126,12 @@ class FigureClock:
                 finally:
                     self.seconds += time.perf_counter() - started
 
-            training.save_explanation_figure = timed
+            model_repo.save_explanation_figure = timed
         return self
 
     def __exit__(self, *exc):
         if self.original is not None:
-            training.save_explanation_figure = self.original
+            model_repo.save_explanation_figure = self.original
 
 
 def main() -> None:

@@ -226,7 +226,7 @@ def _depth_words(depth: int) -> str:
 
 def relative_to(path: Path, root: Path) -> Path:
     for base in (Path(os.path.abspath(root)), root.resolve()):
-        if path.isrelative_to(base):
+        if path.is_relative_to(base):
             return path.relative_to(base)
     return Path(path.name)
 
