@@ -114,10 +114,10 @@ def one_run(name: str, mirror: Path, path: str, options: argparse.Namespace) -> 
 
 
 class FigureClock:
-    """Times `save_explanation_figure` (the card's Grad-CAM figure) inside a run, by wrapping training's reference to it."""
+    """Times `save_explanation_figure` (the card's Grad-CAM figure) inside a run, by wrapping model_repo's reference to it."""
 
     def __enter__(self):
-        self.seconds, self.original = 0.0, getattr(training, "save_explanation_figure", None)
+        self.seconds, self.original = 0.0, getattr(model_repo, "save_explanation_figure", None)
         if self.original is not None:
             def timed(*args, **kwargs):
                 started = time.perf_counter()

@@ -17,3 +17,7 @@ class DoctorError(HFTransferError, ValueError):
 
 class RecipeError(HFTransferError, ValueError):
     """A recipe or command-line option that cannot be used; the message says what to write instead."""
+
+
+class PredictError(HFTransferError):
+    """Images, an output file or a resume that predict cannot use; the message says what to give instead."""

@@ -134,4 +134,5 @@ def _print_next_steps(output_dir: Path, results: dict, copies: bool = False) -> 
         f"  classifier('cat.jpg')\n"
         f"Share it:   hf-transfer push {output_dir} --repo-id <user>/<name>\n"
         f"Try it:     hf-transfer demo {output_dir}\n"
+        f"Deploy it:  hf-transfer export {output_dir} --int8   then   hf-transfer predict {output_dir} <images>\n"
     )

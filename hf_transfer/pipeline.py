@@ -34,9 +34,10 @@ from .data.source import MapSource, source_for
 from .data_check import DataCheck, check_run_data, data_report, features_of, report_folder, summary_text, write_report
 from .feature_store import FeatureStore
 from .freezing import FreezePlan
+from .memory_check import check_image_size
 from .metrics import compute_metrics
 from .model_repo import write_model_repo
-from .models import check_image_size, check_model_available, data_config, load_model
+from .models import check_model_available, data_config, load_model
 from .nodes import output_is_node_local, placement, raise_together
 from .optimization import build_optimizer
 from .output_dir import check_output_dir, claim_output_dir, holding_output_dir

@@ -39,7 +39,7 @@ from hf_transfer.data.train_stream import StreamLoader, train_stream
 from hf_transfer.demo import load_app
 from hf_transfer.errors import DatasetError
 from hf_transfer.images import MAX_ASPECT_RATIO, UnreadableImageError, load_image, unreadable_reason
-from hf_transfer.models import MAX_IMAGE_SIZE, check_image_size
+from hf_transfer.memory_check import MAX_IMAGE_SIZE, check_image_size
 from hf_transfer.options import DataArguments, HfTransferTrainingArguments
 from hf_transfer.output_dir import LOCK_FILE
 from hf_transfer.recipe import parse_recipe_for
