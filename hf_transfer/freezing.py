@@ -135,6 +135,8 @@ class FreezePlan:
         """One group per block (and per decay / no-decay), each with its layer-decayed learning rate.
 
         Biases, norm weights and other 1-d tensors (and timm's `no_weight_decay()` names) get no weight decay.
+        Not timm's `param_groups_layer_decay`: its `lr_scale` reaches no torch optimizer or Trainer schedule, and it serves
+        timm models only (tests/test_freezing.py shows the first).
         """
         no_decay = self._no_weight_decay_names()
         groups = []

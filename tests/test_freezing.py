@@ -169,6 +169,23 @@ def test_layer_decay_learning_rates_are_geometric_in_depth(model_dirs):
         assert group["weight_decay"] == (0.05 if all(p.ndim > 1 for p in group["params"]) else 0.0), "no decay on biases, norms"
 
 
+def test_timm_layer_decay_groups_cannot_replace_the_plans_groups(model_dirs):
+    """Why FreezePlan builds its own groups (see parameter_groups): timm's `param_groups_layer_decay` gives each group an
+    `lr_scale` that only timm's schedulers apply (torch's optimizers and Trainer's schedulers ignore it, so every block would
+    run at one rate), and it serves timm models only, where the plan serves transformers backbones too."""
+    from timm.optim import param_groups_layer_decay
+
+    model = load(model_dirs["timm_cnn"])
+    plan = FreezePlan(model, FreezeArguments(freeze="staged", stages=[{"at_epoch": 0, "train": "head"},
+                                                                  {"at_epoch": 1, "train": "all"}], layer_decay=0.5),
+                      learning_rate=0.01)
+    ours = plan.parameter_groups(weight_decay=0.05)
+    theirs = param_groups_layer_decay(model.timm_model, weight_decay=0.05, layer_decay=0.5)
+    optimizer = torch.optim.SGD(theirs, lr=0.01)
+    assert {group["lr"] for group in optimizer.param_groups} == {0.01}, "timm's lr_scale does not reach the optimizer"
+    assert len({group["lr"] for group in ours}) > 1, "ours: one rate per block"
+
+
 def test_presets_and_command_line_forms():
     base = ["--dataset", str(SAMPLE)]
     fastai = parse_recipe([*base, "--freeze", "fastai"]).freezing
