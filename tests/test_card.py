@@ -182,3 +182,45 @@ def test_absolute_local_folders_stay_off_the_card(fresh_run):
     (fresh_run / "run_config.json").write_text(json.dumps(run_config))
     card = write_model_card(fresh_run).content
     assert "/home/ana" not in card and ".../pets" in card
+
+
+def test_the_templates_use_only_the_values_the_card_gives_them(fresh_run, monkeypatch):
+    """Jinja renders a misspelt or missing value as nothing: here every undefined one is an error instead, for a run with
+    all its files (the data doctor's section included) and for one that recorded only its scores."""
+    import functools
+
+    import jinja2
+
+    monkeypatch.setattr(jinja2, "Template", functools.partial(jinja2.Template, undefined=jinja2.StrictUndefined))
+    run = RunFiles(fresh_run)
+    (fresh_run / "data_report.json").write_text(json.dumps({  # as the data doctor writes it (tests/test_doctor.py checks its own)
+        "images": run.results["split_sizes"], "settings": {"duplicate_threshold": 0.9}, "copies": {"features_meaningful": True},
+        "summary": {"probe_accuracy": 0.5, "label_issues": 1, "label_issues_by_split": {"train": 1}, "near_duplicate_pairs": 0,
+                    "leak_pairs": 0, "leaks_by_splits": {}, "classes_below_minimum": []}}))
+    sparse = fresh_run.parent / "sparse"
+    sparse.mkdir()
+    (sparse / "config.json").write_bytes((fresh_run / "config.json").read_bytes())
+    (sparse / "all_results.json").write_text(json.dumps({key: run.results[key] for key in ("test_accuracy", "test_f1")}))
+    for folder, sections in ((fresh_run, ("## Data quality", "## Freeze plan\n\n|", "- Optimizer: `")),
+                             (sparse, ("The run recorded no freeze plan", "This run recorded no optimizer", "no run_config.json"))):
+        body = str(write_model_card(folder)).split("\n---\n", 1)[1]
+        for leftover in ("{{", "}}", "{%", "%}", "{#", "#}"):
+            assert leftover not in body, (folder.name, leftover)
+        for section in sections:
+            assert section in body, (folder.name, section)
+
+
+def test_the_package_ships_the_card_templates():
+    """`pip install .` and a wheel carry only the package data pyproject.toml names: every template must match it."""
+    import fnmatch
+
+    from setuptools.config.pyprojecttoml import read_configuration
+
+    from hf_transfer import card
+
+    patterns = read_configuration(Path(card.__file__).parents[1] / "pyproject.toml")["tool"]["setuptools"].get("package-data", {})
+    package = Path(card.__file__).parent
+    templates = sorted(path.relative_to(package).as_posix() for path in (package / "templates").rglob("*") if path.is_file())
+    assert {card.CARD_TEMPLATE.relative_to(package).as_posix(), card.DATA_QUALITY_TEMPLATE.relative_to(package).as_posix()} <= set(templates)
+    for template in templates:
+        assert any(fnmatch.fnmatch(template, pattern) for pattern in patterns.get("hf_transfer", [])), template
