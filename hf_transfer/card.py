@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import platform
+from importlib import resources
 from pathlib import Path
 
 import jinja2
@@ -22,7 +23,8 @@ from . import escape
 from .plots import curve_marks, plot_confusion_matrix, plot_training_curves, training_log
 from .repo_files import CONFUSION_PNG, CURVES_PNG, DATA_REPORT, DATA_SUSPECTS_PNG, EXPLANATIONS_PNG, MODEL_CARD, RunFiles, shareable_path
 
-TEMPLATES = Path(__file__).parent / "templates"  # package data (pyproject.toml)
+# Package data (pyproject.toml's [tool.setuptools.package-data]), read where the package is installed.
+TEMPLATES = resources.files(__package__) / "templates"
 CARD_TEMPLATE, DATA_QUALITY_TEMPLATE = TEMPLATES / "model_card.md", TEMPLATES / "data_quality.md"
 
 
@@ -346,8 +348,8 @@ def write_model_card(output_dir: str | Path, repo_id: str | None = None, final_d
     data = build_card_data(run, repo_id)
     results = run.results
     card = ModelCard.from_template(
-        data, template_path=str(CARD_TEMPLATE), cell=_cell, repo_id=repo_id, scores=results, **_summary(run, repo_id, data),
-        data=_data(run), data_quality=_data_quality(run), pre=_preprocessing(run), feature_cache=results.get("feature_cache"),
+        data, template_str=CARD_TEMPLATE.read_text(encoding="utf-8"), cell=_cell, repo_id=repo_id, scores=results,
+        **_summary(run, repo_id, data), data=_data(run), data_quality=_data_quality(run), pre=_preprocessing(run), feature_cache=results.get("feature_cache"),
         plan=_freeze_plan(run), optimizer=_optimizer(run), schedule=results.get("lr_scheduler"), passes=results.get("training_passes"),
         stopping=results.get("early_stopping"), published=results.get("published_weights"), hyperparameters=_hyperparameters(run),
         epochs=_epochs(run), per_class=[[_untrusted(label), m["precision"], m["recall"], m["f1"], m["support"]]

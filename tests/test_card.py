@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
+import subprocess
+import sys
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -210,17 +214,25 @@ def test_the_templates_use_only_the_values_the_card_gives_them(fresh_run, monkey
             assert section in body, (folder.name, section)
 
 
-def test_the_package_ships_the_card_templates():
-    """`pip install .` and a wheel carry only the package data pyproject.toml names: every template must match it."""
-    import fnmatch
-
-    from setuptools.config.pyprojecttoml import read_configuration
-
+def test_a_wheel_ships_the_card_templates(tmp_path):
+    """`pip install` carries only the package data pyproject.toml names: card.py, imported from an unpacked wheel of the
+    checkout, reads every template through importlib.resources."""
     from hf_transfer import card
 
-    patterns = read_configuration(Path(card.__file__).parents[1] / "pyproject.toml")["tool"]["setuptools"].get("package-data", {})
-    package = Path(card.__file__).parent
-    templates = sorted(path.relative_to(package).as_posix() for path in (package / "templates").rglob("*") if path.is_file())
-    assert {card.CARD_TEMPLATE.relative_to(package).as_posix(), card.DATA_QUALITY_TEMPLATE.relative_to(package).as_posix()} <= set(templates)
-    for template in templates:
-        assert any(fnmatch.fnmatch(template, pattern) for pattern in patterns.get("hf_transfer", [])), template
+    repo, source = Path(card.__file__).parents[1], tmp_path / "source"
+    shutil.copytree(repo / "hf_transfer", source / "hf_transfer", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(repo / name, source / name)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--disable-pip-version-check",
+                            "--quiet", "--wheel-dir", str(tmp_path / "dist"), str(source)], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    zipfile.ZipFile(wheel).extractall(tmp_path / "installed")
+    read = subprocess.run([sys.executable, "-c", "import json, hf_transfer.card as card; print(json.dumps([card.__file__, "
+                           "{path.name: path.read_text(encoding='utf-8') for path in card.TEMPLATES.iterdir()}]))"],
+                          env={**os.environ, "PYTHONPATH": str(tmp_path / "installed")}, cwd=tmp_path, capture_output=True, text=True)
+    assert read.returncode == 0, read.stderr[-3000:]
+    where, templates = json.loads(read.stdout)
+    assert Path(where).is_relative_to(tmp_path / "installed")
+    assert templates == {path.name: path.read_text(encoding="utf-8") for path in (repo / "hf_transfer" / "templates").iterdir()}
+    assert {card.CARD_TEMPLATE.name, card.DATA_QUALITY_TEMPLATE.name} <= set(templates)
