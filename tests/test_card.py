@@ -188,14 +188,10 @@ def test_absolute_local_folders_stay_off_the_card(fresh_run):
     assert "/home/ana" not in card and ".../pets" in card
 
 
-def test_the_templates_use_only_the_values_the_card_gives_them(fresh_run, monkeypatch):
-    """Jinja renders a misspelt or missing value as nothing: here every undefined one is an error instead, for a run with
-    all its files (the data doctor's section included) and for one that recorded only its scores."""
-    import functools
-
-    import jinja2
-
-    monkeypatch.setattr(jinja2, "Template", functools.partial(jinja2.Template, undefined=jinja2.StrictUndefined))
+def test_the_templates_use_only_the_values_the_card_gives_them(fresh_run):
+    """Jinja renders a misspelt or missing value as nothing; in the tests (conftest.py's `_strict_card_templates`) it is an
+    error instead: for a run with all its files (the data doctor's section included) and for one that recorded only its
+    scores."""
     run = RunFiles(fresh_run)
     (fresh_run / "data_report.json").write_text(json.dumps({  # as the data doctor writes it (tests/test_doctor.py checks its own)
         "images": run.results["split_sizes"], "settings": {"duplicate_threshold": 0.9}, "copies": {"features_meaningful": True},
