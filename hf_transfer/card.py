@@ -305,7 +305,7 @@ def _limitations(run: RunFiles) -> dict:
     return limits
 
 
-def _deployment(run: RunFiles, repo_id: str | None) -> dict | None:
+def _deployment(run: RunFiles) -> dict | None:
     """`hf-transfer export`'s graphs (onnx/export_report.json): each one's check against PyTorch, and the latency table."""
     report = run.export_report
     if not report:
@@ -324,7 +324,7 @@ def _deployment(run: RunFiles, repo_id: str | None) -> dict | None:
         batch=throughput.rsplit("_", 1)[-1] if throughput else "?",
         speed=speed_rows and [[row["model"], row.get("latency_ms_batch_1"), row.get(throughput), f"{row.get('accuracy', 0):.2%}"]
                               for row in speed_rows],
-        kept=bool(kept), graph=kept and (kept.get("int8") or kept["fp32"])["file"], source=repo_id or str(run.location),
+        kept=bool(kept), graph=kept and (kept.get("int8") or kept["fp32"])["file"],
         backend="onnx-int8" if "int8" in kept else "onnx",
     )
 
@@ -356,7 +356,7 @@ def write_model_card(output_dir: str | Path, repo_id: str | None = None, final_d
                                         for label, m in run.report["per_class"].items()] if run.report else None,
         figures={name: figure if (run.dir / figure).is_file() else None
                  for name, figure in (("confusion", CONFUSION_PNG), ("explanations", EXPLANATIONS_PNG), ("curves", CURVES_PNG))},
-        compute=_compute(run), deployment=_deployment(run, repo_id), limits=_limitations(run),
+        compute=_compute(run), deployment=_deployment(run), limits=_limitations(run),
     )
     card.save(run.dir / MODEL_CARD)
     return card

@@ -232,3 +232,19 @@ def test_a_wheel_ships_the_card_templates(tmp_path):
     assert Path(where).is_relative_to(tmp_path / "installed")
     assert templates == {path.name: path.read_text(encoding="utf-8") for path in (repo / "hf_transfer" / "templates").iterdir()}
     assert {card.CARD_TEMPLATE.name, card.DATA_QUALITY_TEMPLATE.name} <= set(templates)
+
+
+def test_the_deployment_section_names_no_local_folder(fresh_run):
+    """`hf-transfer export`'s snippets load the model as the pipeline snippet does: by the folder relative to the working
+    directory (or by name), never by its absolute path; with a repo id, from the Hub."""
+    from hf_transfer.cli import main
+
+    main(["export", str(fresh_run.resolve()), "--check_images", "8"])
+    body = write_model_card(fresh_run).content
+    section = body.split("## Deployment", 1)[1].split("\n## ", 1)[0]
+    folder = shareable_path(str(fresh_run.resolve()))
+    assert f'AutoImageProcessor.from_pretrained("{folder}")' in section and f'"{folder}/onnx/model.onnx"' in section
+    assert f"hf-transfer predict {folder} photos/ --backend onnx" in section
+    assert str(fresh_run.resolve()) not in body
+    section = write_model_card(fresh_run, repo_id="user/tiny-vit").content.split("## Deployment", 1)[1]
+    assert 'ort.InferenceSession(hf_hub_download("user/tiny-vit", "onnx/model.onnx"))' in section
