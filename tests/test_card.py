@@ -224,8 +224,9 @@ def test_a_wheel_ships_the_card_templates(tmp_path):
     assert built.returncode == 0, built.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     zipfile.ZipFile(wheel).extractall(tmp_path / "installed")
-    read = subprocess.run([sys.executable, "-c", "import json, hf_transfer.card as card; print(json.dumps([card.__file__, "
-                           "{path.name: path.read_text(encoding='utf-8') for path in card.TEMPLATES.iterdir()}]))"],
+    code = ("import json, hf_transfer.card as card; print(json.dumps([card.__file__, "
+            "{path.name: path.read_text(encoding='utf-8') for path in card.TEMPLATES.iterdir()}]))")
+    read = subprocess.run([sys.executable, "-c", code],
                           env={**os.environ, "PYTHONPATH": str(tmp_path / "installed")}, cwd=tmp_path, capture_output=True, text=True)
     assert read.returncode == 0, read.stderr[-3000:]
     where, templates = json.loads(read.stdout)
