@@ -363,3 +363,16 @@ def doctor_features(recipe, data=None) -> dict:
     from hf_transfer.pipeline import prepare, run_arguments
 
     return split_features(prepare(recipe, run_arguments(recipe), MapSource(recipe), data).store)
+
+
+@pytest.fixture(autouse=True)
+def _strict_card_templates(monkeypatch):
+    """Every card (and card section) a test renders in its process fails on a value its template reads but was not given:
+    jinja2 renders one as nothing, and huggingface_hub's ModelCard.from_template takes no `undefined` to say otherwise."""
+    import jinja2
+
+    class StrictTemplate(jinja2.Template):
+        def __new__(cls, source, **options):
+            return super().__new__(cls, source, **{**options, "undefined": jinja2.StrictUndefined})
+
+    monkeypatch.setattr(jinja2, "Template", StrictTemplate)
