@@ -206,7 +206,7 @@ class OutputDirLock:
 
     def __init__(self, output_dir: Path):
         self.dir, self.path = output_dir, output_dir / LOCK_FILE
-        self.lock = filelock.FileLock(self.path, timeout=0, on_acquired=_record_holder)
+        self.lock = filelock.FileLock(self.path, timeout=0, on_acquired=lambda fd: _record_holder(fd, self.path))
         self.created: list[Path] = []  # the folders this run made, removed again if it ends before claiming them
 
     @property
@@ -252,10 +252,16 @@ class OutputDirLock:
         self.created = []
 
 
-def _record_holder(fd: int) -> None:
+def _record_holder(fd: int, path: Path) -> None:
+    """filelock's `on_acquired`: runs while the lock is held. On a full disk it removes the empty lock file again (still held,
+    as in `release`) before filelock releases it, so a run refused for want of space leaves the folder as it found it."""
     holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": datetime.now().isoformat(timespec="seconds")}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(holder).encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+    except OSError:
+        path.unlink(missing_ok=True)
+        raise
 
 
 def _describe_holder(path: Path) -> str:
