@@ -332,13 +332,13 @@ def _open_image(value) -> Image.Image:
 
 def save_explanation_figure(model: Explainer | str | Path, images: Sequence, labels: Sequence[int],
                             predictions: Sequence[int], path: str | Path, per_group: int = 6, columns: int = 3,
-                            load_image: Callable = _open_image, thumbnail: int = 224) -> Path:
+                            load_image: Callable = _open_image, thumbnail: int = 224, metadata: dict | None = None) -> Path:
     """Draw Grad-CAM maps of the predicted class on test images, correctly classified ones on the left and
     misclassified ones on the right, into a PNG at path.
 
     model: an Explainer, or a model folder / Hub id loaded as the pipeline loads it. images, labels, predictions: the
     test split's images (any sequence; only the chosen ones are read, through load_image), true and predicted class
-    indices. per_group images per side, `columns` per row.
+    indices. per_group images per side, `columns` per row. metadata: text for the PNG's own metadata.
     """
     import matplotlib
 
@@ -375,6 +375,6 @@ def save_explanation_figure(model: Explainer | str | Path, images: Sequence, lab
     fig.tight_layout(rect=(0, 0.04, 1, 0.96))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png", metadata=metadata)
     plt.close(fig)
     return path
