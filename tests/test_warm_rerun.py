@@ -7,17 +7,20 @@ Whether a figure was drawn again is read from the file itself (its inode, modifi
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
 import pytest
-from conftest import SAMPLE, photos, save_timm_model
+from conftest import REPO, SAMPLE, photos, save_timm_model
 from PIL import Image
 
 from hf_transfer.data_check import plot_suspects
 from hf_transfer.figures import INPUTS_KEY, drawn_from
 from hf_transfer.plots import plot_confusion_matrix, plot_training_curves
 
+NOT_FOR_TRAINING = ("matplotlib", "cv2", "pytorch_grad_cam", "gradio", "onnx", "onnxruntime")
 HISTORY = [
     {"loss": 0.9, "epoch": 1.0, "step": 2}, {"eval_loss": 0.8, "eval_accuracy": 0.5, "eval_f1": 0.4, "eval_runtime": 0.12, "epoch": 1.0, "step": 2},
     {"loss": 0.6, "epoch": 2.0, "step": 4}, {"eval_loss": 0.7, "eval_accuracy": 0.75, "eval_f1": 0.7, "eval_runtime": 0.11, "epoch": 2.0, "step": 4},
@@ -25,10 +28,33 @@ HISTORY = [
 ]
 
 
+def imported_after(code: str) -> list[str]:
+    """The modules of NOT_FOR_TRAINING (and timm, datasets) that a fresh interpreter holds after running `code`."""
+    watched = (*NOT_FOR_TRAINING, "timm", "datasets")
+    shown = subprocess.run([sys.executable, "-c", f"import sys\n{code}\nprint(sorted(m for m in {watched!r} if m in sys.modules))"],
+                           capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    return eval(shown.stdout.strip().splitlines()[-1])
+
+
 def state(path: Path) -> tuple:
     """What changes when a file is written again: its inode, modification time and bytes."""
     info = path.stat()
     return info.st_ino, info.st_mtime_ns, path.read_bytes()
+
+
+# ---- imports ---------------------------------------------------------------------------------------------------------
+def test_the_train_command_imports_no_figure_or_deployment_stack():
+    # What `hf-transfer train` imports before it runs the flow (cli.run_training): matplotlib, OpenCV and grad-cam load
+    # only when a figure is drawn, gradio and onnx never.
+    loaded = imported_after("import hf_transfer.cli, hf_transfer.hub, hf_transfer.pipeline")
+    assert not set(loaded) & set(NOT_FOR_TRAINING), f"the training command imports {loaded}"
+
+
+def test_the_cli_and_train_help_import_no_figure_stack_or_model_zoo():
+    assert imported_after("import hf_transfer.cli") == []
+    loaded = imported_after("from hf_transfer.cli import main\ntry:\n    main(['train', '--help'])\nexcept SystemExit:\n    pass")
+    assert loaded == [], f"`hf-transfer train --help` imports {loaded}"
 
 
 # ---- figures ---------------------------------------------------------------------------------------------------------
