@@ -6,6 +6,7 @@ Whether a figure was drawn again is read from the file itself (its inode, modifi
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -195,3 +196,14 @@ def test_an_identical_rerun_keeps_every_figure(rerun):
     folder, first, _ = rerun
     assert {name: state(folder / name) for name in FIGURES} == first
     assert not (folder / ".partial").exists()
+
+
+def test_an_identical_rerun_checks_the_cached_test_features_once(rerun):
+    folder, _, results = rerun
+    cache = results["feature_cache"]
+    assert all(split["hit"] for split in cache["splits"].values())
+    # The data doctor read the test features first: their labels are checked there, their features once, by the test pass.
+    assert cache["checks"]["test"] == {"labels": 16, "seconds": cache["checks"]["test"]["seconds"]}
+    assert cache["test_check"]["images"] == 16 and cache["test_check"]["agreement"] == 1.0
+    assert {split: check["images"] for split, check in cache["checks"].items() if "images" in check} == {"train": 32, "validation": 16}
+    assert json.loads((folder / "all_results.json").read_text())["feature_cache"]["checks"] == cache["checks"]
