@@ -58,7 +58,7 @@ STAGES = {
     "weights, reports, publishing": ["hf_transfer.pipeline:write_model_repo"],
     "doctor report and contact sheet": ["hf_transfer.data_check:DataCheck.write"],
     "plots": ["hf_transfer.model_repo:plot_training_curves", "hf_transfer.model_repo:plot_confusion_matrix"],
-    "Grad-CAM figure": ["hf_transfer.model_repo:save_explanation_figure"],
+    "Grad-CAM figure": ["hf_transfer.model_repo:save_explanation_figure", "hf_transfer.model_repo:draw_explanations"],
     "model card": ["hf_transfer.model_repo:write_model_card"],
 }
 FIRST_LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d hf_transfer\.")
@@ -228,9 +228,9 @@ def main() -> None:
                              f"summed per top-level package; load average {load_average()})\n\n" + markdown_table(
                                  [{"package": package, "seconds": round(seconds, 3), "first imported by": importer}
                                   for package, seconds, importer in packages]))
-    notes += [f"recipe {options.recipe}, CIFAR-10 mirror {options.max_train_samples} / {options.max_eval_samples} / "
-              f"{options.max_test_samples} images, {options.epochs} epochs; each run `hf-transfer train` in its own process; the "
-              "warm rerun is the identical command into the same output folder, with the same datasets cache"]
+    notes.append(f"recipe {options.recipe}, CIFAR-10 mirror {options.max_train_samples} / {options.max_eval_samples} / "
+                 f"{options.max_test_samples} images, {options.epochs} epochs; each run `hf-transfer train` in its own process; "
+                 "the warm rerun is the identical command into the same output folder, with the same datasets cache")
     report(options.name, "A warm rerun against the first run, stage by stage", table_rows, notes, columns)
     addendum = "\n\n".join(import_tables) + "\n\n"
     print(addendum)
