@@ -16,6 +16,7 @@ import numpy as np
 
 from .callbacks import EarlyStopping
 from .card import describe_hardware, write_model_card
+from .explain import ExplainError, choose_examples, save_explanation_figure
 from .figures import draw, file_digests, image_content
 from .images import load_image
 from .metrics import test_report
@@ -83,8 +84,6 @@ def write_model_repo(prepared, checked, fitted) -> dict:
 def draw_explanations(model_dir: Path, images, labels, predictions, previous: Path | None = None) -> None:
     """The Grad-CAM figure of the model in `model_dir` on test images (true `labels`, `predictions`), into that folder;
     kept from `previous` when it shows the same model files, images, labels and predictions (`figures.draw`)."""
-    from .explain import ExplainError, choose_examples, save_explanation_figure  # grad-cam and OpenCV load only here
-
     shown = [[(image_content(images[index]), int(labels[index]), int(predictions[index])) for index in group]
              for group in choose_examples(labels, predictions)]
     inputs = {"model": file_digests(model_dir, MODEL_FILES), "correct and misclassified": shown}
