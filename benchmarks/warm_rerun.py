@@ -108,8 +108,9 @@ def child(events: str, argv: list[str]) -> None:
     clock = Clock()
     install(clock)
     record = {"imported": IMPORTED}
+    sys.argv = ["hf-transfer", "train", *argv]
     try:
-        main(["train", *argv])
+        main()  # read from the command line, as the `hf-transfer` script calls it: the command's own process
     finally:
         record.update(finished=time.time(), stages=dict(clock.seconds))
         Path(events).write_text(json.dumps(record))
