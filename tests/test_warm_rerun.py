@@ -32,10 +32,10 @@ HISTORY = [
 def imported_after(code: str) -> list[str]:
     """The modules of NOT_FOR_TRAINING (and timm, datasets) that a fresh interpreter holds after running `code`."""
     watched = (*NOT_FOR_TRAINING, "timm", "datasets")
-    shown = subprocess.run([sys.executable, "-c", f"import sys\n{code}\nprint(sorted(m for m in {watched!r} if m in sys.modules))"],
-                           capture_output=True, text=True, cwd=REPO, timeout=300)
+    listing = f"import json, sys\n{code}\nprint(json.dumps(sorted(m for m in {watched!r} if m in sys.modules)))"
+    shown = subprocess.run([sys.executable, "-c", listing], capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
     assert shown.returncode == 0, shown.stderr[-3000:]
-    return eval(shown.stdout.strip().splitlines()[-1])
+    return json.loads(shown.stdout.strip().splitlines()[-1])
 
 
 def state(path: Path) -> tuple:
