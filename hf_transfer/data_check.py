@@ -24,6 +24,7 @@ from .doctor import WEAK_PROBE, diagnose, image_hashes, split_rank
 from .errors import DoctorError
 from .escape import one_line, plot_text
 from .feature_store import FeatureStore
+from .figures import draw, image_content
 from .options import EXCLUDE_CHOICES, REPORT_OPTIONS, DoctorArguments
 from .repo_files import DATA_REPORT, DATA_SUSPECTS_PNG, shareable_path, without_local_paths
 
@@ -177,8 +178,9 @@ def image_names(data: PreparedData, dataset: str) -> dict[str, list[str]]:
     return names
 
 
-def write_report(report: dict, data: PreparedData, folder: str | Path, sheet_size: int = 24) -> Path:
-    """`data_report.json` and the contact sheet `data_suspects.png` in `folder` (each written whole, then moved in)."""
+def write_report(report: dict, data: PreparedData, folder: str | Path, sheet_size: int = 24, previous: str | Path | None = None) -> Path:
+    """`data_report.json` and the contact sheet `data_suspects.png` in `folder` (each written whole, then moved in); the
+    sheet is kept, not drawn, when the one in `previous` (a folder; default: `folder`) shows the same (`figures.draw`)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     report = {**report, "contact_sheet": DATA_SUSPECTS_PNG}
@@ -187,9 +189,7 @@ def write_report(report: dict, data: PreparedData, folder: str | Path, sheet_siz
     os.replace(staged, folder / DATA_REPORT)
     suspects = [(_cell(data, issue), _suspect_caption(issue)) for issue in report["label_issues"][:sheet_size]]
     leaks = [([_cell(data, image) for image in pair["images"]], _leak_caption(pair)) for pair in report["leaks"][:8]]
-    staged = folder / f".{DATA_SUSPECTS_PNG}.tmp{os.getpid()}.png"
-    plot_suspects(suspects, leaks, staged)
-    os.replace(staged, folder / DATA_SUSPECTS_PNG)
+    plot_suspects(suspects, leaks, folder / DATA_SUSPECTS_PNG, previous=Path(previous or folder) / DATA_SUSPECTS_PNG)
     return folder / DATA_REPORT
 
 
@@ -208,15 +208,24 @@ def _cell(data: PreparedData, image: dict):
     return data.splits[image["split"]][image["index"]][data.image_column]
 
 
-def plot_suspects(suspects: list, leaks: list, path: str | Path, columns: int = 6) -> Path:
+def plot_suspects(suspects: list, leaks: list, path: str | Path, columns: int = 6, previous: str | Path | None = None) -> Path:
     """A contact sheet: `suspects` as `(image cell, caption)` (the likely wrong labels), then `leaks` as `([cell, cell],
-    caption)`, each pair side by side. Unreadable cells show as an empty frame with the caption."""
+    caption)`, each pair side by side. Unreadable cells show as an empty frame with the caption. Kept, not drawn, when
+    `previous` (default: `path`) shows the same images and captions (`figures.draw`)."""
+    panels = [([cell], caption) for cell, caption in suspects] + list(leaks)
+    inputs = {"panels": [([image_content(cell) for cell in cells], caption) for cells, caption in panels],
+              "suspects": len(suspects), "columns": columns}
+    return draw(path, "contact sheet", inputs, lambda file, metadata: _draw_suspects(panels, len(suspects), columns, file, metadata),
+                previous)
+
+
+def _draw_suspects(panels: list, suspects: int, columns: int, path: Path, metadata: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, as in plots.py
     import matplotlib.pyplot as plt
 
-    panels = [([cell], caption) for cell, caption in suspects] + list(leaks)
+    leaks = len(panels) - suspects
     columns = max(2, min(columns, len(panels)))
     rows = max(1, -(-len(panels) // columns))
     fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 3.0 * rows + 0.4), squeeze=False, layout="constrained")
@@ -227,11 +236,10 @@ def plot_suspects(suspects: list, leaks: list, path: str | Path, columns: int = 
         ax.set_title(caption, fontsize=7, color="firebrick" if len(cells) > 1 else "black")
     if not panels:
         axes[0, 0].text(0, 0.5, "No label issues or leaks found.", fontsize=12)
-    heading = f"Likely wrong labels: {len(suspects)} shown" + (f"; leaks across splits (red): {len(leaks)} shown" if leaks else "")
+    heading = f"Likely wrong labels: {suspects} shown" + (f"; leaks across splits (red): {leaks} shown" if leaks else "")
     fig.suptitle(heading, fontsize=11)
-    fig.savefig(path, dpi=100, format="png")
+    fig.savefig(path, dpi=100, format="png", metadata=metadata)
     plt.close(fig)
-    return Path(path)
 
 
 def _thumbnails(cells: list, side: int = 160) -> np.ndarray:
@@ -356,8 +364,9 @@ class DataCheck:
             "seconds": self.report["timing"].get("total_s"),
         }
 
-    def write(self, folder: Path) -> None:
-        write_report(self.report, self.data, folder, self.options.doctor_sheet_size)
+    def write(self, folder: Path, previous: Path | None = None) -> None:
+        """The report and contact sheet into `folder`; the sheet kept from the folder `previous` when it shows the same."""
+        write_report(self.report, self.data, folder, self.options.doctor_sheet_size, previous)
 
 
 def check_run_data(recipe, data: PreparedData, store: FeatureStore | None, cached: bool, args) -> DataCheck | None:

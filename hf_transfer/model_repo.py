@@ -16,7 +16,8 @@ import numpy as np
 
 from .callbacks import EarlyStopping
 from .card import describe_hardware, write_model_card
-from .explain import ExplainError, save_explanation_figure
+from .explain import ExplainError, choose_examples, save_explanation_figure
+from .figures import draw, file_digests, image_content
 from .images import load_image
 from .metrics import test_report
 from .models import save_model
@@ -29,6 +30,7 @@ from .repo_files import (
     CURVES_PNG,
     EXPLANATIONS_PNG,
     FREEZE_PLAN,
+    MODEL_FILES,
     RECIPE,
     RUN_CONFIG,
     STAGING,
@@ -63,22 +65,33 @@ def write_model_repo(prepared, checked, fitted) -> dict:
         (staging / RECIPE).write_text(prepared.recipe.to_yaml())
         published_state(trainer.state, output_dir).save_to_json(str(staging / TRAINER_STATE))
         prepared.plan.save(staging / FREEZE_PLAN)
+        # The figures: each kept from the model repo it replaces when it would show the same (an identical rerun).
         if checked.check:
-            checked.check.write(staging)
+            checked.check.write(staging, previous=output_dir)
         marks = curve_marks({"history": prepared.plan.history}, results["early_stopping"])  # stage switches, the early stop
-        plot_training_curves(trainer.state.log_history, staging / CURVES_PNG, marks)
-        plot_confusion_matrix(report["confusion_matrix"], data.labels, staging / CONFUSION_PNG)
-        try:
-            save_explanation_figure(staging, data.splits["test"][data.image_column], test_output.label_ids,
-                                    np.argmax(test_output.predictions, axis=-1), staging / EXPLANATIONS_PNG, load_image=load_image)
-        except ExplainError as error:  # a backbone with no feature map or patch tokens: the card goes without the figure
-            logger.warning("No class-activation figure: %s", error)
+        plot_training_curves(trainer.state.log_history, staging / CURVES_PNG, marks, previous=output_dir / CURVES_PNG)
+        plot_confusion_matrix(report["confusion_matrix"], data.labels, staging / CONFUSION_PNG, previous=output_dir / CONFUSION_PNG)
+        draw_explanations(staging, data.splits["test"][data.image_column], test_output.label_ids,
+                          np.argmax(test_output.predictions, axis=-1), previous=output_dir / EXPLANATIONS_PNG)
         write_model_card(staging, final_dir=output_dir)  # staged too: published with the model, before config.json
         publish(staging, output_dir)
     if trainer.is_world_process_zero():
         _print_next_steps(output_dir, results, copies=args.save_on_each_node)
     trainer.accelerator.wait_for_everyone()
     return results
+
+
+def draw_explanations(model_dir: Path, images, labels, predictions, previous: Path | None = None) -> None:
+    """The Grad-CAM figure of the model in `model_dir` on test images (true `labels`, `predictions`), into that folder;
+    kept from `previous` when it shows the same model files, images, labels and predictions (`figures.draw`)."""
+    shown = [[(image_content(images[index]), int(labels[index]), int(predictions[index])) for index in group]
+             for group in choose_examples(labels, predictions)]
+    inputs = {"model": file_digests(model_dir, MODEL_FILES), "correct and misclassified": shown}
+    try:
+        draw(model_dir / EXPLANATIONS_PNG, "explanations", inputs, lambda file, metadata: save_explanation_figure(
+            model_dir, images, labels, predictions, file, load_image=load_image, metadata=metadata), previous)
+    except ExplainError as error:  # a backbone with no feature map or patch tokens: the card goes without the figure
+        logger.warning("No class-activation figure: %s", error)
 
 
 def run_results(prepared, checked, fitted) -> dict:

@@ -185,7 +185,8 @@ def _read_run_config(config_file: Path) -> dict:
 # ---- publishing ----------------------------------------------------------------------------------------------------
 def publish(staging: Path, output_dir: Path) -> None:
     """Move the staged files in; config.json goes last, so the folder never loads a mix of two models. Graphs exported from
-    the weights this replaces go: they would no longer match them."""
+    the weights this replaces go: they would no longer match them. A staged file that is the published one (a figure
+    kept because it shows the same, `figures.draw`) stays as it is."""
     (output_dir / CONFIG).unlink(missing_ok=True)
     if (output_dir / ONNX_DIR).is_dir() and not (output_dir / ONNX_DIR).is_symlink():
         shutil.rmtree(output_dir / ONNX_DIR)
@@ -194,6 +195,9 @@ def publish(staging: Path, output_dir: Path) -> None:
         target = output_dir / path.name
         if target.is_dir():
             shutil.rmtree(target)
+        elif target.is_file() and not target.is_symlink() and os.path.samefile(path, target):
+            path.unlink()  # a figure kept from the model this replaces (figures.draw links it): already in place
+            continue
         os.replace(path, target)
     staging.rmdir()
 

@@ -43,7 +43,7 @@ from .optimization import build_optimizer
 from .output_dir import check_output_dir, claim_output_dir, holding_output_dir
 from .precision import FrozenPasses, Precision, resolve
 from .recipe import Recipe
-from .strategies import cache_refusal, choose
+from .strategies import cache_refusal, choose, tests_on_cache
 from .trainer import SafeTrainer
 
 logger = logging.getLogger(__name__)
@@ -158,6 +158,8 @@ def check_data(prepared: Prepared) -> Checked:
     """The data doctor on the prepared data: in a run whose head trains on cached features (`data_doctor`), and whenever
     `exclude_flagged` asks for exclusions; the data the run trains on is what stays."""
     cached = prepared.store is not None and prepared.cache_refusal is None
+    if tests_on_cache(prepared):  # its test pass checks the cached test features against the full model: once, there
+        prepared.store.checked_by_caller.add("test")
     check = check_run_data(prepared.recipe, prepared.data, prepared.store, cached, prepared.args)
     if check is None or not check.excluded:
         return Checked(prepared.data, check)

@@ -209,6 +209,11 @@ def prepare_for_inference(model: nn.Module, option: str = "auto") -> Precision:
         classifier = pipeline("image-classification", model=...)
         precision = prepare_for_inference(classifier.model)   # bf16 + channels_last on a CPU with AVX512-BF16
     """
+    try:
+        from .blocks import find_head  # here, not above: options.py reads CHOICES, and `train --help` loads no timm
+    except ImportError:  # on a Space, as hf_transfer_precision.py
+        from hf_transfer_blocks import find_head
+
     device = next(model.parameters()).device
     precision = resolve(option, device, model)
     try:  # here, not at the top: blocks imports timm (~10 s on 2 cores), which `train --help` (via options.py) never needs

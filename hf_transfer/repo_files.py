@@ -31,8 +31,10 @@ ONNX_DIR = "onnx"  # a run's folder, like checkpoints: `--overwrite` deletes it,
 ONNX_MODEL = f"{ONNX_DIR}/model.onnx"  # fp32: preprocessed pixels in (`pixel_values`), `logits` out, any batch size
 ONNX_INT8_MODEL = f"{ONNX_DIR}/model_quantized.onnx"  # int8, by onnxruntime's quantizer
 EXPORT_REPORT = f"{ONNX_DIR}/export_report.json"  # the equivalence check and latency of each graph, and the weights it was made from
-# Every file a run writes (with the sharded-weights names save_pretrained may use): `--overwrite` deletes these only.
-RUN_OUTPUTS = (CONFIG, WEIGHTS, "model-*-of-*.safetensors", f"{WEIGHTS}.index.json", PREPROCESSOR, MODEL_CARD, ALL_RESULTS,
+# The model itself, as `pipeline("image-classification")` loads it (with the sharded-weights names save_pretrained may use).
+MODEL_FILES = (CONFIG, WEIGHTS, "model-*-of-*.safetensors", f"{WEIGHTS}.index.json", PREPROCESSOR)
+# Every file a run writes: `--overwrite` deletes these only.
+RUN_OUTPUTS = (*MODEL_FILES, MODEL_CARD, ALL_RESULTS,
                TEST_REPORT, TRAINER_STATE, FREEZE_PLAN, RUN_CONFIG, RECIPE, CURVES_PNG, CONFUSION_PNG, EXPLANATIONS_PNG, DATA_REPORT,
                DATA_SUSPECTS_PNG, LOCK_FILE)
 

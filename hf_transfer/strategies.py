@@ -203,6 +203,12 @@ def cache_refusal(recipe, plan, head: tuple[str, nn.Module] | None) -> str | Non
     return None
 
 
+def tests_on_cache(prepared) -> bool:
+    """Whether the run scores its test split on cached features (`CachedHead`: a head-only plan of one stage on the cache),
+    and so checks the cached test features against the full model in its own test pass."""
+    return prepared.store is not None and prepared.cache_refusal is None and len(prepared.plan.stages) == 1
+
+
 def choose(recipe, prepared, trainer: SafeTrainer, test_split) -> FullModel:
     """The strategy of a run: the cached head when the backbone starts frozen (`prepared.cache_refusal`), else the full
     model."""
