@@ -216,10 +216,6 @@ def prepare_for_inference(model: nn.Module, option: str = "auto") -> Precision:
 
     device = next(model.parameters()).device
     precision = resolve(option, device, model)
-    try:  # here, not at the top: blocks imports timm (~10 s on 2 cores), which `train --help` (via options.py) never needs
-        from .blocks import find_head
-    except ImportError:  # on a Space: shipped as hf_transfer_blocks.py
-        from hf_transfer_blocks import find_head
     head = find_head(model)
     FrozenPasses(model, precision, head=head[1] if head else None)
     logger.info("Inference precision: %s", precision.describe())
