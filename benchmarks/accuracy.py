@@ -23,9 +23,9 @@ import torch
 from common import device, report
 from transformers import TrainerCallback
 
-from hf_transfer.models import data_config
+from hf_transfer.models import data_config, load_model
+from hf_transfer.pipeline import run
 from hf_transfer.recipe import parse_recipe
-from hf_transfer.training import build
 
 
 class EpochClock(TrainerCallback):
@@ -76,33 +76,25 @@ def recipe_for(args, model: str, strategy: str, output_dir: str):
 
 
 def run_one(args, model_name: str, strategy: str) -> dict:
-    """One fine-tuning run as hf_transfer.training.run does it (feature cache included), timed per epoch."""
+    """One fine-tuning run as `hf-transfer train` runs it (feature cache included, channels_last where `inference_precision:
+    auto` chooses it), timed per epoch."""
     with tempfile.TemporaryDirectory() as output_dir:
         recipe = recipe_for(args, model_name, strategy, output_dir)
-        prepare_start = time.perf_counter()
-        built = build(recipe, claim=False)  # data, model, transforms, plan, optimizer, trainer, cache: as a run builds them
-        if args.channels_last:
-            built.model.to(memory_format=torch.channels_last)
-            if built.device_step:
-                built.device_step.channels_last = True
         clock = EpochClock()
-        built.trainer.add_callback(clock)
-        trainer, splits, cache, config = built.trainer, built.splits, built.cache, data_config(built.model, built.image_processor)
-        prepare_seconds = time.perf_counter() - prepare_start
-        clock.start = train_start = time.perf_counter()
-        if cache is None:
-            trainer.train()
-            test = trainer.predict(splits["test"], metric_key_prefix="test").metrics
-        else:  # extraction of the train and validation features counts in the time-to-accuracy
-            test = cache.run(splits["test"], None)[2].metrics
-        train_wall = clock.evaluations[-1]["seconds"] if clock.evaluations else time.perf_counter() - train_start
+        started = clock.start = time.perf_counter()
+        results = run(recipe, callbacks=(clock,))
+        train_wall = clock.evaluations[-1]["seconds"] if clock.evaluations else time.perf_counter() - started
+        cache = "feature_cache" in results
+        test, sizes = results, results["split_sizes"]
+        model, processor = load_model(recipe.model, ["unused", "unused"])
+        config = data_config(model, processor)
     seconds_to_target, epoch_to_target = clock.time_to(args.target)
     _, height, _ = config["input_size"]
     return {
         "model": model_name.removeprefix("timm/").removesuffix(".in1k"),
         "strategy": strategy + (" (cache)" if cache else ""),
-        "train imgs": len(splits["train"]),
-        "test imgs": len(splits["test"]),
+        "train imgs": sizes["train"],
+        "test imgs": sizes["test"],
         "px": height,
         "epochs": args.epochs,
         "test acc %": 100 * test["test_accuracy"],
@@ -110,9 +102,8 @@ def run_one(args, model_name: str, strategy: str) -> dict:
         "best epoch acc %": 100 * max((e.get("eval_accuracy", 0) for e in clock.evaluations), default=0),
         f"time to {100 * args.target:g}% (s)": "-" if seconds_to_target is None else f"{seconds_to_target:.0f} (ep {epoch_to_target:.0f})",
         "wall s": train_wall,
-        "img/s": len(splits["train"]) * args.epochs / train_wall,
-        "img/s, epochs only": len(splits["train"]) * args.epochs / clock.training_seconds if clock.training_seconds and not cache else "-",
-        "setup s": prepare_seconds,
+        "img/s": sizes["train"] * args.epochs / train_wall,
+        "img/s, epochs only": sizes["train"] * args.epochs / clock.training_seconds if clock.training_seconds and not cache else "-",
     }
 
 
@@ -137,7 +128,6 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.97)
     parser.add_argument("--device-resize", action="store_true", help="send 32 px images, upsample on the device (`resize_on_device: true`)")
     parser.add_argument("--image-size", type=int, default=None, help="train and test at this size instead of the model's (CPU runs)")
-    parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--bf16", action="store_true", default=torch.cuda.is_available())
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--name", default="accuracy", help="results file: benchmarks/results/<name>.md")
@@ -166,7 +156,7 @@ def main() -> None:
             path,
             f"AdamW lr {args.lr}, {args.scheduler} schedule with hf_transfer's 10% warm-up, batch {args.batch_size}, "
             f"label smoothing {args.label_smoothing}, layer decay {args.layer_decay}, {'bf16 autocast' if args.bf16 else 'fp32'}, "
-            f"dataloader_num_workers {args.workers}, channels_last {args.channels_last}",
+            f"dataloader_num_workers {args.workers}, channels_last as `inference_precision: auto` decides",
             f"`{args.eval_split or 'validation (carved)'}` split evaluated after every epoch (time-to-accuracy, wall-clock from the start of train(), "
             "evaluations included); test acc = last epoch, no model selection",
             "wall s = from the start of training to the end of the last epoch's evaluation (head_only: feature extraction included); "

@@ -23,8 +23,8 @@ import time
 from common import MIRRORS, REPO, load_average, offline_logging, report
 from transformers import TrainerCallback
 
+from hf_transfer.pipeline import run
 from hf_transfer.recipe import parse_recipe
-from hf_transfer.training import build, fit, write_model_repo
 
 DEFAULTS = {"freeze": "full", "image_size": "128", "bf16": "true", "use_cpu": "true", "num_train_epochs": "2.6", "learning_rate": "1e-3",
             "per_device_train_batch_size": "64", "warmup_steps": "70", "lr_scheduler_type": "cosine",
@@ -59,10 +59,8 @@ def main() -> None:
         argv = [str(REPO / "recipes" / "cifar10.yaml"), "--dataset", str(MIRRORS["cifar10"]), "--output_dir", output_dir,
                 "--disable_tqdm", "true", *[token for key, value in chosen.items() for token in (f"--{key}", value)]]
         start = time.perf_counter()
-        built = build(parse_recipe(argv))
         clock = Clock(start)
-        built.trainer.add_callback(clock)
-        results = write_model_repo(built, fit(built))
+        results = run(parse_recipe(argv), callbacks=(clock,))
         wall = time.perf_counter() - start
     rows = [{"wall_s": round(seconds), "step": step, "epoch": round(epoch, 2), "validation_accuracy": accuracy}
             for seconds, step, epoch, accuracy in clock.points]
@@ -70,7 +68,7 @@ def main() -> None:
                  "validation_accuracy": "", "test_accuracy": results["test_accuracy"]})
     settings = ", ".join(f"{key} {value}" for key, value in chosen.items())
     report(options.name, "All of CIFAR-10 on this machine: accuracy against wall time", rows, notes=[
-        f"{settings}; Lite0 ImageNet weights; wall time from the start of `build` (dataset preparation included)",
+        f"{settings}; Lite0 ImageNet weights; wall time from the start of the run (dataset preparation included)",
         f"test accuracy {results['test_accuracy']:.4f} on {results['split_sizes']['test']} images after {wall / 60:.1f} min "
         f"(target: >= 0.90 within 30 min); load average at the end {load_average()}",
         f"inference precision: {results['inference_precision']['description']}",

@@ -1,6 +1,6 @@
 """Data doctor: precision and recall of its label-issue and leak checks on a mirror with planted problems, and its time.
 
-1. `hf-transfer doctor` on the clean mirror (`hf_transfer.doctor.run_doctor`), timed; run again when the first run had to
+1. `hf-transfer doctor` on the clean mirror (`hf_transfer.pipeline.run_doctor`), timed; run again when the first run had to
    extract the features, so the table also has the warm-cache time. Its findings are the mirror's own problems.
 2. Planted problems on the same cached features: `--flip` of every split's labels changed to another class (seeded), and
    `--leaks` test images copied into train as an exact copy, a copy resized to 3/4 of the side (JPEG 90) or a JPEG
@@ -33,9 +33,11 @@ import numpy as np
 from common import MIRRORS, REPO, VALIDATION_SIZE, offline_logging, report
 from PIL import Image
 
-from hf_transfer import doctor, doctor_options
+from hf_transfer import data_check, doctor, options
 from hf_transfer.data import PreparedData, load_image_dataset
+from hf_transfer.data.source import MapSource
 from hf_transfer.images import load_image
+from hf_transfer.pipeline import prepare, run_arguments, run_doctor
 from hf_transfer.recipe import parse_recipe
 
 # Copies: (scale of the side, JPEG quality); quality None = the same bytes.
@@ -49,6 +51,11 @@ COLOUR_COPIES = {"cmyk": ("CMYK", "JPEG"), "gray": ("L", "PNG"), "palette": ("P"
                  "16-bit": ("I;16", "PNG")}
 NOISE = {"classes": 500, "train": 2, "validation": 1, "test": 1, "side": 32}  # images per class and split
 
+
+
+def _features(recipe, data) -> dict:
+    """The doctor's features of `data`, prepared as `hf-transfer doctor` prepares the recipe's."""
+    return data_check.split_features(prepare(recipe, run_arguments(recipe), MapSource(recipe), data).store)
 
 def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -111,7 +118,7 @@ def copy_features(recipe, data: PreparedData, sources: list[int], kinds: list[st
                                   data.label_column: datasets.ClassLabel(names=data.labels)})
     split = datasets.Dataset.from_dict({data.image_column: cells, data.label_column: labels}, features=features)
     copies = PreparedData(datasets.DatasetDict(train=split), data.labels, data.image_column, data.label_column, {})
-    return doctor.split_features(recipe, copies)["train"][0], doctor.image_hashes(copies)["train"]
+    return _features(recipe, copies)["train"][0], doctor.image_hashes(copies)["train"]
 
 
 def timed_doctor(recipe) -> list[dict]:
@@ -120,7 +127,7 @@ def timed_doctor(recipe) -> list[dict]:
     runs = []
     for attempt in range(2):
         started = time.perf_counter()
-        found = doctor.run_doctor(recipe)
+        found = run_doctor(recipe)
         runs.append({"report": found, "seconds": time.perf_counter() - started, "attempt": attempt})
     return runs
 
@@ -141,7 +148,7 @@ def calibrate(recipe, data: PreparedData, features: dict, count: int, rng) -> li
     kinds = list(CALIBRATION)
     found = copy_features(recipe, data, [row for row in sources for _ in kinds], kinds * count)[0].reshape(count, len(kinds), -1)
     originals = features["test"][0][sources]
-    threshold, rows = doctor_options.DUPLICATE_THRESHOLD, []
+    threshold, rows = options.DUPLICATE_THRESHOLD, []
     for position, kind in enumerate(kinds):
         similarity = np.sum(doctor.power_normalised(found[:, position]) * doctor.power_normalised(originals), axis=1)
         raw = np.sum(unit(found[:, position]) * unit(originals), axis=1)  # without the signed square root
@@ -205,9 +212,9 @@ def main() -> None:
     clean = runs[-1]["report"]
 
     data = load_image_dataset(recipe.data, seed=recipe.training.seed)
-    features = doctor.split_features(recipe, data)
+    features = _features(recipe, data)
     hashes = doctor.image_hashes(data)
-    names = doctor.image_names(data, recipe.data.dataset)
+    names = data_check.image_names(data, recipe.data.dataset)
     kinds = options.kinds.split(",")
     sources, planted_kinds, (copy_features, copy_hashes) = planted_copies(recipe, data, options.leaks, kinds, options.colour_copies, rng)
     planted_features = {split: values for split, (values, _) in features.items()}
@@ -285,8 +292,8 @@ def main() -> None:
     subset = f"; a subset: {sizes} images" if options.max_train or options.max_test or options.max_validation else ""
     settings = (f"{options.model}, seed {options.seed}; flip {options.flip:.0%} of every split; {options.leaks} test images copied into "
                 f"train ({', '.join(kinds)} in turn) and {options.colour_copies} more in another colour mode ({', '.join(COLOUR_COPIES)}); "
-                f"threshold {doctor_options.DUPLICATE_THRESHOLD}, pHash radius {doctor.HASH_RADIUS}, probe C {doctor.PROBE_C}, "
-                f"{doctor_options.DoctorArguments().doctor_folds} folds{subset}")
+                f"threshold {options.DUPLICATE_THRESHOLD}, pHash radius {doctor.HASH_RADIUS}, probe C {doctor.PROBE_C}, "
+                f"{options.DoctorArguments().doctor_folds} folds{subset}")
     timing = ("doctor_s: `run_doctor` on the clean mirror, end to end (data preparation, features, hashes, checks, report, contact "
               "sheet); the first run computes what is not cached yet, warm = the second, features read from the feature cache and "
               "hashes from the datasets cache")
@@ -307,7 +314,7 @@ def main() -> None:
     report(options.name, f"Data doctor on {options.dataset}: planted label flips and copies", [row], notes)
     if options.calibrate:
         rows = calibrate(recipe, data, features, options.calibrate, rng)
-        own = doctor.image_names(data, recipe.data.dataset)
+        own = data_check.image_names(data, recipe.data.dataset)
         report(options.name, f"Copies vs their source on {options.dataset}: cosine similarity of power-normalised features", rows,
                [f"{options.model}; the most similar pairs of the mirror's own images: {closest_pairs(features, own)}",
                 f"on raw features (no signed square root): {closest_pairs(features, own, power=False)}"])
@@ -363,10 +370,10 @@ def probe_sweep(features: dict, labels: dict, truth: set, values: str, seed: int
 def check_ivf(features: dict) -> str:
     pooled = np.concatenate(list(features.values()))
     started = time.perf_counter()
-    inverted = doctor.similar_pairs(pooled, doctor_options.DUPLICATE_THRESHOLD, exact_up_to=0)
+    inverted = doctor.similar_pairs(pooled, options.DUPLICATE_THRESHOLD, exact_up_to=0)
     inverted_s = time.perf_counter() - started
     started = time.perf_counter()
-    exhaustive = doctor.similar_pairs(pooled, doctor_options.DUPLICATE_THRESHOLD, exact_up_to=len(pooled))
+    exhaustive = doctor.similar_pairs(pooled, options.DUPLICATE_THRESHOLD, exact_up_to=len(pooled))
     exhaustive_s = time.perf_counter() - started
     pairs = {tuple(pair) for pair in exhaustive[:, :2].astype(int)}
     found = pairs & {tuple(pair) for pair in inverted[:, :2].astype(int)}

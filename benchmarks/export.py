@@ -2,7 +2,7 @@
 graphs of `hf-transfer export` on onnxruntime's CPU provider, side by side in one process, with the accuracy of each on the
 same test images; then `hf-transfer predict` on a whole test split against the throughput of its backend.
 
-For each setting it trains a model the way a user would (`hf_transfer.training.run` of a recipe), exports it (`export_model`,
+For each setting it trains a model the way a user would (`hf_transfer.pipeline.run` of a recipe), exports it (`export_model`,
 --int8: the export's own equivalence check included), then:
 
 - accuracy: every test image decoded once and preprocessed by the folder's image processor; each batch of 32 through all four
@@ -41,9 +41,9 @@ from torch.utils.data import DataLoader
 from hf_transfer.backends import GraphClassifier, ModelFolder, TorchClassifier
 from hf_transfer.deploy_options import ExportArguments, PredictArguments
 from hf_transfer.export import compare, export_model, pixels_of
+from hf_transfer.pipeline import run
 from hf_transfer.predict import DecodePool, batch_plan, list_images, predict
 from hf_transfer.recipe import parse_recipe
-from hf_transfer.training import run
 
 SETTINGS = {
     "lite0-224": {"recipe": REPO / "recipes" / "quickstart.yaml", "options": {}, "test": ("cats_vs_dogs", "test", "image", "labels")},

@@ -11,7 +11,7 @@ up, then runs every variant once on the same images and weights (order rotated b
   images into an empty cache (decoding and preprocessing included, in the main thread, as a run does on a CPU).
 - `auto`: today's `FeatureStore` on a model prepared as a run prepares it (`precision.FrozenPasses`, `auto`).
 
-Part `accuracy`: `hf_transfer.training.run` of a cached `head_only` recipe end to end, cold cache, once with
+Part `accuracy`: `hf_transfer.pipeline.run` of a cached `head_only` recipe end to end, cold cache, once with
 `inference_precision: fp32` and once with `auto`, on the same data: wall time, extraction rate, test accuracy.
 
     python benchmarks/extraction.py --part rates --dataset cats_vs_dogs --images 256 --rounds 4
@@ -40,15 +40,14 @@ import torch
 from common import MIRRORS, REPO, VALIDATION_SIZE, device, load_average, median, offline_logging, report
 
 from hf_transfer import feature_store
-from hf_transfer.blocks import discover_blocks
-from hf_transfer.cached_head import head_module
+from hf_transfer.blocks import find_head
 from hf_transfer.data import load_image_dataset
-from hf_transfer.device_resize import transforms_for_run
+from hf_transfer.data.device_resize import transforms_for_run
 from hf_transfer.images import load_image
 from hf_transfer.models import data_config, load_model
+from hf_transfer.pipeline import run, run_arguments
 from hf_transfer.precision import FrozenPasses, Precision, resolve
 from hf_transfer.recipe import parse_recipe
-from hf_transfer.training import run, run_arguments
 
 BEFORE = "92fc9a8"  # the last commit before `inference_precision`
 BARE = {"bare fp32": (False, False), "bare fp32 channels_last": (False, True), "bare bf16": (True, False),
@@ -91,7 +90,7 @@ class Extraction:
     """One extraction variant: a FeatureStore over the first `images` test images, timed extracting into an empty cache."""
 
     def __init__(self, store_class, model, recipe, data, transforms, precision: Precision | None):
-        found = head_module(model, sorted(discover_blocks(model)[-1].parameter_names))
+        found = find_head(model)
         extra = {} if precision is None else {"precision": precision}
         self.store = store_class(model, found[1], found[0], recipe.model, data, transforms, run_arguments(recipe), **extra)
 
@@ -134,7 +133,7 @@ def one_round(options: argparse.Namespace) -> None:
     transforms = transforms_for_run(recipe.data, data, data_config(plain, processor), torch.device("cpu"))[:2]
     hooked = copy.deepcopy(plain)
     auto = resolve("auto", "cpu", hooked)
-    FrozenPasses(hooked, auto, head=head_module(hooked, sorted(discover_blocks(hooked)[-1].parameter_names))[1])
+    FrozenPasses(hooked, auto, head=find_head(hooked)[1])
     cells = data.splits["test"].select(range(options.batch_size))[data.image_column]
     pixels = torch.stack([transforms[1](load_image(cell)) for cell in cells])
     batches = max(options.images // options.batch_size, 1)

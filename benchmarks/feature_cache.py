@@ -1,6 +1,6 @@
 """Feature cache against the uncached Trainer path: `head_only` for 10 epochs on the same data, end to end.
 
-Each run is `hf_transfer.training.run` as `hf-transfer train` calls it (data, model, training, test, saving),
+Each run is `hf_transfer.pipeline.run` as `hf-transfer train` calls it (data, model, training, test, saving),
 timed from start to finish. Three runs per dataset: uncached (`feature_cache: false`), cached with an empty
 cache (extraction included), cached again (cache hit). Both paths train on un-augmented images
 (`augmentation: none`), so they solve the same problem and their accuracies must agree.
@@ -30,11 +30,10 @@ from pathlib import Path
 import datasets
 from common import MIRRORS, REPO, VALIDATION_SIZE, Stopwatch, device, load_average, offline_logging, report
 
-from hf_transfer import training
-from hf_transfer.cached_head import CHECK_IMAGES
-from hf_transfer.feature_store import cache_root
+from hf_transfer import model_repo
+from hf_transfer.feature_store import CHECK_IMAGES, cache_root
+from hf_transfer.pipeline import run
 from hf_transfer.recipe import parse_recipe
-from hf_transfer.training import run
 
 
 def arguments() -> argparse.Namespace:
@@ -115,10 +114,10 @@ def one_run(name: str, mirror: Path, path: str, options: argparse.Namespace) -> 
 
 
 class FigureClock:
-    """Times `save_explanation_figure` (the card's Grad-CAM figure) inside a run, by wrapping training's reference to it."""
+    """Times `save_explanation_figure` (the card's Grad-CAM figure) inside a run, by wrapping model_repo's reference to it."""
 
     def __enter__(self):
-        self.seconds, self.original = 0.0, getattr(training, "save_explanation_figure", None)
+        self.seconds, self.original = 0.0, getattr(model_repo, "save_explanation_figure", None)
         if self.original is not None:
             def timed(*args, **kwargs):
                 started = time.perf_counter()
@@ -127,12 +126,12 @@ class FigureClock:
                 finally:
                     self.seconds += time.perf_counter() - started
 
-            training.save_explanation_figure = timed
+            model_repo.save_explanation_figure = timed
         return self
 
     def __exit__(self, *exc):
         if self.original is not None:
-            training.save_explanation_figure = self.original
+            model_repo.save_explanation_figure = self.original
 
 
 def main() -> None:

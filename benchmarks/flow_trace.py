@@ -21,8 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def trace(argv: list[str]) -> list[tuple[str, str]]:
-    from hf_transfer.recipe import ARGUMENT_CLASSES, Recipe, parse_recipe
-    from hf_transfer.training import run
+    from hf_transfer.options import ARGUMENT_CLASSES
+    from hf_transfer.pipeline import run
+    from hf_transfer.recipe import Recipe, parse_recipe
 
     recipe = parse_recipe(argv)
     followed = (Recipe, *ARGUMENT_CLASSES)  # the recipe, its sections and their copies (the run's TrainingArguments)
@@ -40,7 +41,7 @@ def trace(argv: list[str]) -> list[tuple[str, str]]:
         if any(isinstance(value, followed) for value in arguments):
             stops.append((module.removeprefix("hf_transfer."), code.co_qualname))
 
-    stops.append(("training", "run"))
+    stops.append(("pipeline", "run"))
     sys.setprofile(profile)
     try:
         run(recipe)
@@ -49,10 +50,12 @@ def trace(argv: list[str]) -> list[tuple[str, str]]:
     return stops
 
 
-def count(stops: list[tuple[str, str]]) -> tuple[int, int, int]:
-    """(stops, modules, returns): a return is a stop in a module left earlier."""
+def count(stops: list[tuple[str, str]], packages: bool = False) -> tuple[int, int, int]:
+    """(stops, modules, returns): a return is a stop in a module left earlier; with `packages`, the modules of a
+    sub-package (`data.splits`, `data.stream`) count as one."""
     visited, returns, previous = set(), 0, None
     for module, _ in stops:
+        module = module.split(".")[0] if packages else module
         if module != previous and module in visited:
             returns += 1
         visited.add(module)
@@ -68,8 +71,10 @@ def main() -> None:
     for module, function in stops:
         print(f"  {module}.{function}")
     total, modules, returns = count(stops)
+    _, packages, package_returns = count(stops, packages=True)
     report("flow", "The recipe's path through a run", [{"run": " ".join(argv[1:]) or "defaults", "stops": total, "modules": modules,
-                                                       "returns": returns}], notes=[f"recipe: {Path(argv[0]).name}"])
+                                                       "returns": returns, "packages": packages, "returns between packages": package_returns}],
+           notes=[f"recipe: {Path(argv[0]).name}"])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """What trains, side by side: head_only, last_n, full and staged + layer decay at the same budget.
 
-Every run is `hf_transfer.training.run` with the same data, epochs, learning rate, batch, seed and
+Every run is `hf_transfer.pipeline.run` with the same data, epochs, learning rate, batch, seed and
 starting weights (one local copy of the backbone with its new head, saved once); only the freeze
 options differ. The feature cache is off, so head_only sees the same augmented images as the others.
 Test accuracy is that of the best epoch by validation accuracy (the tool's default); the validation
@@ -25,10 +25,11 @@ from common import device, report
 from transformers import TimmWrapperForImageClassification, set_seed
 
 from hf_transfer.cli import setup_logging
-from hf_transfer.data import DataArguments, load_image_dataset
-from hf_transfer.models import ModelArguments, data_config, load_model
+from hf_transfer.data import load_image_dataset
+from hf_transfer.models import data_config, load_model
+from hf_transfer.options import DataArguments, ModelArguments
+from hf_transfer.pipeline import run
 from hf_transfer.recipe import parse_recipe
-from hf_transfer.training import run
 
 DEFAULT_STAGES = "[{at_epoch: 0, train: head}, {at_epoch: 1, train: 'last_n:2'}, {at_epoch: 2, train: all}]"
 

@@ -4,7 +4,7 @@ Loader paths, each through a torch DataLoader with hf_transfer's collate:
 - `cpu-resize`: hf_transfer's own (decode, timm transforms to the model's input size, on the CPU).
 - `device-resize`: hf_transfer's `resize_on_device` path: the CPU decodes at the images' own size
   (32 px for CIFAR-10) and shifts/flips them there; the upsampling to the input size, the crop and
-  the normalisation run on the device (`hf_transfer.device_resize.DeviceResize`), timed separately (`device resize img/s`).
+  the normalisation run on the device (`hf_transfer.data.device_resize.DeviceResize`), timed separately (`device resize img/s`).
 Model rates, on random tensors at the input size: a full fine-tuning step and a frozen-backbone
 forward (what the feature cache's extraction needs), at the same batch and precision.
 
@@ -20,10 +20,11 @@ import torch
 from common import Stopwatch, device, median, report
 from torch.utils.data import DataLoader
 
-from hf_transfer.data import DataArguments, attach_transforms, build_transforms, collate, load_image_dataset
-from hf_transfer.device_resize import DeviceResize, device_transforms
+from hf_transfer.data import attach_transforms, build_transforms, collate, load_image_dataset
+from hf_transfer.data.device_resize import DeviceResize, device_transforms
 from hf_transfer.images import load_image
-from hf_transfer.models import ModelArguments, data_config, load_model
+from hf_transfer.models import data_config, load_model
+from hf_transfer.options import DataArguments, ModelArguments
 
 
 def loader_rates(dataset, batch_size: int, workers: int) -> tuple[float, float]:
@@ -113,7 +114,7 @@ def main() -> None:
     paths = {"cpu-resize": attach_transforms(data, train_cpu, train_cpu)["train"]}
     small = args.device_resize if args.device_resize is not None else args.dataset.rstrip("/").endswith("cifar10")
     if small:
-        train_small, _, _ = device_transforms(config)
+        train_small, _, _ = device_transforms(config, source[::-1])  # (height, width) of the decoded images
         paths["device-resize"] = attach_transforms(data, train_small, train_small)["train"]
 
     rates = model_rates(model, config, args.batch_size, args.bf16, args.channels_last, args.model_steps)

@@ -2,13 +2,13 @@
 
 Same backbone weights, batch, images, precision and threads, in one process. The images are 32 px
 uint8 (CIFAR-10's size) held in memory and upsampled on the device by the same code in every path
-(hf_transfer.device_resize.DeviceResize; no augmentation), so that loading costs all paths the same
+(hf_transfer.data.device_resize.DeviceResize; no augmentation), so that loading costs all paths the same
 and little. The contenders alternate round by round (the order rotates), and each round's time per
 step is taken between two synchronised step ends. Reported: the median over rounds of (Trainer step
 / plain step).
 
 - plain: the bare timm model, `F.cross_entropy`, AdamW (decay / no-decay groups), zero_grad.
-- trainer: what hf_transfer.training.run builds: recipe defaults, TimmWrapperForImageClassification,
+- trainer: what hf_transfer.pipeline.run builds: recipe defaults, TimmWrapperForImageClassification,
   FreezePlan + its callback and BatchNorm hooks, AdamW on the plan's per-block groups,
   hf_transfer's SafeTrainer (a transformers.Trainer that stops on a NaN/inf loss; grad clipping at 1.0).
 - trainer_noclip: the same with `max_grad_norm: 0` (Trainer still computes the norm, for its log).
@@ -38,11 +38,11 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import TrainerCallback, get_scheduler
 
 from hf_transfer.data import collate
-from hf_transfer.device_resize import DeviceResize
+from hf_transfer.data.device_resize import DeviceResize
 from hf_transfer.freezing import FreezePlan
 from hf_transfer.models import data_config, load_model
+from hf_transfer.pipeline import build_trainer, run_arguments
 from hf_transfer.recipe import parse_recipe
-from hf_transfer.training import build_trainer, run_arguments
 
 RECIPE_LOOP = "plain loop + recipe's groups, clipping, schedule"
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
@@ -95,7 +95,7 @@ def resize_config(model, processor, args) -> dict:
 
 
 class TrainerPath:
-    """hf_transfer's Trainer, built as training.run builds it; each round is one `train()` of warmup + steps."""
+    """hf_transfer's Trainer, built as pipeline.run builds it; each round is one `train()` of warmup + steps."""
 
     def __init__(self, args, dataset: Images, labels: list[str], clip: bool):
         self.folder = tempfile.TemporaryDirectory()
@@ -107,8 +107,8 @@ class TrainerPath:
         DeviceResize(resize_config(self.model, processor, args), args.channels_last).attach(self.model)
         plan = FreezePlan(self.model, recipe.freezing, recipe.training.learning_rate)
         self.clock = StepClock(args.warmup, args.warmup + args.steps, CLOCKS[args.clock])
-        self.trainer = build_trainer(recipe, run_arguments(recipe), self.model, processor, {"train": dataset}, plan)
-        self.trainer.add_callback(self.clock)
+        self.trainer = build_trainer(recipe, run_arguments(recipe), self.model, processor, plan, {"train": dataset},
+                                     callbacks=(self.clock,))
 
     def round(self) -> float:
         self.trainer.lr_scheduler = None  # a fresh schedule each round, as a new run would have

@@ -24,7 +24,7 @@ and a checkpoint every epoch, the best model loaded at the end, 3 checkpoints ke
    reads: the same transforms are built from the model's timm data config (224 px, mean = std = 0.5).
 6. `--epochs N` (and the same for `full`) when given: fewer epochs than the README's 5, for a 2-core CPU; stated in the results.
 
-hf_transfer runs (`training.build` -> `fit` -> `write_model_repo`, as `hf-transfer train` does; cold feature cache):
+hf_transfer runs (`pipeline.run`, as `hf-transfer train` does; cold feature cache):
 - `head_only`: the quickstart's head settings (lr 3e-3, batch 32, 10 epochs, `augmentation: none`), the test split scored
   after every epoch on cached features (`eval_test_each_epoch`), so its time to the example's accuracy can be read.
 - `full`: the example's options (lr 2e-5, epochs, batch 8, evaluation and checkpoints every epoch, best model at end,
@@ -58,9 +58,10 @@ import torch
 from common import MIRRORS, REPO, device, load_average, offline_logging, report
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, Trainer, TrainerCallback, TrainingArguments
 
-from hf_transfer.models import ModelArguments, data_config, load_model, save_model
+from hf_transfer.models import data_config, load_model, save_model
+from hf_transfer.options import ModelArguments
+from hf_transfer.pipeline import run
 from hf_transfer.recipe import parse_recipe
-from hf_transfer.training import build, fit, write_model_repo
 
 MIRROR = MIRRORS["cats_vs_dogs"]
 MODEL = "timm/tf_efficientnet_lite0.in1k"
@@ -169,11 +170,8 @@ def hf_transfer_run(workdir: Path, name: str, target: float | None, epochs: int)
         recipe = parse_recipe([str(REPO / "recipes" / "cats_vs_dogs.yaml")], **common)
         settings = "staged (recipes/cats_vs_dogs.yaml: head 1 epoch, then all, layer decay 0.7, lr 1e-3, 3 epochs, batch 32)"
     started = time.perf_counter()
-    built = build(recipe)
     clock = Clock(started)
-    built.trainer.add_callback(clock)  # copied onto the head's trainer of a cached run
-    fitted = fit(built)
-    results = write_model_repo(built, fitted)
+    results = run(recipe, callbacks=(clock,))  # copied onto the head's trainer of a cached run
     wall = time.perf_counter() - started
     reached = [e["seconds"] for e in clock.evaluations if e.get("test_accuracy", -1) >= (target or 2)]
     to_target = reached[0] if reached else (wall if target is not None and results["test_accuracy"] >= target else None)

@@ -17,7 +17,8 @@ import torch
 from common import Stopwatch, device, median, report, synchronize
 from torch.utils.flop_counter import FlopCounterMode
 
-from hf_transfer.models import ModelArguments, load_model
+from hf_transfer.models import load_model
+from hf_transfer.options import ModelArguments
 
 MODELS = ("tf_efficientnet_lite0", "resnet50", "vit_base_patch16_224")
 VARIANTS = ("eager", "eager_cl", "compile", "compile_cl")

@@ -4,7 +4,7 @@ Part `steps`: hf_transfer's Trainer path of `overhead.py` (TrainerPath: recipe d
 uint8 images upsampled on the device) for `--freeze` full / last_n, in fp32 NCHW, fp32 channels_last and bf16 autocast
 + channels_last, the variants alternating round by round (order rotated), medians over rounds.
 
-Part `accuracy`: `hf_transfer.training.run` end to end, fp32 and then `bf16: true`, same data, seed and schedule:
+Part `accuracy`: `hf_transfer.pipeline.run` end to end, fp32 and then `bf16: true`, same data, seed and schedule:
 test accuracy and wall time. Both runs keep the default `inference_precision: auto` (evaluation and test in bf16 on
 a CPU with AVX512-BF16), so the difference is the training precision alone.
 
@@ -29,8 +29,8 @@ import torch
 from common import MIRRORS, VALIDATION_SIZE, alternating_rounds, device, load_average, median, offline_logging, report
 from overhead import Images, TrainerPath
 
+from hf_transfer.pipeline import run
 from hf_transfer.recipe import parse_recipe
-from hf_transfer.training import run
 
 VARIANTS = {"fp32": (False, False), "fp32 channels_last": (False, True), "bf16 channels_last": (True, True)}
 

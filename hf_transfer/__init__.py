@@ -21,8 +21,8 @@ def finetune(recipe: str | None = None, **options) -> dict:
     """Run a recipe (a YAML path), with any recipe key overridden by keyword; returns all results."""
     from .cli import setup_logging
     from .hub import share_run
+    from .pipeline import run
     from .recipe import parse_recipe
-    from .training import run
 
     parsed = parse_recipe([recipe] if recipe else [], **options)
     setup_logging(parsed.training.process_index == 0)  # the freeze plan table and the run's steps, as the CLI shows them

@@ -138,3 +138,21 @@ def _top_level_blocks(model: nn.Module) -> list[Block]:
     blocks = [block for block in blocks if block.parameter_names]
     blocks[-1].name = "head"
     return blocks
+
+
+def find_head(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The classifier: the module that owns exactly the head block's parameters, with its dotted name (`classifier`,
+    `timm_model.classifier`); None when the head's parameters are spread over several modules."""
+    head_names = sorted(discover_blocks(model)[-1].parameter_names)
+    paths = [name.split(".")[:-1] for name in head_names]
+    prefix = []
+    for pieces in zip(*paths):
+        if len(set(pieces)) > 1:
+            break
+        prefix.append(pieces[0])
+    name = ".".join(prefix)
+    if not name:
+        return None
+    module = model.get_submodule(name)
+    owned = {f"{name}.{parameter}" for parameter, _ in module.named_parameters()}
+    return (name, module) if owned == set(head_names) else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 from transformers import EarlyStoppingCallback, TrainerCallback
@@ -27,18 +28,21 @@ class FreezeCallback(TrainerCallback, ExportableState):
         self.plan = plan
         self.training = False  # only evaluations during training count (not that of the final model after it)
         self._trained_blocks: tuple[int | None, set[str]] = (None, set())
+        self._hooks = contextlib.ExitStack()  # the plan's hooks on the model, from the start of training to its end
 
     def state(self) -> dict:
         return {"args": {}, "attributes": {"stage_starts": self.plan.stage_starts, "reasons": self.plan.reasons}}
 
     def on_train_end(self, args, state, control, **kwargs):
         self.training = False
+        self._hooks.close()
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
         self.training = True
         # Under DDP every rank's reducer expects a gradient for every parameter it registered, every step.
         if args.world_size == 1:
             self.plan.use_one_process()
+        self._hooks.enter_context(self.plan.attached())
         saved = (state.stateful_callbacks or {}).get(type(self).__name__)
         if isinstance(saved, dict) and saved.get("attributes", {}).get("stage_starts"):  # a resumed run: its plateau decisions
             self.plan.stage_starts = saved["attributes"]["stage_starts"]

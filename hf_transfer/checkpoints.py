@@ -22,6 +22,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from .errors import HFTransferError
+from .repo_files import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -155,9 +156,9 @@ def checkpoint_to_resume(output_dir: str | Path, processes: int) -> Path:
 def save_optimizer_and_scheduler(folder: Path, optimizer: torch.optim.Optimizer, scheduler, scaler) -> None:
     """The optimizer's state (tensors to safetensors, the rest to JSON), the schedule's and the loss scaler's (JSON)."""
     _save_tensors_and_json(optimizer.state_dict(), folder / OPTIMIZER)
-    write_json(folder / SCHEDULER, scheduler.state_dict())
+    write_json(folder / SCHEDULER, scheduler.state_dict(), indent=1)
     if scaler is not None:
-        write_json(folder / SCALER, scaler.state_dict())
+        write_json(folder / SCALER, scaler.state_dict(), indent=1)
 
 
 def load_optimizer_and_scheduler(folder: Path, optimizer: torch.optim.Optimizer, scheduler, scaler) -> None:
@@ -186,7 +187,7 @@ def save_resume_states(folder: Path, states: list[tuple[dict, dict]]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for stem, (generators, values) in zip(resume_files(len(states)), states):
         safetensors.torch.save_file(generators, folder / f"{stem}.safetensors")
-        write_json(folder / f"{stem}.json", values)
+        write_json(folder / f"{stem}.json", values, indent=1)
 
 
 def load_resume_state(folder: Path, stem: str) -> dict:
@@ -219,10 +220,6 @@ def load_weights(model: PreTrainedModel, checkpoint: str) -> None:
     model.load_state_dict(saved.state_dict(), strict=True)
 
 
-def write_json(path: Path, value) -> None:
-    path.write_text(json.dumps(value, indent=1))
-
-
 def _save_tensors_and_json(state_dict: dict, stem: Path) -> None:
     """An optimizer state dict: tensors to `<stem>.safetensors`, everything else to `<stem>.json`."""
     tensors, scalars = {}, {}
@@ -233,7 +230,7 @@ def _save_tensors_and_json(state_dict: dict, stem: Path) -> None:
             else:
                 scalars.setdefault(str(param_id), {})[name] = value
     safetensors.torch.save_file(tensors, f"{stem}.safetensors")
-    write_json(Path(f"{stem}.json"), {"param_groups": state_dict["param_groups"], "state": scalars})
+    write_json(Path(f"{stem}.json"), {"param_groups": state_dict["param_groups"], "state": scalars}, indent=1)
 
 
 def _load_tensors_and_json(stem: Path, device: str) -> dict:

@@ -28,20 +28,11 @@ if TYPE_CHECKING:
 PACKAGE_DIR = Path(__file__).resolve().parent
 SPACE_DIR = PACKAGE_DIR.parent / "spaces_demo"
 SPACE_FILES = ("app.py", "requirements.txt")
-# The app decodes uploads with the training's own policy; on a Space it imports it under this name.
-SHIPPED_IMAGES_MODULE = "hf_transfer_images.py"
-# ... and draws its class-activation maps with this module (hf_transfer/explain.py), likewise.
-SHIPPED_EXPLAIN_MODULE = "hf_transfer_explain.py"
-# ... and reads the model repo's files by the names hf_transfer/repo_files.py gives them.
-SHIPPED_REPO_FILES_MODULE = "hf_transfer_repo_files.py"
-# ... and runs its predictions in the precision hf_transfer/precision.py decides for the Space's hardware.
-SHIPPED_PRECISION_MODULE = "hf_transfer_precision.py"
-# ... and escapes the class names and ids it shows with hf_transfer/escape.py ...
-SHIPPED_ESCAPE_MODULE = "hf_transfer_escape.py"
-# ... and serves the int8 ONNX graph `hf-transfer export` checked, when the model has one, with hf_transfer/onnx_runtime.py.
-SHIPPED_ONNX_MODULE = "hf_transfer_onnx_runtime.py"
-SHIPPED_MODULES = {"images.py": SHIPPED_IMAGES_MODULE, "explain.py": SHIPPED_EXPLAIN_MODULE, "repo_files.py": SHIPPED_REPO_FILES_MODULE,
-                   "precision.py": SHIPPED_PRECISION_MODULE, "escape.py": SHIPPED_ESCAPE_MODULE, "onnx_runtime.py": SHIPPED_ONNX_MODULE}
+# A Space runs app.py with no hf_transfer installed: these modules travel beside it as `hf_transfer_<name>.py`, each of
+# them importable alone: the training's image decoding policy, Grad-CAM, the model repo's file names, the precision of
+# predictions on the Space's hardware, the classifier head, the escaping of names shown, and the checked ONNX graph.
+SHIPPED_MODULES = {f"{name}.py": f"hf_transfer_{name}.py"
+                   for name in ("images", "explain", "repo_files", "precision", "blocks", "escape", "onnx_runtime")}
 EXAMPLES_IN_SPACE = "examples"
 MODEL_HINT = ("Pass the output dir of a run (`hf-transfer train` writes config.json and model.safetensors there) "
               "or a Hub model id (user/name).")

@@ -1,7 +1,23 @@
-"""The one base class of the errors a user can fix: the CLI shows them as one `error: ...` line, exit code 2."""
+"""The errors a user can fix: one base class, shown by the CLI as one `error: ...` line with exit code 2."""
 
 from __future__ import annotations
 
 
 class HFTransferError(Exception):
     """A problem with the user's input, data, model, output folder or environment; the message says what to do."""
+
+
+class DatasetError(HFTransferError, ValueError):
+    """A dataset that cannot be used as it is; the message says how to fix it."""
+
+
+class DoctorError(HFTransferError, ValueError):
+    """A dataset or option the data doctor cannot check; the message says what to change."""
+
+
+class RecipeError(HFTransferError, ValueError):
+    """A recipe or command-line option that cannot be used; the message says what to write instead."""
+
+
+class PredictError(HFTransferError):
+    """Images, an output file or a resume that predict cannot use; the message says what to give instead."""

@@ -19,7 +19,9 @@ def examples_from_run(output_dir: Path, dest: Path, per_class: int = 2) -> Path 
     # Imported here: they pull in torch and timm, which `push --space` does not need.
     from transformers import TrainingArguments
 
-    from .data import DataArguments, DatasetError, load_image_dataset
+    from .data import load_image_dataset
+    from .errors import DatasetError
+    from .options import DataArguments
 
     if not (output_dir / RUN_CONFIG).is_file():
         return None

@@ -15,13 +15,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from pytorch_grad_cam import GradCAM
-from pytorch_grad_cam.utils.image import show_cam_on_image
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 # The coordinate probe (see `_input_window`) is drawn at most this large: enough for 8-bit ramps (256 steps), small
@@ -201,6 +197,10 @@ class Explainer:
         pixels = self.pixel_values(image).to(device=device, dtype=dtype)
         target = self.target_layer(pixels)
         was_training = self.model.training
+        # grad-cam and OpenCV load with the first map: a run that keeps its figure (figures.draw) needs neither (1.3 s).
+        from pytorch_grad_cam import GradCAM
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
         # Gradients are needed from the logits back to the target layer only: with every parameter frozen for the
         # call and the target's output made the start of the graph, the backward pass skips the backbone below it
         # (for EfficientNet-Lite0, all but the head: the backward pass costs less than the forward pass).
@@ -259,6 +259,8 @@ class Explainer:
         return 255 * (values - black[:, None, None]) / (white - black)[:, None, None]
 
     def _to_image_frame(self, grid: np.ndarray, image_size: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+        import cv2  # with the first map, as grad-cam
+
         left, top, window_width, window_height = self.input_window(image_size)
         width, height = size
         rows, columns = grid.shape
@@ -289,6 +291,8 @@ def overlay(image: Image.Image, heatmap: np.ndarray, image_weight: float = 0.5) 
     """image with heatmap drawn over it in grad-cam's jet colours (blue: not used, red: most used)."""
     if heatmap.shape != (image.height, image.width):
         raise ValueError(f"heatmap of shape {heatmap.shape} does not match the {image.width}x{image.height} image")
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
     rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255
     return Image.fromarray(show_cam_on_image(rgb, heatmap, use_rgb=True, image_weight=image_weight))
 
@@ -332,13 +336,13 @@ def _open_image(value) -> Image.Image:
 
 def save_explanation_figure(model: Explainer | str | Path, images: Sequence, labels: Sequence[int],
                             predictions: Sequence[int], path: str | Path, per_group: int = 6, columns: int = 3,
-                            load_image: Callable = _open_image, thumbnail: int = 224) -> Path:
+                            load_image: Callable = _open_image, thumbnail: int = 224, metadata: dict | None = None) -> Path:
     """Draw Grad-CAM maps of the predicted class on test images, correctly classified ones on the left and
     misclassified ones on the right, into a PNG at path.
 
     model: an Explainer, or a model folder / Hub id loaded as the pipeline loads it. images, labels, predictions: the
     test split's images (any sequence; only the chosen ones are read, through load_image), true and predicted class
-    indices. per_group images per side, `columns` per row.
+    indices. per_group images per side, `columns` per row. metadata: text for the PNG's own metadata.
     """
     import matplotlib
 
@@ -375,6 +379,6 @@ def save_explanation_figure(model: Explainer | str | Path, images: Sequence, lab
     fig.tight_layout(rect=(0, 0.04, 1, 0.96))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png", metadata=metadata)
     plt.close(fig)
     return path

@@ -25,11 +25,12 @@ from transformers import TrainingArguments
 
 from .backends import ModelFolder, TorchClassifier, measure_speed
 from .card import describe_hardware, write_model_card
-from .data import DataArguments, DatasetError, load_image_dataset
+from .data import load_image_dataset
 from .deploy_options import ExportArguments
-from .errors import HFTransferError
+from .errors import DatasetError, HFTransferError
 from .images import load_image
 from .onnx_runtime import GRAPHS, INPUT, KEPT, OUTPUT, OnnxClassifier, weights_fingerprint
+from .options import DataArguments
 from .output_dir import OutputDirLock, disk_error
 from .repo_files import ALL_RESULTS, EXPORT_REPORT, ONNX_DIR, RUN_CONFIG, STAGING
 

@@ -10,6 +10,7 @@ entry read from it is checked first, every label against the dataset and a seede
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -29,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .checksums import checksum
 from .data import attach_transforms, collate
+from .data.splits import label_values
 from .errors import HFTransferError
 from .nodes import gather_rows, on_every_process, placement, raise_together
 from .precision import Precision
@@ -197,6 +199,13 @@ class FeatureStore:
             "precision": self.precision.dtype,  # bf16 features differ from fp32 ones by up to a few percent
         }
 
+    def with_views(self, views: int) -> FeatureStore:
+        """The same model, data and preprocessing, caching `views` views of the train split (0: the images as they are),
+        with a record of its own: the data doctor's view of a run's store."""
+        sibling = copy.copy(self)
+        sibling.views, sibling.extracted, sibling.summary = views, {}, {"splits": {}}
+        return sibling
+
     def key(self, split: str, views: int) -> dict:
         transform = self.train_transform if views else self.eval_transform
         return {
@@ -240,8 +249,7 @@ class FeatureStore:
         run. The test split's features are left to the run's own check when it has one (`checked_by_caller`)."""
         started = time.perf_counter()
         fix = (f"Delete {path.name} in {cache_root()} (the next run extracts it again), or set `feature_cache: false`.")
-        split_labels = self.data.splits[split].select_columns([self.data.label_column]).with_format("numpy")
-        expected = np.asarray(split_labels[self.data.label_column])
+        expected = np.asarray(label_values(self.data.splits[split], self.data.label_column), dtype=np.int64)
         wrong = int((labels != expected).sum()) if labels.shape == expected.shape else len(expected)
         if wrong:
             raise FeatureCacheMismatchError(f"The cached {split} features hold other labels than the dataset for {wrong} of "

@@ -6,10 +6,10 @@ waiting for its stage gets zero gradients (one process: none) and no update, so 
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import logging
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -19,164 +19,15 @@ from transformers import TimmWrapperForImageClassification
 from .blocks import discover_blocks
 from .checksums import checksum
 from .errors import HFTransferError
-from .recipe_yaml import load_recipe_yaml
+from .options import FreezeArguments
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("head_only", "last_n", "full", "patterns", "staged")
-# frozen: BatchNorm layers of frozen blocks keep their statistics (eval mode), trained blocks update theirs;
-# eval: every BatchNorm layer keeps its pretrained statistics (small data, low resolution, staged unfreezing);
-# train: every BatchNorm layer updates its statistics, frozen blocks too.
-BATCHNORM_MODES = ("frozen", "eval", "train")
-# What a stage trains; `head_only` and `full` are accepted as synonyms of `head` and `all`.
-TARGETS = ("head", "all", "last_n:<k>", "patterns")
-_TARGET_ALIASES = {"head_only": "head", "full": "all"}
-PRESETS = {
-    "linear_probe": {"freeze": "head_only"},
-    # fastai's fine_tune: one epoch of head, then everything with discriminative learning rates
-    "fastai": {"freeze": "staged", "stages": [{"at_epoch": 0, "train": "head"}, {"at_epoch": 1, "train": "all"}]},
-    # layer-wise learning-rate decay as in BEiT / timm's --layer-decay
-    "llrd": {"freeze": "full", "layer_decay": 0.75},
-}
-FASTAI_LR_SPREAD = 100  # fastai's slice(lr / 100, lr): the stem learns 100x slower than the head
 _BATCHNORM = nn.modules.batchnorm._BatchNorm  # the norm layers with running statistics (not Layer/GroupNorm)
 
 
 class FreezePlanError(HFTransferError, ValueError):
     """A freeze option that does not fit the model (a pattern that matches nothing...); the message says why."""
-
-
-@dataclass
-class FreezeArguments:
-    freeze: str = field(
-        default="head_only",
-        metadata={"help": f"What trains: {' | '.join(STRATEGIES)} (`last_n:<k>` = head + last k blocks), or a preset: {' | '.join(PRESETS)}."},
-    )
-    stages: str | None = field(
-        default=None,
-        metadata={"help": (
-            "For `staged`: a YAML list such as `[{at_epoch: 0, train: head}, {at_plateau: 2, train: 'last_n:2', lr_scale: 0.1}]`. "
-            "Each stage starts `at_epoch` or `at_step` (fixed), or `at_plateau: k` (once `metric_for_best_model` has not improved "
-            "for k evaluations); `lr_scale` multiplies every learning rate from that stage on."
-        )},
-    )
-    batchnorm: str = field(
-        default="frozen",
-        metadata={"help": "BatchNorm statistics: `frozen` (kept in frozen blocks, updated in trained ones), `eval` (kept everywhere) or `train` (updated everywhere)."},
-    )
-    layer_decay: float | None = field(default=None, metadata={"help": "Learning rate of a block = lr * layer_decay ** (depth from the head), 0 < layer_decay <= 1."})
-    train_patterns: list[str] | None = field(default=None, metadata={"help": "For `patterns`: glob(s) over parameter names that train besides the head (default: all)."})
-    freeze_patterns: list[str] | None = field(default=None, metadata={"help": "For `patterns`: glob(s) over parameter names kept frozen (wins over train_patterns)."})
-
-    def __post_init__(self):
-        self.preset = self.freeze if self.freeze in PRESETS else None
-        if self.preset:
-            defaults = {f.name: f.default for f in fields(self)}
-            for key, value in PRESETS[self.preset].items():
-                if key == "freeze" or getattr(self, key) == defaults[key]:  # what the user set wins
-                    setattr(self, key, value)
-        if isinstance(self.stages, str):
-            self.stages = load_recipe_yaml(self.stages, "`stages`")  # no duplicate keys or alias bombs, as in a recipe file
-        for key in ("train_patterns", "freeze_patterns"):
-            if isinstance(getattr(self, key), str):  # `patterns: {train: "*.blocks.5.*"}` in YAML
-                setattr(self, key, [getattr(self, key)])
-        self._validate()
-
-    def _validate(self) -> None:
-        choices = f"Choose one of {', '.join(STRATEGIES)} (e.g. `last_n:2`) or a preset ({', '.join(PRESETS)})."
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"Unknown freeze strategy '{self.freeze}'. {choices}")
-        if self.strategy == "last_n" or ":" in self.freeze:
-            _check_target(self.freeze, where="`freeze`")
-        if self.batchnorm not in BATCHNORM_MODES:
-            raise ValueError(f"`batchnorm` must be one of {', '.join(BATCHNORM_MODES)}, not '{self.batchnorm}'.")
-        for key in ("train_patterns", "freeze_patterns"):
-            patterns = getattr(self, key)
-            if patterns is not None and not (isinstance(patterns, list) and all(isinstance(pattern, str) for pattern in patterns)):
-                raise ValueError(f"`{key}` must be a list of globs over parameter names, e.g. ['*.blocks.5.*'], not {patterns!r}.")
-        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
-            raise ValueError(f"`layer_decay` must be in (0, 1] (e.g. 0.7: each block deeper from the head learns 0.7x as fast), not {self.layer_decay}.")
-        if self.strategy == "staged":
-            _check_stages(self.stages)
-        elif self.stages:
-            raise ValueError(f"`stages` only apply to `freeze: staged`, but freeze is '{self.freeze}'.")
-        uses_patterns = "patterns" in [stage["train"] for stage in self.schedule()]
-        if uses_patterns and not (self.train_patterns or self.freeze_patterns):
-            raise ValueError("`patterns` needs `train_patterns` and/or `freeze_patterns`, e.g. --train_patterns '*.blocks.5.*' --freeze_patterns '*stem*'.")
-        if not uses_patterns and (self.train_patterns or self.freeze_patterns):
-            raise ValueError("`train_patterns` / `freeze_patterns` only apply to `freeze: patterns` (or a stage that trains `patterns`).")
-
-    @property
-    def strategy(self) -> str:
-        """The strategy the `freeze` option names, without its argument (`last_n` for `last_n:2`): `freeze` is the
-        user's text as given (recorded as such), `strategy` the one name the code uses for what it selects."""
-        return self.freeze.split(":")[0]
-
-    def schedule(self) -> list[dict]:
-        """The stages, with a single stage from step 0 for the static strategies."""
-        if self.strategy == "staged":
-            return [{**stage, "train": _TARGET_ALIASES.get(stage["train"], stage["train"])} for stage in self.stages]
-        return [{"at_step": 0, "train": _TARGET_ALIASES.get(self.strategy, self.freeze)}]
-
-    def decay_for(self, depth: int) -> float | None:
-        """The layer decay to use for a model `depth` blocks deep below its head."""
-        if self.layer_decay is None and self.preset == "fastai":
-            return (1 / FASTAI_LR_SPREAD) ** (1 / max(depth, 1))
-        return self.layer_decay
-
-
-def _check_target(target, where: str) -> None:
-    target = _TARGET_ALIASES.get(target, target) if isinstance(target, str) else repr(target)
-    if target in ("head", "all", "patterns"):
-        return
-    count = target.split(":", 1)[1] if target.startswith("last_n:") else None
-    if count is None or not count.isdigit():
-        raise ValueError(
-            f"{where} cannot be '{target}': use {' | '.join(TARGETS)}"
-            " (`last_n:2` trains the head and the last 2 blocks)."
-        )
-
-
-STAGE_STARTS = ("at_epoch", "at_step", "at_plateau")
-STAGE_KEYS = (*STAGE_STARTS, "train", "lr_scale")
-
-
-def _check_stages(stages) -> None:
-    example = "e.g. [{at_epoch: 0, train: head}, {at_epoch: 1, train: 'last_n:2'}, {at_plateau: 2, train: all, lr_scale: 0.1}]"
-    if not isinstance(stages, list) or not stages or not all(isinstance(stage, dict) for stage in stages):
-        raise ValueError(f"`freeze: staged` needs `stages`, a list of {{at_epoch|at_step|at_plateau, train, lr_scale}} mappings, {example}.")
-    for index, stage in enumerate(stages):
-        unknown = sorted(set(stage) - set(STAGE_KEYS))
-        if unknown:
-            raise ValueError(f"Stage {index} has unknown key(s) {unknown}: a stage takes {', '.join(STAGE_KEYS)}, {example}.")
-        starts = [key for key in STAGE_STARTS if key in stage]
-        if "train" not in stage or len(starts) != 1:
-            raise ValueError(f"Stage {index} is {stage}: a stage needs `train` and exactly one of {', '.join(STAGE_STARTS)}, {example}.")
-        start = stage[starts[0]]
-        if isinstance(start, bool) or not isinstance(start, (int, float)) or start < 0:
-            raise ValueError(f"Stage {index}: `{starts[0]}` must be a number >= 0, not {start!r}.")
-        if starts[0] == "at_plateau" and (index == 0 or not isinstance(start, int) or start < 1):
-            raise ValueError(
-                f"Stage {index}: `at_plateau: {start}` "
-                + ("cannot start the first stage (it says what trains from the start)." if index == 0 else
-                   "is a patience: the whole number of evaluations without improvement of `metric_for_best_model`, >= 1.")
-            )
-        scale = stage.get("lr_scale", 1.0)
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0:
-            raise ValueError(f"Stage {index}: `lr_scale` multiplies every learning rate from that stage on; it must be > 0, not {scale!r}.")
-        _check_target(stage["train"], where=f"Stage {index}'s `train`")
-    fixed = [stage for stage in stages if "at_plateau" not in stage]
-    units = {key for stage in fixed for key in ("at_epoch", "at_step") if key in stage}
-    if len(units) > 1:
-        raise ValueError("Use `at_epoch` in every stage or `at_step` in every stage, not both (`at_plateau` mixes with either).")
-    unit = units.pop()
-    if any("at_plateau" in earlier and "at_plateau" not in later for earlier, later in zip(stages, stages[1:])):
-        raise ValueError("A stage that starts `at_plateau` can only be followed by more `at_plateau` stages: when it starts is known only during the run.")
-    starts = [stage[unit] for stage in fixed]
-    if starts[0] != 0:
-        raise ValueError(f"The first stage must start at 0 (it says what trains from the start), not {starts[0]}.")
-    if any(later <= earlier for earlier, later in zip(starts, starts[1:])):
-        raise ValueError(f"Stages must start in increasing order, got starts {starts}.")
 
 
 # --- the plan ------------------------------------------------------------------------------------
@@ -218,20 +69,13 @@ class FreezePlan:
         self.history: list[dict] = []
         self.integrity: dict | None = None
 
-        self._gradient_gates = []
         for name, parameter in self.parameters.items():
             parameter.requires_grad_(name in self.ever_trained)
-            if name in self.ever_trained and len(self.stages) > 1:
-                self._gradient_gates.append(parameter.register_hook(self._gradient_gate(name)))
         self._norms = {
             name: (module, _norm_owner(name, module, list(self.parameters)))
             for name, module in model.named_modules() if isinstance(module, _BATCHNORM)
         }
         self._activate(0)
-        # A hook costs every forward pass: only on norm layers that some stage keeps frozen (none for `full`).
-        for name, (module, _) in self._norms.items():
-            if any(self.norm_mode(name, trained) == "frozen" for trained in self.stage_sets):
-                module.register_forward_pre_hook(self._keep_frozen_norm_in_eval)
         # What must end bit-identical: parameters that never train and the statistics that are never updated.
         kept_norms = [
             name for name, (_, owner) in self._norms.items()
@@ -240,6 +84,25 @@ class FreezePlan:
         self._fixed = [n for n in self.parameters if n not in self.ever_trained]
         self._fixed += [f"{norm}.{b}" for norm in kept_norms for b, _ in self._norms[norm][0].named_buffers()]
         self._fixed_checksum = self._checksum(self._fixed)
+
+    @contextlib.contextmanager
+    def attached(self):
+        """The plan's hooks on the model while it trains: frozen BatchNorm layers kept in eval mode (Trainer calls
+        `model.train()` every step) and, in a staged plan on several processes, zero gradients for the blocks waiting for
+        their stage (every process's reducer expects a gradient for every parameter it registered)."""
+        handles = []
+        if len(self.stages) > 1 and not self.skip_waiting_backward:  # one process: waiting blocks take no backward at all
+            handles += [parameter.register_hook(self._gradient_gate(name)) for name, parameter in self.parameters.items()
+                        if name in self.ever_trained]
+        # A hook costs every forward pass: only on norm layers that some stage keeps frozen (none for `full`).
+        for name, (module, _) in self._norms.items():
+            if any(self.norm_mode(name, trained) == "frozen" for trained in self.stage_sets):
+                handles.append(module.register_forward_pre_hook(self._keep_frozen_norm_in_eval))
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _trainable_in(self, target: str) -> set[str]:
         """Parameter names that `target` (head | all | last_n:<k> | patterns) makes trainable."""
@@ -272,6 +135,8 @@ class FreezePlan:
         """One group per block (and per decay / no-decay), each with its layer-decayed learning rate.
 
         Biases, norm weights and other 1-d tensors (and timm's `no_weight_decay()` names) get no weight decay.
+        Not timm's `param_groups_layer_decay`: its `lr_scale` reaches no torch optimizer or Trainer schedule, and it serves
+        timm models only (tests/test_freezing.py shows the first).
         """
         no_decay = self._no_weight_decay_names()
         groups = []
@@ -382,12 +247,8 @@ class FreezePlan:
 
     def use_one_process(self) -> None:
         """With a single process nobody needs a waiting block's zero gradients: from the next stage entered
-        (the first at the start of training) waiting blocks get none, which skips their backward pass,
-        and the gradient gates, pass-throughs from then on, are removed."""
+        (the first at the start of training) waiting blocks get none, which skips their backward pass."""
         self.skip_waiting_backward = True
-        for gate in self._gradient_gates:
-            gate.remove()
-        self._gradient_gates = []
 
     def norm_mode(self, norm_name: str, trained: set[str] | None = None) -> str:
         """`frozen` or `train` for a norm layer, in the current stage or the one that trains `trained`."""

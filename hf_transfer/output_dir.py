@@ -8,11 +8,9 @@ leaves the folder locked, and a second run into the folder is refused while the 
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import errno
-import fcntl
 import fnmatch
-import functools
 import json
 import os
 import re
@@ -23,13 +21,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import filelock
+
 from .checkpoints import last_complete_checkpoint, no_complete_checkpoint
 from .errors import HFTransferError
-from .nodes import output_is_node_local
 from .repo_files import CONFIG, LOCK_FILE, ONNX_DIR, RUN_CONFIG, RUN_OUTPUTS, STAGING, without_local_paths
 
 if TYPE_CHECKING:
-    from .recipe import RunArguments
+    from .options import RunArguments
 
 # The options a run in the folder may change and still be the same run: `--resume` continues it with them, so each must
 # leave what trains untouched (a resumed run under another `feature_cache` or `exclude_flagged` would mix two settings,
@@ -79,11 +78,6 @@ def _listing(names: list[str]) -> str:
 
 def check_output_dir(output_dir: Path, run_config: dict, options: RunArguments) -> None:
     """Refuse, before any work, to mix two runs in one folder, or to write or delete where it would do harm."""
-    if options.resume and options.overwrite:
-        raise OutputDirError(
-            f"`--resume` continues the run in {output_dir} from its last complete checkpoint; `--overwrite` deletes that run "
-            "to start a new one. Pass one of them."
-        )
     check_place(output_dir, run_config, options.overwrite)
     config_file = output_dir / RUN_CONFIG
     if not config_file.is_file():
@@ -191,7 +185,8 @@ def _read_run_config(config_file: Path) -> dict:
 # ---- publishing ----------------------------------------------------------------------------------------------------
 def publish(staging: Path, output_dir: Path) -> None:
     """Move the staged files in; config.json goes last, so the folder never loads a mix of two models. Graphs exported from
-    the weights this replaces go: they would no longer match them."""
+    the weights this replaces go: they would no longer match them. A staged file that is the published one (a figure
+    kept because it shows the same, `figures.draw`) stays as it is."""
     (output_dir / CONFIG).unlink(missing_ok=True)
     if (output_dir / ONNX_DIR).is_dir() and not (output_dir / ONNX_DIR).is_symlink():
         shutil.rmtree(output_dir / ONNX_DIR)
@@ -200,43 +195,36 @@ def publish(staging: Path, output_dir: Path) -> None:
         target = output_dir / path.name
         if target.is_dir():
             shutil.rmtree(target)
+        elif target.is_file() and not target.is_symlink() and os.path.samefile(path, target):
+            path.unlink()  # a figure kept from the model this replaces (figures.draw links it): already in place
+            continue
         os.replace(path, target)
     staging.rmdir()
 
 
 # ---- the run's lock ------------------------------------------------------------------------------------------------
 class OutputDirLock:
-    """An exclusive `flock` on `output_dir/.hf_transfer.lock`, which records its holder for the refusal message.
-
-    The file is deleted when the lock is released; a run that opened it just before then finds, once it holds the lock,
-    that the path names another file (or none), and starts over on the new one (the usual way to delete lock files)."""
+    """An exclusive lock on `output_dir/.hf_transfer.lock` (filelock's `flock`), which records its holder for the refusal
+    message. The file is removed at release while still held: filelock retries an acquire that won the lock of a file
+    removed meanwhile, so two runs never both hold the folder."""
 
     def __init__(self, output_dir: Path):
         self.dir, self.path = output_dir, output_dir / LOCK_FILE
-        self.fd: int | None = None
+        self.lock = filelock.FileLock(self.path, timeout=0, on_acquired=lambda fd: _record_holder(fd, self.path))
         self.created: list[Path] = []  # the folders this run made, removed again if it ends before claiming them
+
+    @property
+    def held(self) -> bool:
+        return self.lock.is_locked
 
     def acquire(self) -> None:
         try:
             self._make_folders()
-            while True:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    holder = _describe_holder(fd)
-                    os.close(fd)
-                    raise OutputDirError(
-                        f"{self.dir} is in use by another hf-transfer run ({holder}). Wait for it to finish, or choose "
-                        "another `--output_dir`."
-                    ) from None
-                if _names_same_file(fd, self.path):
-                    break
-                os.close(fd)
-            self.fd = fd
-            holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": datetime.now().isoformat(timespec="seconds")}
-            os.ftruncate(fd, 0)
-            os.write(fd, json.dumps(holder).encode())
+            self.lock.acquire()
+        except filelock.Timeout:
+            self.release()
+            raise OutputDirError(f"{self.dir} is in use by another hf-transfer run ({_describe_holder(self.path)}). Wait for it to "
+                                 "finish, or choose another `--output_dir`.") from None
         except BaseException as error:
             self.release()
             if isinstance(error, OSError) and (disk := disk_error(error, self.dir, writing=True)) is not None:
@@ -257,13 +245,9 @@ class OutputDirLock:
             self.created.append(folder)
 
     def release(self) -> None:
-        if self.fd is not None:
-            try:
-                self.path.unlink(missing_ok=True)  # while still held: see the class docstring
-            except OSError:
-                pass
-            os.close(self.fd)
-            self.fd = None
+        if self.lock.is_locked:
+            self.path.unlink(missing_ok=True)  # while still held: see the class docstring
+            self.lock.release()
         for folder in reversed(self.created):  # empty unless the run claimed the folder
             try:
                 folder.rmdir()
@@ -272,17 +256,21 @@ class OutputDirLock:
         self.created = []
 
 
-def _names_same_file(fd: int, path: Path) -> bool:
+def _record_holder(fd: int, path: Path) -> None:
+    """filelock's `on_acquired`: runs while the lock is held. On a full disk it removes the empty lock file again (still held,
+    as in `release`) before filelock releases it, so a run refused for want of space leaves the folder as it found it."""
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": datetime.now().isoformat(timespec="seconds")}
     try:
-        on_disk, held = path.stat(), os.fstat(fd)
-    except FileNotFoundError:
-        return False
-    return (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+    except OSError:
+        path.unlink(missing_ok=True)
+        raise
 
 
-def _describe_holder(fd: int) -> str:
+def _describe_holder(path: Path) -> str:
     try:
-        holder = json.loads(os.pread(fd, 4096, 0))
+        holder = json.loads(path.read_bytes()[:4096])
         return f"pid {holder['pid']} on {holder['host']}, started {holder['started'].replace('T', ' ')}"
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return "which has not recorded itself yet"
@@ -315,37 +303,31 @@ def _interrupted(output_dir: Path) -> RunInterrupted:
                           "`--resume` to continue from it.")
 
 
-def holding_output_dir(run):
-    """`run(recipe)` with its output folder locked from start to end by the process that writes it (others only read it):
-    the main process, or with node-local output folders on several machines each machine's main process.
+@contextlib.contextmanager
+def holding_output_dir(args, run_config: dict, overwrite: bool):
+    """The run's output folder, locked from start to end by the process that writes it (`args.should_save`: the main
+    process, or with node-local output folders on several machines each machine's main process; others only read it).
+    `run_config`: the recipe with its local paths (`Recipe.to_dict(local_paths=True)`), to refuse harmful places.
 
     However the run ends, the lock is released and the staging folder removed; a full or read-only disk and Ctrl-C
     become one line that says what to do."""
-
-    @functools.wraps(run)
-    def locked_run(recipe):
-        args = copy.copy(recipe.training)  # the recipe stays as given
-        output_dir = Path(args.output_dir)
-        args.save_on_each_node = output_is_node_local(output_dir, args.save_on_each_node)  # every process asks, before anything is made
-        lock = OutputDirLock(output_dir) if args.should_save else None  # the process that publishes the model
-        finished = False
-        try:
-            if lock is not None:
-                check_place(output_dir, recipe.to_dict(local_paths=True), recipe.run.overwrite)  # before anything is made there
-                lock.acquire()
-            results = run(recipe)
-            finished = True
-            return results
-        except KeyboardInterrupt:
-            raise _interrupted(output_dir) from None
-        except Exception as error:
-            if (disk := disk_error(error, output_dir)) is None:
-                raise
-            raise disk from error
-        finally:
-            if lock is not None:
-                if lock.fd is not None and not finished:  # a half-staged model: never published, and it may have filled the disk
-                    shutil.rmtree(output_dir / STAGING, ignore_errors=True)
-                lock.release()
-
-    return locked_run
+    output_dir = Path(args.output_dir)
+    lock = OutputDirLock(output_dir) if args.should_save else None
+    finished = False
+    try:
+        if lock is not None:
+            check_place(output_dir, run_config, overwrite)  # before anything is made there
+            lock.acquire()
+        yield
+        finished = True
+    except KeyboardInterrupt:
+        raise _interrupted(output_dir) from None
+    except Exception as error:
+        if (disk := disk_error(error, output_dir)) is None:
+            raise
+        raise disk from error
+    finally:
+        if lock is not None:
+            if lock.held and not finished:  # a half-staged model: never published, and it may have filled the disk
+                shutil.rmtree(output_dir / STAGING, ignore_errors=True)
+            lock.release()

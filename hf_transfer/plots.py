@@ -1,17 +1,19 @@
-"""Figures of a training run: loss/metric curves per epoch and the test confusion matrix (PNG)."""
+"""Figures of a training run: loss/metric curves per epoch and the test confusion matrix (PNG), each drawn only when what
+it shows has changed (`figures.draw`)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # files only: no display on servers and in tests
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from .escape import plot_text
+from .figures import draw
 
-from .escape import plot_text  # noqa: E402
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # The test split's, scored after every evaluation with `eval_test_each_epoch`; they never choose a checkpoint.
 EVAL_METRICS = {"eval_accuracy": "validation accuracy", "eval_f1": "validation macro-F1", "test_accuracy": "test accuracy",
@@ -50,32 +52,45 @@ def _epoch_at(log_history: Sequence[dict], step: int) -> float:
     return float(np.interp(step, steps, epochs))
 
 
-def plot_training_curves(log_history: Sequence[dict], path: str | Path, marks: Sequence[tuple[int, str]] = ()) -> Path:
+def plot_training_curves(log_history: Sequence[dict], path: str | Path, marks: Sequence[tuple[int, str]] = (),
+                         previous: str | Path | None = None) -> Path:
     """Plot train/validation loss and validation (and test) metrics against epochs from Trainer's log_history, with a
-    vertical line at each of `marks` (optimizer step, label: see `curve_marks`)."""
-    return _save(training_curves_figure(log_history, marks), path)
+    vertical line at each of `marks` (optimizer step, label: see `curve_marks`). Kept, not drawn, when `previous`
+    (default: `path`) shows the same curves (`figures.draw`): the run's timings are not part of them."""
+    curves = training_curves(log_history, marks)
+    return draw(path, "training curves", curves, lambda file, metadata: _save(_curves_figure(curves), file, metadata), previous)
 
 
-def training_curves_figure(log_history: Sequence[dict], marks: Sequence[tuple[int, str]] = ()) -> plt.Figure:
-    """The figure `plot_training_curves` saves."""
-    train_loss, eval_loss = _series(log_history, "loss"), _series(log_history, "eval_loss")
+def training_curves(log_history: Sequence[dict], marks: Sequence[tuple[int, str]] = ()) -> dict:
+    """What the training curves show: (epochs, values) of each series, and the epoch and label of each mark."""
+    curves = {"train loss": _series(log_history, "loss"), "validation loss": _series(log_history, "eval_loss")}
     metrics = {label: _series(log_history, key) for key, label in EVAL_METRICS.items()}
     metrics = {label: points for label, points in metrics.items() if points[0]}
-    if not (train_loss[0] or eval_loss[0] or metrics):
+    if not (curves["train loss"][0] or curves["validation loss"][0] or metrics):
         raise ValueError("log_history holds no loss or eval metric entries with an 'epoch': nothing to plot")
+    return {**curves, "metrics": metrics, "marks": [(_epoch_at(log_history, step), label) for step, label in marks]}
 
+
+def training_curves_figure(log_history: Sequence[dict], marks: Sequence[tuple[int, str]] = ()) -> Figure:
+    """The figure `plot_training_curves` saves."""
+    return _curves_figure(training_curves(log_history, marks))
+
+
+def _curves_figure(curves: dict) -> Figure:
+    plt = _pyplot()
     fig, (loss_ax, metric_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for (epochs, values), label, style in ((train_loss, "train loss", "-o"), (eval_loss, "validation loss", "-s")):
+    for label, style in (("train loss", "-o"), ("validation loss", "-s")):
+        epochs, values = curves[label]
         if epochs:
             loss_ax.plot(epochs, values, style, label=label, markersize=4)
     loss_ax.set(title="Loss", xlabel="epoch", ylabel="cross-entropy loss")
-    for label, (epochs, values) in metrics.items():
+    for label, (epochs, values) in curves["metrics"].items():
         metric_ax.plot(epochs, values, "-o", label=label, markersize=4)
-    tested = any(label.startswith("test") for label in metrics)
+    tested = any(label.startswith("test") for label in curves["metrics"])
     metric_ax.set(title="Validation and test metrics" if tested else "Validation metrics", xlabel="epoch", ylabel="score", ylim=(0, 1.02))
     for ax in (loss_ax, metric_ax):
-        for step, label in marks:
-            ax.axvline(_epoch_at(log_history, step), color="tab:red" if label == "early stop" else "tab:gray",
+        for epoch, label in curves["marks"]:
+            ax.axvline(epoch, color="tab:red" if label == "early stop" else "tab:gray",
                        linestyle="--" if label == "early stop" else ":", linewidth=1.2, label=label)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -85,11 +100,19 @@ def training_curves_figure(log_history: Sequence[dict], marks: Sequence[tuple[in
     return fig
 
 
-def plot_confusion_matrix(matrix: Sequence[Sequence[int]], labels: Sequence[str], path: str | Path) -> Path:
-    """Plot a confusion matrix (rows: true class, columns: predicted), coloured by row share, with counts."""
+def plot_confusion_matrix(matrix: Sequence[Sequence[int]], labels: Sequence[str], path: str | Path,
+                          previous: str | Path | None = None) -> Path:
+    """Plot a confusion matrix (rows: true class, columns: predicted), coloured by row share, with counts. Kept, not
+    drawn, when `previous` (default: `path`) shows the same matrix and labels (`figures.draw`)."""
     counts = np.asarray(matrix, dtype=float)
     if counts.ndim != 2 or counts.shape[0] != counts.shape[1] or counts.shape[0] != len(labels):
         raise ValueError(f"confusion matrix of shape {counts.shape} does not match {len(labels)} labels")
+    inputs = {"matrix": counts, "labels": [str(label) for label in labels]}
+    return draw(path, "confusion matrix", inputs, lambda file, metadata: _save(_confusion_figure(counts, labels), file, metadata), previous)
+
+
+def _confusion_figure(counts: np.ndarray, labels: Sequence[str]) -> Figure:
+    plt = _pyplot()
     n = len(labels)
     # Colour by share of each true class so that rare classes stay readable.
     shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
@@ -110,12 +133,20 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], labels: Sequence[str]
     accuracy = f"accuracy {correct / total:.1%} on {int(total)} images" if total else "no images"
     ax.set(title=f"Confusion matrix, test split\n({accuracy})", xlabel="predicted label", ylabel="true label")
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
-def _save(fig: plt.Figure, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def _pyplot():
+    """matplotlib's pyplot, loaded when a figure is drawn (a rerun that keeps its figures never loads it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers and in tests
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Figure, path: Path, metadata: dict) -> Path:
+    fig.savefig(path, dpi=120, format="png", metadata=metadata)
+    _pyplot().close(fig)
     return path

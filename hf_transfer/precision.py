@@ -20,8 +20,7 @@ from torch import nn
 
 try:
     from .errors import HFTransferError
-except ImportError:  # shipped alone to a Space as hf_transfer_precision.py (hf_transfer/demo.py), where no CLI reads it
-
+except ImportError:  # shipped to a Space as hf_transfer_precision.py (hf_transfer/demo.py), where no CLI reads errors
     class HFTransferError(Exception):
         """Stands in for hf_transfer.errors.HFTransferError on a Space."""
 
@@ -187,6 +186,12 @@ class FrozenPasses:
         for handle in self.handles:
             handle.remove()
 
+    def __enter__(self) -> FrozenPasses:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
 
 def _channels_last(value):
     if isinstance(value, torch.Tensor) and value.ndim == 4 and value.is_floating_point():
@@ -198,24 +203,20 @@ def _float32(value):
     return value.float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
 
 
-def classifier_of(model: nn.Module) -> nn.Module | None:
-    """The final classifier layer: timm's `get_classifier()`, or a transformers model's `classifier` module."""
-    timm_model = getattr(model, "timm_model", model)
-    if hasattr(timm_model, "get_classifier"):
-        classifier = timm_model.get_classifier()
-    else:
-        classifier = getattr(model, "classifier", None)
-    return classifier if isinstance(classifier, nn.Module) and any(True for _ in classifier.parameters()) else None
-
-
 def prepare_for_inference(model: nn.Module, option: str = "auto") -> Precision:
     """Run `model` (e.g. a `pipeline`'s `.model`) in the precision `option` decides for its device; returns the decision.
 
         classifier = pipeline("image-classification", model=...)
         precision = prepare_for_inference(classifier.model)   # bf16 + channels_last on a CPU with AVX512-BF16
     """
+    try:
+        from .blocks import find_head  # here, not above: options.py reads CHOICES, and `train --help` loads no timm
+    except ImportError:  # on a Space, as hf_transfer_precision.py
+        from hf_transfer_blocks import find_head
+
     device = next(model.parameters()).device
     precision = resolve(option, device, model)
-    FrozenPasses(model, precision, head=classifier_of(model))
+    head = find_head(model)
+    FrozenPasses(model, precision, head=head[1] if head else None)
     logger.info("Inference precision: %s", precision.describe())
     return precision

@@ -12,81 +12,30 @@ import argparse
 import dataclasses
 import difflib
 import functools
-import math
 import os
 import reprlib
 import sys
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import yaml
 from transformers import HfArgumentParser
 
-from .data import DataArguments
-from .doctor_options import DoctorArguments
-from .errors import HFTransferError
-from .freezing import FreezeArguments
-from .models import ModelArguments
-from .optimization import HfTransferTrainingArguments, check_optim_args
-from .precision import CHOICES as PRECISIONS
-from .precision import native_bf16
+from .errors import RecipeError
+from .options import (
+    ARGUMENT_CLASSES,
+    TRAINING_DEFAULTS,
+    DataArguments,
+    DoctorArguments,
+    FreezeArguments,
+    HfTransferTrainingArguments,
+    ModelArguments,
+    RunArguments,
+)
 from .recipe_yaml import RecipeYAMLError, read_recipe_file
 from .repo_files import without_local_paths
-from .streaming import check_recipe as check_streaming
-
-
-@dataclass
-class RunArguments:
-    resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in output_dir (after a crash or kill)."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace an output_dir that holds a different run."})
-    feature_cache: bool = field(default=True, metadata={"help": "With a frozen backbone (head_only, batchnorm frozen): compute its features once, cache them, train the head on them."})
-    feature_cache_views: int = field(default=0, metadata={"help": "Feature cache train views: 0 = un-augmented; K = K fixed augmented views per image, epoch e uses view e mod K."})
-    inference_precision: str = field(
-        default="auto",
-        metadata={"help": "Precision of passes without gradients (feature extraction, evaluation, test): `auto` = bf16 autocast where "
-                          "the CPU or GPU computes bf16 natively, else fp32 (the decision goes into all_results.json); `fp32`; `bf16`.",
-                  "choices": list(PRECISIONS)},
-    )
-    early_stopping_patience: int | None = field(
-        default=None,
-        metadata={"help": (
-            "Stop once `metric_for_best_model` has not improved for this many evaluations (Trainer's EarlyStoppingCallback). "
-            "In a staged plan it counts in the last stage only."
-        )},
-    )
-    early_stopping_threshold: float = field(default=0.0, metadata={"help": "How much `metric_for_best_model` must improve to count as better."})
-    eval_test_each_epoch: bool = field(
-        default=False,
-        metadata={"help": "Also score the test split after every evaluation (`test_*` in the log and the card's per-epoch table); "
-                          "the best checkpoint is still chosen on the validation split."},
-    )
-
-
-ARGUMENT_CLASSES = (DataArguments, ModelArguments, FreezeArguments, RunArguments, DoctorArguments, HfTransferTrainingArguments)
-
-# Defaults that suit image classification better than Trainer's generic ones; a recipe overrides any.
-TRAINING_DEFAULTS = {
-    "output_dir": "outputs/run",
-    "eval_strategy": "epoch",
-    "save_strategy": "epoch",
-    "logging_strategy": "epoch",
-    "load_best_model_at_end": True,
-    "metric_for_best_model": "accuracy",
-    "save_total_limit": 2,
-    "remove_unused_columns": False,  # the transform needs the raw image column
-    "per_device_train_batch_size": 32,
-    "per_device_eval_batch_size": 64,
-    "learning_rate": 1e-3,
-    "num_train_epochs": 3,
-    "warmup_steps": 0.1,
-    "weight_decay": 0.01,
-    "report_to": "none",
-    # Trainer's filter reads every step's loss on the host (a GPU sync per step); SafeTrainer stops on a NaN/inf loss instead.
-    "logging_nan_inf_filter": False,
-}
 
 
 @dataclass
@@ -132,10 +81,6 @@ class Recipe:
             flat.update(values)
         header = "# The resolved recipe of this run. Reproduce it with: hf-transfer train recipe.yaml --output_dir <another folder>\n"
         return header + yaml.safe_dump(flat, sort_keys=False)
-
-
-class RecipeError(HFTransferError, ValueError):
-    """A recipe or command-line option that cannot be used; the message says what to write instead."""
 
 
 def parser() -> HfArgumentParser:
@@ -210,7 +155,9 @@ def device_defaults(device_type: str, cpu_count: int | None, processes: int = 1)
 
 
 def parse_recipe(argv: list[str] | None = None, **overrides) -> Recipe:
-    """`[recipe.yaml] [--key value ...]` -> Recipe. Keyword overrides win over both."""
+    """`[recipe.yaml] [--key value ...]` -> Recipe, checked (`validation.check_recipe`). Keyword overrides win over both."""
+    import torch  # not for `--help`: which device trains decides some defaults
+
     cuda = torch.cuda.is_available()
     if cuda:
         torch.backends.cudnn.benchmark = True  # fixed input sizes: the fastest convolution algorithms are found once
@@ -219,6 +166,8 @@ def parse_recipe(argv: list[str] | None = None, **overrides) -> Recipe:
 
 def parse_recipe_for(device_type: str, argv: list[str] | None = None, **overrides) -> Recipe:
     """`parse_recipe` with the defaults of training on `device_type` ("cuda" or "cpu")."""
+    from .validation import check_recipe
+
     argv = list(sys.argv[1:] if argv is None else argv)
     values = {**TRAINING_DEFAULTS, **device_defaults(device_type, os.cpu_count(), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))}
     if argv and not argv[0].startswith("-"):
@@ -230,43 +179,19 @@ def parse_recipe_for(device_type: str, argv: list[str] | None = None, **override
         if key not in known_keys():
             raise RecipeError(f"Unknown option `{key}`.{_suggest(key)}")
     values.update(_flatten_freeze(overrides))
-    if "LOCAL_RANK" in os.environ and not torch.cuda.is_available():
+    if "LOCAL_RANK" in os.environ and device_type != "cuda":
         # `accelerate launch --multi_gpu` with no GPU: run the processes on CPU with gloo instead of one each.
         os.environ["ACCELERATE_USE_CPU"] = "true"
+    _check_single_values(values)
     arg_parser = parser()
-    _check_single_values(arg_parser, values)
     arg_parser.set_defaults(**{k: _as_default(v) for k, v in values.items()})
     parsed, remaining = _parse(arg_parser, argv)
     if remaining:
         flag = remaining[0].lstrip("-").split("=")[0]
         raise RecipeError(f"Unknown option `{remaining[0]}`.{_suggest(flag)}")
-    data, model, freezing, run, doctor, training = parsed
-    if not data.dataset:
-        raise RecipeError("No dataset given: set `dataset:` in the recipe or pass `--dataset <hub id or folder>`.")
-    if training.push_to_hub and (training.hub_model_id or "").count("/") != 1:
-        raise RecipeError("`push_to_hub: true` needs `hub_model_id: <user>/<name>`, the model repo to push to.")
-    _check_evaluation_needs(freezing, run, training)
-    _check_combinations(run, training)
-    _check_training_precision(device_type, training)
-    check_optim_args(training)
-    check_streaming(data, freezing, run, doctor, training)
-    return Recipe(data, model, freezing, run, doctor, training)
-
-
-def _check_evaluation_needs(freezing: FreezeArguments, run: RunArguments, training) -> None:
-    """Options that act on evaluations need evaluations, and a metric to watch."""
-    needs = [name for name, used in (
-        ("`at_plateau` stages", any("at_plateau" in stage for stage in freezing.schedule())),
-        ("`early_stopping_patience`", run.early_stopping_patience),
-        ("`eval_test_each_epoch`", run.eval_test_each_epoch),
-    ) if used]
-    if needs and training.eval_strategy == "no":
-        raise RecipeError(f"{' and '.join(needs)} need evaluations during training, but `eval_strategy` is `no`. Set `eval_strategy: epoch`.")
-    if run.early_stopping_patience is not None and run.early_stopping_patience < 1:
-        raise RecipeError(f"`early_stopping_patience` counts evaluations without improvement; it must be >= 1, not {run.early_stopping_patience}.")
-    watches_metric = any("at_plateau" in stage for stage in freezing.schedule()) or run.early_stopping_patience
-    if watches_metric and not training.metric_for_best_model:
-        raise RecipeError("`at_plateau` stages and early stopping watch `metric_for_best_model`; set it (e.g. `accuracy` or `loss`).")
+    recipe = Recipe(*parsed)
+    check_recipe(recipe, device_type)
+    return recipe
 
 
 FREEZE_SECTION = [f.name for f in dataclasses.fields(FreezeArguments) if f.name != "freeze"]
@@ -281,50 +206,25 @@ def _as_default(value):
     return value if isinstance(value, (list, dict, str)) or value is None else str(value)
 
 
-def _check_single_values(arg_parser, values: dict) -> None:
-    # argparse converts strings only: a YAML list, mapping or null (`dataset: [a, b]`, `freeze:`) would reach the dataclasses unchecked.
-    accepts = _accepted_kinds()
+def _check_single_values(values: dict) -> None:
+    """argparse converts strings only: a YAML list, mapping or null (`dataset: [a, b]`, `freeze:`) is checked here, against
+    the option's annotation, before it reaches the dataclasses."""
+    accepts, defaults = _accepted_kinds(), _declared_defaults()
     for key, value in values.items():
-        action = arg_parser._option_string_actions.get(f"--{key}")
-        if action is None:
+        if key not in accepts:
             continue
-        example = TRAINING_DEFAULTS.get(key, action.default)
+        example = TRAINING_DEFAULTS.get(key, defaults.get(key))
         example = "" if example in (None, "") else f", e.g. `{key}: {str(example).lower() if isinstance(example, bool) else example}`"
-        if isinstance(value, (list, dict)) and type(value) not in accepts.get(key, (list, dict)):
+        if isinstance(value, (list, dict)) and type(value) not in accepts[key]:
             kind = "list" if isinstance(value, list) else "mapping"
             raise RecipeError(f"`{key}: {reprlib.repr(value)}` has the wrong type: `{key}` takes a single value, not a {kind}{example}.")
-        if value is None and type(None) not in accepts.get(key, (type(None),)):
+        if value is None and type(None) not in accepts[key]:
             raise RecipeError(f"`{key}` is empty (`{key}:` with no value): give it a value{example}, or delete the line.")
-    for key, (allowed, requirement) in VALUE_RANGES.items():
-        action = arg_parser._option_string_actions[f"--{key}"]
-        action.type = _in_range(action.type, allowed, requirement)
 
 
-# Values that would train nothing, or not what was asked, and that neither argparse nor TrainingArguments refuses
-# (TrainingArguments refuses only warmup_steps < 0, without saying what to write). Checked as argparse converts each
-# value: recipe and command line get one message, and a value on the command line replaces a bad one in the recipe.
-VALUE_RANGES = {
-    "learning_rate": (lambda v: 0 < v < math.inf, "give a number > 0, e.g. 1e-3 (0 or less trains nothing)"),
-    "num_train_epochs": (lambda v: 0 <= v < math.inf, "give a number of epochs > 0, e.g. 3"),  # 0: see _check_combinations
-    "max_steps": (lambda v: v > 0 or v == -1, ("give a number of steps > 0, or -1 to train for `num_train_epochs` "
-                                               "(Trainer would silently ignore it and train every epoch)")),
-    "per_device_train_batch_size": (lambda v: v >= 1, "give a batch size >= 1, e.g. 32"),
-    "per_device_eval_batch_size": (lambda v: v >= 1, "give a batch size >= 1, e.g. 64"),
-    "gradient_accumulation_steps": (lambda v: v >= 1, "give a whole number >= 1 (1 = no accumulation)"),
-    "weight_decay": (lambda v: 0 <= v < math.inf, "give a number >= 0, e.g. 0.01 (0 = none)"),
-    "warmup_steps": (lambda v: 0 <= v < math.inf, "give a fraction of the training steps below 1 (e.g. 0.1) or a number of steps >= 1"),
-}
-
-
-def _in_range(convert, allowed, requirement):
-    def checked(text: str):
-        value = convert(text)
-        if not allowed(value):
-            raise argparse.ArgumentTypeError(f"{text} is out of range: {requirement}")
-        return value
-
-    checked.__name__ = getattr(convert, "__name__", "value")  # argparse names the type: `invalid float value: 'three'`
-    return checked
+@functools.lru_cache(maxsize=1)
+def _declared_defaults() -> dict:
+    return {f.name: f.default for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
 
 
 @functools.lru_cache(maxsize=1)
@@ -334,6 +234,8 @@ def _accepted_kinds() -> dict[str, set[type]]:
     for cls in ARGUMENT_CLASSES:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
+            if not f.init:
+                continue
             hint = hints[f.name]
             options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
             accepts[f.name] = {typing.get_origin(option) or option for option in options} & {list, dict, type(None)}
@@ -341,31 +243,6 @@ def _accepted_kinds() -> dict[str, set[type]]:
                 accepts[f.name].add(type(None))
     accepts["stages"].add(list)  # a YAML list in a recipe, a YAML string on the command line: FreezeArguments reads both
     return accepts
-
-
-def _check_combinations(run: RunArguments, training) -> None:
-    """Options that are each valid but cannot go together, refused before any data or model loads."""
-    if run.resume and run.overwrite:
-        raise RecipeError(f"`--resume` and `--overwrite` cannot go together: `--resume` continues the run in {training.output_dir} "
-                          "from its last complete checkpoint; `--overwrite` deletes that run to start a new one. Pass one of them.")
-    if training.num_train_epochs == 0 and training.max_steps <= 0:
-        raise RecipeError("`num_train_epochs: 0` trains nothing: give a number of epochs > 0, e.g. 3, or a `max_steps` > 0.")
-
-
-def _check_training_precision(device_type: str, training) -> None:
-    """fp16 training on a CPU: Accelerate turns on fp16 autocast and its gradient scaler only on accelerators
-    (Accelerator.__init__ skips `device.type == "cpu"`), so the run would train in fp32 while its recipe says fp16."""
-    if training.mixed_precision != "fp16":  # `fp16: true`, or `accelerate launch --mixed_precision fp16`
-        return
-    forced = training.use_cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    if not forced and (device_type != "cpu" or torch.backends.mps.is_available()):
-        return
-    asked = "`fp16: true`" if training.fp16 else "`--mixed_precision fp16` (accelerate launch)"
-    has_bf16, hardware = native_bf16("cpu")
-    instead = (f"Use `bf16: true` (or `--mixed_precision bf16`) instead: this {hardware} computes bf16 natively"
-               if has_bf16 else f"Remove it to train in fp32 as it would anyway (this {hardware} would only emulate bf16)")
-    raise RecipeError(f"{asked} on a CPU would change nothing: Accelerate has fp16 mixed precision (autocast with a gradient "
-                      f"scaler) only on GPUs, so the run would train in fp32. {instead}.")
 
 
 def _parse(arg_parser, argv):

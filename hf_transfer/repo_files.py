@@ -31,8 +31,10 @@ ONNX_DIR = "onnx"  # a run's folder, like checkpoints: `--overwrite` deletes it,
 ONNX_MODEL = f"{ONNX_DIR}/model.onnx"  # fp32: preprocessed pixels in (`pixel_values`), `logits` out, any batch size
 ONNX_INT8_MODEL = f"{ONNX_DIR}/model_quantized.onnx"  # int8, by onnxruntime's quantizer
 EXPORT_REPORT = f"{ONNX_DIR}/export_report.json"  # the equivalence check and latency of each graph, and the weights it was made from
-# Every file a run writes (with the sharded-weights names save_pretrained may use): `--overwrite` deletes these only.
-RUN_OUTPUTS = (CONFIG, WEIGHTS, "model-*-of-*.safetensors", f"{WEIGHTS}.index.json", PREPROCESSOR, MODEL_CARD, ALL_RESULTS,
+# The model itself, as `pipeline("image-classification")` loads it (with the sharded-weights names save_pretrained may use).
+MODEL_FILES = (CONFIG, WEIGHTS, "model-*-of-*.safetensors", f"{WEIGHTS}.index.json", PREPROCESSOR)
+# Every file a run writes: `--overwrite` deletes these only.
+RUN_OUTPUTS = (*MODEL_FILES, MODEL_CARD, ALL_RESULTS,
                TEST_REPORT, TRAINER_STATE, FREEZE_PLAN, RUN_CONFIG, RECIPE, CURVES_PNG, CONFUSION_PNG, EXPLANATIONS_PNG, DATA_REPORT,
                DATA_SUSPECTS_PNG, LOCK_FILE)
 
@@ -151,3 +153,13 @@ class RunFiles:
             return size["height"], size["width"]
         edge = size.get("shortest_edge")
         return (edge, edge) if edge else None
+
+
+def write_json(path: Path, value, indent: int = 2) -> None:
+    """`value` as JSON: numpy numbers as numbers, any other value JSON has no type for as its text."""
+    path.write_text(json.dumps(value, indent=indent, default=_json_value))
+
+
+def _json_value(value):
+    item = getattr(value, "item", None)  # numpy scalars
+    return item() if callable(item) and getattr(value, "shape", None) == () else str(value)

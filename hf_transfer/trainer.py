@@ -42,7 +42,7 @@ from .checkpoints import (
 )
 from .errors import HFTransferError
 from .models import save_pretrained
-from .optimization import STEP, STEP_DEFAULTS, step_schedule
+from .schedules import STEP, STEP_DEFAULTS, step_schedule
 
 logger = logging.getLogger(__name__)
 

@@ -286,7 +286,8 @@ def save_timm_model(path: Path, architecture: str, image_size: int = 32, **model
 
 
 def load(model_dir: Path) -> nn.Module:
-    from hf_transfer.models import ModelArguments, load_model
+    from hf_transfer.models import load_model
+    from hf_transfer.options import ModelArguments
 
     return load_model(ModelArguments(model=str(model_dir)), CLASSES)[0]
 
@@ -352,3 +353,26 @@ def run_dir(tmp_path_factory) -> Path:
     if not (workdir / "run" / "all_results.json").is_file():
         train_tiny_run(workdir)
     return workdir / "run"
+
+
+def doctor_features(recipe, data=None) -> dict:
+    """The data doctor's `{split: (features, labels)}` of a recipe's data, prepared as `hf-transfer doctor` prepares it
+    (`data`: data already in hand instead of the recipe's dataset)."""
+    from hf_transfer.data.source import MapSource
+    from hf_transfer.data_check import split_features
+    from hf_transfer.pipeline import prepare, run_arguments
+
+    return split_features(prepare(recipe, run_arguments(recipe), MapSource(recipe), data).store)
+
+
+@pytest.fixture(autouse=True)
+def _strict_card_templates(monkeypatch):
+    """Every card (and card section) a test renders in its process fails on a value its template reads but was not given:
+    jinja2 renders one as nothing, and huggingface_hub's ModelCard.from_template takes no `undefined` to say otherwise."""
+    import jinja2
+
+    class StrictTemplate(jinja2.Template):
+        def __new__(cls, source, **options):
+            return super().__new__(cls, source, **{**options, "undefined": jinja2.StrictUndefined})
+
+    monkeypatch.setattr(jinja2, "Template", StrictTemplate)

@@ -9,7 +9,8 @@ import pytest
 from bad_recipes import CASES, alias_bomb
 from conftest import REPO, SAMPLE, user_error
 
-from hf_transfer.recipe import RecipeError, load_yaml, parse_recipe
+from hf_transfer.errors import RecipeError
+from hf_transfer.recipe import load_yaml, parse_recipe
 
 pytestmark = pytest.mark.usefixtures("offline_hub")
 

@@ -21,8 +21,19 @@ from safetensors.torch import load_file
 from transformers import pipeline
 
 from hf_transfer import finetune
-from hf_transfer.cached_head import CHECK_IMAGES, CachedHeadTraining, FeatureCacheMismatchError, check_cache
-from hf_transfer.feature_store import KEY_FILE, cache_root, load, relative_errors, storage_dtype, store, weights_digest
+from hf_transfer.cached_head import check_cache
+from hf_transfer.feature_store import (
+    CHECK_IMAGES,
+    KEY_FILE,
+    FeatureCacheMismatchError,
+    cache_root,
+    load,
+    relative_errors,
+    storage_dtype,
+    store,
+    weights_digest,
+)
+from hf_transfer.strategies import CachedHead
 
 # The data doctor off: these tests count the cache's own extractions and checks (tests/test_doctor.py runs it in a run).
 TINY = dict(
@@ -295,14 +306,14 @@ def all_test_images(cache_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("all_test")
     first = _train(out, "first", max_test_samples=None)
     passes = []
-    original = CachedHeadTraining._full_model_pass
+    original = CachedHead._full_model_pass
 
     def counted(self, split):
         passes.append(len(split))
         return original(self, split)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(CachedHeadTraining, "_full_model_pass", counted)
+        patch.setattr(CachedHead, "_full_model_pass", counted)
         second = _train(out, "second", max_test_samples=None)
     return out, first, second, passes
 

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
+import subprocess
+import sys
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -17,10 +21,9 @@ import pytest
 from PIL import Image
 
 from hf_transfer.card import describe_hardware, write_model_card
-from hf_transfer.repo_files import shareable_path
-from hf_transfer.repo_files import RunFiles
-from hf_transfer.models import ModelArguments
+from hf_transfer.options import ModelArguments
 from hf_transfer.plots import plot_confusion_matrix, plot_training_curves, training_log
+from hf_transfer.repo_files import RunFiles, shareable_path
 
 LABELS = ["cat", "dog"]
 PLACEHOLDERS = (r"\[More Information Needed\]", r"\{\{", r"\bTODO\b", r"\bTBD\b", r"\bNone\b", r"\bnan\b", r"\.partial")
@@ -183,3 +186,66 @@ def test_absolute_local_folders_stay_off_the_card(fresh_run):
     (fresh_run / "run_config.json").write_text(json.dumps(run_config))
     card = write_model_card(fresh_run).content
     assert "/home/ana" not in card and ".../pets" in card
+
+
+def test_the_templates_use_only_the_values_the_card_gives_them(fresh_run):
+    """Jinja renders a misspelt or missing value as nothing; in the tests (conftest.py's `_strict_card_templates`) it is an
+    error instead: for a run with all its files (the data doctor's section included) and for one that recorded only its
+    scores."""
+    run = RunFiles(fresh_run)
+    (fresh_run / "data_report.json").write_text(json.dumps({  # as the data doctor writes it (tests/test_doctor.py checks its own)
+        "images": run.results["split_sizes"], "settings": {"duplicate_threshold": 0.9}, "copies": {"features_meaningful": True},
+        "summary": {"probe_accuracy": 0.5, "label_issues": 1, "label_issues_by_split": {"train": 1}, "near_duplicate_pairs": 0,
+                    "leak_pairs": 0, "leaks_by_splits": {}, "classes_below_minimum": []}}))
+    sparse = fresh_run.parent / "sparse"
+    sparse.mkdir()
+    (sparse / "config.json").write_bytes((fresh_run / "config.json").read_bytes())
+    (sparse / "all_results.json").write_text(json.dumps({key: run.results[key] for key in ("test_accuracy", "test_f1")}))
+    for folder, sections in ((fresh_run, ("## Data quality", "## Freeze plan\n\n|", "- Optimizer: `")),
+                             (sparse, ("The run recorded no freeze plan", "This run recorded no optimizer", "no run_config.json"))):
+        body = str(write_model_card(folder)).split("\n---\n", 1)[1]
+        for leftover in ("{{", "}}", "{%", "%}", "{#", "#}"):
+            assert leftover not in body, (folder.name, leftover)
+        for section in sections:
+            assert section in body, (folder.name, section)
+
+
+def test_a_wheel_ships_the_card_templates(tmp_path):
+    """`pip install` carries only the package data pyproject.toml names: card.py, imported from an unpacked wheel of the
+    checkout, reads every template through importlib.resources."""
+    from hf_transfer import card
+
+    repo, source = Path(card.__file__).parents[1], tmp_path / "source"
+    shutil.copytree(repo / "hf_transfer", source / "hf_transfer", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(repo / name, source / name)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--disable-pip-version-check",
+                            "--quiet", "--wheel-dir", str(tmp_path / "dist"), str(source)], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    zipfile.ZipFile(wheel).extractall(tmp_path / "installed")
+    code = ("import json, hf_transfer.card as card; print(json.dumps([card.__file__, "
+            "{path.name: path.read_text(encoding='utf-8') for path in card.TEMPLATES.iterdir()}]))")
+    read = subprocess.run([sys.executable, "-c", code],
+                          env={**os.environ, "PYTHONPATH": str(tmp_path / "installed")}, cwd=tmp_path, capture_output=True, text=True)
+    assert read.returncode == 0, read.stderr[-3000:]
+    where, templates = json.loads(read.stdout)
+    assert Path(where).is_relative_to(tmp_path / "installed")
+    assert templates == {path.name: path.read_text(encoding="utf-8") for path in (repo / "hf_transfer" / "templates").iterdir()}
+    assert {card.CARD_TEMPLATE.name, card.DATA_QUALITY_TEMPLATE.name} <= set(templates)
+
+
+def test_the_deployment_section_names_no_local_folder(fresh_run):
+    """`hf-transfer export`'s snippets load the model as the pipeline snippet does: by the folder relative to the working
+    directory (or by name), never by its absolute path; with a repo id, from the Hub."""
+    from hf_transfer.cli import main
+
+    main(["export", str(fresh_run.resolve()), "--check_images", "8"])
+    body = write_model_card(fresh_run).content
+    section = body.split("## Deployment", 1)[1].split("\n## ", 1)[0]
+    folder = shareable_path(str(fresh_run.resolve()))
+    assert f'AutoImageProcessor.from_pretrained("{folder}")' in section and f'"{folder}/onnx/model.onnx"' in section
+    assert f"hf-transfer predict {folder} photos/ --backend onnx" in section
+    assert str(fresh_run.resolve()) not in body
+    section = write_model_card(fresh_run, repo_id="user/tiny-vit").content.split("## Deployment", 1)[1]
+    assert 'ort.InferenceSession(hf_hub_download("user/tiny-vit", "onnx/model.onnx"))' in section

@@ -12,8 +12,9 @@ import torch
 from conftest import SAMPLE, sample_rows
 from PIL import Image
 
-from hf_transfer.data import DataArguments, attach_transforms, build_transforms, collate, load_image_dataset
-from hf_transfer.models import ModelArguments, data_config, load_model
+from hf_transfer.data import attach_transforms, build_transforms, collate, load_image_dataset
+from hf_transfer.models import data_config, load_model
+from hf_transfer.options import DataArguments, ModelArguments
 
 
 def _save(tmp_path, splits: dict[str, datasets.Dataset]) -> str:

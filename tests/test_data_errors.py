@@ -14,8 +14,9 @@ import datasets
 import pytest
 from conftest import IMAGE, LABEL, SAMPLE, TINY_RUN, labelled, photos, sample_rows, train_in_process, user_error, write_dataset
 
-from hf_transfer.data import DataArguments, DatasetError, load_image_dataset
-from hf_transfer.errors import HFTransferError
+from hf_transfer.data import load_image_dataset
+from hf_transfer.errors import DatasetError, HFTransferError
+from hf_transfer.options import DataArguments
 
 pytestmark = pytest.mark.usefixtures("offline_hub")
 

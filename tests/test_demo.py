@@ -23,10 +23,7 @@ from huggingface_hub import ModelCard, SpaceCard
 from PIL import Image
 
 from hf_transfer.demo import (
-    SHIPPED_EXPLAIN_MODULE,
-    SHIPPED_IMAGES_MODULE,
-    SHIPPED_PRECISION_MODULE,
-    SHIPPED_REPO_FILES_MODULE,
+    SHIPPED_MODULES,
     SPACE_DIR,
     load_app,
     stage_space,
@@ -128,10 +125,8 @@ def test_stage_space_pins_the_model_and_ships_the_app(tmp_path):
     card = SpaceCard.load(space / "README.md").data
     assert (card.sdk, card.app_file, card.models) == ("gradio", "app.py", ["user/cats-model"])
     assert (space / "app.py").read_bytes() == (SPACE_DIR / "app.py").read_bytes()
-    assert (space / SHIPPED_IMAGES_MODULE).read_bytes() == (REPO_ROOT / "hf_transfer" / "images.py").read_bytes()
-    assert (space / SHIPPED_EXPLAIN_MODULE).read_bytes() == (REPO_ROOT / "hf_transfer" / "explain.py").read_bytes()
-    assert (space / SHIPPED_REPO_FILES_MODULE).read_bytes() == (REPO_ROOT / "hf_transfer" / "repo_files.py").read_bytes()
-    assert (space / SHIPPED_PRECISION_MODULE).read_bytes() == (REPO_ROOT / "hf_transfer" / "precision.py").read_bytes()
+    for module, shipped_as in SHIPPED_MODULES.items():
+        assert (space / shipped_as).read_bytes() == (REPO_ROOT / "hf_transfer" / module).read_bytes()
     assert "grad-cam" in (space / "requirements.txt").read_text()  # what the shipped explain module imports
     assert (space / "examples" / "cat_1.jpg").read_bytes() == CAT.read_bytes()
 

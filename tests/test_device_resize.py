@@ -18,12 +18,14 @@ from torch.nn import functional as F
 from transformers import pipeline
 
 from hf_transfer import finetune, metrics
+from hf_transfer.data import build_transforms, collate, load_image_dataset
+from hf_transfer.data.device_resize import device_resized_size, device_transforms, transforms_for_run
+from hf_transfer.errors import DatasetError, RecipeError
 from hf_transfer.feature_store import KEY_FILE, cache_root
-from hf_transfer.data import DataArguments, DatasetError, build_transforms, collate, load_image_dataset
-from hf_transfer.device_resize import device_transforms, transforms_for_run, use_device_resize
 from hf_transfer.images import load_image
-from hf_transfer.models import ModelArguments, data_config, load_model
-from hf_transfer.recipe import RecipeError, device_defaults, parse_recipe, parse_recipe_for
+from hf_transfer.models import data_config, load_model
+from hf_transfer.options import DataArguments, ModelArguments
+from hf_transfer.recipe import device_defaults, parse_recipe, parse_recipe_for
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")  # only compared, never used to compute here
 LITE0 = {"input_size": (3, 224, 224), "interpolation": "bicubic", "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 0.875, "crop_mode": "center"}
@@ -65,14 +67,14 @@ def small_data(cifar_like):
 
 def test_auto_is_on_only_on_cuda_for_images_of_one_size_smaller_than_the_input(small_data, tmp_path):
     auto = DataArguments(dataset="unused")
-    assert use_device_resize(auto, small_data, LITE0, CUDA)
-    assert not use_device_resize(auto, small_data, LITE0, CPU), "a CPU gains nothing"
-    assert not use_device_resize(auto, small_data, {**LITE0, "input_size": (3, 32, 32)}, CUDA), "not smaller than the input"
-    assert not use_device_resize(auto, small_data, {**LITE0, "interpolation": "lanczos"}, CUDA), "no device version: the CPU does it"
+    assert device_resized_size(auto, small_data, LITE0, CUDA) == (32, 32)
+    assert None is device_resized_size(auto, small_data, LITE0, CPU), "a CPU gains nothing"
+    assert None is device_resized_size(auto, small_data, {**LITE0, "input_size": (3, 32, 32)}, CUDA), "not smaller than the input"
+    assert None is device_resized_size(auto, small_data, {**LITE0, "interpolation": "lanczos"}, CUDA), "no device version: the CPU does it"
     photos = load_image_dataset(DataArguments(dataset=str(SAMPLE), max_train_samples=40, max_test_samples=8))
-    assert not use_device_resize(auto, photos, LITE0, CUDA), "photos of many sizes stay on the CPU"
-    assert use_device_resize(DataArguments(dataset="unused", resize_on_device="true"), small_data, LITE0, CPU)
-    assert not use_device_resize(DataArguments(dataset="unused", resize_on_device="false"), small_data, LITE0, CUDA)
+    assert None is device_resized_size(auto, photos, LITE0, CUDA), "photos of many sizes stay on the CPU"
+    assert device_resized_size(DataArguments(dataset="unused", resize_on_device="true"), small_data, LITE0, CPU) == (32, 32)
+    assert None is device_resized_size(DataArguments(dataset="unused", resize_on_device="false"), small_data, LITE0, CUDA)
 
 
 def test_the_option_reads_yaml_booleans_and_rejects_other_values():
@@ -92,7 +94,7 @@ def test_forcing_it_on_images_of_several_sizes_says_how_to_fix_it(small_data):
     with pytest.raises(ValueError, match="interpolation 'lanczos'.*`resize_on_device: false`"):
         transforms_for_run(forced, small_data, {**LITE0, "interpolation": "lanczos"}, CPU)
     # An image of another size further in (past the sample) stops at its batch, with the same advice.
-    _, eval_transform, _ = device_transforms(LITE0)
+    _, eval_transform, _ = device_transforms(LITE0, (32, 32))
     batch = [{"pixel_values": eval_transform(load_image(row["image"])), "labels": 0} for row in sample_rows("test")[:2]]
     with pytest.raises(DatasetError, match="different sizes .*`resize_on_device: false`"):
         collate(batch)
@@ -101,7 +103,7 @@ def test_forcing_it_on_images_of_several_sizes_says_how_to_fix_it(small_data):
 # --- what the CPU and the device compute -------------------------------------------------------------------
 
 def test_the_cpu_only_decodes_and_the_training_shift_and_flip_are_cifars(small_data):
-    train_transform, eval_transform, _ = device_transforms(LITE0, "default")
+    train_transform, eval_transform, _ = device_transforms(LITE0, (32, 32), "default")
     photo = load_image(small_data.splits["train"][0]["img"])
     decoded = eval_transform(photo)
     assert decoded.dtype == torch.uint8 and decoded.shape == (3, 32, 32)
@@ -131,7 +133,7 @@ def _window(padded: torch.Tensor, top: int, left: int, flip: bool) -> torch.Tens
 
 @pytest.mark.parametrize("augmentation", ["none", "randaugment", "trivialaugment"])
 def test_every_augmentation_runs_on_the_uint8_images(small_data, augmentation):
-    train_transform, eval_transform, device_step = device_transforms(LITE0, augmentation)
+    train_transform, eval_transform, device_step = device_transforms(LITE0, (32, 32), augmentation)
     photo = load_image(small_data.splits["train"][1]["img"])
     torch.manual_seed(1)
     images = torch.stack([train_transform(photo) for _ in range(8)])
@@ -147,8 +149,8 @@ def test_every_augmentation_runs_on_the_uint8_images(small_data, augmentation):
 def test_the_feature_cache_key_names_the_device_step():
     # The feature store keys on repr(transform): the CPU half names the device half, so changing either misses the cache.
     cpu_path = repr(build_transforms(LITE0)[1])
-    device_path = repr(device_transforms(LITE0)[1])
-    other_crop = repr(device_transforms({**LITE0, "crop_pct": 1.0})[1])
+    device_path = repr(device_transforms(LITE0, (32, 32))[1])
+    other_crop = repr(device_transforms({**LITE0, "crop_pct": 1.0}, (32, 32))[1])
     assert "then on the device: DeviceResize(input_size=(224, 224), crop_pct=0.875" in device_path
     assert len({cpu_path, device_path, other_crop}) == 3
 
@@ -163,7 +165,7 @@ def test_evaluation_on_the_device_computes_what_timm_computes_on_the_cpu(size, c
     config = {**LITE0, **config}
     photos = [load_image(cell) for cell in _shrunk(sample_rows("test")[:6], size)]
     cpu = torch.stack([build_transforms(config, "none")[1](photo) for photo in photos])
-    _, eval_transform, device_step = device_transforms(config, "none")
+    _, eval_transform, device_step = device_transforms(config, (32, 32), "none")
     on_device = device_step(torch.stack([eval_transform(photo) for photo in photos]))
     assert on_device.shape == cpu.shape
     # Pillow rounds to 8 bits after each of its two passes and so does the device step, but Pillow's coefficients
@@ -178,7 +180,7 @@ def test_a_pretrained_model_sees_the_same_images_either_way(small_data):
     config = data_config(model, processor)
     photos = [load_image(cell) for cell in small_data.splits["test"]["img"]]
     cpu = torch.stack([build_transforms(config, "none")[1](photo) for photo in photos])
-    _, eval_transform, device_step = device_transforms(config, "none")
+    _, eval_transform, device_step = device_transforms(config, (32, 32), "none")
     backbone = model.timm_model
     with torch.inference_mode():
         on_device = device_step(torch.stack([eval_transform(photo) for photo in photos]))

@@ -10,9 +10,8 @@ import re
 
 import pytest
 import yaml
-from transformers import TrainingArguments
-
 from conftest import REPO
+from transformers import TrainingArguments
 
 OPTIONS_DOC = REPO / "docs" / "options.md"
 REGENERATE = "Regenerate it with: python tools/options_doc.py"
@@ -52,8 +51,7 @@ def default_shown(cell: str):
 
 
 def test_options_doc_lists_exactly_the_options_of_help_all():
-    from hf_transfer.optimization import HfTransferTrainingArguments
-    from hf_transfer.recipe import TRAINING_DEFAULTS
+    from hf_transfer.options import TRAINING_DEFAULTS, HfTransferTrainingArguments
 
     shown = set(help_all_options())
     trainer = {f.name: f for f in dataclasses.fields(TrainingArguments)}
@@ -67,7 +65,7 @@ def test_options_doc_lists_exactly_the_options_of_help_all():
 
 
 def test_each_section_of_the_options_doc_lists_its_dataclass_with_its_defaults():
-    from hf_transfer.recipe import ARGUMENT_CLASSES, TRAINING_DEFAULTS
+    from hf_transfer.options import ARGUMENT_CLASSES, TRAINING_DEFAULTS
 
     sections = documented_sections()
     for cls in ARGUMENT_CLASSES:

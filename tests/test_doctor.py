@@ -12,32 +12,20 @@ from types import SimpleNamespace
 import datasets
 import numpy as np
 import pytest
-from conftest import IMAGE, LABEL, sample_rows, write_dataset
+from conftest import IMAGE, LABEL, doctor_features, sample_rows, write_dataset
 from huggingface_hub import constants as hub_constants
 from PIL import Image
 
 from hf_transfer import finetune, offline
 from hf_transfer.card import data_quality_section
 from hf_transfer.cli import main
-from hf_transfer.data import DataArguments, load_image_dataset
-from hf_transfer.device_resize import transforms_for_run
-from hf_transfer.doctor import (
-    class_balance,
-    diagnose,
-    doctor_store,
-    exclude,
-    find_label_issues,
-    flagged_indices,
-    image_names,
-    run_doctor,
-    similar_pairs,
-    split_features,
-    summary_text,
-    write_report,
-)
-from hf_transfer.doctor_options import DoctorArguments, DoctorError
+from hf_transfer.data import load_image_dataset
+from hf_transfer.data_check import exclude, flagged_indices, image_names, split_features, summary_text, write_report
+from hf_transfer.doctor import class_balance, diagnose, find_label_issues, similar_pairs
+from hf_transfer.errors import DoctorError
 from hf_transfer.feature_store import cache_root
-from hf_transfer.models import data_config, load_model
+from hf_transfer.options import DataArguments, DoctorArguments
+from hf_transfer.pipeline import prepare, run_arguments, run_doctor
 from hf_transfer.recipe import parse_recipe
 from hf_transfer.repo_files import DATA_REPORT, DATA_SUSPECTS_PNG
 
@@ -202,7 +190,7 @@ def test_the_doctor_command_reads_the_cache_and_prints_its_summary(planted, tmp_
 
 
 def test_faiss_inverted_index_finds_the_same_pairs_as_the_exhaustive_search(planted):
-    features = split_features(planted.recipe)
+    features = doctor_features(planted.recipe)
     pooled = np.concatenate([features[split][0] for split in ("train", "validation", "test")])
     for threshold in (0.9, 0.75):  # 0.75 also pairs distinct photos: more pairs to compare
         exhaustive = similar_pairs(pooled, threshold)
@@ -213,28 +201,24 @@ def test_faiss_inverted_index_finds_the_same_pairs_as_the_exhaustive_search(plan
 
 
 def test_a_runs_feature_store_gives_the_same_features_from_the_cache(planted, caplog):
-    """The call `training.run` makes: the run's model, transforms and store (here one that trains on 2 augmented views)."""
+    """The call `pipeline.run` makes: the run's model, transforms and store (here one that trains on 2 augmented views)."""
     recipe = planted.recipe
-    args = copy.copy(recipe.training)
-    data = load_image_dataset(recipe.data, seed=args.seed)
-    model, image_processor = load_model(recipe.model, data.labels)
-    train_transform, eval_transform, _ = transforms_for_run(recipe.data, data, data_config(model, image_processor), args.device)
-    store = doctor_store(recipe, data, model, (train_transform, eval_transform), args)
+    store = prepare(recipe, run_arguments(recipe)).store
     store.views = 2
     with caplog.at_level(logging.INFO, logger="hf_transfer"):
-        found = split_features(recipe, store=store)
+        found = split_features(store)
     assert sum("feature cache hit" in record.getMessage() for record in caplog.records) == 3
-    alone = split_features(recipe)
+    alone = doctor_features(recipe)
     for split in ("train", "validation", "test"):
         assert np.array_equal(found[split][0], alone[split][0]) and np.array_equal(found[split][1], alone[split][1])
     assert store.views == 2 and store.summary["splits"] == {}  # the run's store keeps its views and its own record
     fp32 = copy.deepcopy(recipe)
     fp32.run.inference_precision = "fp32"
-    assert doctor_store(fp32, data, model, (train_transform, eval_transform), args).precision.dtype == "fp32", "the recipe's choice"
+    assert prepare(fp32, run_arguments(fp32)).store.precision.dtype == "fp32", "the recipe's choice"
 
 
 def test_diagnose_on_features_alone_and_small_classes(planted):
-    features = split_features(planted.recipe)
+    features = doctor_features(planted.recipe)
     train_features, train_labels = features["train"]
     labels = train_labels.copy()
     labels[:3] = 2  # a third class with 3 images: too few for 5 folds
@@ -248,7 +232,7 @@ def test_diagnose_on_features_alone_and_small_classes(planted):
 
 
 def test_each_doctor_option_changes_what_it_reports(planted, tmp_path):
-    found = split_features(planted.recipe)
+    found = doctor_features(planted.recipe)
     features, labels = ({split: pair[index] for split, pair in found.items()} for index in (0, 1))
     classes = planted.report["classes"]
 

@@ -19,8 +19,9 @@ from hf_transfer import offline
 from hf_transfer.card import data_quality_section
 from hf_transfer.cli import main
 from hf_transfer.data import load_image_dataset
-from hf_transfer.doctor import exclude, flagged_indices, image_names, run_doctor, summary_text
-from hf_transfer.doctor_options import DoctorError
+from hf_transfer.data_check import exclude, flagged_indices, image_names, summary_text
+from hf_transfer.errors import DoctorError
+from hf_transfer.pipeline import run_doctor
 from hf_transfer.recipe import parse_recipe
 from hf_transfer.repo_files import DATA_REPORT
 

@@ -9,8 +9,20 @@ from __future__ import annotations
 
 import datasets
 import pytest
-
-from conftest import CLASSES, IMAGE, LABEL, SAMPLE, TINY_RUN, TINY_SAMPLE, labelled, photos, run_command, train_in_process, user_error, write_dataset
+from conftest import (
+    CLASSES,
+    IMAGE,
+    LABEL,
+    SAMPLE,
+    TINY_RUN,
+    TINY_SAMPLE,
+    labelled,
+    photos,
+    run_command,
+    train_in_process,
+    user_error,
+    write_dataset,
+)
 
 pytestmark = pytest.mark.usefixtures("offline_hub")
 

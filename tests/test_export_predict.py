@@ -380,11 +380,11 @@ def test_export_and_predict_help_load_no_training_stack():
 
 
 def test_the_space_ships_the_graph_runner_and_onnxruntime(tmp_path):
-    from hf_transfer.demo import SHIPPED_ONNX_MODULE, SHIPPED_REPO_FILES_MODULE, stage_space
+    from hf_transfer.demo import SHIPPED_MODULES, stage_space
 
     space = stage_space(tmp_path / "space", "user/cats-model")
-    assert (space / SHIPPED_ONNX_MODULE).read_bytes() == (REPO / "hf_transfer" / "onnx_runtime.py").read_bytes()
-    assert (space / SHIPPED_REPO_FILES_MODULE).is_file()  # what the shipped module imports on a Space
+    assert (space / SHIPPED_MODULES["onnx_runtime.py"]).read_bytes() == (REPO / "hf_transfer" / "onnx_runtime.py").read_bytes()
+    assert (space / SHIPPED_MODULES["repo_files.py"]).is_file()  # what the shipped module imports on a Space
     assert any(line.startswith("onnxruntime") for line in (space / "requirements.txt").read_text().splitlines())
     # Importable there on its own, with hf_transfer absent.
     code = ("import sys; sys.modules['hf_transfer'] = None; import hf_transfer_onnx_runtime as runner; "

@@ -2,7 +2,7 @@
 
 Models: a timm CNN with BatchNorm (`test_efficientnet`), a timm ViT (`test_vit`) and a tiny transformers
 ViT, each saved to a local model folder (so the run loads it the way it loads any model and the
-folder holds the exact initial weights). Training goes through `hf_transfer.training.run`.
+folder holds the exact initial weights). Training goes through `hf_transfer.pipeline.run`.
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ from transformers import (
 )
 
 from hf_transfer.blocks import discover_blocks
-from hf_transfer.freezing import FreezeArguments, FreezePlan, FreezePlanError
-from hf_transfer.recipe import RecipeError, parse_recipe
-from hf_transfer.training import run
+from hf_transfer.errors import RecipeError
+from hf_transfer.freezing import FreezePlan, FreezePlanError
+from hf_transfer.options import FreezeArguments
+from hf_transfer.pipeline import run
+from hf_transfer.recipe import parse_recipe
 
 LABELS = ["cat", "dog"]
 LABEL_MAPS = dict(num_labels=2, id2label=dict(enumerate(LABELS)), label2id={label: i for i, label in enumerate(LABELS)})
@@ -138,7 +140,8 @@ def test_a_waiting_block_gets_zero_gradients_and_no_update(model_dirs):
     optimizer = torch.optim.AdamW(plan.parameter_groups(weight_decay=0.5))
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     pixels, labels = model_photos(model, 8)
-    model(pixel_values=pixels, labels=labels).loss.backward()
+    with plan.attached():  # the plan's hooks, as FreezeCallback attaches them for the length of training
+        model(pixel_values=pixels, labels=labels).loss.backward()
     waiting = {name: p for name, p in model.named_parameters() if name not in plan.stage_sets[0]}
     # A gradient for every registered parameter keeps DDP's reducers in step; zero keeps clipping to the head's.
     assert all(p.grad is not None and not p.grad.any() for p in waiting.values())
@@ -164,6 +167,23 @@ def test_layer_decay_learning_rates_are_geometric_in_depth(model_dirs):
     assert [lr_by_block[name] for name in names] == pytest.approx([0.01 * 0.5 ** (len(names) - 1 - i) for i in range(len(names))])
     for group in plan.parameter_groups(weight_decay=0.05):
         assert group["weight_decay"] == (0.05 if all(p.ndim > 1 for p in group["params"]) else 0.0), "no decay on biases, norms"
+
+
+def test_timm_layer_decay_groups_cannot_replace_the_plans_groups(model_dirs):
+    """Why FreezePlan builds its own groups (see parameter_groups): timm's `param_groups_layer_decay` gives each group an
+    `lr_scale` that only timm's schedulers apply (torch's optimizers and Trainer's schedulers ignore it, so every block would
+    run at one rate), and it serves timm models only, where the plan serves transformers backbones too."""
+    from timm.optim import param_groups_layer_decay
+
+    model = load(model_dirs["timm_cnn"])
+    plan = FreezePlan(model, FreezeArguments(freeze="staged", stages=[{"at_epoch": 0, "train": "head"},
+                                                                  {"at_epoch": 1, "train": "all"}], layer_decay=0.5),
+                      learning_rate=0.01)
+    ours = plan.parameter_groups(weight_decay=0.05)
+    theirs = param_groups_layer_decay(model.timm_model, weight_decay=0.05, layer_decay=0.5)
+    optimizer = torch.optim.SGD(theirs, lr=0.01)
+    assert {group["lr"] for group in optimizer.param_groups} == {0.01}, "timm's lr_scale does not reach the optimizer"
+    assert len({group["lr"] for group in ours}) > 1, "ours: one rate per block"
 
 
 def test_presets_and_command_line_forms():
@@ -229,7 +249,8 @@ def test_only_batchnorm_layers_of_frozen_blocks_are_held_in_eval_mode(model_dirs
     cnn = load(model_dirs["timm_cnn"])
     plan = FreezePlan(cnn, FreezeArguments(freeze="last_n:1"), 1e-3)
     cnn.train()  # as Trainer does before every step
-    cnn(pixel_values=model_photos(cnn, 4)[0])
+    with plan.attached():
+        cnn(pixel_values=model_photos(cnn, 4)[0])
     last_block = set(plan.blocks[-2].parameter_names)
     norms = {name: m for name, m in cnn.named_modules() if isinstance(m, nn.BatchNorm2d)}
     assert type(norms["timm_model.bn1"]).__name__ == "BatchNormAct2d", "timm's fused BatchNorm + activation is covered"
@@ -242,7 +263,8 @@ def test_batchnorm_eval_keeps_statistics_of_trained_blocks_too(model_dirs):
     statistics = {name: b.clone() for name, b in cnn.named_buffers()}
     plan = FreezePlan(cnn, FreezeArguments(freeze="full", batchnorm="eval"), 1e-3)
     cnn.train()
-    cnn(pixel_values=model_photos(cnn, 4)[0])
+    with plan.attached():
+        cnn(pixel_values=model_photos(cnn, 4)[0])
     assert all(torch.equal(statistics[name], b) for name, b in cnn.named_buffers())
     assert all(p.requires_grad for p in cnn.parameters()), "their scale and shift still train"
     assert {row["batchnorm"] for row in plan.table()[:-1]} == {"frozen"}

@@ -14,7 +14,8 @@ import pytest
 import torch
 from conftest import SAMPLE, TINY_RUN, TINY_SAMPLE, launch_processes, save_timm_model, tiny_run, user_error
 
-from hf_transfer.optimization import HfTransferTrainingArguments, build_optimizer, describe_optimizer
+from hf_transfer.optimization import build_optimizer, describe_optimizer
+from hf_transfer.options import HfTransferTrainingArguments
 from hf_transfer.precision import native_bf16
 
 pytestmark = pytest.mark.usefixtures("offline_hub")

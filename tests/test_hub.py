@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from hub_server import LocalHub
 from conftest import SAMPLE, train_command
+from hub_server import LocalHub
 
 from hf_transfer.hub import HubError, push_to_hub
 
@@ -290,13 +290,14 @@ def test_a_hub_dataset_streams_without_being_downloaded(hub, tmp_path):
     streamed = run_client(hub, """
         import os
         from huggingface_hub import HfApi
-        from hf_transfer.data import DataArguments
-        from hf_transfer.streaming import load_streaming_dataset
+        from hf_transfer.options import DataArguments
+        from hf_transfer.data.stream import load_streaming_dataset
+        from hf_transfer.data.train_stream import train_stream
         api = HfApi()
         api.create_repo("user/cats-dogs-stream", repo_type="dataset")
         api.upload_folder(folder_path=params["folder"], repo_id="user/cats-dogs-stream", repo_type="dataset")
         data = load_streaming_dataset(DataArguments(dataset="user/cats-dogs-stream", streaming=True, validation_size=4))
-        stream = iter(data.train_stream(lambda image: list(image.getdata())[:64], 0, 1, restore_position=True))
+        stream = iter(train_stream(data, lambda image: list(image.getdata())[:64], 0, 1, restore_position=True))
         first_pass = [next(stream) for _ in range(20)]  # 24 photos less the 4 carved for validation
         report({"sizes": data.sizes, "labels": data.labels, "distinct": len({str(e["pixel_values"]) for e in first_pass}),
                 "train_labels": sorted(e["labels"] for e in first_pass),

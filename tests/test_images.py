@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bad_images import build_corpus
 from datasets import Dataset, Features
 from datasets import Image as ImageFeature
 from PIL import Image
 
-from bad_images import build_corpus
 from hf_transfer.images import UnreadableImageError, convert_to_rgb, load_image, unreadable_reason
 
 # corrupt_exif.jpg makes Pillow warn while it reads the EXIF block; that file is meant to be odd.

@@ -18,18 +18,31 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import IMAGE, LABEL, REPO, SAMPLE, TINY_RUN, labelled, launch_processes, run_command, training_error, user_error, write_dataset
+from conftest import (
+    IMAGE,
+    LABEL,
+    REPO,
+    SAMPLE,
+    TINY_RUN,
+    labelled,
+    launch_processes,
+    run_command,
+    training_error,
+    user_error,
+    write_dataset,
+)
 from hub_server import LocalHub
 from PIL import Image
 
-from hf_transfer.data import DataArguments, DatasetError
+from hf_transfer.data.stream import load_streaming_dataset
+from hf_transfer.data.train_stream import StreamLoader, train_stream
 from hf_transfer.demo import load_app
+from hf_transfer.errors import DatasetError
 from hf_transfer.images import MAX_ASPECT_RATIO, UnreadableImageError, load_image, unreadable_reason
-from hf_transfer.models import MAX_IMAGE_SIZE, check_image_size
-from hf_transfer.optimization import HfTransferTrainingArguments
+from hf_transfer.memory_check import MAX_IMAGE_SIZE, check_image_size
+from hf_transfer.options import DataArguments, HfTransferTrainingArguments
 from hf_transfer.output_dir import LOCK_FILE
 from hf_transfer.recipe import parse_recipe_for
-from hf_transfer.streaming import StreamLoader, load_streaming_dataset
 
 pytestmark = pytest.mark.usefixtures("offline_hub")
 
@@ -113,7 +126,7 @@ def test_a_worker_whose_shard_holds_only_carved_images_leaves_the_stream_to_the_
 def _loader(data, tmp_path: Path, workers: int) -> StreamLoader:
     args = HfTransferTrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2,
                                        dataloader_num_workers=workers, dataloader_pin_memory=False, report_to="none")
-    return StreamLoader(data.train_stream(_no_pixels, 0, 1, restore_position=True), args)
+    return StreamLoader(train_stream(data, _no_pixels, 0, 1, restore_position=True), args)
 
 
 def test_an_error_in_a_loader_worker_arrives_as_its_one_line(tmp_path):
@@ -175,8 +188,8 @@ def test_a_corrupt_hub_shard_is_refused_reading_only_the_footers(tmp_path):
     dataset = Path(train_shards(tmp_path / "ds", shards=2, train_images=112))
     shard = dataset / "data" / "train-00001-of-00002.parquet"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    code = ("import sys\nfrom huggingface_hub import HfApi\nfrom hf_transfer.data import DataArguments, DatasetError\n"
-            "from hf_transfer.streaming import load_streaming_dataset\n"
+    code = ("import sys\nfrom huggingface_hub import HfApi\nfrom hf_transfer.errors import DatasetError\nfrom hf_transfer.options import DataArguments\n"
+            "from hf_transfer.data.stream import load_streaming_dataset\n"
             "HfApi().create_repo('user/ds', repo_type='dataset')\n"
             "HfApi().upload_folder(repo_id='user/ds', repo_type='dataset', folder_path=sys.argv[1])\n"
             "print('uploaded', flush=True)\n"

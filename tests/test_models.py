@@ -11,8 +11,9 @@ from conftest import sample_rows
 from PIL import Image
 from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
-from hf_transfer.models import ModelArguments, ModelNotAvailableError, data_config, load_model
+from hf_transfer.models import ModelNotAvailableError, data_config, load_model
 from hf_transfer.offline import OFFLINE_WEIGHTS, load_offline_state_dict
+from hf_transfer.options import ModelArguments
 
 IMAGENET_CAT_CLASSES = set(range(281, 286))  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 

@@ -24,13 +24,12 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from conftest import REPO, SAMPLE, TINY_RUN, TINY_SAMPLE, run_command, sample_rows, train_command, trains, user_error
 from transformers import TrainingArguments, ViTConfig, ViTForImageClassification
 
-from conftest import REPO, SAMPLE, TINY_RUN, TINY_SAMPLE, run_command, sample_rows, train_command, trains, user_error
-
+from hf_transfer.cli import main
 from hf_transfer.repo_files import shareable_path
 from hf_transfer.trainer import CheckpointError, SafeTrainer, last_complete_checkpoint
-from hf_transfer.cli import main
 
 pytestmark = pytest.mark.usefixtures("offline_hub")
 

@@ -12,11 +12,13 @@ import timm
 import torch
 from conftest import TINY_RUN, TINY_SAMPLE, run_command, sample_rows, user_error
 
+from hf_transfer.blocks import find_head
 from hf_transfer.errors import HFTransferError
 from hf_transfer.feature_store import FeatureCapture, relative_errors
 from hf_transfer.images import load_image
-from hf_transfer.models import ModelArguments, load_model
-from hf_transfer.precision import FrozenPasses, PrecisionError, classifier_of, native_bf16, prepare_for_inference, resolve
+from hf_transfer.models import load_model
+from hf_transfer.options import ModelArguments
+from hf_transfer.precision import FrozenPasses, PrecisionError, native_bf16, prepare_for_inference, resolve
 from hf_transfer.repo_files import MODEL_CARD
 
 LITE0 = "timm/tf_efficientnet_lite0.in1k"
@@ -85,7 +87,7 @@ def test_frozen_passes_run_in_bf16_with_the_head_in_float32_and_training_untouch
     model, _ = lite0
     reference = copy.deepcopy(model)  # no hooks: fp32, contiguous
     hooked = copy.deepcopy(model)
-    head = classifier_of(hooked)
+    head = find_head(hooked)[1]
     precision = resolve("bf16", "cpu", hooked)
     FrozenPasses(hooked, precision, head=head)
     assert hooked.timm_model.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)

@@ -16,7 +16,8 @@ import yaml
 from conftest import IMAGE, LABEL, QUICKSTART, REPO, SAMPLE, TINY_RUN, TINY_SAMPLE, tiny_run, train_in_process, user_error, write_dataset
 from transformers import AutoModelForImageClassification, TimmWrapperForImageClassification, pipeline
 
-from hf_transfer.models import ModelArguments, ModelNotAvailableError, load_model, save_model
+from hf_transfer.models import ModelNotAvailableError, load_model, save_model
+from hf_transfer.options import ModelArguments
 from hf_transfer.recipe import parse_recipe
 
 pytestmark = pytest.mark.usefixtures("offline_hub")
@@ -50,7 +51,8 @@ def test_sgd_with_momentum_is_what_trains_and_what_the_card_says(tmp_path):
     ("adamw_torch", torch.optim.AdamW), ("adafactor", None), ("adagrad", torch.optim.Adagrad), ("rmsprop", torch.optim.RMSprop),
 ])
 def test_every_optimizer_trainer_builds_takes_the_plans_groups(optim, cls, tmp_path):
-    from hf_transfer.optimization import HfTransferTrainingArguments, build_optimizer
+    from hf_transfer.optimization import build_optimizer
+    from hf_transfer.options import HfTransferTrainingArguments
 
     args = HfTransferTrainingArguments(output_dir=str(tmp_path), optim=optim, learning_rate=0.01, report_to="none")
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
@@ -67,7 +69,8 @@ def test_an_optimizer_that_cannot_run_here_is_refused_before_training(optim, tmp
     message = user_error(capsys, *TINY_SAMPLE, *TINY_RUN, "--output_dir", str(tmp_path / "out"), "--optim", optim)
     assert f"optim: {optim}" in message and "adamw_torch" in message
     assert not (tmp_path / "out" / "model.safetensors").exists()
-    from hf_transfer.optimization import HfTransferTrainingArguments, OptimizerError, build_optimizer
+    from hf_transfer.optimization import OptimizerError, build_optimizer
+    from hf_transfer.options import HfTransferTrainingArguments
 
     with pytest.raises(OptimizerError):
         build_optimizer(HfTransferTrainingArguments(output_dir=str(tmp_path), optim=optim, report_to="none"), torch.nn.Linear(2, 2), [])

@@ -209,7 +209,7 @@ class Photos(torch.utils.data.Dataset):
 
 @trains
 def _trainer(output_dir: Path, photos: Photos, *callbacks: TrainerCallback) -> SafeTrainer:
-    """What training.run builds, on the recipe defaults (log and save once per epoch): one photo per step."""
+    """What pipeline.run builds, on the recipe defaults (log and save once per epoch): one photo per step."""
     recipe = parse_recipe([], dataset="in-memory", model="test_efficientnet", pretrained=False, freeze="full",
                           output_dir=str(output_dir), per_device_train_batch_size=1, num_train_epochs=1,
                           eval_strategy="no", load_best_model_at_end=False, dataloader_num_workers=0, disable_tqdm=True)

@@ -12,7 +12,8 @@ import torch
 from conftest import TINY_RUN, TINY_SAMPLE, train_in_process
 from transformers import TrainingArguments, ViTConfig, ViTForImageClassification, ViTImageProcessor
 
-from hf_transfer.models import ModelArguments, ModelNotAvailableError, load_model
+from hf_transfer.models import ModelNotAvailableError, load_model
+from hf_transfer.options import ModelArguments
 from hf_transfer.trainer import CheckpointError, SafeTrainer
 
 pytestmark = pytest.mark.usefixtures("offline_hub")

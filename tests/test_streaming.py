@@ -23,8 +23,9 @@ import safetensors.torch
 import torch
 from conftest import CLASSES, IMAGE, REPO, SAMPLE, labelled, launch_processes, sample_rows, train_command, user_error, write_dataset
 
-from hf_transfer.data import DataArguments
-from hf_transfer.streaming import image_key, load_streaming_dataset
+from hf_transfer.data.stream import image_key, load_streaming_dataset
+from hf_transfer.data.train_stream import train_stream
+from hf_transfer.options import DataArguments
 from hf_transfer.trainer import last_complete_checkpoint
 
 pytestmark = pytest.mark.usefixtures("offline_hub")
@@ -90,7 +91,7 @@ def test_two_ranks_read_disjoint_shards_and_skip_the_carved_images(tmp_path):
     served = []
     for rank in (0, 1):
         first_pass = set()
-        for example in data.train_stream(identify, rank, 2, restore_position=True):  # endless: up to its first repeat
+        for example in train_stream(data, identify, rank, 2, restore_position=True):  # endless: up to its first repeat
             if example["pixel_values"] in first_pass:
                 break
             first_pass.add(example["pixel_values"])
@@ -107,7 +108,7 @@ def test_the_shuffle_buffer_size_sets_how_far_ahead_an_image_can_be_drawn(tmp_pa
 
     def first_pass(buffer: int) -> list[str]:
         data = load_streaming_dataset(DataArguments(dataset=dataset, streaming=True, validation_size=4, shuffle_buffer_size=buffer))
-        stream = iter(data.train_stream(identify, 0, 1, restore_position=True))
+        stream = iter(train_stream(data, identify, 0, 1, restore_position=True))
         return [next(stream)["pixel_values"] for _ in range(19)]  # 24 photos less the 4 carved and the unreadable one
 
     passes = {buffer: first_pass(buffer) for buffer in (1, 4, 32)}

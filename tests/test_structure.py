@@ -11,19 +11,34 @@ from conftest import REPO
 PACKAGE = REPO / "hf_transfer"
 
 
+MODULES = sorted(path for path in PACKAGE.rglob("*.py") if path != PACKAGE / "__init__.py")
+
+
+def module_name(path) -> str:
+    """`data.stream` for hf_transfer/data/stream.py, `data` for hf_transfer/data/__init__.py."""
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
 def imports_of(path) -> set[str]:
     """The hf_transfer modules `path` imports, at the top or inside functions (a lazy import is still a dependency)."""
+    package = module_name(path).split(".")[:-1] if path.name != "__init__.py" else module_name(path).split(".")
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            found |= {node.module} if node.module else {alias.name for alias in node.names}
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package[:len(package) - (node.level - 1)]
+            if node.module:
+                found.add(".".join([*base, node.module]))
+            else:
+                found |= {".".join([*base, alias.name]) for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hf_transfer."):
-            found.add(node.module.split(".")[1])
-    return {name.split(".")[0] for name in found}
+            found.add(node.module.removeprefix("hf_transfer."))
+    known = {module_name(module) for module in MODULES}
+    return {name for name in found if name in known}
 
 
 def test_no_import_cycle_inside_the_package():
-    graph = {path.stem: imports_of(path) for path in PACKAGE.glob("*.py")}
+    graph = {module_name(path): imports_of(path) for path in MODULES}
     cycles, state = [], {}
 
     def visit(module, trail):
@@ -42,7 +57,7 @@ def test_no_import_cycle_inside_the_package():
 
 
 def test_every_module_says_its_job_on_its_first_line():
-    for path in PACKAGE.glob("*.py"):
+    for path in PACKAGE.rglob("*.py"):
         docstring = ast.get_docstring(ast.parse(path.read_text()))
         assert docstring and docstring.splitlines()[0].strip(), f"{path.name} has no first line saying its job"
 
@@ -54,3 +69,4 @@ def test_push_and_demo_help_load_no_training_stack():
         shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
         assert shown.returncode == 0, shown.stderr
         assert shown.stdout.strip().splitlines()[-1] == "[]", f"`{command} --help` imported {shown.stdout.strip().splitlines()[-1]}"
+

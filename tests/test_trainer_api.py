@@ -65,7 +65,7 @@ def test_the_package_uses_no_private_trainer_api_beyond_the_two_lists():
     private_methods = {name for name in dir(Trainer) if name.startswith("_") and not name.startswith("__")}
     private_attributes = _trainer_private_attributes()
     overridden, used = set(), set()
-    for path in sorted(PACKAGE.glob("*.py")):
+    for path in sorted(PACKAGE.rglob("*.py")):
         tree = ast.parse(path.read_text())
         for cls in _trainer_subclasses(tree):
             overridden |= {f"{cls.name}.{node.name}" for node in cls.body
@@ -152,7 +152,7 @@ class Photos(torch.utils.data.Dataset):
 
 
 def _trainer(output_dir: Path, **options) -> SafeTrainer:
-    """What training.run builds: 16 photos in batches of 4, 2 epochs of 4 steps, dropout 0.5 (so every step draws from
+    """What pipeline.run builds: 16 photos in batches of 4, 2 epochs of 4 steps, dropout 0.5 (so every step draws from
     the RNG), a checkpoint every 2 steps (at an epoch's end: 4 and 8; inside one: 2 and 6), a loss logged every 3 steps."""
     recipe = parse_recipe([], dataset="in-memory", model="test_efficientnet", pretrained=False, freeze="full", drop_rate=0.5,
                           output_dir=str(output_dir), per_device_train_batch_size=4, num_train_epochs=2, eval_strategy="no",

@@ -11,7 +11,8 @@ import pytest
 from conftest import QUICKSTART, REPO
 from transformers import pipeline
 
-from hf_transfer.recipe import RecipeError, parse_recipe
+from hf_transfer.errors import RecipeError
+from hf_transfer.recipe import parse_recipe
 
 
 def test_quickstart_beats_chance_and_reports_everything(quickstart_model_dir):

@@ -32,7 +32,9 @@ from markdown_it import MarkdownIt
 from PIL import Image
 
 from hf_transfer import escape
-from hf_transfer.data import DataArguments, DatasetError, load_image_dataset
+from hf_transfer.data import load_image_dataset
+from hf_transfer.errors import DatasetError
+from hf_transfer.options import DataArguments
 from hf_transfer.plots import plot_confusion_matrix
 
 NAMES = ['<img src="http://example.invalid/pixel.png" onerror=alert(1)>', "cat\n# Injected\nlicense: evil", "a`b",

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
@@ -14,8 +15,12 @@ from PIL import ExifTags, Image
 from torch.nn import functional as F
 from torch.utils.hooks import RemovableHandle
 from torchvision import transforms as T
+from torchvision.transforms import v2
 
-from .data import DataArguments, DatasetError, PreparedData, build_transforms, check_augmentation, image_name
+from ..errors import DatasetError
+from ..options import DataArguments
+from .splits import PreparedData, image_name
+from .transforms import build_transforms, check_augmentation
 
 logger = logging.getLogger(__name__)
 
@@ -25,19 +30,21 @@ SIZE_SAMPLE = 32  # images per split whose size decides `resize_on_device: auto`
 def transforms_for_run(args: DataArguments, data: PreparedData, data_config: dict, device: torch.device):
     """`(train, eval, device_step)`: the CPU transforms, and the step that finishes their batches on `device`
     (a `DeviceResize`, to attach to the model), or None when the CPU does all the preprocessing."""
-    if not use_device_resize(args, data, data_config, device):
+    image_size = device_resized_size(args, data, data_config, device)
+    if image_size is None:
         return (*build_transforms(data_config, args.augmentation, args.crop_min_scale), None)
-    return device_transforms(data_config, args.augmentation)
+    return device_transforms(data_config, image_size, args.augmentation)
 
 
-def use_device_resize(args: DataArguments, data: PreparedData, data_config: dict, device: torch.device) -> bool:
-    """`auto`: on a CUDA device, for images of one size smaller than the model's input (a CPU gains nothing)."""
+def device_resized_size(args: DataArguments, data: PreparedData, data_config: dict, device: torch.device) -> tuple[int, int] | None:
+    """The (height, width) of the images when they are resized on `device`, None when the CPU resizes them. `auto`: on a
+    CUDA device, for images of one size smaller than the model's input (a CPU gains nothing)."""
     if args.resize_on_device == "false" or (args.resize_on_device == "auto" and device.type != "cuda"):
-        return False
+        return None
     problem = DeviceResize.unsupported(data_config)
     if problem and args.resize_on_device == "auto":
         logger.info("Resizing on the CPU: the model's preprocessing has %s.", problem)
-        return False
+        return None
     sizes = sample_sizes(data)
     if len(sizes) > 1:
         if args.resize_on_device == "true":
@@ -47,14 +54,14 @@ def use_device_resize(args: DataArguments, data: PreparedData, data_config: dict
                 "Set `resize_on_device: false` (or `auto`) to resize every image on the CPU."
             )
         logger.info("Resizing on the CPU: the images have %d different sizes.", len(sizes))
-        return False
+        return None
     height, width = next(iter(sizes))
     _, input_height, input_width = data_config["input_size"]
     if args.resize_on_device == "auto" and (height >= input_height or width >= input_width):
         logger.info("Resizing on the CPU: the %dx%d px images are not smaller than the model's input.", height, width)
-        return False
+        return None
     logger.info("Resizing on the device: %dx%d px images are decoded on the CPU and resized to %s there.", height, width, data_config["input_size"][1:])
-    return True
+    return height, width
 
 
 def sample_sizes(data: PreparedData) -> dict[tuple[int, int], str]:
@@ -75,8 +82,8 @@ def _decoded_height_width(cell: dict) -> tuple[int, int]:
     return height, width
 
 
-def device_transforms(data_config: dict, augmentation: str = "default"):
-    """`(train, eval, device_step)` when `device_step` resizes on the device: the CPU decodes each image to a
+def device_transforms(data_config: dict, image_size: tuple[int, int], augmentation: str = "default"):
+    """`(train, eval, device_step)` when `device_step` resizes on the device: the CPU decodes each `image_size` image to a
     uint8 tensor at its own size and, in training, augments it there (cheap at 32 px: a shift, a flip)."""
     check_augmentation(augmentation)
     device_step = DeviceResize(data_config)
@@ -84,7 +91,14 @@ def device_transforms(data_config: dict, augmentation: str = "default"):
     if augmentation == "none":
         return eval_transform, eval_transform, device_step
     extra = {"randaugment": [T.RandAugment()], "trivialaugment": [T.TrivialAugmentWide()]}.get(augmentation, [])
-    return DecodeForDevice([T.PILToTensor(), RandomShiftFlip(), *extra], device_step), eval_transform, device_step
+    return DecodeForDevice([T.PILToTensor(), *shift_and_flip(image_size), *extra], device_step), eval_transform, device_step
+
+
+def shift_and_flip(image_size: tuple[int, int], fraction: float = 1 / 8) -> list:
+    """A random shift by up to `fraction` of the side with reflected borders (CIFAR's pad-4-and-crop at 32 px), then a
+    coin-flip mirror: torchvision's RandomCrop and RandomHorizontalFlip on the uint8 tensor."""
+    pad = round(min(image_size) * fraction)
+    return [v2.RandomCrop(image_size, padding=pad, padding_mode="reflect"), v2.RandomHorizontalFlip()]
 
 
 class DecodeForDevice(T.Compose):
@@ -96,33 +110,6 @@ class DecodeForDevice(T.Compose):
 
     def __repr__(self) -> str:
         return f"{super().__repr__()}\nthen on the device: {self.device_step!r}"
-
-
-class RandomShiftFlip(torch.nn.Module):
-    """Per uint8 (3, h, w) image: a random shift by up to `fraction` of the side with reflected borders (CIFAR's
-    pad-4-and-crop at 32 px), then a coin-flip mirror; two index lookups, a third of the cost of decoding."""
-
-    def __init__(self, fraction: float = 1 / 8):
-        super().__init__()
-        self.fraction = fraction
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        _, height, width = image.shape
-        pad = round(min(height, width) * self.fraction)
-        shift_y, shift_x = torch.randint(-pad, pad + 1, (2,)).tolist()
-        rows, columns = _reflected(shift_y, height), _reflected(shift_x, width)
-        if torch.rand(()) < 0.5:
-            columns = columns.flip(0)
-        return image.index_select(1, rows).index_select(2, columns)
-
-    def extra_repr(self) -> str:
-        return f"fraction={self.fraction}"
-
-
-def _reflected(shift: int, length: int) -> torch.Tensor:
-    """Source indices of a window shifted by `shift`, mirrored at both edges (reflect padding, edge not repeated)."""
-    positions = torch.arange(shift, shift + length).abs_()
-    return (length - 1) - ((length - 1) - positions).abs_()
 
 
 class DeviceResize:
@@ -185,6 +172,15 @@ class DeviceResize:
     def attach(self, model: torch.nn.Module) -> RemovableHandle:
         """Preprocess `pixel_values` before every forward of `model` (training, evaluation, feature extraction)."""
         return model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    @contextlib.contextmanager
+    def attached(self, model: torch.nn.Module):
+        """`attach`, for the length of a `with` block: the saved model takes images preprocessed as usual."""
+        handle = self.attach(model)
+        try:
+            yield self
+        finally:
+            handle.remove()
 
     def _hook(self, _module, args, kwargs):
         if "pixel_values" in kwargs:

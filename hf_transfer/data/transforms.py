@@ -1,0 +1,63 @@
+"""The transforms of a run's images: from the model's data config, augmentation on the train split only, applied lazily
+batch by batch (decoded images are never materialised), and the collate of a batch."""
+
+from __future__ import annotations
+
+import datasets
+import timm.data
+import torch
+from torchvision import transforms as T
+
+from ..errors import DatasetError
+from ..images import load_image
+from ..options import AUGMENTATIONS
+from .splits import PreparedData
+
+
+def check_augmentation(augmentation: str) -> None:
+    if augmentation not in AUGMENTATIONS:
+        raise ValueError(f"Unknown augmentation '{augmentation}'; choose one of {AUGMENTATIONS}.")
+
+
+def build_transforms(data_config: dict, augmentation: str = "default", crop_min_scale: float = 0.35):
+    """Train and eval transforms from the model's data config; augmentation is train-only."""
+    check_augmentation(augmentation)
+    eval_transform = timm.data.create_transform(**data_config, is_training=False)
+    if augmentation == "none":
+        return eval_transform, eval_transform
+    primary, _, final = timm.data.create_transform(
+        **data_config, is_training=True, scale=(crop_min_scale, 1.0), color_jitter=None, separate=True
+    )
+    extra = {"randaugment": [T.RandAugment()], "trivialaugment": [T.TrivialAugmentWide()]}.get(augmentation, [])
+    return T.Compose([*primary.transforms, *extra, *final.transforms]), eval_transform
+
+
+def attach_transforms(data: PreparedData, train_transform, eval_transform) -> datasets.DatasetDict:
+    """Decode and transform lazily, batch by batch, never materialising decoded images."""
+
+    def transformer(transform):
+        def apply(batch):
+            return {
+                "pixel_values": [transform(load_image(cell)) for cell in batch[data.image_column]],
+                "labels": batch[data.label_column],
+            }
+        return apply
+
+    return datasets.DatasetDict({
+        name: split.with_transform(transformer(train_transform if name == "train" else eval_transform))
+        for name, split in data.splits.items()
+    })
+
+
+def collate(examples) -> dict[str, torch.Tensor]:
+    pixels = [example["pixel_values"] for example in examples]
+    shapes = {tuple(pixel.shape) for pixel in pixels}
+    if len(shapes) > 1:  # only images resized on the device keep their own size
+        raise DatasetError(
+            f"Images of different sizes {sorted(shapes)[:3]} in one batch: `resize_on_device` needs one image size. "
+            "Set `resize_on_device: false` to resize every image on the CPU."
+        )
+    return {
+        "pixel_values": torch.stack(pixels),
+        "labels": torch.tensor([example["labels"] for example in examples]),
+    }
