@@ -17,6 +17,7 @@ from scipy.stats import binomtest
 from . import escape
 from .plots import curve_marks, plot_confusion_matrix, plot_training_curves, training_log
 from .repo_files import CONFUSION_PNG, CURVES_PNG, DATA_REPORT, DATA_SUSPECTS_PNG, EXPLANATIONS_PNG, MODEL_CARD, RunFiles, shareable_path
+from .selection_report import why_this_backbone
 
 
 def _table(headers: list[str], rows: list[list]) -> str:
@@ -574,7 +575,8 @@ def write_model_card(output_dir: str | Path, repo_id: str | None = None, final_d
         run.location = Path(final_dir).resolve()
     ensure_plots(run)
     data = build_card_data(run, repo_id)
-    sections = [_summary(run, repo_id, data), _data_section(run), _data_quality_section(run), _preprocessing_section(run),
+    sections = [_summary(run, repo_id, data), _data_section(run), why_this_backbone(run.selection), _data_quality_section(run),
+                _preprocessing_section(run),
                 _freeze_section(run), _procedure_section(run), _hyperparameters_section(run), _results_section(run),
                 _compute_section(run), _deployment_section(run, repo_id), _limitations_section(run)]
     sections = [section for section in sections if section]  # no "Data quality" unless the run checked its data, no "Deployment" before export

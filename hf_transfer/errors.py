@@ -17,3 +17,7 @@ class DoctorError(HFTransferError, ValueError):
 
 class RecipeError(HFTransferError, ValueError):
     """A recipe or command-line option that cannot be used; the message says what to write instead."""
+
+
+class SelectionError(HFTransferError, ValueError):
+    """`hf-transfer select` cannot rank these candidates on this data, or a recipe's `selection` does not describe it."""
