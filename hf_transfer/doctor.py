@@ -95,7 +95,7 @@ def out_of_fold_accuracy(features: np.ndarray, labels: np.ndarray, folds: int = 
     compact = np.searchsorted(kept, labels[checked])
     right = int((out_of_fold_probabilities(features[checked], compact, folds, seed).argmax(axis=1) == compact).sum())
     interval = binomtest(right, len(compact)).proportion_ci(method="wilson")
-    return round(right / len(compact), 4), len(compact), [round(interval.low, 4), round(interval.high, 4)]
+    return round(right / len(compact), 4), len(compact), [round(float(interval.low), 4), round(float(interval.high), 4)]
 
 
 def find_label_issues(features: np.ndarray, labels: np.ndarray, folds: int = 5, seed: int = 42) -> dict:

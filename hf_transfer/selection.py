@@ -51,7 +51,11 @@ HUB_CANDIDATES = (
     "timm/vit_small_patch16_224.augreg_in21k_ft_in1k",
 )
 VALIDATION_SHARE = 4  # the validation sample is a quarter of the train sample: recipes/cifar10.yaml's 5,000 would cost 2.5x it
-THROUGHPUT_SECONDS = 2.0  # forward batches are timed for at least this long (and at least 2 batches), after one warm-up batch
+# Forward batches are timed one by one, after WARMUP_BATCHES, for at least THROUGHPUT_SECONDS and THROUGHPUT_BATCHES; the
+# fastest batch counts, as `timeit` advises: other jobs on the machine only ever slow a batch down. On the 2 shared cores
+# one batch of 64 took 17 ms to 1 s for the same network, for seconds at a time: a total or a median over a second moved
+# 10x between calls and ranked a 0.1 M-parameter network below Lite0.
+THROUGHPUT_SECONDS, THROUGHPUT_BATCHES, WARMUP_BATCHES = 1.0, 5, 2
 REASON_CHARACTERS = 300  # a failed candidate's reason, on one line
 
 
@@ -96,20 +100,23 @@ def candidate_recipe(recipe, model: str, pretrained: bool = True):
 
 def forward_rate(model: torch.nn.Module, precision, input_size: tuple, batch: int, device) -> float:
     """Images per second of `model`'s forward pass without gradients, in `precision` (as extraction and evaluation run
-    it), on batches of `batch` random images of `input_size`: at least THROUGHPUT_SECONDS and 2 batches after a warm-up."""
+    it), on batches of `batch` random images of `input_size`: `batch` over the fastest batch's seconds (see THROUGHPUT_*)."""
     memory_format = torch.channels_last if precision.channels_last else torch.contiguous_format
     model.eval().to(memory_format=memory_format)
     pixels = torch.randn(batch, *input_size, device=device).contiguous(memory_format=memory_format)
     synchronize = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    times = []
     with torch.inference_mode(), precision.autocast():
-        model(pixel_values=pixels)  # warm-up: allocations, kernel choice
-        synchronize()
-        started, images = time.perf_counter(), 0
-        while images < 2 * batch or time.perf_counter() - started < THROUGHPUT_SECONDS:
+        for _ in range(WARMUP_BATCHES):  # allocations, kernel choice
             model(pixel_values=pixels)
-            images += batch
         synchronize()
-    return images / (time.perf_counter() - started)
+        started = time.perf_counter()
+        while len(times) < THROUGHPUT_BATCHES or time.perf_counter() - started < THROUGHPUT_SECONDS:
+            begin = time.perf_counter()
+            model(pixel_values=pixels)
+            synchronize()
+            times.append(time.perf_counter() - begin)
+    return batch / min(times)
 
 
 def measure(recipe, model: str, args, source: MapSource, data: PreparedData, rows: dict[str, np.ndarray],
