@@ -1,12 +1,13 @@
-"""How well `hf-transfer select` predicts, and what it costs (issue 23).
+"""How well `hf-transfer select` predicts, and what it costs (issue 23). Not named select.py: a script folder on sys.path
+would shadow the standard library's `select` module (subprocess imports it).
 
 On each mirror: `select` with the offline candidates on a cold feature cache (timed), then for every candidate a real
 `head_only` run (the head on cached features, the recipe's epochs) and a short `full` run (every block trains, 1 epoch),
 both tested on the same test images. Spearman's rho of the ranking by LogME and by probe accuracy against each run's test
 accuracy. The `head_only` runs read the features `select` extracted (warm start: `reused_images` in the table).
 
-    python benchmarks/select.py                                   # both mirrors, the sizes below
-    python benchmarks/select.py --datasets cats_vs_dogs --skip-full --max-test-samples 500
+    python benchmarks/backbone_selection.py                                   # both mirrors, the sizes below
+    python benchmarks/backbone_selection.py --datasets cats_vs_dogs --skip-full --max-test-samples 500
 
 Sizes (defaults, for 2 shared CPU cores): `select` samples 2,000 of `--max-train-samples` 4,000 train images (and 500 of
 `--max-eval-samples` 500 validation images); the `head_only` runs train on those 4,000 for the recipe's epochs; the `full`
@@ -56,8 +57,8 @@ def arguments() -> argparse.Namespace:
 
 
 def overrides(name: str, options: argparse.Namespace, **more) -> dict:
-    return dict(dataset=str(MIRRORS[name]), max_train_samples=options.max_train_samples, max_eval_samples=options.max_eval_samples,
-                max_test_samples=options.max_test_samples, disable_tqdm=True, **more)
+    return {"dataset": str(MIRRORS[name]), "max_train_samples": options.max_train_samples, "max_eval_samples": options.max_eval_samples,
+            "max_test_samples": options.max_test_samples, "disable_tqdm": True, **more}
 
 
 def one_dataset(name: str, options: argparse.Namespace) -> tuple[list[dict], list[str]]:
