@@ -17,7 +17,7 @@ their own resolution.
 
 from __future__ import annotations
 
-import hf_transfer  # noqa: F401 - first: it sets OMP_WAIT_POLICY (when unset) before torch loads, as `hf-transfer` does
+import hf_transfer
 
 # isort: split
 import argparse
@@ -86,10 +86,10 @@ def one_dataset(name: str, options: argparse.Namespace) -> tuple[list[dict], lis
             row.update(full_test=full["test_accuracy"], full_s=round(full["train_runtime"], 1))
         rows.append(row)
         print(json.dumps(row), flush=True)
-    notes = [f"select: {selection['sample']['train_images']:,} of {selection['sample']['train_split']:,} train and "
+    notes = [(f"select: {selection['sample']['train_images']:,} of {selection['sample']['train_split']:,} train and "
              f"{selection['sample']['validation_images']:,} validation images, {len(rows)} candidates measured "
              f"(+ the random-init reference: probe {selection['reference']['probe_accuracy']}), cold cache: "
-             f"{select_seconds:.0f} s (load average after: {load_average()})"]
+             f"{select_seconds:.0f} s (load average after: {load_average()})")]
     for truth in ("head_only_test", "full_test"):
         if all(truth in row for row in rows) and len(rows) > 2:
             for score in ("LogME", "probe"):
@@ -109,10 +109,10 @@ def main() -> None:
         found, said = one_dataset(name, options)
         rows += found
         notes += [f"{name}: {line}" for line in said]
-    notes += [f"head_only: the recipe's epochs on {options.max_train_samples:,} train images; full: {options.full_epochs:g} epoch on "
+    notes += [(f"head_only: the recipe's epochs on {options.max_train_samples:,} train images; full: {options.full_epochs:g} epoch on "
               f"{options.full_train_samples:,}; test on {options.max_test_samples:,} (validation {options.max_eval_samples:,}); no "
               "checkpoints, the last epoch's model tested; `reused`/`extracted`: the head_only run's train features read from "
-              "select's sample / computed by the run"]
+              "select's sample / computed by the run")]
     report(options.name, "hf-transfer select against real runs (issue 23)", rows, notes)
 
 

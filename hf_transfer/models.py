@@ -33,7 +33,16 @@ from transformers import (
 
 from .blocks import discover_blocks
 from .errors import HFTransferError
-from .offline import OFFLINE_WEIGHTS, PackageMissingError, hub_reachable, offline_hub_id, packaged_file, packaged_state_dict, pretrained_cfg, wheel_only
+from .offline import (
+    OFFLINE_WEIGHTS,
+    PackageMissingError,
+    hub_reachable,
+    offline_hub_id,
+    packaged_file,
+    packaged_state_dict,
+    pretrained_cfg,
+    wheel_only,
+)
 from .options import ModelArguments
 
 logger = logging.getLogger(__name__)

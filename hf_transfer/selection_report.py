@@ -94,9 +94,9 @@ def print_table(report: dict, folder: Path) -> None:
 def markdown_report(report: dict) -> str:
     """selection.md: the leaderboard, how it was measured, and what was chosen."""
     lines = [f"# Backbone selection on {escape.markdown_code(report['dataset'])}", "",
-             f"Measured on {_sample_line(report)}. LogME (You et al., ICML 2021) and the probe use each backbone's frozen pooled "
+             (f"Measured on {_sample_line(report)}. LogME (You et al., ICML 2021) and the probe use each backbone's frozen pooled "
              f"features; images/s is the forward pass without gradients on this machine ({escape.markdown(report['hardware'])}), "
-             "in the precision `inference_precision` chose.", "",
+             "in the precision `inference_precision` chose."), "",
              "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
     lines += ["| " + " | ".join(row) + " |" for row in _rows(report, escape.markdown)]
     failures = _failures(report, escape.markdown)
@@ -106,8 +106,8 @@ def markdown_report(report: dict) -> str:
         stopped = report["stopped"]
         lines += ["", f"Stopped by `--max_seconds {stopped['max_seconds']:g}` after {stopped['after_seconds']:.0f} s; not measured: "
                   + ", ".join(escape.markdown_code(name) for name in stopped["not_measured"]) + "."]
-    lines += ["", f"Chosen: {escape.markdown_code(report['chosen'])}, {report['chosen_because']} (`--prefer {report['prefer']}`). "
-              f"Train it with `hf-transfer train {SELECTED_RECIPE}` (in this folder).", "",
+    lines += ["", (f"Chosen: {escape.markdown_code(report['chosen'])}, {report['chosen_because']} (`--prefer {report['prefer']}`). "
+              f"Train it with `hf-transfer train {SELECTED_RECIPE}` (in this folder)."), "",
               f"![probe accuracy against images/s]({SELECTION_PNG})", ""]
     return "\n".join(lines)
 
@@ -252,10 +252,10 @@ def why_this_backbone(selection: dict | None) -> str:
     failed = [escape.markdown_code(row.get("model")) for row in selection.get("candidates") or [] if row and row.get("status") == "failed"]
     return "\n".join([
         "## Why this backbone", "",
-        f"Before training, `hf-transfer select` ranked {len(selection.get('candidates') or [])} pretrained backbones on a sample "
+        (f"Before training, `hf-transfer select` ranked {len(selection.get('candidates') or [])} pretrained backbones on a sample "
         f"of this dataset ({sample.get('train_images', '?')} train and {sample.get('validation_images', '?')} validation images), "
         f"each on its frozen features: LogME, and the out-of-fold accuracy of a linear probe. It chose "
-        f"{escape.markdown_code(selection['chosen'])}: {escape.markdown(selection.get('chosen_because') or '')}.", "",
+        f"{escape.markdown_code(selection['chosen'])}: {escape.markdown(selection.get('chosen_because') or '')}."), "",
         "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS),
         *["| " + " | ".join(row) + " |" for row in rows], "",
         *([f"Not measured (could not be loaded or measured): {', '.join(failed)}.", ""] if failed else []),
