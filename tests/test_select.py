@@ -35,8 +35,12 @@ DATA = ("--dataset", str(SAMPLE), "--image_size", "96", "--max_train_samples", "
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    """A datasets cache (and feature cache) of this module's own; no Hub."""
+    """A datasets cache (and feature cache) of this module's own; no Hub; one torch thread. With two threads on cores other
+    jobs keep busy, every small operation waits for the descheduled thread: the 0.1 M-parameter network's forward pass
+    fell from 7,000 to 40-80 images/s, below Lite0's, and the tests' known speed order with it."""
     path = tmp_path_factory.mktemp("datasets_cache")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(datasets.config, "HF_DATASETS_CACHE", str(path))
         patch.setenv("HF_HUB_OFFLINE", "1")
@@ -48,6 +52,7 @@ def cache(tmp_path_factory):
         offline.hub_reachable.cache_clear()
         yield path
         offline.hub_reachable.cache_clear()
+    torch.set_num_threads(threads)
 
 
 def select(*argv: str) -> tuple[dict, str]:
