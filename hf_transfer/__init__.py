@@ -2,6 +2,9 @@
 
     from hf_transfer import finetune
     results = finetune("recipes/quickstart.yaml", num_train_epochs=3, output_dir="outputs/mine")
+
+    from hf_transfer import select
+    selection = select("recipes/cifar10.yaml", sample=2000, output_dir="outputs/select")  # before training: which backbone
 """
 
 from __future__ import annotations
@@ -15,6 +18,21 @@ __version__ = "0.1.0"
 # jobs, spinning threads hold the cores the working ones need: Lite0's bf16 forward went from 21 to 71 images/s, and
 # feature extraction from 16 to 66 (medians of 4 alternating rounds at load average 4-5.6, benchmarks/results/extraction.md).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def select(recipe: str | None = None, candidates: str | list[str] | None = None, sample: int = 2000, prefer: str = "best",
+           max_seconds: float | None = None, output_dir: str = "outputs/select", **options) -> dict:
+    """`hf-transfer select`: rank pretrained backbones on a recipe's data (any recipe key overridden by keyword), write
+    selection.json, selection.md, selection.png and recipe.selected.yaml into `output_dir`; returns selection.json's dict."""
+    from .cli import setup_logging
+    from .options import SelectArguments
+    from .recipe import parse_recipe
+    from .selection import run_select
+
+    parsed = parse_recipe([recipe] if recipe else [], **options)
+    setup_logging(parsed.training.process_index == 0)
+    names = ",".join(candidates) if isinstance(candidates, (list, tuple)) else candidates
+    return run_select(parsed, SelectArguments(names, sample, prefer, max_seconds, output_dir))
 
 
 def finetune(recipe: str | None = None, **options) -> dict:

@@ -22,6 +22,7 @@ from scipy.stats import binomtest
 from . import escape
 from .plots import curve_marks, plot_confusion_matrix, plot_training_curves, training_log
 from .repo_files import CONFUSION_PNG, CURVES_PNG, DATA_REPORT, DATA_SUSPECTS_PNG, EXPLANATIONS_PNG, MODEL_CARD, RunFiles, shareable_path
+from .selection_report import why_this_backbone
 
 # Package data (pyproject.toml's [tool.setuptools.package-data]), read where the package is installed.
 TEMPLATES = resources.files(__package__) / "templates"
@@ -349,7 +350,8 @@ def write_model_card(output_dir: str | Path, repo_id: str | None = None, final_d
     results = run.results
     card = ModelCard.from_template(
         data, template_str=CARD_TEMPLATE.read_text(encoding="utf-8"), cell=_cell, repo_id=repo_id, scores=results,
-        **_summary(run, repo_id, data), data=_data(run), data_quality=_data_quality(run), pre=_preprocessing(run), feature_cache=results.get("feature_cache"),
+        **_summary(run, repo_id, data), data=_data(run), why_this_backbone=why_this_backbone(run.selection),
+        data_quality=_data_quality(run), pre=_preprocessing(run), feature_cache=results.get("feature_cache"),
         plan=_freeze_plan(run), optimizer=_optimizer(run), schedule=results.get("lr_scheduler"), passes=results.get("training_passes"),
         stopping=results.get("early_stopping"), published=results.get("published_weights"), hyperparameters=_hyperparameters(run),
         epochs=_epochs(run), per_class=[[_untrusted(label), m["precision"], m["recall"], m["f1"], m["support"]]

@@ -1,4 +1,4 @@
-"""The `hf-transfer` command: train, push, demo."""
+"""The `hf-transfer` command: select, train, doctor, export, predict, push, demo."""
 
 from __future__ import annotations
 
@@ -147,6 +147,51 @@ def doctor_command(argv: list[str], own_process: bool = False) -> dict:
     return _exit_on_user_error(run_doctor, recipe)
 
 
+SELECT_USAGE = """usage: hf-transfer select RECIPE.yaml [--candidates id,id,...] [--sample N] [--prefer best|fast] [--max_seconds S]
+                          [--output_dir D] [--key value ...]
+
+Rank pretrained backbones on the recipe's own data before training: on a stratified, seeded sample of its train split (and
+of its validation split), each candidate's frozen features (through the feature cache a `train` run reads, so training the
+winner's `head_only` recipe starts warm) get a LogME score and an out-of-fold linear-probe accuracy with its 95% interval;
+the forward pass is timed on this machine. A random initialisation of the best shows what pretraining buys. Writes
+selection.json, selection.md, selection.png and recipe.selected.yaml (the recipe with the chosen `model`) to --output_dir.
+Any other `--key value` is a recipe option, as for `hf-transfer train`.
+"""
+
+
+def split_select_argv(argv: list[str]):
+    """`(SelectArguments, the recipe's argv)` from `hf-transfer select`'s arguments."""
+    from transformers import HfArgumentParser
+
+    from .errors import RecipeError
+    from .options import SelectArguments
+
+    recipe = argv[:1] if argv and not argv[0].startswith("-") else []
+    try:
+        options, rest = HfArgumentParser((SelectArguments,), allow_abbrev=False, exit_on_error=False).parse_args_into_dataclasses(
+            argv[len(recipe):], return_remaining_strings=True)
+    except argparse.ArgumentError as error:
+        raise RecipeError(f"Option `{(error.argument_name or '').lstrip('-')}`: {error.message.rstrip('.')}.") from None
+    return options, [*recipe, *rest]
+
+
+def select_command(argv: list[str]) -> dict:
+    """`hf-transfer select RECIPE.yaml [--candidates ...] [--sample N] [--prefer best|fast] [--max_seconds S] ...`."""
+    from .options import SelectArguments
+
+    if not argv or "-h" in argv or "--help" in argv:
+        from transformers import HfArgumentParser
+
+        print(SELECT_USAGE)
+        HfArgumentParser((SelectArguments,)).print_help()
+        sys.exit(0 if argv else 2)
+    options, recipe_argv = _exit_on_user_error(split_select_argv, argv)
+    recipe = _recipe_or_help(recipe_argv, SELECT_USAGE, ())
+    from .selection import run_select
+
+    return _exit_on_user_error(run_select, recipe, options)
+
+
 EXPORT_HELP = """Write the model folder's classifier as ONNX graphs into its onnx/ folder (onnx/model.onnx; with --int8 also
 onnx/model_quantized.onnx), check each against the PyTorch model on the run's test split (top-1 agreement, largest logit
 difference, accuracy), time them, and record it all in onnx/export_report.json and the model card's "Deployment" section."""
@@ -194,6 +239,8 @@ def main(argv: list[str] | None = None) -> None:
         epilog="Run `hf-transfer <command> --help` for the options of a command.",
     )
     sub = commands.add_subparsers(dest="command", required=True)
+    sub.add_parser("select", help="rank pretrained backbones on a recipe's data before training; writes recipe.selected.yaml",
+                   add_help=False)
     sub.add_parser("train", help="fine-tune a backbone from a recipe (recipes/quickstart.yaml)", add_help=False)
     sub.add_parser("doctor", help="check a recipe's data: likely wrong labels, near-duplicates and leaks, class balance", add_help=False)
 
@@ -224,6 +271,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if argv[:1] == ["doctor"]:
         doctor_command(argv[1:], own_process)
+        return
+    if argv[:1] == ["select"]:
+        select_command(argv[1:])
         return
     if argv[:1] in (["export"], ["predict"]):
         (export_command if argv[0] == "export" else predict_command)(argv[1:])

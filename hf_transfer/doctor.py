@@ -76,6 +76,28 @@ def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, folds: i
         return cross_val_predict(probe, features, labels, cv=splitter, method="predict_proba")
 
 
+def probed_classes(labels: np.ndarray, folds: int) -> tuple[np.ndarray, np.ndarray]:
+    """The classes the out-of-fold probe can learn (at least `folds` images each), and the mask of their images."""
+    classes, counts = np.unique(labels, return_counts=True)
+    kept = classes[counts >= folds]
+    return kept, np.isin(labels, kept)
+
+
+def out_of_fold_accuracy(features: np.ndarray, labels: np.ndarray, folds: int = 5, seed: int = 42) -> tuple[float | None, int, list | None]:
+    """`(accuracy, images, [low, high])`: the probe's out-of-fold accuracy (`out_of_fold_probabilities`) on the images of the
+    classes it can learn (`probed_classes`), how many those are, and the 95% Wilson interval of the accuracy (honest near 0
+    and 1, where the normal approximation claims too much). None without two such classes."""
+    from scipy.stats import binomtest
+
+    kept, checked = probed_classes(labels, folds)
+    if len(kept) < 2:
+        return None, int(checked.sum()), None
+    compact = np.searchsorted(kept, labels[checked])
+    right = int((out_of_fold_probabilities(features[checked], compact, folds, seed).argmax(axis=1) == compact).sum())
+    interval = binomtest(right, len(compact)).proportion_ci(method="wilson")
+    return round(right / len(compact), 4), len(compact), [round(float(interval.low), 4), round(float(interval.high), 4)]
+
+
 def find_label_issues(features: np.ndarray, labels: np.ndarray, folds: int = 5, seed: int = 42) -> dict:
     """Images whose given label is likely wrong, most likely first: `{"ranked": [(image, suggested, its probability,
     label quality)], "checked": mask, "skipped_classes": [...]}`. Label quality is cleanlab's self-confidence (the probe's
@@ -84,10 +106,9 @@ def find_label_issues(features: np.ndarray, labels: np.ndarray, folds: int = 5, 
     from cleanlab.filter import find_label_issues as cleanlab_issues
     from cleanlab.rank import get_label_quality_scores
 
-    classes, counts = np.unique(labels, return_counts=True)
-    kept_classes = classes[counts >= folds]
-    checked = np.isin(labels, kept_classes)
-    result = {"ranked": [], "checked": checked, "skipped_classes": [int(c) for c in classes[counts < folds]], "probe_accuracy": None}
+    kept_classes, checked = probed_classes(labels, folds)
+    classes = np.unique(labels)
+    result = {"ranked": [], "checked": checked, "skipped_classes": [int(c) for c in classes if c not in kept_classes], "probe_accuracy": None}
     if len(kept_classes) < 2:
         return result
     compact = np.searchsorted(kept_classes, labels[checked])

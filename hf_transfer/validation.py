@@ -16,6 +16,7 @@ def check_recipe(recipe, device_type: str) -> None:
     from .data.source import source_for
     from .optimization import check_optim_args
     from .schedules import check_schedule_kwargs
+    from .selection_report import check_selection
 
     data, freezing, run, training = recipe.data, recipe.freezing, recipe.run, recipe.training
     check_schedule_kwargs(getattr(training.lr_scheduler_type, "value", training.lr_scheduler_type), training.lr_scheduler_kwargs)
@@ -32,6 +33,7 @@ def check_recipe(recipe, device_type: str) -> None:
     _check_training_precision(device_type, training)
     check_optim_args(training)
     source_for(recipe).check_options()
+    check_selection(recipe)
 
 
 def _check_evaluation_needs(freezing, run, training) -> None:
