@@ -134,7 +134,7 @@ def prepare(recipe: Recipe, args: TrainingArguments, source: MapSource | None = 
     head = find_head(model)
     cached = cache_refusal(recipe, plan, head)
     store = None  # for the cached head, and for the data doctor when it is asked to exclude images
-    if head is not None and not recipe.data.streaming and (recipe.doctor.exclude_flagged or cached is None):
+    if head is not None and source.in_hand and (recipe.doctor.exclude_flagged or cached is None):
         store = FeatureStore(model, head[1], head[0], recipe.model, data, (train_transform, eval_transform), args,
                              recipe.run.feature_cache_views, precision=precision)
     return Prepared(recipe, args, source, data, model, image_processor, (train_transform, eval_transform), device_step, plan,

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .card import describe_hardware
 from .data import PreparedData
-from .data.source import MapSource
+from .data.source import MapSource, source_for
 from .doctor import out_of_fold_accuracy
 from .errors import SelectionError
 from .escape import one_line
@@ -194,7 +194,8 @@ def run_select(recipe, options: SelectArguments) -> dict:
     """Rank the candidates on the recipe's data, write the report and recipe.selected.yaml; returns selection.json's dict."""
     from .selection_report import check_folder, print_table, write_selection
 
-    if recipe.data.streaming:
+    source = source_for(recipe)
+    if not source.in_hand:
         raise SelectionError("`hf-transfer select` measures a sample of a dataset in hand: `streaming: true` cannot be sampled. "
                              "Run it without `streaming`, or on a local copy of part of the data.")
     if not recipe.model.pretrained:
@@ -202,7 +203,6 @@ def run_select(recipe, options: SelectArguments) -> dict:
     folder = Path(options.output_dir)
     check_folder(folder, recipe)
     started = time.perf_counter()
-    source = MapSource(recipe)
     args = run_arguments(recipe, source)
     data = source.load(args.seed)
     rows = sample_rows(data, options.sample, args.seed)

@@ -18,6 +18,7 @@ class MapSource:
     """A dataset in hand (the Hub's, the datasets cache's or a local folder): every split map-style."""
 
     trainer_class = SafeTrainer
+    in_hand = True  # every image can be sampled and its features stored (the feature store, the doctor, `select`)
 
     def __init__(self, recipe):
         self.recipe = recipe
@@ -46,6 +47,7 @@ class StreamSource(MapSource):
     """`streaming: true`: validation and test in memory, the train split a stream this process reads its shards of."""
 
     trainer_class = StreamingTrainer
+    in_hand = False
 
     def check_options(self) -> None:
         stream.check_options(self.recipe)
