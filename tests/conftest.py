@@ -13,6 +13,7 @@ import types
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -32,6 +33,23 @@ QUICKSTART = REPO / "recipes" / "quickstart.yaml"
 def sample_rows(split: str) -> list[dict]:
     """Rows of the shipped sample: {'image': {'bytes', 'path'}, 'labels': 0 (cat) | 1 (dog)}."""
     return pq.read_table(SAMPLE / "data" / f"{split}-00000-of-00001.parquet").to_pylist()
+
+
+def sample_tensors(count: int = 16, size: int = 64) -> tuple[list[torch.Tensor], list[int]]:
+    """The first `count` training photos of the sample as `size` px float tensors in [0, 1], and their labels."""
+    rows = sample_rows("train")[:count]
+    images = [Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB").resize((size, size)) for row in rows]
+    return [torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255 for image in images], [row["labels"] for row in rows]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """A datasets cache of the module's own, offline: feature-cache entries start cold in each module."""
+    path = tmp_path_factory.mktemp("datasets_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(datasets.config, "HF_DATASETS_CACHE", str(path))
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        yield path
 
 
 @pytest.fixture(scope="session")

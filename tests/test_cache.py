@@ -44,15 +44,6 @@ TINY = dict(
 )
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("datasets_cache")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(datasets.config, "HF_DATASETS_CACHE", str(path))
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        yield path
-
-
 def _train(tmp_path, name, **options):
     return finetune(output_dir=str(tmp_path / name), **{**TINY, **options})
 

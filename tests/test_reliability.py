@@ -5,7 +5,6 @@ and counting them) or, if asked, stops and lists them."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -15,13 +14,11 @@ import time
 import traceback
 from pathlib import Path
 
-import numpy as np
 import pytest
 import safetensors.torch
 import torch
 from bad_images import build_corpus
-from conftest import REPO, TINY_RUN, TINY_SAMPLE, sample_rows, train_command, train_in_process, training_error, trains
-from PIL import Image
+from conftest import REPO, TINY_RUN, TINY_SAMPLE, sample_rows, sample_tensors, train_command, train_in_process, training_error, trains
 from torch.overrides import TorchFunctionMode
 from transformers import AutoModelForImageClassification, TimmWrapperConfig, TimmWrapperForImageClassification, TrainerCallback
 
@@ -193,10 +190,7 @@ class Photos(torch.utils.data.Dataset):
 
     def __init__(self, poisoned: int | None = None):
         self.poisoned, self.fetched = poisoned, 0
-        rows = sample_rows("train")[:16]
-        images = [Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB").resize((64, 64)) for row in rows]
-        self.pixels = [torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255 for image in images]
-        self.labels = [row["labels"] for row in rows]
+        self.pixels, self.labels = sample_tensors()
 
     def __len__(self) -> int:
         return len(self.labels)

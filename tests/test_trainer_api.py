@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import ast
 import inspect
-import io
 import re
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from conftest import REPO, sample_rows
-from PIL import Image
+from conftest import REPO, sample_tensors
 from transformers import Trainer, TrainerCallback, TrainingArguments, ViTConfig, ViTForImageClassification
 from transformers import __version__ as transformers_version
 
@@ -139,10 +136,7 @@ class Photos(torch.utils.data.Dataset):
     """16 real photos (64 px) and their labels."""
 
     def __init__(self):
-        rows = sample_rows("train")[:16]
-        images = [Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB").resize((64, 64)) for row in rows]
-        self.pixels = [torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255 for image in images]
-        self.labels = [row["labels"] for row in rows]
+        self.pixels, self.labels = sample_tensors()
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import datasets
 import pytest
 from conftest import REPO, SAMPLE, photos, save_timm_model
 from PIL import Image
@@ -164,15 +163,6 @@ def test_the_grad_cam_figure_is_drawn_again_for_other_weights_or_predictions_onl
 
 
 # ---- a warm rerun, end to end ----------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("datasets_cache")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(datasets.config, "HF_DATASETS_CACHE", str(path))
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        yield path
-
-
 FIGURES = ["training_curves.png", "confusion_matrix.png", "explanations.png", "data_suspects.png"]
 
 
