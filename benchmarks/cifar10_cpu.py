@@ -32,19 +32,31 @@ DEFAULTS = {"freeze": "full", "image_size": "128", "bf16": "true", "use_cpu": "t
 
 
 class Clock(TrainerCallback):
-    """Wall seconds since `start` and validation accuracy at every evaluation."""
+    """Wall seconds since `start` and validation accuracy at every evaluation; when training began and ended, and the
+    seconds its evaluations took (Trainer's `eval_runtime`)."""
 
     def __init__(self, start: float):
         self.start, self.points = start, []
+        self.train_begin = self.train_end = None
+        self.evaluating = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.train_begin = time.perf_counter() - self.start
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.train_end = time.perf_counter() - self.start
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if metrics and "eval_accuracy" in metrics:
             self.points.append((time.perf_counter() - self.start, state.global_step, state.epoch, metrics["eval_accuracy"]))
+            if self.train_end is None:
+                self.evaluating += metrics.get("eval_runtime", 0.0)
 
 
 def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a recipe option over the defaults")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a recipe option over the defaults; a list as space-separated values (image_size_schedule='96 112')")
     parser.add_argument("--eval-every", type=int, default=500, help="optimizer steps between validation evaluations")
     parser.add_argument("--name", default="cifar10_cpu", help="results file: benchmarks/results/<name>.md")
     return parser.parse_args()
@@ -57,7 +69,7 @@ def main() -> None:
               **dict(item.split("=", 1) for item in options.set)}
     with tempfile.TemporaryDirectory() as output_dir:
         argv = [str(REPO / "recipes" / "cifar10.yaml"), "--dataset", str(MIRRORS["cifar10"]), "--output_dir", output_dir,
-                "--disable_tqdm", "true", *[token for key, value in chosen.items() for token in (f"--{key}", value)]]
+                "--disable_tqdm", "true", *[token for key, value in chosen.items() for token in (f"--{key}", *value.split())]]
         start = time.perf_counter()
         clock = Clock(start)
         results = run(parse_recipe(argv), callbacks=(clock,))
@@ -72,7 +84,18 @@ def main() -> None:
         f"test accuracy {results['test_accuracy']:.4f} on {results['split_sizes']['test']} images after {wall / 60:.1f} min "
         f"(target: >= 0.90 within 30 min); load average at the end {load_average()}",
         f"inference precision: {results['inference_precision']['description']}",
+        f"where the time went: {where_time_went(clock, results, wall)}",
     ], columns=["wall_s", "step", "epoch", "validation_accuracy", "test_accuracy"])
+
+
+def where_time_went(clock: Clock, results: dict, wall: float) -> str:
+    """Seconds of data and model preparation, of training steps, of evaluations during training, of the final validation
+    and test passes (Trainer's `eval_runtime` and `test_runtime`), and of writing the model repo (the rest)."""
+    final = results.get("eval_runtime", 0.0) + results.get("test_runtime", 0.0)
+    parts = {"preparation": clock.train_begin, "training steps": clock.train_end - clock.train_begin - clock.evaluating,
+             "evaluations during training": clock.evaluating, "final validation and test": final,
+             "writing the model repo": wall - clock.train_end - final}
+    return ", ".join(f"{name} {seconds:.0f} s ({seconds / wall:.0%})" for name, seconds in parts.items())
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ and a checkpoint every epoch, the best model loaded at the end, 3 checkpoints ke
    (the example evaluates the validation split only).
 5. Lite0's image processor (TimmWrapperImageProcessor) has no `size`, `image_mean` or `image_std`, which the example
    reads: the same transforms are built from the model's timm data config (224 px, mean = std = 0.5).
-6. `--epochs N` (and the same for `full`) when given: fewer epochs than the README's 5, for a 2-core CPU; stated in the results.
+6. `--epochs N`, `--learning-rate`, `--batch-size` (the same for `full`) when given: other settings than the README's, for a
+   2-core CPU; stated in the results.
 
 hf_transfer runs (`pipeline.run`, as `hf-transfer train` does; cold feature cache):
 - `head_only`: the quickstart's head settings (lr 3e-3, batch 32, 10 epochs, `augmentation: none`), the test split scored
@@ -38,6 +39,7 @@ and the time to reach the example's final test accuracy (head_only: the first ep
 
     python benchmarks/peers.py                    # all four, the README's 5 epochs (about an hour on 2 idle cores)
     python benchmarks/peers.py --epochs 2         # example and full at 2 epochs
+    python benchmarks/peers.py --paths example,head_only,full --epochs 2 --learning-rate 1e-3 --batch-size 32 --head-epochs 3
 """
 
 from __future__ import annotations
@@ -73,6 +75,11 @@ def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--paths", default="example,head_only,full,staged", help="which runs, in this order (example first)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs of the example and `full` (default: the README's 5)")
+    parser.add_argument("--learning-rate", type=float, default=EXAMPLE["learning_rate"],
+                        help="learning rate of the example and `full` (default: the README's 2e-5)")
+    parser.add_argument("--batch-size", type=int, default=EXAMPLE["per_device_train_batch_size"],
+                        help="train and evaluation batch of the example and `full` (default: the README's 8)")
+    parser.add_argument("--head-epochs", type=int, default=10, help="epochs of `head_only` (default: 10)")
     parser.add_argument("--workdir", default=None, help="where the runs write (default: a temporary folder, removed)")
     parser.add_argument("--name", default="peers", help="results file: benchmarks/results/<name>.md")
     parser.add_argument("--run", default=None, help=argparse.SUPPRESS)  # one path, in this process (started by main)
@@ -100,7 +107,17 @@ def local_model_folder(workdir: Path) -> Path:
     return folder
 
 
-def example(workdir: Path, model_folder: Path, epochs: int) -> dict:
+def example_options(options: argparse.Namespace) -> dict:
+    """The example's training options with this invocation's epochs, learning rate and batch."""
+    return {**EXAMPLE, "num_train_epochs": options.epochs or EXAMPLE["num_train_epochs"], "learning_rate": options.learning_rate,
+            "per_device_train_batch_size": options.batch_size, "per_device_eval_batch_size": options.batch_size}
+
+
+def described(options: dict) -> str:
+    return f"lr {options['learning_rate']:g}, {options['num_train_epochs']} epochs, batch {options['per_device_train_batch_size']}"
+
+
+def example(workdir: Path, model_folder: Path, settings: dict) -> dict:
     from torchvision.transforms import CenterCrop, Compose, Normalize, RandomHorizontalFlip, RandomResizedCrop, Resize, ToTensor
 
     started = time.perf_counter()
@@ -140,7 +157,7 @@ def example(workdir: Path, model_folder: Path, epochs: int) -> dict:
                 "labels": torch.tensor([example["labels"] for example in examples])}
 
     args = TrainingArguments(output_dir=str(workdir / "example"), remove_unused_columns=False, report_to="none",
-                             logging_strategy="steps", logging_steps=10, **{**EXAMPLE, "num_train_epochs": epochs})
+                             logging_strategy="steps", logging_steps=10, **settings)
     clock = Clock(started)
     trainer = Trainer(model=model, args=args, train_dataset=dataset["train"], eval_dataset=dataset["validation"],
                       compute_metrics=compute_metrics, processing_class=image_processor, data_collator=collate_fn, callbacks=[clock])
@@ -149,44 +166,44 @@ def example(workdir: Path, model_folder: Path, epochs: int) -> dict:
     trainer.evaluate()
     test = trainer.predict(dataset["test"], metric_key_prefix="test")  # deviation 4
     wall = time.perf_counter() - started
-    return {"path": "transformers example", "settings": f"full, lr 2e-5, {epochs} epochs, batch 8, fp32",
+    return {"path": "transformers example", "settings": f"full, {described(settings)}, fp32",
             "wall_s": wall, "test_accuracy": test.metrics["test_accuracy"], "to_target_s": wall,
             "eval_accuracy_by_epoch": [round(e["eval_accuracy"], 4) for e in clock.evaluations if "eval_accuracy" in e]}
 
 
 # --- hf_transfer ---------------------------------------------------------------------------------------------------------
-def hf_transfer_run(workdir: Path, name: str, target: float | None, epochs: int) -> dict:
+def hf_transfer_run(workdir: Path, name: str, target: float | None, settings: dict, head_epochs: int) -> dict:
     datasets.config.HF_DATASETS_CACHE = str(workdir / f"datasets-{name}")  # an empty cache: head_only extracts (cold)
     common = dict(dataset=str(MIRROR), model=MODEL, validation_size=0.1, output_dir=str(workdir / name), disable_tqdm=True)
     if name == "head_only":
-        recipe = parse_recipe([], **common, freeze="head_only", augmentation="none", learning_rate=3e-3, num_train_epochs=10,
+        recipe = parse_recipe([], **common, freeze="head_only", augmentation="none", learning_rate=3e-3, num_train_epochs=head_epochs,
                               per_device_train_batch_size=32, eval_test_each_epoch=True, load_best_model_at_end=False,
                               save_strategy="no", seed=42)
-        settings = "head_only, feature cache (cold), lr 3e-3, 10 epochs, batch 32"
+        text = f"head_only, feature cache (cold), lr 3e-3, {head_epochs} epochs, batch 32"
     elif name == "full":
-        recipe = parse_recipe([], **common, freeze="full", **{**EXAMPLE, "num_train_epochs": epochs})
-        settings = f"full, the example's options (lr 2e-5, {epochs} epochs, batch 8)"
+        recipe = parse_recipe([], **common, freeze="full", **settings)
+        text = f"full, the example's options ({described(settings)})"
     else:
         recipe = parse_recipe([str(REPO / "recipes" / "cats_vs_dogs.yaml")], **common)
-        settings = "staged (recipes/cats_vs_dogs.yaml: head 1 epoch, then all, layer decay 0.7, lr 1e-3, 3 epochs, batch 32)"
+        text = "staged (recipes/cats_vs_dogs.yaml: head 1 epoch, then all, layer decay 0.7, lr 1e-3, 3 epochs, batch 32)"
     started = time.perf_counter()
     clock = Clock(started)
     results = run(recipe, callbacks=(clock,))  # copied onto the head's trainer of a cached run
     wall = time.perf_counter() - started
     reached = [e["seconds"] for e in clock.evaluations if e.get("test_accuracy", -1) >= (target or 2)]
     to_target = reached[0] if reached else (wall if target is not None and results["test_accuracy"] >= target else None)
-    return {"path": f"hf_transfer {name}", "settings": settings, "wall_s": wall, "test_accuracy": results["test_accuracy"],
+    return {"path": f"hf_transfer {name}", "settings": text, "wall_s": wall, "test_accuracy": results["test_accuracy"],
             "to_target_s": to_target if to_target is not None else "not reached",
             "precision": results["inference_precision"]["dtype"] if results.get("inference_precision") else ""}
 
 
 def one_run(options: argparse.Namespace) -> None:
     """One path in this process; prints its row as `RESULT <json>`."""
-    workdir, epochs = Path(options.workdir), options.epochs or EXAMPLE["num_train_epochs"]
+    workdir, settings = Path(options.workdir), example_options(options)
     if options.run == "example":
-        row = example(workdir, local_model_folder(workdir), epochs)
+        row = example(workdir, local_model_folder(workdir), settings)
     else:
-        row = hf_transfer_run(workdir, options.run, options.target, epochs)
+        row = hf_transfer_run(workdir, options.run, options.target, settings, options.head_epochs)
     print("RESULT " + json.dumps(row), flush=True)
 
 
@@ -202,7 +219,8 @@ def main() -> None:
     for path in options.paths.split(","):
         print(f"\n### {path}", flush=True)
         command = [sys.executable, __file__, "--run", path, "--workdir", str(workdir)]
-        command += ["--epochs", str(epochs)] + (["--target", str(target)] if target is not None else [])
+        command += ["--epochs", str(epochs), "--learning-rate", str(options.learning_rate), "--batch-size", str(options.batch_size),
+                    "--head-epochs", str(options.head_epochs)] + (["--target", str(target)] if target is not None else [])
         # The example as a user's shell starts it ("": libgomp's default); `hf-transfer train` imports hf_transfer before torch,
         # which sets PASSIVE when it is unset. Given here: this script loads torch before hf_transfer.
         policy = "" if path == "example" else "PASSIVE"
@@ -225,7 +243,8 @@ def main() -> None:
         shutil.rmtree(workdir, ignore_errors=True)
     report(options.name, f"Time-to-accuracy against the transformers example ({device()}, cats vs dogs 1,800 / 200 / 2,000, Lite0 224 px)",
            rows, notes=[
-               f"example and full: {epochs} epochs" + (" (the README's 5)" if epochs == 5 else " (fewer than the README's 5: --epochs)"),
+               f"example and full: {epochs} epochs, lr {options.learning_rate:g}, batch {options.batch_size} (the README's: 5 epochs, "
+               "lr 2e-05, batch 8)",
                f"target = the example's final test accuracy ({target:.4f})" if target is not None else "no example run: no target",
                f"load average at the start: {load_start}; after each run: see `load`",
                "deviations from the example: see the script's docstring",

@@ -10,6 +10,8 @@ a CPU with AVX512-BF16), so the difference is the training precision alone.
 
     python benchmarks/training_precision.py --part steps --freeze full --rounds 5
     python benchmarks/training_precision.py --part accuracy --freeze full --max-train-samples 1000 --max-test-samples 1000
+    python benchmarks/training_precision.py --part accuracy --freeze last_n:11 --image-size 128 --batch-size 64 --epochs 1 \
+        --max-train-samples 10000 --max-eval-samples 500 --max-test-samples 10000 --seeds 42,43,44
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--max-train-samples", type=int, default=1000)
     parser.add_argument("--max-eval-samples", type=int, default=200)
     parser.add_argument("--max-test-samples", type=int, default=1000)
+    parser.add_argument("--seeds", default="42", help="accuracy: comma-separated seeds, fp32 then bf16 for each")
     parser.add_argument("--name", default="training_precision")
     return parser.parse_args()
 
@@ -96,29 +99,33 @@ def steps(options: argparse.Namespace) -> None:
 def accuracy(options: argparse.Namespace) -> None:
     rows = []
     datasets.config.HF_DATASETS_CACHE = tempfile.mkdtemp()
-    for bf16 in (False, True):
-        with tempfile.TemporaryDirectory() as output_dir:
-            recipe = parse_recipe(
-                [], dataset=str(MIRRORS[options.dataset]), model=options.model, freeze=options.freeze,
-                validation_size=VALIDATION_SIZE[options.dataset], max_train_samples=options.max_train_samples,
-                max_eval_samples=options.max_eval_samples, max_test_samples=options.max_test_samples, num_train_epochs=options.epochs,
-                learning_rate=options.lr, per_device_train_batch_size=options.batch_size, image_size=options.image_size, bf16=bf16, **CPU,
-                save_strategy="no", load_best_model_at_end=False, output_dir=output_dir, disable_tqdm=True, seed=42,
-            )
-            load = load_average()
-            started = time.perf_counter()
-            results = run(recipe)
-            rows.append({"training": "bf16 autocast" if bf16 else "fp32", "freeze": options.freeze,
-                         "train/val/test": "/".join(str(results["split_sizes"][s]) for s in ("train", "validation", "test")),
-                         "wall_s": time.perf_counter() - started, "train_runtime_s": results["train_runtime"],
-                         "test_accuracy": results["test_accuracy"], "eval_accuracy": results["eval_accuracy"],
-                         "train_loss": results["train_loss"], "load at start": load})
-    gap = 100 * (rows[1]["test_accuracy"] - rows[0]["test_accuracy"])
+    seeds = [int(seed) for seed in options.seeds.split(",")]
+    for seed in seeds:
+        for bf16 in (False, True):
+            with tempfile.TemporaryDirectory() as output_dir:
+                recipe = parse_recipe(
+                    [], dataset=str(MIRRORS[options.dataset]), model=options.model, freeze=options.freeze,
+                    validation_size=VALIDATION_SIZE[options.dataset], max_train_samples=options.max_train_samples,
+                    max_eval_samples=options.max_eval_samples, max_test_samples=options.max_test_samples, num_train_epochs=options.epochs,
+                    learning_rate=options.lr, per_device_train_batch_size=options.batch_size, image_size=options.image_size, bf16=bf16, **CPU,
+                    save_strategy="no", load_best_model_at_end=False, output_dir=output_dir, disable_tqdm=True, seed=seed,
+                )
+                load = load_average()
+                started = time.perf_counter()
+                results = run(recipe)
+                rows.append({"seed": seed, "training": "bf16 autocast" if bf16 else "fp32", "freeze": options.freeze,
+                             "train/val/test": "/".join(str(results["split_sizes"][s]) for s in ("train", "validation", "test")),
+                             "wall_s": time.perf_counter() - started, "train_runtime_s": results["train_runtime"],
+                             "test_accuracy": results["test_accuracy"], "eval_accuracy": results["eval_accuracy"],
+                             "train_loss": results["train_loss"], "load at start": load})
+    gaps = [100 * (bf16["test_accuracy"] - fp32["test_accuracy"]) for fp32, bf16 in zip(rows[::2], rows[1::2])]
+    speed = median([fp32["train_runtime_s"] / bf16["train_runtime_s"] for fp32, bf16 in zip(rows[::2], rows[1::2])])
     report(options.name, f"Training precision: test accuracy ({options.dataset}, {options.model.split('/')[-1]}, {options.freeze})", rows, notes=[
         f"{options.epochs:g} epochs, lr {options.lr}, batch {options.batch_size}, image size {options.image_size or 'the model’s'}, "
         "channels_last in both (the model's memory format for a CNN), inference_precision auto in both, "
         f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY') or 'not set'}",
-        f"test accuracy bf16 - fp32: {gap:+.2f} points; train_runtime fp32 / bf16: {rows[0]['train_runtime_s'] / rows[1]['train_runtime_s']:.2f}",
+        f"test accuracy bf16 - fp32 by seed: {', '.join(f'{gap:+.2f}' for gap in gaps)} points (mean {sum(gaps) / len(gaps):+.2f}); "
+        f"train_runtime fp32 / bf16 (median over seeds): {speed:.2f}",
     ])
 
 

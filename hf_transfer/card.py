@@ -20,7 +20,7 @@ from huggingface_hub.utils import validate_repo_id
 from scipy.stats import binomtest
 
 from . import escape
-from .plots import curve_marks, plot_confusion_matrix, plot_training_curves, training_log
+from .plots import curve_marks, has_curves, plot_confusion_matrix, plot_training_curves, training_log
 from .repo_files import CONFUSION_PNG, CURVES_PNG, DATA_REPORT, DATA_SUSPECTS_PNG, EXPLANATIONS_PNG, MODEL_CARD, RunFiles, shareable_path
 from .selection_report import why_this_backbone
 
@@ -166,7 +166,17 @@ def _preprocessing(run: RunFiles) -> dict:
     return dict(timm=run.is_timm, interpolation=_untrusted(cfg.get("interpolation")), crop_pct=cfg.get("crop_pct"), mean=mean, std=std,
                 preprocessor=bool(run.preprocessor), processor_type=_untrusted(proc.get("image_processor_type")),
                 augmentation=data_args.get("augmentation"), crop_min_scale=data_args.get("crop_min_scale"),
-                on_device=run.results.get("resized_on_device"), cache_views=run.run_config.get("run", {}).get("feature_cache_views") or 0)
+                on_device=run.results.get("resized_on_device"), cache_views=run.run_config.get("run", {}).get("feature_cache_views") or 0,
+                sizes_trained=_sizes_trained(run.results.get("image_sizes_trained")))
+
+
+def _sizes_trained(parts) -> list[dict] | None:
+    """`image_sizes_trained` as numbers only: all_results.json is a file of the folder, shown in the card."""
+    try:
+        return [{"epochs": [int(part["epochs"][0]), int(part["epochs"][1])], "size": [int(part["size"][0]), int(part["size"][1])]}
+                for part in parts] if parts else None
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
 
 
 def _freeze_plan(run: RunFiles) -> dict | None:
@@ -333,7 +343,7 @@ def _deployment(run: RunFiles) -> dict | None:
 def ensure_plots(run: RunFiles) -> None:
     """Draw the figures the card embeds if the run did not leave them."""
     history = run.state.get("log_history") or []
-    if not (run.dir / CURVES_PNG).is_file() and any("loss" in e or "eval_loss" in e for e in history):
+    if not (run.dir / CURVES_PNG).is_file() and has_curves(history):
         plot_training_curves(history, run.dir / CURVES_PNG, curve_marks(run.freeze_plan, run.results.get("early_stopping")))
     if not (run.dir / CONFUSION_PNG).is_file() and run.report:
         plot_confusion_matrix(run.report["confusion_matrix"], run.report["labels"], run.dir / CONFUSION_PNG)

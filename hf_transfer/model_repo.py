@@ -23,7 +23,8 @@ from .metrics import test_report
 from .models import save_model
 from .optimization import describe_optimizer
 from .output_dir import publish
-from .plots import curve_marks, plot_confusion_matrix, plot_training_curves
+from .plots import curve_marks, has_curves, plot_confusion_matrix, plot_training_curves
+from .progressive_resizing import ProgressiveResize, describe_sizes
 from .repo_files import (
     ALL_RESULTS,
     CONFUSION_PNG,
@@ -71,7 +72,10 @@ def write_model_repo(prepared, checked, fitted) -> dict:
         if checked.check:
             checked.check.write(staging, previous=output_dir)
         marks = curve_marks({"history": prepared.plan.history}, results["early_stopping"])  # stage switches, the early stop
-        plot_training_curves(trainer.state.log_history, staging / CURVES_PNG, marks, previous=output_dir / CURVES_PNG)
+        if has_curves(trainer.state.log_history):
+            plot_training_curves(trainer.state.log_history, staging / CURVES_PNG, marks, previous=output_dir / CURVES_PNG)
+        else:
+            logger.info("No training curves: the run logged no loss and no evaluation (`logging_strategy` and `eval_strategy` are `no`).")
         plot_confusion_matrix(report["confusion_matrix"], data.labels, staging / CONFUSION_PNG, previous=output_dir / CONFUSION_PNG)
         draw_explanations(staging, data.splits["test"][data.image_column], test_output.label_ids,
                           np.argmax(test_output.predictions, axis=-1), previous=output_dir / EXPLANATIONS_PNG)
@@ -100,6 +104,7 @@ def run_results(prepared, checked, fitted) -> dict:
     """`all_results.json`: the metrics, and how the run went, read from the objects that ran it."""
     trainer, data, recipe = fitted.trainer, checked.data, prepared.recipe
     early_stopping = next((callback for callback in trainer.callback_handler.callbacks if isinstance(callback, EarlyStopping)), None)
+    resizing = next((callback for callback in trainer.callback_handler.callbacks if isinstance(callback, ProgressiveResize)), None)
     return {
         **fitted.train_metrics, **fitted.eval_metrics, **fitted.test_output.metrics,
         # Whether the data came from the Hub, decided where its path was read: the card links a Hub id, names a folder.
@@ -114,6 +119,8 @@ def run_results(prepared, checked, fitted) -> dict:
         "optimizer": describe_optimizer(trainer.optimizer),
         "lr_scheduler": describe_schedule(prepared.args, trainer.lr_scheduler, trainer.state.max_steps),
         "early_stopping": early_stopping.summary() if early_stopping else None,
+        # the size each epoch's training batches had, as the model saw them (`image_size_schedule`)
+        "image_sizes_trained": describe_sizes(resizing.trained) if resizing else None,
         "published_weights": published_weights(trainer),
         **({"feature_cache": fitted.feature_cache} if fitted.feature_cache else {}),
         **({"data_doctor": checked.check.results()} if checked.check else {}),

@@ -122,6 +122,13 @@ class ModelArguments:
         metadata={"help": "Input resolution in pixels (square), e.g. 160 (default: the model's own). Resize and crop scale with it; "
                           "config.json and preprocessor_config.json record it, so `pipeline` and timm preprocess alike."},
     )
+    image_size_schedule: list[int] | None = field(
+        default=None,
+        metadata={"help": "Progressive resizing: the training image size of each epoch in turn, e.g. `[96, 112]` trains epoch 1 at "
+                          "96 px, epoch 2 at 112 px and the rest at the input size (`image_size`, else the model's own). Training "
+                          "batches are resized down on the training device; evaluation, test and the saved model use the input "
+                          "size. all_results.json and the card state the size each epoch trained at."},
+    )
     drop_rate: float | None = field(
         default=None,
         metadata={"help": "Dropout before the classifier, 0 <= p < 1 (timm's `drop_rate`; a transformers model's `classifier_dropout`), "
@@ -131,6 +138,11 @@ class ModelArguments:
     def __post_init__(self):
         if self.image_size is not None and not (isinstance(self.image_size, int) and self.image_size >= 16):
             raise ValueError(f"`image_size` must be a whole number of pixels >= 16, e.g. 160, not {self.image_size!r}.")
+        schedule = self.image_size_schedule
+        if schedule is not None and not (isinstance(schedule, list) and schedule
+                                         and all(isinstance(size, int) and not isinstance(size, bool) and size >= 16 for size in schedule)):
+            raise ValueError(f"`image_size_schedule` must be a list of whole numbers of pixels >= 16, one per epoch, e.g. [96, 112], "
+                             f"not {schedule!r}.")
         if self.drop_rate is not None and not 0 <= self.drop_rate < 1:
             raise ValueError(f"`drop_rate` is a dropout probability, 0 <= drop_rate < 1, not {self.drop_rate!r}.")
 

@@ -42,6 +42,7 @@ from .nodes import output_is_node_local, placement, raise_together
 from .optimization import build_optimizer
 from .output_dir import check_output_dir, claim_output_dir, holding_output_dir
 from .precision import FrozenPasses, Precision, resolve
+from .progressive_resizing import ProgressiveResize, check_schedule
 from .recipe import Recipe
 from .strategies import cache_refusal, choose, tests_on_cache
 from .trainer import SafeTrainer
@@ -126,7 +127,10 @@ def prepare(recipe: Recipe, args: TrainingArguments, source: MapSource | None = 
             data = source.load(args.seed)
     model, image_processor = load_model(recipe.model, data.labels)
     model.to(args.device)  # the data doctor's features are extracted before Trainer places the model
-    train_transform, eval_transform, device_step = transforms_for_run(recipe.data, data, data_config(model, image_processor), args.device)
+    config = data_config(model, image_processor)
+    train_transform, eval_transform, device_step = transforms_for_run(recipe.data, data, config, args.device)
+    if recipe.model.image_size_schedule:
+        check_schedule(model, recipe.model.image_size_schedule, config["input_size"][1:])
     plan = FreezePlan(model, recipe.freezing, args.learning_rate)
     source.check_plan(plan)
     # Passes without gradients (extraction, evaluation, test) in bf16 + channels_last where the hardware has bf16.
@@ -171,6 +175,8 @@ def build_trainer(recipe: Recipe, args: TrainingArguments, model, image_processo
                   trainer_class: type[SafeTrainer] = SafeTrainer, callbacks: tuple = ()) -> SafeTrainer:
     """The run's Trainer over `splits`: the recipe's optimizer over the plan's groups, its stages and early stopping."""
     own = [FreezeCallback(plan)]
+    if recipe.model.image_size_schedule:
+        own.append(ProgressiveResize(recipe.model.image_size_schedule))
     if recipe.run.early_stopping_patience:
         own.append(EarlyStopping(plan, recipe.run.early_stopping_patience, recipe.run.early_stopping_threshold))
     return trainer_class(

@@ -61,13 +61,19 @@ def plot_training_curves(log_history: Sequence[dict], path: str | Path, marks: S
     return draw(path, "training curves", curves, lambda file, metadata: _save(_curves_figure(curves), file, metadata), previous)
 
 
+def has_curves(log_history: Sequence[dict]) -> bool:
+    """Whether the log holds a point to draw: a training loss, a validation loss or metric, with its epoch (a run with
+    `logging_strategy` and `eval_strategy` both `no` logs none)."""
+    return any(_series(log_history, key)[0] for key in ("loss", "eval_loss", *EVAL_METRICS))
+
+
 def training_curves(log_history: Sequence[dict], marks: Sequence[tuple[int, str]] = ()) -> dict:
     """What the training curves show: (epochs, values) of each series, and the epoch and label of each mark."""
+    if not has_curves(log_history):
+        raise ValueError("log_history holds no loss or eval metric entries with an 'epoch': nothing to plot")
     curves = {"train loss": _series(log_history, "loss"), "validation loss": _series(log_history, "eval_loss")}
     metrics = {label: _series(log_history, key) for key, label in EVAL_METRICS.items()}
     metrics = {label: points for label, points in metrics.items() if points[0]}
-    if not (curves["train loss"][0] or curves["validation loss"][0] or metrics):
-        raise ValueError("log_history holds no loss or eval metric entries with an 'epoch': nothing to plot")
     return {**curves, "metrics": metrics, "marks": [(_epoch_at(log_history, step), label) for step, label in marks]}
 
 

@@ -198,6 +198,8 @@ def cache_refusal(recipe, plan, head: tuple[str, nn.Module] | None) -> str | Non
         return "`batchnorm: train` changes the backbone's features every step"
     if head is None:
         return "the head's parameters do not form one module"
+    if recipe.model.image_size_schedule:
+        return "`image_size_schedule` trains on images resized epoch by epoch"
     if len(plan.stages) > 1 and "at_plateau" in plan.stages[1]:
         return "the head-only first stage ends at a plateau, which is known only during training"
     return None

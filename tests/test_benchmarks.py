@@ -22,7 +22,7 @@ def test_gpu_script_is_valid_bash():
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize("name", ["overhead.py", "feature_cache.py", "freeze_strategies.py", "streaming.py"])
+@pytest.mark.parametrize("name", ["overhead.py", "feature_cache.py", "freeze_strategies.py", "streaming.py", "cpu_levers.py"])
 def test_benchmark_help(name):
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / name), "--help"], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0 and "usage" in result.stdout.lower(), result.stderr[-2000:]

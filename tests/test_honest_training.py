@@ -249,3 +249,10 @@ def test_a_two_process_bf16_run_states_its_precision_processes_and_effective_bat
     card = (out / "README.md").read_text()
     assert ("- Training passes: bf16 autocast on cpu, 2 processes (MULTI_CPU) on 1 machine; effective batch 8 "
             "(2 per device x 2 accumulation steps x 2 processes)") in card
+
+
+def test_a_run_that_logs_nothing_is_published_without_training_curves(tmp_path):
+    run = tiny_run(tmp_path / "run", "--logging_strategy", "no", "--eval_strategy", "no")
+    assert (run / "model.safetensors").is_file() and not (run / "training_curves.png").exists()
+    card = (run / "README.md").read_text()
+    assert "training_curves.png" not in card and "Training curves" not in card

@@ -71,6 +71,7 @@ def test_options_a_stream_cannot_honour_are_refused(capsys, tmp_path):
     assert "`max_train_samples`" in user_error(capsys, *stream, "--max_steps", "2", "--max_train_samples", "8")
     assert "`lr_scheduler_type: step`" in user_error(capsys, *stream, "--max_steps", "2", "--lr_scheduler_type", "step")
     assert "`at_epoch`" in user_error(capsys, *stream, "--max_steps", "2", "--freeze", "fastai")
+    assert "`image_size_schedule`" in user_error(capsys, *stream, "--max_steps", "2", "--image_size_schedule", "96")
     assert "which a stream never holds" in user_error(capsys, *stream, "--max_steps", "2", "--exclude_flagged", "leaks")
     message = user_error(capsys, *stream, "--max_steps", "2", "--validation_size", "8", "--freeze", "head_only")
     assert "Set `feature_cache: false`" in message

@@ -77,6 +77,11 @@ def check_options(recipe) -> None:
             "Stages that start `at_epoch` need epochs; a stream has none (the `fastai` preset is one). "
             "Start the stages `at_step` (e.g. `[{at_step: 0, train: head}, {at_step: 500, train: all}]`) or `at_plateau`."
         )
+    if recipe.model.image_size_schedule:
+        raise StreamingError(
+            "`image_size_schedule` gives each epoch its training image size; a stream has no epochs. Leave it unset, "
+            "or turn `streaming` off."
+        )
 
 
 def check_plan(recipe, plan) -> None:
