@@ -83,7 +83,9 @@ class ProgressiveResize(TrainerCallback, ExportableState):
                     kwargs["pixel_values"] = pixels
                 else:
                     args = (pixels, *args[1:])
-        self.trained.setdefault(str(self._epoch), list(pixels.shape[-2:]))
+        if str(self._epoch) not in self.trained:
+            self.trained[str(self._epoch)] = list(pixels.shape[-2:])
+            logger.info("Progressive resizing: epoch %d trains on %d x %d images.", self._epoch, *pixels.shape[-2:])
         return args, kwargs
 
 

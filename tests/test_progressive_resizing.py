@@ -26,7 +26,8 @@ def _inner_model_inputs(shapes: list):
     return torch.nn.modules.module.register_module_forward_pre_hook(record)
 
 
-def test_each_epoch_trains_at_its_size_and_evaluation_at_the_input_size(tmp_path):
+def test_each_epoch_trains_at_its_size_and_evaluation_at_the_input_size(tmp_path, caplog):
+    caplog.set_level("INFO", logger="hf_transfer.progressive_resizing")
     shapes: list = []
     handle = _inner_model_inputs(shapes)
     try:
@@ -47,6 +48,8 @@ def test_each_epoch_trains_at_its_size_and_evaluation_at_the_input_size(tmp_path
     card = (run / "README.md").read_text()
     assert "| progressive resizing | epoch 1 at 32 x 32; epoch 2 at 48 x 48; epoch 3 at 64 x 64 (" in card
     assert json.loads((run / "config.json").read_text())["pretrained_cfg"]["input_size"] == [3, 64, 64]  # the saved model
+    assert [record.getMessage() for record in caplog.records if record.name == "hf_transfer.progressive_resizing"] == [
+        f"Progressive resizing: epoch {epoch} trains on {size} x {size} images." for epoch, size in ((1, 32), (2, 48), (3, 64))]
 
 
 def test_a_run_without_a_schedule_says_nothing_of_it(run_dir):
