@@ -14,6 +14,7 @@ from torch.nn import functional as F
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from .checkpoints import CheckpointError
 from .errors import RecipeError
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class ProgressiveResize(TrainerCallback, ExportableState):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         saved = (state.stateful_callbacks or {}).get(type(self).__name__)
         if isinstance(saved, dict):  # a resumed run: the epochs before the checkpoint
-            self.trained = dict(saved.get("attributes", {}).get("trained") or {})
+            self.trained = _checked_record(saved.get("attributes", {}).get("trained") or {})
         self._handle = model.register_forward_pre_hook(self._resize, with_kwargs=True)
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -87,6 +88,18 @@ class ProgressiveResize(TrainerCallback, ExportableState):
             self.trained[str(self._epoch)] = list(pixels.shape[-2:])
             logger.info("Progressive resizing: epoch %d trains on %d x %d images.", self._epoch, *pixels.shape[-2:])
         return args, kwargs
+
+
+def _checked_record(record) -> dict[str, list[int]]:
+    """A checkpoint's record of the sizes trained (a file from disk): epoch numbers to [height, width], else refused."""
+    try:
+        checked = {str(int(epoch)): [int(height), int(width)] for epoch, (height, width) in record.items()}
+        if all(int(epoch) >= 1 and min(size) >= 1 for epoch, size in checked.items()):
+            return checked
+    except (AttributeError, TypeError, ValueError):
+        pass
+    raise CheckpointError("The checkpoint's trainer_state.json holds a malformed `ProgressiveResize` record of the image "
+                          "sizes trained; resume from another checkpoint or start the run again.")
 
 
 def describe_sizes(trained: dict[str, list[int]]) -> list[dict]:

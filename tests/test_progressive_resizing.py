@@ -6,17 +6,17 @@ import shutil
 
 import pytest
 import torch
-from conftest import CLASSES, SAMPLE, TINY_RUN, save_timm_model, tiny_run, user_error
+from conftest import SAMPLE, TINY_RUN, save_timm_model, tiny_run, user_error
 from transformers import ViTConfig, ViTForImageClassification
 
 from hf_transfer.errors import RecipeError
 from hf_transfer.options import ModelArguments
-from hf_transfer.progressive_resizing import check_schedule, describe_sizes
+from hf_transfer.progressive_resizing import ProgressiveResize, check_schedule, describe_sizes
 
 
 def _inner_model_inputs(shapes: list):
-    """Record (training?, height) of every input the timm network inside the wrapper receives: what the model computes on,
-    after any hook on the wrapper."""
+    """Record (training mode, (height, width)) of every input the timm network inside the wrapper receives: what the model
+    computes on, after any hook on the wrapper."""
     import timm.models.efficientnet as efficientnet
 
     def record(module, args):
@@ -86,7 +86,6 @@ def test_a_model_that_takes_smaller_images_passes_the_check(tmp_path):
     model.eval()
     check_schedule(model, [32, 48], (64, 64))
     assert not model.training
-    assert CLASSES == list(model.config.id2label.values())
 
 
 def test_consecutive_epochs_at_one_size_are_told_once():
@@ -104,3 +103,13 @@ def test_a_resumed_run_reports_the_epochs_before_its_checkpoint(tmp_path):
     tiny_run(tmp_path / "run", *options, "--resume", "true")
     assert json.loads((run / "all_results.json").read_text())["image_sizes_trained"] == finished
     assert [part["epochs"] for part in finished] == [[1, 1], [2, 2], [3, 3]]
+
+
+def test_a_malformed_record_in_a_checkpoint_is_refused():
+    from transformers import TrainerState
+
+    from hf_transfer.checkpoints import CheckpointError
+
+    state = TrainerState(stateful_callbacks={"ProgressiveResize": {"args": {}, "attributes": {"trained": {"one": "<b>"}}}})
+    with pytest.raises(CheckpointError, match="malformed `ProgressiveResize` record"):
+        ProgressiveResize([32]).on_train_begin(None, state, None, model=torch.nn.Linear(1, 1))
