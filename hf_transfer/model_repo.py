@@ -103,8 +103,7 @@ def draw_explanations(model_dir: Path, images, labels, predictions, previous: Pa
 def run_results(prepared, checked, fitted) -> dict:
     """`all_results.json`: the metrics, and how the run went, read from the objects that ran it."""
     trainer, data, recipe = fitted.trainer, checked.data, prepared.recipe
-    early_stopping = next((callback for callback in trainer.callback_handler.callbacks if isinstance(callback, EarlyStopping)), None)
-    resizing = next((callback for callback in trainer.callback_handler.callbacks if isinstance(callback, ProgressiveResize)), None)
+    early_stopping, resizing = _callback(trainer, EarlyStopping), _callback(trainer, ProgressiveResize)
     return {
         **fitted.train_metrics, **fitted.eval_metrics, **fitted.test_output.metrics,
         # Whether the data came from the Hub, decided where its path was read: the card links a Hub id, names a folder.
@@ -126,6 +125,11 @@ def run_results(prepared, checked, fitted) -> dict:
         **({"data_doctor": checked.check.results()} if checked.check else {}),
         **prepared.source.report(trainer),
     }
+
+
+def _callback(trainer, kind: type):
+    """The trainer's callback of `kind`, None when the run has none."""
+    return next((callback for callback in trainer.callback_handler.callbacks if isinstance(callback, kind)), None)
 
 
 def published_weights(trainer) -> dict:
