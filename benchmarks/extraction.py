@@ -11,10 +11,15 @@ up, then runs every variant once on the same images and weights (order rotated b
   images into an empty cache (decoding and preprocessing included, in the main thread, as a run does on a CPU).
 - `auto`: today's `FeatureStore` on a model prepared as a run prepares it (`precision.FrozenPasses`, `auto`).
 
+Part `workers`: today's `FeatureStore` extracting `--images` test images into an empty cache with `dataloader_num_workers`
+0, 1 and 2, in one process, alternating over `--rounds` rounds: what loader processes beside the model's threads cost or buy
+on this machine.
+
 Part `accuracy`: `hf_transfer.pipeline.run` of a cached `head_only` recipe end to end, cold cache, once with
 `inference_precision: fp32` and once with `auto`, on the same data: wall time, extraction rate, test accuracy.
 
     python benchmarks/extraction.py --part rates --dataset cats_vs_dogs --images 256 --rounds 4
+    python benchmarks/extraction.py --part workers --dataset cifar10 --images 512 --batch-size 128 --rounds 3
     python benchmarks/extraction.py --part accuracy --dataset cats_vs_dogs      # the whole mirror: 1,800 / 200 / 2,000
 """
 
@@ -59,7 +64,7 @@ POLICIES = {"not set (spin)": "", "PASSIVE (hf_transfer's default)": "PASSIVE"}
 
 def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", default="rates", choices=("rates", "accuracy", "round"), help="`round`: one process of `rates`")
+    parser.add_argument("--part", default="rates", choices=("rates", "workers", "accuracy", "round"), help="`round`: one process of `rates`")
     parser.add_argument("--round-index", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--dataset", default="cats_vs_dogs", choices=list(MIRRORS))
     parser.add_argument("--model", default="timm/tf_efficientnet_lite0.in1k")
@@ -192,6 +197,41 @@ def rates(options: argparse.Namespace) -> None:
     ], columns=["OMP_WAIT_POLICY", "variant", "median img/s", "min..max img/s", "x before (today)", "/ bare bf16 cl, same process"])
 
 
+# --- part `workers` --------------------------------------------------------------------------------------------------
+WORKERS = (0, 1, 2)
+
+
+def workers(options: argparse.Namespace) -> None:
+    """Cold extractions with each number of loader processes, alternating; median over rounds."""
+    recipe = parse_recipe([], dataset=str(MIRRORS[options.dataset]), model=options.model, freeze="head_only",
+                          validation_size=VALIDATION_SIZE[options.dataset], max_test_samples=options.images,
+                          per_device_eval_batch_size=options.batch_size, output_dir=tempfile.mkdtemp(), seed=42)
+    data = load_image_dataset(recipe.data, seed=42)
+    data.splits = datasets.DatasetDict({"test": data.splits["test"]})
+    model, processor = load_model(recipe.model, data.labels)
+    transforms = transforms_for_run(recipe.data, data, data_config(model, processor), torch.device("cpu"))[:2]
+    precision = resolve("auto", "cpu", model)
+    FrozenPasses(model, precision, head=find_head(model)[1])
+    extraction = Extraction(feature_store.FeatureStore, model, recipe, data, transforms, precision)
+    extraction.round(Path(options.cache_dir))  # warm-up: oneDNN builds its kernels for each shape on first use
+    speeds = {count: [] for count in WORKERS}
+    for round_index in range(options.rounds):
+        shift = round_index % len(WORKERS)
+        for count in WORKERS[shift:] + WORKERS[:shift]:
+            extraction.store.args.dataloader_num_workers = count
+            speeds[count].append(extraction.round(Path(options.cache_dir)))
+            print(f"round {round_index + 1}, {count} worker(s): {speeds[count][-1]:.1f} img/s, load {os.getloadavg()[0]:.1f}", flush=True)
+    shutil.rmtree(options.cache_dir, ignore_errors=True)
+    rows = [{"dataloader_num_workers": count, "median img/s": median(found), "min..max img/s": f"{min(found):.1f}..{max(found):.1f}",
+             "x 2 workers": median([mine / base for mine, base in zip(found, speeds[2])])} for count, found in speeds.items()]
+    report(options.name, f"Extraction with loader processes ({options.dataset}, {options.model.split('/')[-1]}, {device()}, "
+                         f"torch threads {torch.get_num_threads()})", rows, notes=[
+        f"{options.images} test images per extraction (cold cache: decoded, transformed, extracted, stored, loaded), eval batch "
+        f"{options.batch_size}, {precision.describe()}; {options.rounds} rounds, the order rotated by round, after one warm-up",
+        "`x 2 workers`: per round, over the 2-worker extraction of the same round, then the median",
+    ])
+
+
 # --- part `accuracy` -------------------------------------------------------------------------------------------------
 def accuracy(options: argparse.Namespace) -> None:
     rows = []
@@ -235,7 +275,7 @@ def accuracy(options: argparse.Namespace) -> None:
 def main() -> None:
     options = arguments()
     offline_logging()
-    {"rates": rates, "round": one_round, "accuracy": accuracy}[options.part](options)
+    {"rates": rates, "round": one_round, "workers": workers, "accuracy": accuracy}[options.part](options)
 
 
 if __name__ == "__main__":
