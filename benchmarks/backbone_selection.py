@@ -29,9 +29,9 @@ from common import MIRRORS, REPO, load_average, offline_logging, report
 from scipy.stats import spearmanr
 
 from hf_transfer.offline import OFFLINE_WEIGHTS
-from hf_transfer.options import SelectArguments
 from hf_transfer.pipeline import run
 from hf_transfer.recipe import parse_recipe
+from hf_transfer.select_options import SelectArguments
 from hf_transfer.selection import run_select
 
 RECIPES = {"cifar10": REPO / "recipes" / "cifar10.yaml", "cats_vs_dogs": REPO / "recipes" / "cats_vs_dogs.yaml"}

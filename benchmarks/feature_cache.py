@@ -31,7 +31,8 @@ import datasets
 from common import MIRRORS, REPO, VALIDATION_SIZE, Stopwatch, device, load_average, offline_logging, report
 
 from hf_transfer import model_repo
-from hf_transfer.feature_store import CHECK_IMAGES, cache_root
+from hf_transfer.feature_files import cache_root
+from hf_transfer.feature_store import CHECK_IMAGES
 from hf_transfer.pipeline import run
 from hf_transfer.recipe import parse_recipe
 

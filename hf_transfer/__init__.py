@@ -25,8 +25,8 @@ def select(recipe: str | None = None, candidates: str | list[str] | None = None,
     """`hf-transfer select`: rank pretrained backbones on a recipe's data (any recipe key overridden by keyword), write
     selection.json, selection.md, selection.png and recipe.selected.yaml into `output_dir`; returns selection.json's dict."""
     from .cli import setup_logging
-    from .options import SelectArguments
     from .recipe import parse_recipe
+    from .select_options import SelectArguments
     from .selection import run_select
 
     parsed = parse_recipe([recipe] if recipe else [], **options)

@@ -18,7 +18,8 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedModel, TimmWrapperForImageClassification, TrainerCallback
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from .feature_store import FEATURE_RTOL, relative_errors
+from .feature_files import relative_errors
+from .feature_store import FEATURE_RTOL
 from .trainer import SafeTrainer
 
 logger = logging.getLogger(__name__)

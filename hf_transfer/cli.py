@@ -164,7 +164,7 @@ def split_select_argv(argv: list[str]):
     from transformers import HfArgumentParser
 
     from .errors import RecipeError
-    from .options import SelectArguments
+    from .select_options import SelectArguments
 
     recipe = argv[:1] if argv and not argv[0].startswith("-") else []
     try:
@@ -177,7 +177,7 @@ def split_select_argv(argv: list[str]):
 
 def select_command(argv: list[str]) -> dict:
     """`hf-transfer select RECIPE.yaml [--candidates ...] [--sample N] [--prefer best|fast] [--max_seconds S] ...`."""
-    from .options import SelectArguments
+    from .select_options import SelectArguments
 
     if not argv or "-h" in argv or "--help" in argv:
         from transformers import HfArgumentParser

@@ -34,9 +34,10 @@ from .escape import one_line
 from .logme import logme
 from .models import data_config
 from .offline import OFFLINE_WEIGHTS, hub_reachable
-from .options import FreezeArguments, SelectArguments
+from .options import FreezeArguments
 from .pipeline import prepare, run_arguments
 from .repo_files import shareable_path
+from .select_options import SelectArguments
 
 logger = logging.getLogger(__name__)
 

@@ -22,17 +22,8 @@ from transformers import pipeline
 
 from hf_transfer import finetune
 from hf_transfer.cached_head import check_cache
-from hf_transfer.feature_store import (
-    CHECK_IMAGES,
-    KEY_FILE,
-    FeatureCacheMismatchError,
-    cache_root,
-    load,
-    relative_errors,
-    storage_dtype,
-    store,
-    weights_digest,
-)
+from hf_transfer.feature_files import KEY_FILE, cache_root, load, relative_errors, storage_dtype, store
+from hf_transfer.feature_store import CHECK_IMAGES, FeatureCacheMismatchError, weights_digest
 from hf_transfer.strategies import CachedHead
 
 # The data doctor off: these tests count the cache's own extractions and checks (tests/test_doctor.py runs it in a run).

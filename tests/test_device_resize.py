@@ -21,7 +21,7 @@ from hf_transfer import finetune, metrics
 from hf_transfer.data import build_transforms, collate, load_image_dataset
 from hf_transfer.data.device_resize import device_resized_size, device_transforms, transforms_for_run
 from hf_transfer.errors import DatasetError, RecipeError
-from hf_transfer.feature_store import KEY_FILE, cache_root
+from hf_transfer.feature_files import KEY_FILE, cache_root
 from hf_transfer.images import load_image
 from hf_transfer.models import data_config, load_model
 from hf_transfer.options import DataArguments, ModelArguments

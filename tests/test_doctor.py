@@ -23,7 +23,7 @@ from hf_transfer.data import load_image_dataset
 from hf_transfer.data_check import exclude, flagged_indices, image_names, split_features, summary_text, write_report
 from hf_transfer.doctor import class_balance, diagnose, find_label_issues, similar_pairs
 from hf_transfer.errors import DoctorError
-from hf_transfer.feature_store import cache_root
+from hf_transfer.feature_files import cache_root
 from hf_transfer.options import DataArguments, DoctorArguments
 from hf_transfer.pipeline import prepare, run_arguments, run_doctor
 from hf_transfer.recipe import parse_recipe

@@ -19,7 +19,7 @@ import pytest
 from conftest import FINETUNE, LAUNCH, QUICKSTART, REPO, SAMPLE, free_port, save_timm_model, trains
 from transformers import pipeline
 
-from hf_transfer.feature_store import KEY_FILE
+from hf_transfer.feature_files import KEY_FILE
 
 # 32 training images in batches of 2 x 4: 4 optimizer steps an epoch, 8 in all; 16 test images, so one image is 1/16.
 TINY = ["--max_train_samples", "32", "--max_test_samples", "16", "--validation_size", "8", "--num_train_epochs", "2",

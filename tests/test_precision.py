@@ -14,7 +14,8 @@ from conftest import TINY_RUN, TINY_SAMPLE, run_command, sample_rows, user_error
 
 from hf_transfer.blocks import find_head
 from hf_transfer.errors import HFTransferError
-from hf_transfer.feature_store import FeatureCapture, relative_errors
+from hf_transfer.feature_files import relative_errors
+from hf_transfer.feature_store import FeatureCapture
 from hf_transfer.images import load_image
 from hf_transfer.models import load_model
 from hf_transfer.options import ModelArguments

@@ -23,7 +23,7 @@ from hub_server import LocalHub
 from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
 from hf_transfer.cli import run_training
-from hf_transfer.feature_store import KEY_FILE, cache_root, load, store
+from hf_transfer.feature_files import KEY_FILE, cache_root, load, store
 
 pytestmark = pytest.mark.slow  # every test here trains a tiny model, or pushes one
 
