@@ -8,6 +8,8 @@ accuracy. The `head_only` runs read the features `select` extracted (warm start:
 
     python benchmarks/backbone_selection.py                                   # both mirrors, the sizes below
     python benchmarks/backbone_selection.py --datasets cats_vs_dogs --skip-full --max-test-samples 500
+    python benchmarks/backbone_selection.py --datasets cifar10 --select-only --max-train-samples all --max-eval-samples all
+        # the cold `select` alone, as `hf-transfer select recipes/cifar10.yaml --dataset <the mirror>` runs it
 
 Sizes (defaults, for 2 shared CPU cores): `select` samples 2,000 of `--max-train-samples` 4,000 train images (and 500 of
 `--max-eval-samples` 500 validation images); the `head_only` runs train on those 4,000 for the recipe's epochs; the `full`
@@ -37,17 +39,22 @@ from hf_transfer.selection import run_select
 RECIPES = {"cifar10": REPO / "recipes" / "cifar10.yaml", "cats_vs_dogs": REPO / "recipes" / "cats_vs_dogs.yaml"}
 
 
+def limit(value: str) -> int | None:
+    return None if value == "all" else int(value)
+
+
 def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default="cats_vs_dogs,cifar10", help="comma-separated: cifar10, cats_vs_dogs")
     parser.add_argument("--candidates", default=",".join(OFFLINE_WEIGHTS), help="comma-separated model ids")
     parser.add_argument("--sample", type=int, default=2000, help="select's --sample")
-    parser.add_argument("--max-train-samples", type=int, default=4000, help="the train split of select and the head_only runs")
-    parser.add_argument("--max-eval-samples", type=int, default=500)
-    parser.add_argument("--max-test-samples", type=int, default=1000)
+    parser.add_argument("--max-train-samples", type=limit, default=4000, help="the train split of select and the head_only runs (all: whole)")
+    parser.add_argument("--max-eval-samples", type=limit, default=500)
+    parser.add_argument("--max-test-samples", type=limit, default=1000)
     parser.add_argument("--full-train-samples", type=int, default=1000, help="train images of the 1-epoch full runs")
     parser.add_argument("--full-epochs", type=float, default=1)
     parser.add_argument("--skip-full", action="store_true", help="no full runs")
+    parser.add_argument("--select-only", action="store_true", help="no head_only or full runs: the cold select, timed")
     parser.add_argument("--cache-dir", default="/tmp/hf_transfer_bench_select_cache", help="emptied first: a cold cache")
     parser.add_argument("--output-root", default=str(REPO / "outputs" / "bench_select"))
     parser.add_argument("--name", default="select", help="results file: benchmarks/results/<name>.md")
@@ -69,7 +76,10 @@ def one_dataset(name: str, options: argparse.Namespace) -> tuple[list[dict], lis
     for candidate in (row for row in selection["candidates"] if row["status"] == "measured"):
         model = candidate["model"]
         row = {"dataset": name, "model": model, "LogME": candidate["logme"], "probe": candidate["probe_accuracy"],
-               "images/s": candidate["images_per_second"], "select_s": candidate["seconds"]}
+               "images/s": candidate["images_per_second"], "timed on": candidate.get("timed_on"), "select_s": candidate["seconds"]}
+        if options.select_only:
+            rows.append(row)
+            continue
         head = run(parse_recipe([str(RECIPES[name])], **overrides(
             name, options, model=model, freeze="head_only", output_dir=str(output / "head_only" / model.replace("/", "_")),
             overwrite=True, save_strategy="no", load_best_model_at_end=False, data_doctor=False)))
@@ -87,7 +97,8 @@ def one_dataset(name: str, options: argparse.Namespace) -> tuple[list[dict], lis
     notes = [(f"select: {selection['sample']['train_images']:,} of {selection['sample']['train_split']:,} train and "
              f"{selection['sample']['validation_images']:,} validation images, {len(rows)} candidates measured "
              f"(+ the random-init reference: probe {selection['reference']['probe_accuracy']}), cold cache: "
-             f"{select_seconds:.0f} s (load average after: {load_average()})")]
+             f"{select_seconds:.0f} s, of which the reference {selection['reference']['seconds']:.0f} s (load average after: "
+             f"{load_average()})")]
     for truth in ("head_only_test", "full_test"):
         if all(truth in row for row in rows) and len(rows) > 2:
             for score in ("LogME", "probe"):
@@ -107,11 +118,13 @@ def main() -> None:
         found, said = one_dataset(name, options)
         rows += found
         notes += [f"{name}: {line}" for line in said]
-    notes += [(f"head_only: the recipe's epochs on {options.max_train_samples:,} train images; full: {options.full_epochs:g} epoch on "
-              f"{options.full_train_samples:,}; test on {options.max_test_samples:,} (validation {options.max_eval_samples:,}); no "
-              "checkpoints, the last epoch's model tested; `reused`/`extracted`: the head_only run's train features read from "
-              "select's sample / computed by the run")]
-    report(options.name, "hf-transfer select against real runs (issue 23)", rows, notes)
+    if not options.select_only:
+        notes += [(f"head_only: the recipe's epochs on {options.max_train_samples or 'all'} train images; full: {options.full_epochs:g} "
+                  f"epoch on {options.full_train_samples:,}; test on {options.max_test_samples or 'all'} (validation "
+                  f"{options.max_eval_samples or 'all'}); no checkpoints, the last epoch's model tested; `reused`/`extracted`: the "
+                  "head_only run's train features read from select's sample / computed by the run")]
+    title = "hf-transfer select alone, cold (issue 23)" if options.select_only else "hf-transfer select against real runs (issue 23)"
+    report(options.name, title, rows, notes)
 
 
 if __name__ == "__main__":

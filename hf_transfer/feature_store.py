@@ -139,6 +139,7 @@ class FeatureStore:
         self.kept: dict[str, np.ndarray] = {}  # split -> the rows served (see `keep`)
         self.checked: set[Path] = set()  # entries read from the cache and checked (`_check`)
         self.checked_by_caller: set[str] = set()  # splits whose features the run checks against the model itself
+        self.batch_seconds: list[float] = []  # the model's forward time of each full batch passed (`hf-transfer select`'s images/s)
         self.writer = placement(cache_root()).writer  # writes this machine's copy of the cache (every process asks)
         self.model_key = {
             "format": FORMAT_VERSION,
@@ -155,7 +156,7 @@ class FeatureStore:
         with a record of its own: the data doctor's view of a run's store."""
         sibling = copy.copy(self)
         sibling.views, sibling.extracted, sibling.summary = views, {}, {"splits": {}}
-        sibling.computed, sibling.reused = {}, {}
+        sibling.computed, sibling.reused, sibling.batch_seconds = {}, {}, []
         return sibling
 
     def key(self, split: str, views: int) -> dict:
@@ -368,7 +369,10 @@ class FeatureStore:
                 pixels = batch["pixel_values"].to(self.args.device, non_blocking=True)
                 if pixels.is_floating_point() and pixels.ndim == 4:  # uint8 images are resized first (`resize_on_device`)
                     pixels = pixels.contiguous(memory_format=memory_format)
-                self.model(pixel_values=pixels)
+                started = time.perf_counter()
+                self.model(pixel_values=pixels)  # the capture's copy to the CPU waits for the device
+                if len(pixels) == self.args.per_device_eval_batch_size:
+                    self.batch_seconds.append(time.perf_counter() - started)
                 labels.append(batch["labels"])
         return capture.features(), torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)
 

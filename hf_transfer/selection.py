@@ -55,7 +55,9 @@ VALIDATION_SHARE = 4  # the validation sample is a quarter of the train sample: 
 # Forward batches are timed one by one, after WARMUP_BATCHES, for at least THROUGHPUT_SECONDS and THROUGHPUT_BATCHES; the
 # fastest batch counts, as `timeit` advises: other jobs on the machine only ever slow a batch down. On the 2 shared cores
 # one batch of 64 took 17 ms to 1 s for the same network, for seconds at a time: a total or a median over a second moved
-# 10x between calls and ranked a 0.1 M-parameter network below Lite0.
+# 10x between calls and ranked a 0.1 M-parameter network below Lite0. The batches that computed the sample's features
+# supply the timing when enough full ones ran: timing random batches as well cost 8.6 s (Lite0) to 16.4 s (Lite2, 260 px) per candidate
+# at batch 128, a seventh of a cold select of CIFAR-10 (benchmarks/results/select.md).
 THROUGHPUT_SECONDS, THROUGHPUT_BATCHES, WARMUP_BATCHES = 1.0, 5, 2
 REASON_CHARACTERS = 300  # a failed candidate's reason, on one line
 
@@ -126,6 +128,15 @@ def forward_rate(model: torch.nn.Module, precision, input_size: tuple, batch: in
     return batch / min(times)
 
 
+def batch_rate(batch_seconds: list[float], batch: int) -> float | None:
+    """Images per second of the fastest of `batch_seconds` (full batches of `batch` images), or None when they are fewer or
+    shorter than THROUGHPUT_* asks of a timing (their first WARMUP_BATCHES left out)."""
+    timed = batch_seconds[WARMUP_BATCHES:]
+    if len(timed) < THROUGHPUT_BATCHES or sum(timed) < THROUGHPUT_SECONDS:
+        return None
+    return batch / min(timed)
+
+
 def measure(recipe, model: str, args, source: MapSource, data: PreparedData, rows: dict[str, np.ndarray],
             pretrained: bool = True) -> dict:
     """One candidate's row: LogME, probe accuracy and its interval, images/s, parameters, input size; or its failure."""
@@ -153,9 +164,10 @@ def measure(recipe, model: str, args, source: MapSource, data: PreparedData, row
             feature_cache={split: {key: record[key] for key in ("hit", "seconds", "images") if key in record}
                            for split, record in prepared.store.summary["splits"].items()},
         )
-        if pretrained:
-            row["images_per_second"] = round(forward_rate(prepared.model, prepared.precision, input_size,
-                                                          args.per_device_eval_batch_size, args.device), 1)
+        if pretrained:  # the batches that computed the sample's features (extraction, or a hit's check) when enough ran
+            seen = batch_rate(prepared.store.batch_seconds, args.per_device_eval_batch_size)
+            rate = seen or forward_rate(prepared.model, prepared.precision, input_size, args.per_device_eval_batch_size, args.device)
+            row.update(images_per_second=round(rate, 1), timed_on="the sample's images" if seen else "random images")
     except Exception as error:  # any failure of one candidate becomes its row; the others still run
         logger.debug("candidate %s failed", model, exc_info=True)
         reason = one_line(f"{type(error).__name__}: {error}")

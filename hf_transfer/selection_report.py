@@ -220,7 +220,7 @@ def check_selection(recipe) -> None:
 
 
 CARRIED = ("model", "status", "rank", "pretrained", "logme", "probe_accuracy", "probe_interval", "probe_images", "images_per_second",
-           "parameters", "input_size", "precision")
+           "timed_on", "parameters", "input_size", "precision")
 
 
 def carry_selection(recipe, folder: Path) -> None:

@@ -231,6 +231,31 @@ def test_the_selected_recipe_trains_reusing_the_sampled_features_and_its_card_sa
     assert f"{report['candidates'][0]['probe_accuracy']:.1%}" in section
 
 
+def test_images_per_second_comes_from_the_samples_own_batches_when_enough_ran(cache, tmp_path, monkeypatch):
+    """Batches of 4: 12 full train batches and 3 validation ones, enough for a timing once its 1-second floor is lifted (a
+    forward pass at 96 px takes milliseconds here). Read from the cache with batches of 64, no full batch runs (the hit's
+    check passes 48 + 12 images): random images are timed."""
+    from hf_transfer import selection
+
+    monkeypatch.setattr(selection, "THROUGHPUT_SECONDS", 0.0)
+    argv = (str(QUICKSTART), "--candidates", LITE0, "--sample", "48", *DATA)
+    cold, _ = select(*argv, "--per_device_eval_batch_size", "4", "--output_dir", str(tmp_path / "cold"))
+    warm, _ = select(*argv, "--per_device_eval_batch_size", "64", "--output_dir", str(tmp_path / "warm"))
+    (cold_row,), (warm_row,) = cold["candidates"], warm["candidates"]
+    assert not cold_row["feature_cache"]["train"]["hit"] and warm_row["feature_cache"]["train"]["hit"]
+    assert cold_row["timed_on"] == "the sample's images" and warm_row["timed_on"] == "random images"
+    assert cold_row["images_per_second"] > 0 and warm_row["images_per_second"] > 0
+
+
+def test_batch_rate_needs_enough_full_batches_after_the_warm_up():
+    from hf_transfer.selection import THROUGHPUT_BATCHES, WARMUP_BATCHES, batch_rate
+
+    slow_start = [9.0] * WARMUP_BATCHES  # kernel choice on the first batches: left out
+    assert batch_rate([*slow_start, *[0.5] * (THROUGHPUT_BATCHES - 1)], 64) is None  # too few batches
+    assert batch_rate([*slow_start, *[0.1] * THROUGHPUT_BATCHES], 64) is None  # too short to time: 0.5 s of batches
+    assert batch_rate([*slow_start, 0.4, 0.25, *[0.5] * THROUGHPUT_BATCHES], 64) == 64 / 0.25  # the fastest batch
+
+
 # ---- the pieces -------------------------------------------------------------------------------------------------------
 def test_logme_is_higher_for_features_that_separate_the_classes_than_for_noise():
     rng = np.random.default_rng(0)
