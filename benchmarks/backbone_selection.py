@@ -30,6 +30,7 @@ import datasets
 from common import MIRRORS, REPO, load_average, offline_logging, report
 from scipy.stats import spearmanr
 
+from hf_transfer import selection as selection_module
 from hf_transfer.offline import OFFLINE_WEIGHTS
 from hf_transfer.pipeline import run
 from hf_transfer.recipe import parse_recipe
@@ -55,6 +56,8 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--full-epochs", type=float, default=1)
     parser.add_argument("--skip-full", action="store_true", help="no full runs")
     parser.add_argument("--select-only", action="store_true", help="no head_only or full runs: the cold select, timed")
+    parser.add_argument("--decode-per-candidate", action="store_true", help="each candidate decodes the sample itself (as "
+                        "over select's memory bound for the decoded sample), to time what decoding once saves")
     parser.add_argument("--cache-dir", default="/tmp/hf_transfer_bench_select_cache", help="emptied first: a cold cache")
     parser.add_argument("--output-root", default=str(REPO / "outputs" / "bench_select"))
     parser.add_argument("--name", default="select", help="results file: benchmarks/results/<name>.md")
@@ -98,7 +101,8 @@ def one_dataset(name: str, options: argparse.Namespace) -> tuple[list[dict], lis
              f"{selection['sample']['validation_images']:,} validation images, {len(rows)} candidates measured "
              f"(+ the random-init reference: probe {selection['reference']['probe_accuracy']}), cold cache: "
              f"{select_seconds:.0f} s, of which the reference {selection['reference']['seconds']:.0f} s (load average after: "
-             f"{load_average()})")]
+             f"{load_average()}); " + ("the sample decoded once for every candidate" if selection["sample"].get("decoded_once")
+                                       else "each candidate decoded the sample itself"))]
     for truth in ("head_only_test", "full_test"):
         if all(truth in row for row in rows) and len(rows) > 2:
             for score in ("LogME", "probe"):
@@ -110,6 +114,8 @@ def one_dataset(name: str, options: argparse.Namespace) -> tuple[list[dict], lis
 def main() -> None:
     options = arguments()
     offline_logging()
+    if options.decode_per_candidate:
+        selection_module.DECODED_BYTES = 0
     rows, notes = [], []
     for name in options.datasets.split(","):
         cache = Path(options.cache_dir) / name

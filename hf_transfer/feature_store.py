@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from .checksums import checksum
-from .data import attach_transforms, collate
+from .data import DecodedRows, attach_transforms, collate
 from .data.splits import label_values
 from .errors import HFTransferError
 from .feature_files import KEY_FILE, cache_root, folder_size, load, relative_errors, store
@@ -139,7 +139,8 @@ class FeatureStore:
         self.kept: dict[str, np.ndarray] = {}  # split -> the rows served (see `keep`)
         self.checked: set[Path] = set()  # entries read from the cache and checked (`_check`)
         self.checked_by_caller: set[str] = set()  # splits whose features the run checks against the model itself
-        self.batch_seconds: list[float] = []  # the model's forward time of each full batch passed (`hf-transfer select`'s images/s)
+        self.decoded: dict[str, dict[int, object]] = {}  # split -> row -> its image, decoded once for every store (`select`)
+        self.batch_seconds: list[float] = []  # the forward time of each full batch passed (`select`'s images/s)
         self.writer = placement(cache_root()).writer  # writes this machine's copy of the cache (every process asks)
         self.model_key = {
             "format": FORMAT_VERSION,
@@ -302,8 +303,8 @@ class FeatureStore:
         with _random_state_kept():
             for view in range(max(views, 1) if len(todo) else 0):
                 # Augmented views: each image seeded on its own, the same crops and flips on every extraction and check.
-                source = Subset(SeededViews(dataset, self.args.seed, view), shard) if views else (
-                    dataset.select(shard) if len(shard) < len(dataset) else dataset)
+                source = (Subset(SeededViews(dataset, self.args.seed, view), shard) if views
+                          else self._rows(split, dataset, shard, transform))
                 loader = DataLoader(
                     source, batch_size=self.args.per_device_eval_batch_size, collate_fn=collate,
                     num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory,
@@ -337,6 +338,14 @@ class FeatureStore:
                 logger.info("feature cache: %d more %s image(s) read from entries of some of its rows (hf-transfer select)",
                             len(reused_rows), split)
         state.wait_for_everyone()
+
+    def _rows(self, split: str, dataset, shard: list[int], transform) -> Dataset:
+        """`shard` of the split's dataset (with `transform`), from the images `decoded` holds when it holds every one."""
+        decoded = self.decoded.get(split, {})
+        if shard and all(row in decoded for row in shard):
+            labels = label_values(self.data.splits[split], self.data.label_column)
+            return DecodedRows([decoded[row] for row in shard], [labels[row] for row in shard], transform)
+        return dataset.select(shard) if len(shard) < len(dataset) else dataset
 
     def _reusable(self, split: str, path: Path) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """`(rows, features (rows, 1, dim), labels)` of the split whose whole entry is `path`, from the entries of some of its

@@ -2,6 +2,7 @@
 
     data = source.load(seed)                   # once, as a run loads it
     rows = sample_rows(data, sample, seed)     # a stratified, seeded sample of train (and of validation)
+    decoded = decode_sample(data, rows)        # each sampled image decoded once, for every candidate
     for model in candidates:                   # one after another: one model in memory at a time
         prepare(recipe with model)             # the model, its preprocessing and the FeatureStore a `train` run would build
         features of the sample                 # the feature cache: a later `train` of the winner reuses them
@@ -31,6 +32,7 @@ from .data.source import MapSource, source_for
 from .doctor import out_of_fold_accuracy
 from .errors import SelectionError
 from .escape import one_line
+from .images import UnreadableImageError, load_image
 from .logme import logme
 from .models import data_config
 from .offline import OFFLINE_WEIGHTS, hub_reachable
@@ -60,6 +62,9 @@ VALIDATION_SHARE = 4  # the validation sample is a quarter of the train sample: 
 # at batch 128, a seventh of a cold select of CIFAR-10 (benchmarks/results/select.md).
 THROUGHPUT_SECONDS, THROUGHPUT_BATCHES, WARMUP_BATCHES = 1.0, 5, 2
 REASON_CHARACTERS = 300  # a failed candidate's reason, on one line
+# The decoded sample every candidate reads, at most (RGB bytes): 2,000 + 500 cats-vs-dogs photos take 0.5 GB, CIFAR-10's
+# 8 MB; 2,500 12-megapixel photos would take 90 GB, and each candidate then decodes them itself.
+DECODED_BYTES = 2 * 1024**3
 
 
 def default_candidates() -> list[str]:
@@ -88,6 +93,27 @@ def sample_rows(data: PreparedData, sample: int, seed: int) -> dict[str, np.ndar
     """The rows of the train and validation splits every candidate is measured on."""
     sizes = {"train": sample, "validation": max(sample // VALIDATION_SHARE, 1)}
     return {split: stratified_rows(np.asarray(data.splits[split][data.label_column]), size, seed) for split, size in sizes.items()}
+
+
+def decode_sample(data: PreparedData, rows: dict[str, np.ndarray]) -> dict[str, dict[int, object]]:
+    """Each sampled image decoded once, as a run decodes it (`images.load_image`), for every candidate to resize its own way;
+    {} when they would take more than DECODED_BYTES, or one does not decode."""
+    decoded, size = {}, 0
+    for split, split_rows in rows.items():
+        cells = data.splits[split].select(split_rows)[data.image_column]
+        decoded[split] = {}
+        for row, cell in zip(split_rows.tolist(), cells):
+            try:
+                image = load_image(cell)
+            except UnreadableImageError:
+                return {}
+            size += 3 * image.width * image.height
+            if size > DECODED_BYTES:
+                logger.info("select: the decoded sample would take over %.0f GB: each candidate decodes it itself",
+                            DECODED_BYTES / 1024**3)
+                return {}
+            decoded[split][row] = image
+    return decoded
 
 
 def candidate_recipe(recipe, model: str, pretrained: bool = True):
@@ -137,9 +163,10 @@ def batch_rate(batch_seconds: list[float], batch: int) -> float | None:
     return batch / min(timed)
 
 
-def measure(recipe, model: str, args, source: MapSource, data: PreparedData, rows: dict[str, np.ndarray],
+def measure(recipe, model: str, args, source: MapSource, data: PreparedData, rows: dict[str, np.ndarray], decoded: dict,
             pretrained: bool = True) -> dict:
-    """One candidate's row: LogME, probe accuracy and its interval, images/s, parameters, input size; or its failure."""
+    """One candidate's row: LogME, probe accuracy and its interval, images/s, parameters, input size; or its failure.
+    `decoded`: the sample's images, decoded once (`decode_sample`)."""
     row = {"model": shareable_path(model), "pretrained": pretrained}
     started = time.perf_counter()
     prepared = None
@@ -147,6 +174,7 @@ def measure(recipe, model: str, args, source: MapSource, data: PreparedData, row
         prepared = prepare(candidate_recipe(recipe, model, pretrained), args, source, data)
         if prepared.store is None:
             raise SelectionError("its head's parameters do not form one module, so its pooled features cannot be read")
+        prepared.store.decoded = decoded
         step = prepared.device_step.attached(prepared.model) if prepared.device_step else contextlib.nullcontext()
         with step:
             found = {split: prepared.store.features(split, split_rows) for split, split_rows in rows.items()}
@@ -219,13 +247,14 @@ def run_select(recipe, options: SelectArguments) -> dict:
     args = run_arguments(recipe, source)
     data = source.load(args.seed)
     rows = sample_rows(data, options.sample, args.seed)
+    decoded = decode_sample(data, rows)
     candidates = list(dict.fromkeys(options.candidates or default_candidates()))
     logger.info("select: %d candidate(s) on %d train and %d validation images", len(candidates), len(rows["train"]), len(rows["validation"]))
     measured_rows, stopped = [], None
     progress = tqdm(candidates, desc="select", unit="model", disable=args.disable_tqdm)
     for index, model in enumerate(progress):
         progress.set_description(f"select {index + 1}/{len(candidates)}: {one_line(model)}")
-        measured_rows.append(measure(recipe, model, args, source, data, rows))
+        measured_rows.append(measure(recipe, model, args, source, data, rows, decoded))
         elapsed = time.perf_counter() - started
         if options.max_seconds and elapsed >= options.max_seconds and index + 1 < len(candidates):
             stopped = {"after_seconds": round(elapsed, 1), "max_seconds": options.max_seconds,
@@ -242,11 +271,11 @@ def run_select(recipe, options: SelectArguments) -> dict:
     best_name = candidates[[shareable_path(name) for name in candidates].index(leaderboard[0]["model"])]
     reference = None
     if stopped is None:  # a random initialisation of the best: what pretraining buys (skipped once time is up)
-        reference = measure(recipe, best_name, args, source, data, rows, pretrained=False)
+        reference = measure(recipe, best_name, args, source, data, rows, decoded, pretrained=False)
     report = {
         "dataset": shareable_path(recipe.data.dataset),
         "classes": len(data.labels),
-        "sample": {"requested": options.sample, "seed": args.seed, "folds": recipe.doctor.doctor_folds,
+        "sample": {"requested": options.sample, "seed": args.seed, "folds": recipe.doctor.doctor_folds, "decoded_once": bool(decoded),
                    **{f"{split}_images": len(split_rows) for split, split_rows in rows.items()},
                    **{f"{split}_split": len(data.splits[split]) for split in rows}},
         "hardware": describe_hardware(),

@@ -200,6 +200,27 @@ def test_sample_and_max_seconds(easy, random_folder, tmp_path):
     assert "Stopped by --max_seconds" in printed and LITE0 in (tmp_path / SELECTION_MD).read_text()
 
 
+def test_each_sampled_image_is_decoded_once_for_every_candidate_and_the_scores_do_not_change(easy, random_folder, tmp_path,
+                                                                                               monkeypatch):
+    """The random network and its random-init reference read the 16 + 4 sampled images decoded once by select; with the
+    decoded sample over its memory bound, each decodes them through the dataset, to the same scores."""
+    from hf_transfer import selection
+    from hf_transfer.data import transforms
+
+    decoded_by_the_dataset = []
+    decode = transforms.load_image
+    monkeypatch.setattr(transforms, "load_image", lambda cell: decoded_by_the_dataset.append(cell) or decode(cell))
+    argv = (str(QUICKSTART), "--dataset", easy, "--candidates", str(random_folder), *EASY, "--sample", "16")
+    shared, _ = select(*argv, "--output_dir", str(tmp_path / "shared"))
+    assert shared["sample"]["decoded_once"] and decoded_by_the_dataset == []
+    monkeypatch.setattr(selection, "DECODED_BYTES", 0)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "another_cache"))  # extracted again
+    apart, _ = select(*argv, "--output_dir", str(tmp_path / "apart"))
+    assert not apart["sample"]["decoded_once"] and len(decoded_by_the_dataset) == 2 * (16 + 4)  # the candidate, the reference
+    for key in ("logme", "probe_accuracy"):
+        assert shared["candidates"][0][key] == apart["candidates"][0][key] and shared["reference"][key] == apart["reference"][key]
+
+
 def test_select_refuses_streaming_and_random_weights(capsys):
     from hf_transfer.cli import main
 

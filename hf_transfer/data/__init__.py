@@ -9,7 +9,7 @@ Modules: `splits` (map-style loading), `folders` (local files and image folders)
 """
 
 from .splits import PreparedData, find_columns, image_name, load_image_dataset, shareable_name
-from .transforms import attach_transforms, build_transforms, check_augmentation, collate
+from .transforms import DecodedRows, attach_transforms, build_transforms, check_augmentation, collate
 
-__all__ = ["PreparedData", "attach_transforms", "build_transforms", "check_augmentation", "collate", "find_columns", "image_name",
+__all__ = ["DecodedRows", "PreparedData", "attach_transforms", "build_transforms", "check_augmentation", "collate", "find_columns", "image_name",
            "load_image_dataset", "shareable_name"]

@@ -1,11 +1,13 @@
 """The transforms of a run's images: from the model's data config, augmentation on the train split only, applied lazily
-batch by batch (decoded images are never materialised), and the collate of a batch."""
+batch by batch (a run never holds decoded images; `hf-transfer select` holds its sample's, `DecodedRows`), and the collate
+of a batch."""
 
 from __future__ import annotations
 
 import datasets
 import timm.data
 import torch
+from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from ..errors import DatasetError
@@ -47,6 +49,20 @@ def attach_transforms(data: PreparedData, train_transform, eval_transform) -> da
         name: split.with_transform(transformer(train_transform if name == "train" else eval_transform))
         for name, split in data.splits.items()
     })
+
+
+class DecodedRows(Dataset):
+    """Rows of a split from their images decoded once (`hf-transfer select`'s sample, read by every candidate), through
+    `transform`: the items `attach_transforms` gives for those rows, without decoding them again."""
+
+    def __init__(self, images: list, labels: list[int], transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"pixel_values": self.transform(self.images[index]), "labels": self.labels[index]}
 
 
 def collate(examples) -> dict[str, torch.Tensor]:
