@@ -211,6 +211,7 @@ def test_each_sampled_image_is_decoded_once_for_every_candidate_and_the_scores_d
     decode = transforms.load_image
     monkeypatch.setattr(transforms, "load_image", lambda cell: decoded_by_the_dataset.append(cell) or decode(cell))
     argv = (str(QUICKSTART), "--dataset", easy, "--candidates", str(random_folder), *EASY, "--sample", "16")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))  # cold: a hit's check decodes a sample
     shared, _ = select(*argv, "--output_dir", str(tmp_path / "shared"))
     assert shared["sample"]["decoded_once"] and decoded_by_the_dataset == []
     monkeypatch.setattr(selection, "DECODED_BYTES", 0)
@@ -259,6 +260,7 @@ def test_images_per_second_comes_from_the_samples_own_batches_when_enough_ran(ca
     from hf_transfer import selection
 
     monkeypatch.setattr(selection, "THROUGHPUT_SECONDS", 0.0)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))  # cold: not the module's cache
     argv = (str(QUICKSTART), "--candidates", LITE0, "--sample", "48", *DATA)
     cold, _ = select(*argv, "--per_device_eval_batch_size", "4", "--output_dir", str(tmp_path / "cold"))
     warm, _ = select(*argv, "--per_device_eval_batch_size", "64", "--output_dir", str(tmp_path / "warm"))
