@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 from pathlib import Path
 
 import datasets
@@ -20,6 +21,7 @@ from conftest import IMAGE, LABEL, QUICKSTART, SAMPLE, photos, save_timm_model, 
 from PIL import Image
 
 from hf_transfer.errors import SelectionError
+from hf_transfer.feature_files import cache_root
 from hf_transfer.logme import fit_class, log_evidence, logme, thin_svd
 from hf_transfer.offline import _in_order
 from hf_transfer.repo_files import ALL_RESULTS, MODEL_CARD, SELECTED_RECIPE, SELECTION, SELECTION_MD, SELECTION_PNG, shareable_path
@@ -207,6 +209,7 @@ def test_each_sampled_image_is_decoded_once_for_every_candidate_and_the_scores_d
     from hf_transfer import selection
     from hf_transfer.data import transforms
 
+    monkeypatch.setattr(selection, "THROUGHPUT_SECONDS", 0.0)  # images/s is not this test's: no second of timing per run
     decoded_by_the_dataset = []
     decode = transforms.load_image
     monkeypatch.setattr(transforms, "load_image", lambda cell: decoded_by_the_dataset.append(cell) or decode(cell))
@@ -215,7 +218,7 @@ def test_each_sampled_image_is_decoded_once_for_every_candidate_and_the_scores_d
     shared, _ = select(*argv, "--output_dir", str(tmp_path / "shared"))
     assert shared["sample"]["decoded_once"] and decoded_by_the_dataset == []
     monkeypatch.setattr(selection, "DECODED_BYTES", 0)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "another_cache"))  # extracted again
+    shutil.rmtree(cache_root())  # extracted again
     apart, _ = select(*argv, "--output_dir", str(tmp_path / "apart"))
     assert not apart["sample"]["decoded_once"] and len(decoded_by_the_dataset) == 2 * (16 + 4)  # the candidate, the reference
     for key in ("logme", "probe_accuracy"):
@@ -253,16 +256,16 @@ def test_the_selected_recipe_trains_reusing_the_sampled_features_and_its_card_sa
     assert f"{report['candidates'][0]['probe_accuracy']:.1%}" in section
 
 
-def test_images_per_second_comes_from_the_samples_own_batches_when_enough_ran(cache, tmp_path, monkeypatch):
-    """Batches of 4: 12 full train batches and 3 validation ones, enough for a timing once its 1-second floor is lifted (a
-    forward pass at 96 px takes milliseconds here). Read from the cache with batches of 64, no full batch runs (the hit's
-    check passes 48 + 12 images): random images are timed."""
+def test_images_per_second_comes_from_the_samples_own_batches_when_enough_ran(easy, random_folder, tmp_path, monkeypatch):
+    """Batches of 2: 8 full train batches and 2 validation ones, enough for a timing once its 1-second floor is lifted (the
+    random network's forward pass takes a millisecond). Read from the cache with batches of 64, no full batch runs (the
+    hit's check passes 16 + 4 images): random images are timed."""
     from hf_transfer import selection
 
     monkeypatch.setattr(selection, "THROUGHPUT_SECONDS", 0.0)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))  # cold: not the module's cache
-    argv = (str(QUICKSTART), "--candidates", LITE0, "--sample", "48", *DATA)
-    cold, _ = select(*argv, "--per_device_eval_batch_size", "4", "--output_dir", str(tmp_path / "cold"))
+    argv = (str(QUICKSTART), "--dataset", easy, "--candidates", str(random_folder), *EASY, "--sample", "16")
+    cold, _ = select(*argv, "--per_device_eval_batch_size", "2", "--output_dir", str(tmp_path / "cold"))
     warm, _ = select(*argv, "--per_device_eval_batch_size", "64", "--output_dir", str(tmp_path / "warm"))
     (cold_row,), (warm_row,) = cold["candidates"], warm["candidates"]
     assert not cold_row["feature_cache"]["train"]["hit"] and warm_row["feature_cache"]["train"]["hit"]
