@@ -58,8 +58,8 @@ VALIDATION_SHARE = 4  # the validation sample is a quarter of the train sample: 
 # fastest batch counts, as `timeit` advises: other jobs on the machine only ever slow a batch down. On the 2 shared cores
 # one batch of 64 took 17 ms to 1 s for the same network, for seconds at a time: a total or a median over a second moved
 # 10x between calls and ranked a 0.1 M-parameter network below Lite0. The batches that computed the sample's features
-# supply the timing when enough full ones ran: timing random batches as well cost 8.6 s (Lite0) to 16.4 s (Lite2, 260 px) per candidate
-# at batch 128, a seventh of a cold select of CIFAR-10 (benchmarks/results/select.md).
+# supply the timing when enough full ones ran: timing random batches as well cost 8.6 s (Lite0) to 16.4 s (Lite2, 260 px)
+# per candidate at batch 128, a seventh of a cold select of CIFAR-10 (benchmarks/results/select.md).
 THROUGHPUT_SECONDS, THROUGHPUT_BATCHES, WARMUP_BATCHES = 1.0, 5, 2
 REASON_CHARACTERS = 300  # a failed candidate's reason, on one line
 # The decoded sample every candidate reads, at most (RGB bytes): 2,000 + 500 cats-vs-dogs photos take 0.5 GB, CIFAR-10's
@@ -275,7 +275,8 @@ def run_select(recipe, options: SelectArguments) -> dict:
     report = {
         "dataset": shareable_path(recipe.data.dataset),
         "classes": len(data.labels),
-        "sample": {"requested": options.sample, "seed": args.seed, "folds": recipe.doctor.doctor_folds, "decoded_once": bool(decoded),
+        "sample": {"requested": options.sample, "seed": args.seed, "folds": recipe.doctor.doctor_folds,
+                   "decoded_once": bool(decoded),
                    **{f"{split}_images": len(split_rows) for split, split_rows in rows.items()},
                    **{f"{split}_split": len(data.splits[split]) for split in rows}},
         "hardware": describe_hardware(),
