@@ -12,9 +12,9 @@ from transformers.trainer_utils import has_length
 from .freezing import FreezePlan
 
 
-def metric_key(args) -> str:
+def metric_key(metric_for_best_model: str | None) -> str:
     """The logged name of `metric_for_best_model` (`accuracy` is logged as `eval_accuracy`)."""
-    name = args.metric_for_best_model or "loss"
+    name = metric_for_best_model or "loss"
     return name if name.startswith("eval_") else f"eval_{name}"
 
 
@@ -73,7 +73,7 @@ class FreezeCallback(TrainerCallback, ExportableState):
         stage.setdefault("logged_rate_block", optimizer.param_groups[0].get("block"))  # Trainer logs the first group's rate
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        key = metric_key(args)
+        key = metric_key(args.metric_for_best_model)
         if self.training and metrics and key in metrics:  # not the test split's metrics (`eval_test_each_epoch`)
             self.plan.observe(key.removeprefix("eval_"), metrics[key], bool(args.greater_is_better), state.global_step)
 
@@ -116,7 +116,7 @@ class EarlyStopping(EarlyStoppingCallback):
         self.training = False
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        key = metric_key(args)
+        key = metric_key(args.metric_for_best_model)
         if not self.training or not metrics or key not in metrics:
             return  # the test split's per-epoch metrics are never a stopping signal
         if self.plan.waits_for_plateau or not self.plan.in_last_stage:

@@ -378,7 +378,7 @@ def check_run_data(recipe, data: PreparedData, store: FeatureStore | None, cache
     started = time.perf_counter()
     report = data_report(recipe, data, features_of(recipe, store), options)
     report["timing"]["total_s"] = round(time.perf_counter() - started, 3)
-    check = DataCheck(report, data, flagged_indices(report, options.exclude_flagged, options.excluded_splits()), options)
+    check = DataCheck(report, data, flagged_indices(report, options.exclude_flagged, options.excluded_splits), options)
     if check.excluded:
         check.kept_data()  # refused now, before training, when a split would lose every image of a class
     if args.process_index == 0:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .blocks import discover_blocks
-from .models import ModelNotAvailableError, data_config, hub_model_id, random_init
+from .models import ModelNotAvailableError, data_config, hub_model_id, label_maps, random_init
 
 logger = logging.getLogger(__name__)
 
@@ -72,15 +72,14 @@ class _Need:
 
 
 def _memory_at(recipe) -> _Need | None:
-    labels = ["0", "1"]  # the head's size barely counts; the labels are not known before the dataset is read
-    label_maps = dict(num_labels=2, id2label=dict(enumerate(labels)), label2id={label: index for index, label in enumerate(labels)})
     args = recipe.model
     model_id = args.model if Path(args.model).is_dir() else hub_model_id(args.model)
     with torch.device("meta"):  # shapes only: nothing is allocated, no weights are read
-        model, image_processor = random_init(model_id, args, label_maps)
+        # Two labels: the head's size barely counts, and the labels are not known before the dataset is read.
+        model, image_processor = random_init(model_id, label_maps(["0", "1"]), args.drop_rate, args.model_revision, args.trust_remote_code)
     native = data_config(model, image_processor)["input_size"][1]
     parameters = dict(model.named_parameters())
-    trained = set().union(*(_trained_in(stage["train"], model, parameters) for stage in recipe.freezing.schedule()))
+    trained = set().union(*(_trained_in(stage["train"], model, parameters) for stage in recipe.freezing.schedule))
     for name, parameter in parameters.items():
         parameter.requires_grad_(name in trained)
     try:

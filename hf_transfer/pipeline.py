@@ -55,6 +55,7 @@ class Prepared:
     """What a run trains, checked before anything is written: its data, model, preprocessing and plan."""
 
     recipe: Recipe
+    config: dict  # the recipe resolved as the model repo publishes it (`Recipe.to_dict`), serialised once
     args: TrainingArguments  # the recipe's, as the run uses them (see `run_arguments`)
     source: MapSource  # where the data comes from: a dataset in hand or a stream
     data: PreparedData
@@ -93,7 +94,7 @@ def run(recipe: Recipe, callbacks: tuple = ()) -> dict:
                                     source.trainer_class, callbacks)
             strategy = choose(recipe, prepared, trainer, splits["test"])
             if args.should_save:  # the run is certain to start: only now may --overwrite clear the folder
-                claim_output_dir(Path(args.output_dir), recipe.to_dict(), recipe.run.overwrite)
+                claim_output_dir(Path(args.output_dir), prepared.config, recipe.run.overwrite)
             fitted = strategy.fit(recipe.run.resume)
         return write_model_repo(prepared, checked, fitted)
 
@@ -141,7 +142,7 @@ def prepare(recipe: Recipe, args: TrainingArguments, source: MapSource | None = 
     if head is not None and source.in_hand and (recipe.doctor.exclude_flagged or cached is None):
         store = FeatureStore(model, head[1], head[0], recipe.model, data, (train_transform, eval_transform), args,
                              recipe.run.feature_cache_views, precision=precision)
-    return Prepared(recipe, args, source, data, model, image_processor, (train_transform, eval_transform), device_step, plan,
+    return Prepared(recipe, recipe.to_dict(), args, source, data, model, image_processor, (train_transform, eval_transform), device_step, plan,
                     precision, head, store, cached)
 
 

@@ -73,16 +73,20 @@ class Recipe:
     def to_yaml(self, header: str = RUN_RECIPE_HEADER, local_paths: bool = False) -> str:
         """A recipe that reproduces this run: `hf-transfer train <it> --output_dir <another>`, under `header` (comment
         lines); local folders as given with `local_paths` (a recipe that stays on this machine)."""
-        sections = self.to_dict(local_paths)
-        flat = {}
-        for section in ("data", "model", "freeze", "run", "doctor", "training"):
-            values = dict(sections[section])
-            if section == "freeze":  # the preset's name, so that its derived settings (fastai's lr spread) come back
-                values["freeze"] = values.pop("preset") or values["freeze"]
-            if section == "run":  # what to do with the folder, not how to train
-                values.pop("resume"), values.pop("overwrite")
-            flat.update(values)
-        return header + yaml.safe_dump(flat, sort_keys=False)
+        return recipe_yaml(self.to_dict(local_paths), header)
+
+
+def recipe_yaml(sections: dict, header: str = RUN_RECIPE_HEADER) -> str:
+    """`Recipe.to_yaml` of a recipe already resolved by `Recipe.to_dict`, as a run serialises its recipe once."""
+    flat = {}
+    for section in ("data", "model", "freeze", "run", "doctor", "training"):
+        values = dict(sections[section])
+        if section == "freeze":  # the preset's name, so that its derived settings (fastai's lr spread) come back
+            values["freeze"] = values.pop("preset") or values["freeze"]
+        if section == "run":  # what to do with the folder, not how to train
+            values.pop("resume"), values.pop("overwrite")
+        flat.update(values)
+    return header + yaml.safe_dump(flat, sort_keys=False)
 
 
 def parser() -> HfArgumentParser:

@@ -38,7 +38,7 @@ def check_recipe(recipe, device_type: str) -> None:
 
 def _check_evaluation_needs(freezing, run, training) -> None:
     """Options that act on evaluations need evaluations, and a metric to watch."""
-    plateaus = any("at_plateau" in stage for stage in freezing.schedule())
+    plateaus = any("at_plateau" in stage for stage in freezing.schedule)
     needs = [name for name, used in (
         ("`at_plateau` stages", plateaus),
         ("`early_stopping_patience`", run.early_stopping_patience),

@@ -66,15 +66,15 @@ def small_data(cifar_like):
 # --- when it is on ------------------------------------------------------------------------------------------
 
 def test_auto_is_on_only_on_cuda_for_images_of_one_size_smaller_than_the_input(small_data, tmp_path):
-    auto = DataArguments(dataset="unused")
+    auto = "auto"
     assert device_resized_size(auto, small_data, LITE0, CUDA) == (32, 32)
     assert None is device_resized_size(auto, small_data, LITE0, CPU), "a CPU gains nothing"
     assert None is device_resized_size(auto, small_data, {**LITE0, "input_size": (3, 32, 32)}, CUDA), "not smaller than the input"
     assert None is device_resized_size(auto, small_data, {**LITE0, "interpolation": "lanczos"}, CUDA), "no device version: the CPU does it"
     photos = load_image_dataset(DataArguments(dataset=str(SAMPLE), max_train_samples=40, max_test_samples=8))
     assert None is device_resized_size(auto, photos, LITE0, CUDA), "photos of many sizes stay on the CPU"
-    assert device_resized_size(DataArguments(dataset="unused", resize_on_device="true"), small_data, LITE0, CPU) == (32, 32)
-    assert None is device_resized_size(DataArguments(dataset="unused", resize_on_device="false"), small_data, LITE0, CUDA)
+    assert device_resized_size("true", small_data, LITE0, CPU) == (32, 32)
+    assert None is device_resized_size("false", small_data, LITE0, CUDA)
 
 
 def test_the_option_reads_yaml_booleans_and_rejects_other_values():

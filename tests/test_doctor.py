@@ -247,9 +247,9 @@ def test_each_doctor_option_changes_what_it_reports(planted, tmp_path):
     assert two_folds["settings"]["folds"] == 2
     assert [issue["label_quality"] for issue in two_folds["label_issues"]] != [issue["label_quality"] for issue in default["label_issues"]]
     options = DoctorArguments(exclude_flagged="label_issues", exclude_flagged_from="train,test")
-    assert options.excluded_splits() == ["train", "test"]  # what check_run_data passes to flagged_indices
+    assert options.excluded_splits == ["train", "test"]  # what check_run_data passes to flagged_indices
     suspects = {split for split in ("train", "test") if any(issue["split"] == split for issue in default["label_issues"])}
-    assert set(flagged_indices(default, options.exclude_flagged, options.excluded_splits())) == suspects
+    assert set(flagged_indices(default, options.exclude_flagged, options.excluded_splits)) == suspects
     data = load_image_dataset(planted.recipe.data, seed=42)
     sizes = {}
     for sheet_size in (1, 24):

@@ -198,7 +198,7 @@ def test_presets_and_command_line_forms():
 
     staged = parse_recipe([*base, "--freeze", "staged", "--stages", "[{at_epoch: 0, train: head}, {at_epoch: 1, train: last_n:2}, {at_epoch: 2, train: all}]",
                            "--layer_decay", "0.7", "--batchnorm", "train"]).freezing
-    assert [stage["train"] for stage in staged.schedule()] == ["head", "last_n:2", "all"]
+    assert [stage["train"] for stage in staged.schedule] == ["head", "last_n:2", "all"]
     assert (staged.layer_decay, staged.batchnorm) == (0.7, "train")
     patterns = parse_recipe([*base, "--freeze", "patterns", "--train_patterns", "*.blocks.5.*", "*.norm.*", "--freeze_patterns", "*stem*"]).freezing
     assert (patterns.train_patterns, patterns.freeze_patterns) == (["*.blocks.5.*", "*.norm.*"], ["*stem*"])
@@ -218,7 +218,7 @@ def test_grouped_yaml_form_from_the_recipe_file(tmp_path):
         "  layer_decay: 0.7\n"
     )
     freeze = parse_recipe([str(recipe_file)]).freezing
-    assert freeze.schedule() == [{"at_epoch": 0, "train": "head"}, {"at_epoch": 1, "train": "last_n:2"}, {"at_epoch": 2, "train": "all"}]
+    assert freeze.schedule == [{"at_epoch": 0, "train": "head"}, {"at_epoch": 1, "train": "last_n:2"}, {"at_epoch": 2, "train": "all"}]
     assert (freeze.batchnorm, freeze.layer_decay) == ("frozen", 0.7)
 
 

@@ -30,24 +30,25 @@ SIZE_SAMPLE = 32  # images per split whose size decides `resize_on_device: auto`
 def transforms_for_run(args: DataArguments, data: PreparedData, data_config: dict, device: torch.device):
     """`(train, eval, device_step)`: the CPU transforms, and the step that finishes their batches on `device`
     (a `DeviceResize`, to attach to the model), or None when the CPU does all the preprocessing."""
-    image_size = device_resized_size(args, data, data_config, device)
+    image_size = device_resized_size(args.resize_on_device, data, data_config, device)
     if image_size is None:
         return (*build_transforms(data_config, args.augmentation, args.crop_min_scale), None)
     return device_transforms(data_config, image_size, args.augmentation)
 
 
-def device_resized_size(args: DataArguments, data: PreparedData, data_config: dict, device: torch.device) -> tuple[int, int] | None:
-    """The (height, width) of the images when they are resized on `device`, None when the CPU resizes them. `auto`: on a
-    CUDA device, for images of one size smaller than the model's input (a CPU gains nothing)."""
-    if args.resize_on_device == "false" or (args.resize_on_device == "auto" and device.type != "cuda"):
+def device_resized_size(mode: str, data: PreparedData, data_config: dict, device: torch.device) -> tuple[int, int] | None:
+    """The (height, width) of the images when they are resized on `device`, None when the CPU resizes them, as `mode`
+    (`resize_on_device`) asks. `auto`: on a CUDA device, for images of one size smaller than the model's input (a CPU
+    gains nothing)."""
+    if mode == "false" or (mode == "auto" and device.type != "cuda"):
         return None
     problem = DeviceResize.unsupported(data_config)
-    if problem and args.resize_on_device == "auto":
+    if problem and mode == "auto":
         logger.info("Resizing on the CPU: the model's preprocessing has %s.", problem)
         return None
     sizes = sample_sizes(data)
     if len(sizes) > 1:
-        if args.resize_on_device == "true":
+        if mode == "true":
             found = ", ".join(f"{height}x{width} ({name})" for (height, width), name in list(sizes.items())[:3])
             raise DatasetError(
                 f"`resize_on_device: true` needs images of one size, to batch them before resizing; found {found}. "
@@ -57,7 +58,7 @@ def device_resized_size(args: DataArguments, data: PreparedData, data_config: di
         return None
     height, width = next(iter(sizes))
     _, input_height, input_width = data_config["input_size"]
-    if args.resize_on_device == "auto" and (height >= input_height or width >= input_width):
+    if mode == "auto" and (height >= input_height or width >= input_width):
         logger.info("Resizing on the CPU: the %dx%d px images are not smaller than the model's input.", height, width)
         return None
     logger.info("Resizing on the device: %dx%d px images are decoded on the CPU and resized to %s there.", height, width, data_config["input_size"][1:])

@@ -15,61 +15,60 @@ from datasets.data_files import FILES_TO_IGNORE, EmptyDatasetError
 
 from ..errors import DatasetError
 from ..escape import one_line
-from ..options import DataArguments
 
 logger = logging.getLogger(__name__)
 
 
-def load_file(local: Path, args: DataArguments) -> datasets.DatasetDict:
+def load_file(local: Path, dataset: str, train_split: str) -> datasets.DatasetDict:
     """One parquet file (one split of a Hub export, say) is the train split; validation and test are carved from it."""
     if local.suffix != ".parquet":
         raise DatasetError(
-            f"Dataset '{args.dataset}' is a file, not a folder or a .parquet file. Give a folder (an image folder with one "
+            f"Dataset '{dataset}' is a file, not a folder or a .parquet file. Give a folder (an image folder with one "
             "sub-folder per class, or a parquet export) or one .parquet file."
         )
-    logger.info("Loading %s as the %s split; the splits it lacks are carved from it", local.name, args.train_split)
-    return _prepare(file_builder(local, args), args)
+    logger.info("Loading %s as the %s split; the splits it lacks are carved from it", local.name, train_split)
+    return _prepare(file_builder(local, train_split), dataset)
 
 
-def file_builder(local: Path, args: DataArguments):
+def file_builder(local: Path, train_split: str):
     """The datasets builder that reads one parquet file as the train split."""
-    return datasets.load_dataset_builder("parquet", data_files={args.train_split: [glob.escape(str(local.resolve()))]})
+    return datasets.load_dataset_builder("parquet", data_files={train_split: [glob.escape(str(local.resolve()))]})
 
 
-def load_folder(local: Path, args: DataArguments) -> datasets.DatasetDict:
-    builder = folder_builder(local, args)
+def load_folder(local: Path, dataset: str, config: str | None, label_column: str | None) -> datasets.DatasetDict:
+    builder = folder_builder(local, dataset, config)
     image_folder = builder.name == "imagefolder"
-    raw = _prepare(builder, args)
+    raw = _prepare(builder, dataset)
     if image_folder:
-        _log_class_counts(raw, args)
+        _log_class_counts(raw, dataset, label_column)
     return raw
 
 
-def folder_builder(local: Path, args: DataArguments):
-    """The datasets builder of a local folder (linked folders followed), its image-folder layout checked."""
+def folder_builder(local: Path, dataset: str, config: str | None):
+    """The datasets builder of the local folder `dataset` (linked folders followed), its image-folder layout checked."""
     try:
-        builder = datasets.load_dataset_builder(str(local), args.dataset_config)
+        builder = datasets.load_dataset_builder(str(local), config)
     except EmptyDatasetError:
         builder = None
     if builder is None or builder.name == "imagefolder":
-        links = _folder_links(local, args)
-        _check_names(local, args)
+        links = _folder_links(local, dataset)
+        _check_names(local, dataset)
         if links:
-            logger.info("Following the linked folder(s) %s in %s", [link.as_posix() for link in links[:10]], args.dataset)
+            logger.info("Following the linked folder(s) %s in %s", [link.as_posix() for link in links[:10]], dataset)
             data_files = _data_files_through_links(local, links)
-            builder = datasets.load_dataset_builder(str(local), args.dataset_config, data_files=data_files) if data_files else None
+            builder = datasets.load_dataset_builder(str(local), config, data_files=data_files) if data_files else None
     if builder is None:
         raise DatasetError(
-            f"Dataset folder '{args.dataset}' holds no data files (no images, parquet, arrow, csv or json; hidden files and "
+            f"Dataset folder '{dataset}' holds no data files (no images, parquet, arrow, csv or json; hidden files and "
             f"folders do not count). Put the images in one folder per class ({local}/<class>/<image>, e.g. cat/1.jpg and "
             f"dog/2.jpg) or give a parquet export ({local}/data/train-00000-of-00001.parquet)."
         )
     if builder.name == "imagefolder":
-        _check_image_folder_layout(local, builder, args)
+        _check_image_folder_layout(local, builder, dataset)
     return builder
 
 
-def _prepare(builder, args: DataArguments) -> datasets.DatasetDict:
+def _prepare(builder, dataset: str) -> datasets.DatasetDict:
     """What `datasets.load_dataset` does with a builder; a split whose files hold no rows gets a message."""
     try:
         builder.download_and_prepare()
@@ -78,7 +77,7 @@ def _prepare(builder, args: DataArguments) -> datasets.DatasetDict:
         if "corresponds to no data" not in str(error):  # datasets' words for a split whose files hold no rows
             raise
         raise DatasetError(
-            f"Dataset folder '{args.dataset}' has an empty split (datasets says: {error}). Give every split images, "
+            f"Dataset folder '{dataset}' has an empty split (datasets says: {error}). Give every split images, "
             "or delete the empty split's files so that it is carved from train."
         ) from None
 
@@ -88,7 +87,7 @@ def _prepare(builder, args: DataArguments) -> datasets.DatasetDict:
 _SKIPPED_NAMES = (".", "__")  # datasets skips hidden files and folders and `__special__` folders too
 
 
-def _folder_links(root: Path, args: DataArguments) -> list[Path]:
+def _folder_links(root: Path, dataset: str) -> list[Path]:
     """The links to folders under `root` (relative paths, links inside linked folders too); broken or looping ones refused."""
     root_real = root.resolve()
     links, pending, targets = [], [Path()], set()
@@ -103,11 +102,11 @@ def _folder_links(root: Path, args: DataArguments) -> list[Path]:
                     target = Path(os.path.realpath(root / path))
                     if not target.exists():
                         raise DatasetError(
-                            f"The link '{path.as_posix()}' in dataset folder '{args.dataset}' points to '{target}', which does not "
+                            f"The link '{path.as_posix()}' in dataset folder '{dataset}' points to '{target}', which does not "
                             "exist, so its images would be left out. Fix the link or remove it."
                         )
                     if target.is_dir():
-                        _check_link_target(path, target, root_real, (root / folder).resolve(), targets, args)
+                        _check_link_target(path, target, root_real, (root / folder).resolve(), targets, dataset)
                         links.append(path)
                         targets.add(target)
                 if entry.is_dir():  # follows links
@@ -122,7 +121,7 @@ _UNREADABLE_IN_NAMES = {"\n": ("a line break", "would be left out without a word
                         "\\": ("a backslash", "would make datasets drop the class of every image")}
 
 
-def _check_names(root: Path, args: DataArguments) -> None:
+def _check_names(root: Path, dataset: str) -> None:
     """Refuse a folder or file under `root` whose name datasets cannot read (a class folder named "cat\\n" by a script)."""
     for folder, folders, files in os.walk(root, followlinks=True):  # _folder_links has refused loops
         folders[:] = sorted(name for name in folders if not name.startswith(_SKIPPED_NAMES))  # sorted: the same one named each time
@@ -133,12 +132,12 @@ def _check_names(root: Path, args: DataArguments) -> None:
                 path = Path(folder, name)
                 size = f" ({sum(len(inside) for _, _, inside in os.walk(path))} files)" if path.is_dir() else ""
                 raise DatasetError(
-                    f"Image folder '{args.dataset}': the {'folder' if size else 'file'} {path.relative_to(root).as_posix()!r}"
+                    f"Image folder '{dataset}': the {'folder' if size else 'file'} {path.relative_to(root).as_posix()!r}"
                     f"{size} has {found[0]} in its name, which datasets cannot read: it {found[1]}. Rename it."
                 )
 
 
-def _check_link_target(path: Path, target: Path, root_real: Path, parent_real: Path, targets: set, args: DataArguments) -> None:
+def _check_link_target(path: Path, target: Path, root_real: Path, parent_real: Path, targets: set, dataset: str) -> None:
     if target == root_real or root_real in target.parents:
         where = "points back into the dataset folder"
     elif target == parent_real or target in parent_real.parents:
@@ -148,7 +147,7 @@ def _check_link_target(path: Path, target: Path, root_real: Path, parent_real: P
     else:
         return
     raise DatasetError(
-        f"The folder link '{path.as_posix()}' in '{args.dataset}' {where} ('{target}'), so its images would be read twice "
+        f"The folder link '{path.as_posix()}' in '{dataset}' {where} ('{target}'), so its images would be read twice "
         "or without end. Remove the link, or replace it with a copy of the images it should add."
     )
 
@@ -183,9 +182,7 @@ def _data_files_through_links(root: Path, links: list[Path]) -> dict[str, list[s
     return data_files
 
 
-
-
-def _check_image_folder_layout(root: Path, builder, args: DataArguments) -> None:
+def _check_image_folder_layout(root: Path, builder, dataset: str) -> None:
     """datasets' imagefolder takes classes from folder names only when every image sits at one depth and there are two or
     more such folders; otherwise it drops the labels without a word. Say which case it is and how to lay the folder out."""
     files = [Path(file) for split_files in builder.config.data_files.values() for file in split_files]
@@ -201,7 +198,7 @@ def _check_image_folder_layout(root: Path, builder, args: DataArguments) -> None
     if len(by_depth) > 1:
         found = ", ".join(f"{len(found)} {_depth_words(depth)} (e.g. '{found[0].as_posix()}')" for depth, found in sorted(by_depth.items()))
         raise DatasetError(
-            f"Images in image folder '{args.dataset}' sit at different depths, so their classes cannot be read from folder "
+            f"Images in image folder '{dataset}' sit at different depths, so their classes cannot be read from folder "
             f"names: {found}. Put every image in a folder named after its class: {layout}."
         )
     folders = Counter(image.parent for image in images)
@@ -215,7 +212,7 @@ def _check_image_folder_layout(root: Path, builder, args: DataArguments) -> None
             each = ", ".join(f"{found.as_posix()!r}: {count}" for found, count in sorted(folders.items()))
             where = f"in folders named {folder.name!r} ({each})"
         raise DatasetError(
-            f"Image folder '{args.dataset}': all {len(images)} images are {where}, so there is nothing to tell apart. "
+            f"Image folder '{dataset}': all {len(images)} images are {where}, so there is nothing to tell apart. "
             f"Classification needs at least two class folders: {layout}."
         )
 
@@ -231,13 +228,13 @@ def relative_to(path: Path, root: Path) -> Path:
     return Path(path.name)
 
 
-def _log_class_counts(raw: datasets.DatasetDict, args: DataArguments) -> None:
+def _log_class_counts(raw: datasets.DatasetDict, dataset: str, label_column: str | None) -> None:
     found = []
     for name, split in raw.items():
-        column = args.label_column or next((c for c, f in split.features.items() if isinstance(f, datasets.ClassLabel)), None)
+        column = label_column or next((c for c, f in split.features.items() if isinstance(f, datasets.ClassLabel)), None)
         if not isinstance(split.features.get(column), datasets.ClassLabel):
             continue
         counts = Counter(split[column])
         names = split.features[column].names
         found.append(f"{name}: {len(split)} images ({', '.join(f'{one_line(names[label])} {counts[label]}' for label in sorted(counts))})")
-    logger.info("Image folder %s: %s", args.dataset, "; ".join(found))
+    logger.info("Image folder %s: %s", dataset, "; ".join(found))

@@ -41,8 +41,6 @@ class PreparedData:
         return {name: len(split) for name, split in self.splits.items()}
 
 
-
-
 def load_image_dataset(args: DataArguments, seed: int = 42) -> PreparedData:
     raw = _load(args)
     train = raw[args.train_split]
@@ -88,9 +86,9 @@ def _load(args: DataArguments) -> datasets.DatasetDict:
     if not local.exists() and (args.dataset.startswith((".", "/", "~")) or args.dataset.count("/") > 1):
         raise DatasetError(f"Dataset folder '{args.dataset}' does not exist. Give an existing folder or a Hub id such as `uoft-cs/cifar10`.")
     if local.is_file():
-        raw = load_file(local, args)
+        raw = load_file(local, args.dataset, args.train_split)
     elif local.is_dir():
-        raw = load_folder(local, args)
+        raw = load_folder(local, args.dataset, args.dataset_config, args.label_column)
     elif hub_reachable():
         raw = datasets.load_dataset(args.dataset, args.dataset_config)
     else:

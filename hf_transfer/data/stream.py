@@ -72,7 +72,7 @@ def check_options(recipe) -> None:
             "`lr_scheduler_type: step` decays the learning rate every `step_size` epochs; a stream has no epochs. "
             "Use a schedule in steps (e.g. `cosine` or `linear`), or turn `streaming` off."
         )
-    if any(stage.get("at_epoch", 0) > 0 for stage in freezing.schedule()):
+    if any(stage.get("at_epoch", 0) > 0 for stage in freezing.schedule):
         raise StreamingError(
             "Stages that start `at_epoch` need epochs; a stream has none (the `fastai` preset is one). "
             "Start the stages `at_step` (e.g. `[{at_step: 0, train: head}, {at_step: 500, train: all}]`) or `at_plateau`."
@@ -194,9 +194,9 @@ def _builder(args: DataArguments) -> datasets.DatasetBuilder:
     if local.is_file():
         if local.suffix != ".parquet":
             raise DatasetError(f"Dataset '{args.dataset}' is a file, not a folder or a .parquet file. Give a folder or one .parquet file.")
-        return file_builder(local, args)
+        return file_builder(local, args.train_split)
     if local.is_dir():
-        return folder_builder(local, args)
+        return folder_builder(local, args.dataset, args.dataset_config)
     if not hub_reachable():
         raise DatasetError(
             f"Cannot stream '{args.dataset}': the Hugging Face Hub is unreachable (or HF_HUB_OFFLINE=1), and a stream is read "
