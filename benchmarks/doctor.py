@@ -33,7 +33,7 @@ import numpy as np
 from common import MIRRORS, REPO, VALIDATION_SIZE, offline_logging, report
 from PIL import Image
 
-from hf_transfer import data_check, doctor, options
+from hf_transfer import data_check, doctor, options, perceptual_hash
 from hf_transfer.data import PreparedData, load_image_dataset
 from hf_transfer.data.source import MapSource
 from hf_transfer.images import load_image
@@ -118,7 +118,7 @@ def copy_features(recipe, data: PreparedData, sources: list[int], kinds: list[st
                                   data.label_column: datasets.ClassLabel(names=data.labels)})
     split = datasets.Dataset.from_dict({data.image_column: cells, data.label_column: labels}, features=features)
     copies = PreparedData(datasets.DatasetDict(train=split), data.labels, data.image_column, data.label_column, {})
-    return _features(recipe, copies)["train"][0], doctor.image_hashes(copies)["train"]
+    return _features(recipe, copies)["train"][0], perceptual_hash.image_hashes(copies)["train"]
 
 
 def timed_doctor(recipe) -> list[dict]:
@@ -213,7 +213,7 @@ def main() -> None:
 
     data = load_image_dataset(recipe.data, seed=recipe.training.seed)
     features = _features(recipe, data)
-    hashes = doctor.image_hashes(data)
+    hashes = perceptual_hash.image_hashes(data)
     names = data_check.image_names(data, recipe.data.dataset)
     kinds = options.kinds.split(",")
     sources, planted_kinds, (copy_features, copy_hashes) = planted_copies(recipe, data, options.leaks, kinds, options.colour_copies, rng)
@@ -292,7 +292,7 @@ def main() -> None:
     subset = f"; a subset: {sizes} images" if options.max_train or options.max_test or options.max_validation else ""
     settings = (f"{options.model}, seed {options.seed}; flip {options.flip:.0%} of every split; {options.leaks} test images copied into "
                 f"train ({', '.join(kinds)} in turn) and {options.colour_copies} more in another colour mode ({', '.join(COLOUR_COPIES)}); "
-                f"threshold {options.DUPLICATE_THRESHOLD}, pHash radius {doctor.HASH_RADIUS}, probe C {doctor.PROBE_C}, "
+                f"threshold {options.DUPLICATE_THRESHOLD}, pHash radius {perceptual_hash.HASH_RADIUS}, probe C {doctor.PROBE_C}, "
                 f"{options.DoctorArguments().doctor_folds} folds{subset}")
     timing = ("doctor_s: `run_doctor` on the clean mirror, end to end (data preparation, features, hashes, checks, report, contact "
               "sheet); the first run computes what is not cached yet, warm = the second, features read from the feature cache and "

@@ -20,12 +20,13 @@ import numpy as np
 
 from .data import PreparedData, shareable_name
 from .data.splits import _local_root
-from .doctor import WEAK_PROBE, diagnose, image_hashes, split_rank
+from .doctor import WEAK_PROBE, diagnose, split_rank
 from .errors import DoctorError
 from .escape import one_line, plot_text
 from .feature_store import FeatureStore
 from .figures import draw, image_content
 from .options import EXCLUDE_CHOICES, REPORT_OPTIONS, DoctorArguments
+from .perceptual_hash import image_hashes
 from .repo_files import DATA_REPORT, DATA_SUSPECTS_PNG, shareable_path, without_local_paths
 
 logger = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from .checksums import checksum
-from .data import DecodedRows, attach_transforms, collate
+from .data import DecodedRows, SeededAugmentation, attach_transforms, collate
 from .data.splits import label_values
 from .errors import HFTransferError
 from .feature_files import KEY_FILE, cache_root, folder_size, load, relative_errors, store
@@ -38,7 +38,7 @@ from .precision import Precision
 logger = logging.getLogger(__name__)
 
 # 2: the key names the precision of the pass; float32 storage where float16 would lose precision. 3: each augmented view is
-# seeded per image (`SeededViews`), so that a sample of it can be computed again to check an entry.
+# seeded per image (`SeededAugmentation`), so that a sample of it can be computed again to check an entry.
 FORMAT_VERSION = 3
 
 # Images of a split the model is checked on when its features come from the cache (a seeded sample, the same on every
@@ -92,26 +92,6 @@ def check_sample(images: int, seed: int) -> np.ndarray:
     if images <= CHECK_IMAGES:
         return np.arange(images)
     return np.sort(np.random.default_rng(seed).choice(images, CHECK_IMAGES, replace=False))
-
-
-class SeededViews(Dataset):
-    """View `view` of every image of `split` (a dataset with the train transform attached): each image's augmentation
-    seeded by (seed, view, its index), so that any image's view comes out the same alone (the check of a cache hit) as
-    in the whole split, whatever the batch size, loader workers or processes."""
-
-    def __init__(self, split, seed: int, view: int):
-        self.split, self.seed, self.view = split, seed, view
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def __getitem__(self, index: int) -> dict:
-        # The generators the transforms draw from: torch (torchvision) and random (timm's RandAugment).
-        state = int(np.random.SeedSequence([self.seed, self.view, int(index)]).generate_state(1)[0])
-        random.seed(state)
-        np.random.seed(state)
-        torch.manual_seed(state)
-        return self.split[int(index)]
 
 
 @contextlib.contextmanager
@@ -255,7 +235,7 @@ class FeatureStore:
         with _random_state_kept():
             for view in np.unique(seen):
                 chosen = np.flatnonzero(seen == view)
-                source = SeededViews(dataset, self.args.seed, int(view)) if views else dataset
+                source = SeededAugmentation(dataset, self.args.seed, int(view)) if views else dataset
                 loader = DataLoader(Subset(source, rows[chosen].tolist()), batch_size=self.args.per_device_eval_batch_size,
                                     collate_fn=collate)
                 features, _ = self._pass(loader, disable=True)
@@ -303,7 +283,7 @@ class FeatureStore:
         with _random_state_kept():
             for view in range(max(views, 1) if len(todo) else 0):
                 # Augmented views: each image seeded on its own, the same crops and flips on every extraction and check.
-                source = (Subset(SeededViews(dataset, self.args.seed, view), shard) if views
+                source = (Subset(SeededAugmentation(dataset, self.args.seed, view), shard) if views
                           else self._rows(split, dataset, shard, transform))
                 loader = DataLoader(
                     source, batch_size=self.args.per_device_eval_batch_size, collate_fn=collate,

@@ -8,15 +8,12 @@ none of them (`save_only_model` on the run's copy of its arguments), writes the 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
-import random
 from pathlib import Path
 
 import datasets
-import numpy as np
 import safetensors.torch
 import torch
 from accelerate.utils import DistributedType, gather_object
@@ -40,6 +37,7 @@ from .checkpoints import (
     save_optimizer_and_scheduler,
     save_resume_states,
 )
+from .data import SeededAugmentation
 from .errors import HFTransferError
 from .models import save_pretrained
 from .schedules import STEP, STEP_DEFAULTS, step_schedule
@@ -111,42 +109,6 @@ class LogAsAsked(TrainerCallback):
         asked = TrainerState()
         asked.compute_steps(args, state.max_steps)  # Trainer's own reading of `logging_steps` (a fraction of the run, or steps)
         state.logging_steps = asked.logging_steps
-
-
-class SeededAugmentation(torch.utils.data.Dataset):
-    """The train split, with each image's random augmentation drawn from its own seed (run seed, epoch, row).
-
-    Loading data then never advances the global RNGs, so a resumed run sees the same augmentations and
-    the model's own randomness (dropout, drop-path) continues from the checkpoint's RNG state, whatever
-    the prefetching or the number of dataloader workers.
-    """
-
-    def __init__(self, dataset, seed: int):
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        with _seeded_rngs(int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])):
-            return self.dataset[index]
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-
-@contextlib.contextmanager
-def _seeded_rngs(seed: int):
-    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.random.default_generator.manual_seed(seed)  # CPU only: transforms run on CPU, CUDA RNG stays untouched
-    try:
-        yield
-    finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.random.set_rng_state(states[2])
 
 
 # The private Trainer methods overridden by SafeTrainer and its subclasses (HeadTrainer, StreamingTrainer; none other

@@ -1,10 +1,14 @@
 """The transforms of a run's images: from the model's data config, augmentation on the train split only, applied lazily
-batch by batch (a run never holds decoded images; `hf-transfer select` holds its sample's, `DecodedRows`), and the collate
-of a batch."""
+batch by batch (a run never holds decoded images; `hf-transfer select` holds its sample's, `DecodedRows`), each image's
+random augmentation drawn from its own seed (`SeededAugmentation`), and the collate of a batch."""
 
 from __future__ import annotations
 
+import contextlib
+import random
+
 import datasets
+import numpy as np
 import timm.data
 import torch
 from torch.utils.data import Dataset
@@ -77,3 +81,40 @@ def collate(examples) -> dict[str, torch.Tensor]:
         "pixel_values": torch.stack(pixels),
         "labels": torch.tensor([example["labels"] for example in examples]),
     }
+
+
+class SeededAugmentation(Dataset):
+    """A split with the train transform attached, each image's random augmentation drawn from its own seed (run seed,
+    epoch or view, row): any image comes out the same alone (the check of a cached view) as in the whole split, whatever
+    the batch size, loader workers, processes or prefetching. Reading a row leaves the global generators as they were,
+    so a resumed run sees the same augmentations and the model's own randomness (dropout, drop-path) continues from the
+    checkpoint's RNG state."""
+
+    def __init__(self, dataset, seed: int, epoch: int = 0):
+        self.dataset, self.seed, self.epoch = dataset, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        with _seeded_generators(int(np.random.SeedSequence([self.seed, self.epoch, int(index)]).generate_state(1)[0])):
+            return self.dataset[int(index)]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
+@contextlib.contextmanager
+def _seeded_generators(seed: int):
+    """The generators the transforms draw from, seeded: random (timm's RandAugment), numpy and torch's CPU generator
+    (torchvision; transforms run on the CPU, so CUDA's stays untouched); restored afterwards."""
+    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.random.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
