@@ -225,6 +225,22 @@ def test_each_sampled_image_is_decoded_once_for_every_candidate_and_the_scores_d
         assert shared["candidates"][0][key] == apart["candidates"][0][key] and shared["reference"][key] == apart["reference"][key]
 
 
+def test_a_sampled_image_that_no_longer_decodes_is_decoded_by_each_candidate_and_the_log_says_so(caplog):
+    """An image unreadable since the dataset was checked: no shared sample (each candidate's decode then names it)."""
+    from hf_transfer.data import PreparedData
+    from hf_transfer.selection import decode_sample
+
+    images, labels = photos("train", 2)
+    cells = [{"bytes": images[0]["bytes"], "path": None}, {"bytes": b"GIF89a cut short", "path": None}]
+    split = datasets.Dataset.from_dict({"image": cells, "label": labels},
+                                       features=datasets.Features({"image": datasets.Image(decode=False), "label": LABEL}))
+    data = PreparedData(datasets.DatasetDict({"train": split}), LABEL.names, "image", "label", {"train": []})
+    assert len(decode_sample(data, {"train": np.array([0])})["train"]) == 1
+    with caplog.at_level("INFO", logger="hf_transfer.selection"):
+        assert decode_sample(data, {"train": np.array([0, 1])}) == {}
+    assert "a sampled train image does not decode" in caplog.text
+
+
 def test_select_refuses_streaming_and_random_weights(capsys):
     from hf_transfer.cli import main
 
