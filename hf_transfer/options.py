@@ -99,11 +99,9 @@ class DataArguments:
                 )
 
 
-
 def number_text(value: float) -> str:
     """An option's number as the user wrote it: 1000 rather than 1000.0 or 1e+03."""
     return str(int(value)) if float(value).is_integer() else str(value)
-
 
 
 # ---- model -------------------------------------------------------------------------------------------------------------

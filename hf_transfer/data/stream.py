@@ -41,7 +41,6 @@ from .splits import (
 logger = logging.getLogger(__name__)
 
 
-
 class StreamingError(HFTransferError, ValueError):
     """A recipe option that a stream cannot honour; the message says what to set instead."""
 
