@@ -14,7 +14,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-from huggingface_hub import HfApi, SpaceCard
+from huggingface_hub import HfApi, SpaceCard, try_to_load_from_cache
+from huggingface_hub import constants as hub_constants
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
@@ -56,7 +57,8 @@ def load_app() -> ModuleType:
 
 
 def check_model(model: str) -> None:
-    """Refuse, before anything loads, a path that is not a model folder; a Hub id is left to the download."""
+    """Refuse, before anything loads, a path that is not a model folder, and a Hub id that cannot load offline; the
+    download says what else is wrong with a Hub id."""
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir() or not (path / CONFIG).is_file():
@@ -69,6 +71,9 @@ def check_model(model: str) -> None:
         looks_like_repo_id = False
     if not looks_like_repo_id:
         raise DemoError(f"The model folder '{model}' does not exist. {MODEL_HINT}")
+    if hub_constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(model, CONFIG), str):  # said before Gradio loads
+        raise DemoError(f"Cannot load the model '{model}': there is no such folder here, and the Hub is off "
+                        f"(HF_HUB_OFFLINE=1) with no copy of it in the local cache. {MODEL_HINT}")
 
 
 def check_port(port: int | None) -> None:

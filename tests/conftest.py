@@ -157,6 +157,18 @@ def run_command(*argv: str, env: dict | None = None, timeout: float = 240) -> su
                           capture_output=True, text=True, timeout=timeout)
 
 
+def side_by_side(*commands: list[str], timeout: float = 300, **options) -> list[subprocess.CompletedProcess]:
+    """Run `commands` at once, each in its own process (`subprocess.Popen` `options` shared: cwd, env), and return each
+    one's result, text output captured: a command-line test spends most of its time importing torch and transformers,
+    one core's work, and this machine has two."""
+    running = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **options) for command in commands]
+    done = []
+    for command, process in zip(commands, running):  # the others go on while one is read
+        out, err = process.communicate(timeout=timeout)
+        done.append(subprocess.CompletedProcess(command, process.returncode, out, err))
+    return done
+
+
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--dynamo_backend", "no"]
 FINETUNE = str(REPO / "recipes" / "finetune.py")
 

@@ -14,17 +14,19 @@ import gradio as gr
 import numpy as np
 import pytest
 from bad_images import build_corpus
-from conftest import RUN_SPACE, free_port, wait_for_server
+from conftest import RUN_SPACE, free_port, side_by_side, wait_for_server
 from datasets import Image as ImageFeature
 from datasets import load_dataset
 from gradio_client import Client, handle_file
 from hub_server import LocalHub
-from huggingface_hub import ModelCard, SpaceCard
+from huggingface_hub import ModelCard, SpaceCard, constants
 from PIL import Image
 
 from hf_transfer.demo import (
     SHIPPED_MODULES,
     SPACE_DIR,
+    DemoError,
+    check_model,
     load_app,
     stage_space,
 )
@@ -194,32 +196,46 @@ def test_pushed_space_runs_from_its_own_files(quickstart_model_dir, tmp_path):
             server.wait(timeout=30)
 
 
-def _demo_command(*argv: str) -> str:
-    """`hf-transfer demo ...` in its own process, offline; assert it stops with one error line, code 2, no traceback."""
+def _demo_commands(*argvs: tuple[str, ...]) -> list[str]:
+    """`hf-transfer demo ...` for each of `argvs`, each in its own process, offline, side by side; assert each stops with
+    one error line, code 2, no traceback, and return those lines."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("HF_TRANSFER_DEBUG", None)
-    process = subprocess.run([sys.executable, "-m", "hf_transfer.cli", "demo", *argv], cwd=REPO_ROOT, env=env,
-                             capture_output=True, text=True, timeout=180, check=False)
-    assert process.returncode == 2 and "Traceback" not in process.stderr, process.stderr
-    (message,) = [line for line in process.stderr.splitlines() if line.startswith("error: ")]
-    return message
+    messages = []
+    for process in side_by_side(*([sys.executable, "-m", "hf_transfer.cli", "demo", *argv] for argv in argvs), timeout=180,
+                                cwd=REPO_ROOT, env=env):
+        assert process.returncode == 2 and "Traceback" not in process.stderr, process.stderr
+        (message,) = [line for line in process.stderr.splitlines() if line.startswith("error: ")]
+        messages.append(message)
+    return messages
 
 
 def test_demo_of_a_folder_that_is_not_a_model_says_what_to_pass(tmp_path):
     (tmp_path / "notes.txt").write_text("not a model")
-    for not_a_model in (tmp_path, CAT):
-        message = _demo_command(str(not_a_model))
+    for not_a_model, message in zip((tmp_path, CAT), _demo_commands((str(tmp_path),), (str(CAT),))):
         assert f"'{not_a_model}' is not a model folder: it has no config.json" in message
         assert "output dir of a run" in message and "Hub model id" in message
 
 
 def test_demo_of_a_missing_path_says_it_does_not_exist(tmp_path):
-    message = _demo_command(str(tmp_path / "no-such-run"))
-    assert f"The model folder '{tmp_path / 'no-such-run'}' does not exist" in message
     # A relative path of two parts is also a valid Hub id: offline, the Hub cannot have it either.
-    message = _demo_command("outputs/no-such-run")
-    assert "Cannot load the model 'outputs/no-such-run': there is no such folder here" in message
-    assert "output dir of a run" in message
+    missing, relative = _demo_commands((str(tmp_path / "no-such-run"),), ("outputs/no-such-run",))
+    assert f"The model folder '{tmp_path / 'no-such-run'}' does not exist" in missing
+    assert "Cannot load the model 'outputs/no-such-run': there is no such folder here" in relative
+    assert "output dir of a run" in relative
+
+
+def test_offline_a_hub_id_is_refused_before_gradio_loads_unless_it_is_cached(tmp_path, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(DemoError, match="'user/absent': there is no such folder here, and the Hub is off"):
+        check_model("user/absent")
+    snapshot = tmp_path / "models--user--cached" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "models--user--cached" / "refs").mkdir()
+    (tmp_path / "models--user--cached" / "refs" / "main").write_text("0" * 40)
+    check_model("user/cached")  # in the cache: it loads offline, as transformers will find
 
 
 def test_demo_on_a_busy_port_names_the_port_and_the_fix(quickstart_model_dir):
@@ -227,5 +243,5 @@ def test_demo_on_a_busy_port_names_the_port_and_the_fix(quickstart_model_dir):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        message = _demo_command(str(quickstart_model_dir), "--port", str(port))
+        (message,) = _demo_commands((str(quickstart_model_dir), "--port", str(port)))
     assert f"Port {port} on 127.0.0.1 is in use" in message and "--port N" in message

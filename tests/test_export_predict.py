@@ -22,7 +22,7 @@ import onnxruntime as ort
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import REPO, SAMPLE, sample_rows, save_timm_model
+from conftest import REPO, SAMPLE, sample_rows, save_timm_model, side_by_side
 from PIL import Image
 from transformers import AutoImageProcessor, TimmWrapperConfig, TimmWrapperImageProcessor, pipeline
 
@@ -346,23 +346,33 @@ def test_bad_predict_input_gets_one_line(exported, photos, model_copy, tmp_path,
     assert not any((tmp_path / name).exists() for name in ("b.csv", "c.csv", "e.csv", "f.csv"))
 
 
-def test_a_fifo_among_the_images_is_a_row_not_a_hang(exported, photos, tmp_path):
-    images = Path(shutil.copytree(photos, tmp_path / "photos"))
+@pytest.fixture(scope="module")
+def hard_places(exported, photos, tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """`hf-transfer predict` over images with a fifo among them, and onto a read-only disk: each in a process of its own (a
+    fifo that hangs must not hang the tests; a mount namespace holds the read-only disk), side by side."""
+    root = tmp_path_factory.mktemp("hard_places")
+    images = Path(shutil.copytree(photos, root / "photos"))
     os.mkfifo(images / "cat" / "fifo.jpg")
-    code = subprocess.run([sys.executable, "-m", "hf_transfer.cli", "predict", str(exported), str(images), "--output",
-                           str(tmp_path / "p.csv")], cwd=REPO, capture_output=True, text=True, timeout=300).returncode
-    assert code == 0
-    assert next(row for row in rows_of(tmp_path / "p.csv") if row["image"] == "cat/fifo.jpg")["error"] == "not a regular file"
+    read_only = root / "read_only"
+    read_only.mkdir()
+    predict = [sys.executable, "-m", "hf_transfer.cli", "predict", str(exported)]
+    mounted = " ".join([*predict, str(photos), "--output", str(read_only / "p.csv")])
+    fifo, on_read_only = side_by_side(
+        [*predict, str(images), "--output", str(root / "p.csv")],
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+         f"set -e; mount --bind {read_only} {read_only}; mount -o remount,bind,ro {read_only}; exec {mounted}"],
+        cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return {"fifo": (fifo, root / "p.csv"), "read_only": (on_read_only, read_only)}
 
 
-def test_an_output_on_a_read_only_disk_is_one_line(exported, photos, tmp_path):
-    folder = tmp_path / "read_only"
-    folder.mkdir()
-    command = " ".join([sys.executable, "-m", "hf_transfer.cli", "predict", str(exported), str(photos), "--output",
-                        str(folder / "p.csv")])
-    result = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
-                             f"set -e; mount --bind {folder} {folder}; mount -o remount,bind,ro {folder}; exec {command}"],
-                            cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+def test_a_fifo_among_the_images_is_a_row_not_a_hang(hard_places):
+    result, predictions = hard_places["fifo"]
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert next(row for row in rows_of(predictions) if row["image"] == "cat/fifo.jpg")["error"] == "not a regular file"
+
+
+def test_an_output_on_a_read_only_disk_is_one_line(hard_places):
+    result, folder = hard_places["read_only"]
     assert result.returncode == 2, result.stderr[-3000:]
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert line == (f"error: Cannot write the predictions to {str(folder / 'p.csv')!r}: Read-only file system. "

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SAMPLE, photos, save_timm_model
+from conftest import REPO, SAMPLE, photos, save_timm_model, side_by_side
 from PIL import Image
 
 from hf_transfer.data_check import plot_suspects
@@ -28,13 +27,16 @@ HISTORY = [
 ]
 
 
-def imported_after(code: str) -> list[str]:
-    """The modules of NOT_FOR_TRAINING (and timm, datasets) that a fresh interpreter holds after running `code`."""
+def imported_after(*codes: str) -> list[list[str]]:
+    """For each of `codes`, the modules of NOT_FOR_TRAINING (and timm, datasets) that a fresh interpreter holds after
+    running it; the interpreters side by side."""
     watched = (*NOT_FOR_TRAINING, "timm", "datasets")
-    listing = f"import json, sys\n{code}\nprint(json.dumps(sorted(m for m in {watched!r} if m in sys.modules)))"
-    shown = subprocess.run([sys.executable, "-c", listing], capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
-    assert shown.returncode == 0, shown.stderr[-3000:]
-    return json.loads(shown.stdout.strip().splitlines()[-1])
+    listings = [f"import json, sys\n{code}\nprint(json.dumps(sorted(m for m in {watched!r} if m in sys.modules)))" for code in codes]
+    loaded = []
+    for shown in side_by_side(*([sys.executable, "-c", listing] for listing in listings), cwd=REPO):
+        assert shown.returncode == 0, shown.stderr[-3000:]
+        loaded.append(json.loads(shown.stdout.strip().splitlines()[-1]))
+    return loaded
 
 
 def state(path: Path) -> tuple:
@@ -44,17 +46,26 @@ def state(path: Path) -> tuple:
 
 
 # ---- imports ---------------------------------------------------------------------------------------------------------
-def test_the_train_command_imports_no_figure_or_deployment_stack():
+@pytest.fixture(scope="module")
+def loaded() -> dict[str, list[str]]:
+    """What each entry point imports, its interpreter beside the others'."""
+    entries = {
+        "train": "import hf_transfer.cli, hf_transfer.hub, hf_transfer.pipeline",  # what `train` imports before the flow runs
+        "cli": "import hf_transfer.cli",
+        "train --help": "from hf_transfer.cli import main\ntry:\n    main(['train', '--help'])\nexcept SystemExit:\n    pass",
+    }
+    return dict(zip(entries, imported_after(*entries.values())))
+
+
+def test_the_train_command_imports_no_figure_or_deployment_stack(loaded):
     # What `hf-transfer train` imports before it runs the flow (cli.run_training): matplotlib, OpenCV and grad-cam load
     # only when a figure is drawn, gradio and onnx never.
-    loaded = imported_after("import hf_transfer.cli, hf_transfer.hub, hf_transfer.pipeline")
-    assert not set(loaded) & set(NOT_FOR_TRAINING), f"the training command imports {loaded}"
+    assert not set(loaded["train"]) & set(NOT_FOR_TRAINING), f"the training command imports {loaded['train']}"
 
 
-def test_the_cli_and_train_help_import_no_figure_stack_or_model_zoo():
-    assert imported_after("import hf_transfer.cli") == []
-    loaded = imported_after("from hf_transfer.cli import main\ntry:\n    main(['train', '--help'])\nexcept SystemExit:\n    pass")
-    assert loaded == [], f"`hf-transfer train --help` imports {loaded}"
+def test_the_cli_and_train_help_import_no_figure_stack_or_model_zoo(loaded):
+    assert loaded["cli"] == []
+    assert loaded["train --help"] == [], f"`hf-transfer train --help` imports {loaded['train --help']}"
 
 
 # ---- figures ---------------------------------------------------------------------------------------------------------
