@@ -142,8 +142,8 @@ def prepare(recipe: Recipe, args: TrainingArguments, source: MapSource | None = 
     if head is not None and source.in_hand and (recipe.doctor.exclude_flagged or cached is None):
         store = FeatureStore(model, head[1], head[0], recipe.model, data, (train_transform, eval_transform), args,
                              recipe.run.feature_cache_views, precision=precision)
-    return Prepared(recipe, recipe.to_dict(), args, source, data, model, image_processor, (train_transform, eval_transform), device_step, plan,
-                    precision, head, store, cached)
+    return Prepared(recipe, recipe.to_dict(), args, source, data, model, image_processor, (train_transform, eval_transform),
+                    device_step, plan, precision, head, store, cached)
 
 
 @contextlib.contextmanager
