@@ -19,7 +19,7 @@ import datasets
 import numpy as np
 
 from .data import PreparedData, shareable_name
-from .data.splits import _local_root
+from .data.splits import local_root
 from .doctor import WEAK_PROBE, diagnose, split_rank
 from .errors import DoctorError
 from .escape import one_line, plot_text
@@ -170,7 +170,7 @@ def _where(image: dict) -> str:
 # --- writing it -------------------------------------------------------------------------------------------------------
 def image_names(data: PreparedData, dataset: str) -> dict[str, list[str]]:
     """Each image's path relative to the local dataset folder (or its stored path, or `#index`), per split."""
-    root = _local_root(dataset)
+    root = local_root(dataset)
     names = {}
     for split, rows in data.splits.items():
         cells = rows.select_columns([data.image_column]).with_format("arrow")[:][data.image_column]  # no image decoded

@@ -22,8 +22,8 @@ from .folders import load_file, load_folder, relative_to
 
 logger = logging.getLogger(__name__)
 
-_PREFERRED_IMAGE_COLUMNS = ("image", "img", "pixel_values", "picture")
-_PREFERRED_LABEL_COLUMNS = ("label", "labels", "fine_label", "class", "target")
+PREFERRED_IMAGE_COLUMNS = ("image", "img", "pixel_values", "picture")
+PREFERRED_LABEL_COLUMNS = ("label", "labels", "fine_label", "class", "target")
 
 
 @dataclass
@@ -47,14 +47,14 @@ def load_image_dataset(args: DataArguments, seed: int = 42) -> PreparedData:
     image_column, label_column = find_columns(train.features, args)
     labels = train.features[label_column].names
 
-    _check_label_values({"train": train}, label_column, labels)  # before the stratified carving trips over a bad label
+    check_label_values({"train": train}, label_column, labels)  # before the stratified carving trips over a bad label
     splits = _carve_splits(raw, args, label_column, seed)
     limits = {split: getattr(args, option) for option, split in LIMITS.items()}
     splits = datasets.DatasetDict({
         name: split if limits[name] is None else split.shuffle(seed=seed).select(range(min(limits[name], len(split))))
         for name, split in splits.items()
     })
-    _check_label_values(splits, label_column, labels)
+    check_label_values(splits, label_column, labels)
     splits = splits.cast_column(image_column, datasets.Image(decode=False))
     splits, skipped = readable(splits, image_column, args)
     return PreparedData(splits, labels, image_column, label_column, skipped)
@@ -62,8 +62,8 @@ def load_image_dataset(args: DataArguments, seed: int = 42) -> PreparedData:
 
 def find_columns(features: datasets.Features, args: DataArguments) -> tuple[str, str]:
     """The image and label columns: as the recipe names them, else found by feature type; the label must be a ClassLabel."""
-    image_column = args.image_column or _find_column(features, datasets.Image, _PREFERRED_IMAGE_COLUMNS, "image", args.dataset)
-    label_column = args.label_column or _find_column(features, datasets.ClassLabel, _PREFERRED_LABEL_COLUMNS, "label", args.dataset)
+    image_column = args.image_column or _find_column(features, datasets.Image, PREFERRED_IMAGE_COLUMNS, "image", args.dataset)
+    label_column = args.label_column or _find_column(features, datasets.ClassLabel, PREFERRED_LABEL_COLUMNS, "label", args.dataset)
     for kind, column in (("image", image_column), ("label", label_column)):
         if column not in features:
             raise DatasetError(f"Dataset '{args.dataset}' has no column '{column}' (it has {list(features)}). Set `{kind}_column` to one of them.")
@@ -74,17 +74,24 @@ def find_columns(features: datasets.Features, args: DataArguments) -> tuple[str,
 def readable(splits: datasets.DatasetDict, image_column: str, args: DataArguments) -> tuple[datasets.DatasetDict, dict[str, list[str]]]:
     """`splits` without their unreadable images (or an error listing them, `skip_unreadable_images: false`), and the
     names of those skipped per split; every split must keep at least one image."""
-    splits, skipped = _drop_unreadable(splits, image_column, args.skip_unreadable_images, _local_root(args.dataset))
+    splits, skipped = _drop_unreadable(splits, image_column, args.skip_unreadable_images, local_root(args.dataset))
     for name, split in splits.items():
         if len(split) == 0:
             raise DatasetError(f"The {name} split has no usable images ({len(skipped[name])} were unreadable). Give it readable images.")
     return splits, skipped
 
 
+def local_path(dataset: str) -> Path:
+    """The `dataset` option as a local path (which may not exist: then it names a Hub dataset); a path that cannot be a Hub
+    id (`./x`, `/x`, `~/x`, `a/b/c`) must exist."""
+    local = Path(dataset).expanduser()
+    if not local.exists() and (dataset.startswith((".", "/", "~")) or dataset.count("/") > 1):
+        raise DatasetError(f"Dataset folder '{dataset}' does not exist. Give an existing folder or a Hub id such as `uoft-cs/cifar10`.")
+    return local
+
+
 def _load(args: DataArguments) -> datasets.DatasetDict:
-    local = Path(args.dataset).expanduser()
-    if not local.exists() and (args.dataset.startswith((".", "/", "~")) or args.dataset.count("/") > 1):
-        raise DatasetError(f"Dataset folder '{args.dataset}' does not exist. Give an existing folder or a Hub id such as `uoft-cs/cifar10`.")
+    local = local_path(args.dataset)
     if local.is_file():
         raw = load_file(local, args.dataset, args.train_split)
     elif local.is_dir():
@@ -141,7 +148,7 @@ def label_values(split: datasets.Dataset, label_column: str) -> list[int]:
     return split.with_format("arrow", columns=[label_column])[label_column].to_pylist()
 
 
-def _check_label_values(splits, label_column, labels) -> None:
+def check_label_values(splits, label_column, labels) -> None:
     for name, split in splits.items():
         values = set(label_values(split, label_column))
         out_of_range = sorted(value for value in values if not 0 <= value < len(labels))
@@ -162,7 +169,7 @@ def _check_label_values(splits, label_column, labels) -> None:
             )
 
 
-def _existing_split(raw, requested, defaults) -> str | None:
+def existing_split(raw, requested, defaults) -> str | None:
     if requested:
         if requested not in raw:
             raise DatasetError(f"Split '{requested}' does not exist; the dataset has {list(raw)}.")
@@ -173,8 +180,8 @@ def _existing_split(raw, requested, defaults) -> str | None:
 def _carve_splits(raw, args, label_column, seed) -> datasets.DatasetDict:
     """Use the dataset's own validation/test splits; carve what is missing from train, stratified."""
     train = raw[args.train_split]
-    test_name = _existing_split(raw, args.test_split, ("test",))
-    validation_name = _existing_split(raw, args.validation_split, ("validation", "valid", "val"))
+    test_name = existing_split(raw, args.test_split, ("test",))
+    validation_name = existing_split(raw, args.validation_split, ("validation", "valid", "val"))
     if test_name is None:
         train, test = _stratified_split(train, "test", args.test_size, label_column, seed)
     else:
@@ -263,7 +270,9 @@ def shareable_name(cell, index, root: Path | None) -> str:
     return (relative_to(path, root) if root is not None else Path(path.name)).as_posix()
 
 
-def _local_root(dataset: str) -> Path | None:
+def local_root(dataset: str) -> Path | None:
+    """The local folder that image names are relative to: the dataset's folder, or that of its one parquet file; None
+    for a Hub dataset."""
     local = Path(dataset).expanduser()
     return local.parent if local.is_file() else local if local.is_dir() else None
 

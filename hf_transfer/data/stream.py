@@ -28,12 +28,13 @@ from ..options import DataArguments
 from ..schedules import STEP
 from .folders import file_builder, folder_builder
 from .splits import (
-    _PREFERRED_LABEL_COLUMNS,
+    PREFERRED_LABEL_COLUMNS,
     PreparedData,
-    _check_label_values,
-    _existing_split,
-    _local_root,
+    check_label_values,
+    existing_split,
     find_columns,
+    local_path,
+    local_root,
     readable,
     shareable_name,
 )
@@ -137,12 +138,12 @@ def load_streaming_dataset(args: DataArguments) -> StreamingData:
 
     train = undecoded(train)
     splits, carved = _evaluation_splits(raw, args, train, undecoded, schema)
-    _check_label_values(splits, label_column, labels)
+    check_label_values(splits, label_column, labels)
     splits, skipped = readable(splits, image_column, args)
     skipped["train"] = []
     return StreamingData(splits, labels, image_column, label_column, skipped, train=train,
                          carved=frozenset(image_key(row[image_column]) for row in carved),
-                         shuffle_buffer_size=args.shuffle_buffer_size, root=_local_root(args.dataset),
+                         shuffle_buffer_size=args.shuffle_buffer_size, root=local_root(args.dataset),
                          skip_unreadable=args.skip_unreadable_images)
 
 
@@ -156,7 +157,7 @@ def _require_class_label(features: datasets.Features, args: DataArguments) -> No
     A map-style dataset can be class-encoded (`class_encode_column` reads every label first); a stream cannot, so the
     names must come from the dataset's features. For a local folder (parquet or webdataset .tar shards) datasets reads
     them from the folder's README.md, whose `dataset_info: features:` replace the inferred ones."""
-    named = args.label_column or next((name for name in _PREFERRED_LABEL_COLUMNS if name in features), None)
+    named = args.label_column or next((name for name in PREFERRED_LABEL_COLUMNS if name in features), None)
     if named is None and any(isinstance(feature, datasets.ClassLabel) for feature in features.values()):
         return
     column = named or next((name for name in _NUMBER_LABEL_COLUMNS if name in features), None) or next(
@@ -187,9 +188,7 @@ def _require_class_label(features: datasets.Features, args: DataArguments) -> No
 
 def _builder(args: DataArguments) -> datasets.DatasetBuilder:
     """The datasets builder of the stream (what `load_dataset(..., streaming=True)` streams from)."""
-    local = Path(args.dataset).expanduser()
-    if not local.exists() and (args.dataset.startswith((".", "/", "~")) or args.dataset.count("/") > 1):
-        raise DatasetError(f"Dataset folder '{args.dataset}' does not exist. Give an existing folder or a Hub id such as `uoft-cs/cifar10`.")
+    local = local_path(args.dataset)
     if local.is_file():
         if local.suffix != ".parquet":
             raise DatasetError(f"Dataset '{args.dataset}' is a file, not a folder or a .parquet file. Give a folder or one .parquet file.")
@@ -240,14 +239,14 @@ def _shard_name(file: str, args: DataArguments) -> str:
     """A shard as the user knows it: its path in the dataset folder or Hub repo (no local path beyond the dataset)."""
     if file.startswith("hf://"):
         return HfFileSystem().resolve_path(file).path_in_repo
-    root = _local_root(args.dataset)
+    root = local_root(args.dataset)
     return shareable_name({"path": str(Path(file).resolve())}, 0, root.resolve() if root else None)
 
 
 def _evaluation_splits(raw, args: DataArguments, train, undecoded, schema) -> tuple[datasets.DatasetDict, list[dict]]:
     """Validation and test in memory: named splits, or `test_size` then `validation_size` images from the stream's start."""
-    names = {"test": _existing_split(raw, args.test_split, ("test",)),
-             "validation": _existing_split(raw, args.validation_split, ("validation", "valid", "val"))}
+    names = {"test": existing_split(raw, args.test_split, ("test",)),
+             "validation": existing_split(raw, args.validation_split, ("validation", "valid", "val"))}
     counts = {}
     for name, present in names.items():
         size = getattr(args, f"{name}_size")
