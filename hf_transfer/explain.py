@@ -82,8 +82,9 @@ def patch_grid(n_tokens: int, input_size: tuple[int, int]) -> tuple[int, int, in
     raise ExplainError(f"{n_tokens} tokens do not form a patch grid for an input of {width}x{height} pixels")
 
 
-class _Logits(nn.Module):
-    """The classifier as grad-cam calls it: pixel values in, a (batch, classes) logits tensor out."""
+class Logits(nn.Module):
+    """The classifier as one tensor function, pixel values in, a (batch, classes) logits tensor out: grad-cam and an ONNX
+    graph take tensors, not a ModelOutput."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -119,7 +120,7 @@ def find_target_layer(model: nn.Module, pixel_values: torch.Tensor) -> TargetLay
     hooks = [module.register_forward_hook(record) for module in model.modules()]
     try:
         with torch.no_grad():
-            _Logits(model)(pixel_values[:1])
+            Logits(model)(pixel_values[:1])
     finally:
         for hook in hooks:
             hook.remove()
@@ -206,7 +207,7 @@ class Explainer:
         # (for EfficientNet-Lite0, all but the head: the backward pass costs less than the forward pass).
         flags = [(parameter, parameter.requires_grad) for parameter in self.model.parameters()]
         start = target.module.register_forward_hook(_start_graph)  # before grad-cam's hooks, which then see its output
-        cam = GradCAM(_Logits(self.model), [target.module], reshape_transform=target.reshape_transform(tuple(pixels.shape[-2:])))
+        cam = GradCAM(Logits(self.model), [target.module], reshape_transform=target.reshape_transform(tuple(pixels.shape[-2:])))
         try:
             for parameter, _ in flags:
                 parameter.requires_grad_(False)

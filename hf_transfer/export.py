@@ -28,6 +28,7 @@ from .card import describe_hardware, write_model_card
 from .data import load_image_dataset
 from .deploy_options import ExportArguments
 from .errors import DatasetError, HFTransferError
+from .explain import Logits
 from .images import load_image
 from .onnx_runtime import GRAPHS, INPUT, KEPT, OUTPUT, OnnxClassifier, weights_fingerprint
 from .options import DataArguments
@@ -168,24 +169,13 @@ def batches(processor, cells: list, labels: list[int]) -> Iterator[tuple[torch.T
         yield pixels_of(processor, cells[start:start + BATCH]), labels[start:start + BATCH]
 
 
-class _Logits(nn.Module):
-    """The classifier as one tensor function, pixel_values -> logits: a graph returns tensors, not a ModelOutput."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values=pixel_values).logits
-
-
 def export_graph(model: nn.Module, example: torch.Tensor, path: Path, opset: int | None) -> int:
     """Write the fp32 graph of `model` (any batch size) to `path`; return its opset."""
     # torch.onnx.export(dynamo=True): the exporter torch maintains (its TorchScript one is deprecated), and it takes any
     # nn.Module, so timm and transformers backbones go the same way. optimum's exporter would need transformers < 4.58
     # (pip's dry run of optimum-onnx 0.1.0), and timm's onnx_export covers timm models only.
     try:
-        program = torch.onnx.export(_Logits(model).eval(), (example,), dynamo=True, input_names=[INPUT], output_names=[OUTPUT],
+        program = torch.onnx.export(Logits(model).eval(), (example,), dynamo=True, input_names=[INPUT], output_names=[OUTPUT],
                                     dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch_size", min=1)}},
                                     opset_version=opset, external_data=False)
         program.save(str(path), external_data=False)
