@@ -106,7 +106,8 @@ def decode_sample(data: PreparedData, rows: dict[str, np.ndarray]) -> dict[str, 
             try:
                 image = load_image(cell)
             except UnreadableImageError as error:  # unreadable since the dataset was checked: the candidates' decode says so
-                logger.info("select: a sampled %s image does not decode (%s): each candidate decodes the sample itself", split, one_line(str(error)))
+                logger.info("select: a sampled %s image does not decode (%s): each candidate decodes the sample itself", split,
+                            one_line(str(error)))
                 return {}
             size += 3 * image.width * image.height
             if size > DECODED_BYTES:

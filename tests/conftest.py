@@ -163,9 +163,14 @@ def side_by_side(*commands: list[str], timeout: float = 300, **options) -> list[
     one core's work, and this machine has two."""
     running = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **options) for command in commands]
     done = []
-    for command, process in zip(commands, running):  # the others go on while one is read
-        out, err = process.communicate(timeout=timeout)
-        done.append(subprocess.CompletedProcess(command, process.returncode, out, err))
+    try:
+        for command, process in zip(commands, running):  # the others go on while one is read
+            out, err = process.communicate(timeout=timeout)
+            done.append(subprocess.CompletedProcess(command, process.returncode, out, err))
+    finally:  # a timeout leaves no process behind
+        for process in running:
+            if process.poll() is None:
+                process.kill()
     return done
 
 
