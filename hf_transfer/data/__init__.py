@@ -11,5 +11,5 @@ Modules: `splits` (map-style loading), `folders` (local files and image folders)
 from .splits import PreparedData, find_columns, image_name, load_image_dataset, shareable_name
 from .transforms import DecodedRows, SeededAugmentation, attach_transforms, build_transforms, check_augmentation, collate
 
-__all__ = ["DecodedRows", "PreparedData", "SeededAugmentation", "attach_transforms", "build_transforms", "check_augmentation", "collate", "find_columns", "image_name",
-           "load_image_dataset", "shareable_name"]
+__all__ = ["DecodedRows", "PreparedData", "SeededAugmentation", "attach_transforms", "build_transforms", "check_augmentation",
+           "collate", "find_columns", "image_name", "load_image_dataset", "shareable_name"]
