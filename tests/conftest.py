@@ -175,7 +175,7 @@ def side_by_side(*commands: list[str], timeout: float = 300, **options) -> list[
 
 
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--dynamo_backend", "no"]
-FINETUNE = str(REPO / "recipes" / "finetune.py")
+FINETUNE = str(TESTS / "finetune_checked.py")  # recipes/finetune.py, failing a run that ends with its process group alive
 
 
 @trains
