@@ -17,6 +17,7 @@ from .errors import DatasetError, DoctorError
 from .precision import CHOICES as PRECISIONS
 from .recipe_yaml import load_recipe_yaml
 from .schedules import SCHEDULES, STEP, schedule_kwargs_mapping
+from .stage_grammar import TARGET_ALIASES, check_stages, check_target
 
 # ---- data --------------------------------------------------------------------------------------------------------------
 AUGMENTATIONS = ("default", "none", "randaugment", "trivialaugment")
@@ -28,10 +29,8 @@ LIMITS = {"max_train_samples": "train", "max_eval_samples": "validation", "max_t
 class DataArguments:
     dataset: str = field(
         default=None,
-        metadata={"help": (
-            "A Hub dataset id (`uoft-cs/cifar10`), a local folder (parquet export, or image folder with one sub-folder per "
-            "class; linked folders are followed) or one .parquet file (the train split; the others are carved from it)."
-        )},
+        metadata={"help": "A Hub dataset id (`uoft-cs/cifar10`), a local folder (parquet export, or image folder with one sub-folder per "
+                          "class; linked folders are followed) or one .parquet file (the train split; the others are carved from it)."},
     )
     dataset_config: str | None = field(default=None, metadata={"help": "The dataset's configuration name, if it has several."})
     image_column: str | None = field(default=None, metadata={"help": "Image column; found by feature type when unset."})
@@ -49,26 +48,22 @@ class DataArguments:
     skip_unreadable_images: bool = field(default=True, metadata={"help": "Skip (and count) images that cannot be decoded; false = stop and list them."})
     streaming: bool = field(
         default=False,
-        metadata={"help": (
-            "Read the dataset as a stream (datasets' `streaming=True`: Hub datasets, local parquet, image folders, webdataset "
-            "shards), never copied to disk: for datasets bigger than the disk. Needs `max_steps`; validation and test are "
-            "named splits or a number of images (`validation_size: 500`) from the start of the stream. See README, Streaming."
-        )},
+        metadata={"help": "Read the dataset as a stream (datasets' `streaming=True`: Hub datasets, local parquet, image folders, "
+                          "webdataset shards), never copied to disk: for datasets bigger than the disk. Needs `max_steps`; validation "
+                          "and test are named splits or a number of images (`validation_size: 500`) from the start of the stream. See "
+                          "docs/streaming.md."},
     )
     shuffle_buffer_size: int = field(
         default=1000,
-        metadata={"help": (
-            "With `streaming`: training images are drawn at random from a buffer of this many (the shard order is shuffled "
-            "too, every pass). Larger mixes better and takes more memory (and checkpoint space: the buffer is saved)."
-        )},
+        metadata={"help": "With `streaming`: training images are drawn at random from a buffer of this many (the shard order is shuffled "
+                          "too, every pass). Larger mixes better and takes more memory (and checkpoint space: the buffer is saved)."},
     )
     resize_on_device: str = field(
         default="auto",
-        metadata={"help": (
-            "Send images of one size to the training device at that size and resize, crop and normalise them there, batched "
-            "(the CPU only decodes): auto = on a CUDA device when the images are smaller than the model's input (CIFAR's 32 px) "
-            "| true | false. `default` augmentation is then a random shift by 1/8 of the side (reflect padding) + flip."
-        )},
+        metadata={"help": "Send images of one size to the training device at that size and resize, crop and normalise them there, "
+                          "batched (the CPU only decodes): auto = on a CUDA device when the images are smaller than the model's input "
+                          "(CIFAR's 32 px) | true | false. `default` augmentation is then a random shift by 1/8 of the side (reflect "
+                          "padding) + flip."},
     )
 
     def __post_init__(self):
@@ -148,13 +143,7 @@ class ModelArguments:
 # ---- freeze ------------------------------------------------------------------------------------------------------------
 
 STRATEGIES = ("head_only", "last_n", "full", "patterns", "staged")
-# frozen: BatchNorm layers of frozen blocks keep their statistics (eval mode), trained blocks update theirs;
-# eval: every BatchNorm layer keeps its pretrained statistics (small data, low resolution, staged unfreezing);
-# train: every BatchNorm layer updates its statistics, frozen blocks too.
 BATCHNORM_MODES = ("frozen", "eval", "train")
-# What a stage trains; `head_only` and `full` are accepted as synonyms of `head` and `all`.
-TARGETS = ("head", "all", "last_n:<k>", "patterns")
-_TARGET_ALIASES = {"head_only": "head", "full": "all"}
 PRESETS = {
     "linear_probe": {"freeze": "head_only"},
     # fastai's fine_tune: one epoch of head, then everything with discriminative learning rates
@@ -173,15 +162,15 @@ class FreezeArguments:
     )
     stages: str | None = field(
         default=None,
-        metadata={"help": (
-            "For `staged`: a YAML list such as `[{at_epoch: 0, train: head}, {at_plateau: 2, train: 'last_n:2', lr_scale: 0.1}]`. "
-            "Each stage starts `at_epoch` or `at_step` (fixed), or `at_plateau: k` (once `metric_for_best_model` has not improved "
-            "for k evaluations); `lr_scale` multiplies every learning rate from that stage on."
-        )},
+        metadata={"help": "For `staged`: a YAML list such as "
+                          "`[{at_epoch: 0, train: head}, {at_plateau: 2, train: 'last_n:2', lr_scale: 0.1}]`. Each stage starts "
+                          "`at_epoch` or `at_step` (fixed), or `at_plateau: k` (once `metric_for_best_model` has not improved for k "
+                          "evaluations); `lr_scale` multiplies every learning rate from that stage on."},
     )
     batchnorm: str = field(
         default="frozen",
-        metadata={"help": "BatchNorm statistics: `frozen` (kept in frozen blocks, updated in trained ones), `eval` (kept everywhere) or `train` (updated everywhere)."},
+        metadata={"help": "BatchNorm statistics: `frozen` (kept in frozen blocks, updated in trained ones), `eval` (kept everywhere: "
+                          "small data, low resolution, staged unfreezing) or `train` (updated everywhere, frozen blocks too)."},
     )
     layer_decay: float | None = field(default=None, metadata={"help": "Learning rate of a block = lr * layer_decay ** (depth from the head), 0 < layer_decay <= 1."})
     train_patterns: list[str] | None = field(default=None, metadata={"help": "For `patterns`: glob(s) over parameter names that train besides the head (default: all)."})
@@ -204,8 +193,8 @@ class FreezeArguments:
         self.strategy = self.freeze.split(":")[0]
         self._validate()
         self.schedule = (
-            [{**stage, "train": _TARGET_ALIASES.get(stage["train"], stage["train"])} for stage in self.stages]
-            if self.strategy == "staged" else [{"at_step": 0, "train": _TARGET_ALIASES.get(self.strategy, self.freeze)}]
+            [{**stage, "train": TARGET_ALIASES.get(stage["train"], stage["train"])} for stage in self.stages]
+            if self.strategy == "staged" else [{"at_step": 0, "train": TARGET_ALIASES.get(self.strategy, self.freeze)}]
         )
         self._check_patterns()
 
@@ -214,7 +203,7 @@ class FreezeArguments:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"Unknown freeze strategy '{self.freeze}'. {choices}")
         if self.strategy == "last_n" or ":" in self.freeze:
-            _check_target(self.freeze, where="`freeze`")
+            check_target(self.freeze, where="`freeze`")
         if self.batchnorm not in BATCHNORM_MODES:
             raise ValueError(f"`batchnorm` must be one of {', '.join(BATCHNORM_MODES)}, not '{self.batchnorm}'.")
         for key in ("train_patterns", "freeze_patterns"):
@@ -224,7 +213,7 @@ class FreezeArguments:
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             raise ValueError(f"`layer_decay` must be in (0, 1] (e.g. 0.7: each block deeper from the head learns 0.7x as fast), not {self.layer_decay}.")
         if self.strategy == "staged":
-            _check_stages(self.stages)
+            check_stages(self.stages)
         elif self.stages:
             raise ValueError(f"`stages` only apply to `freeze: staged`, but freeze is '{self.freeze}'.")
 
@@ -240,60 +229,6 @@ class FreezeArguments:
         if self.layer_decay is None and self.preset == "fastai":
             return (1 / FASTAI_LR_SPREAD) ** (1 / max(depth, 1))
         return self.layer_decay
-
-
-def _check_target(target, where: str) -> None:
-    target = _TARGET_ALIASES.get(target, target) if isinstance(target, str) else repr(target)
-    if target in ("head", "all", "patterns"):
-        return
-    count = target.split(":", 1)[1] if target.startswith("last_n:") else None
-    if count is None or not count.isdigit():
-        raise ValueError(
-            f"{where} cannot be '{target}': use {' | '.join(TARGETS)}"
-            " (`last_n:2` trains the head and the last 2 blocks)."
-        )
-
-
-STAGE_STARTS = ("at_epoch", "at_step", "at_plateau")
-STAGE_KEYS = (*STAGE_STARTS, "train", "lr_scale")
-
-
-def _check_stages(stages) -> None:
-    example = "e.g. [{at_epoch: 0, train: head}, {at_epoch: 1, train: 'last_n:2'}, {at_plateau: 2, train: all, lr_scale: 0.1}]"
-    if not isinstance(stages, list) or not stages or not all(isinstance(stage, dict) for stage in stages):
-        raise ValueError(f"`freeze: staged` needs `stages`, a list of {{at_epoch|at_step|at_plateau, train, lr_scale}} mappings, {example}.")
-    for index, stage in enumerate(stages):
-        unknown = sorted(set(stage) - set(STAGE_KEYS))
-        if unknown:
-            raise ValueError(f"Stage {index} has unknown key(s) {unknown}: a stage takes {', '.join(STAGE_KEYS)}, {example}.")
-        starts = [key for key in STAGE_STARTS if key in stage]
-        if "train" not in stage or len(starts) != 1:
-            raise ValueError(f"Stage {index} is {stage}: a stage needs `train` and exactly one of {', '.join(STAGE_STARTS)}, {example}.")
-        start = stage[starts[0]]
-        if isinstance(start, bool) or not isinstance(start, (int, float)) or start < 0:
-            raise ValueError(f"Stage {index}: `{starts[0]}` must be a number >= 0, not {start!r}.")
-        if starts[0] == "at_plateau" and (index == 0 or not isinstance(start, int) or start < 1):
-            raise ValueError(
-                f"Stage {index}: `at_plateau: {start}` "
-                + ("cannot start the first stage (it says what trains from the start)." if index == 0 else
-                   "is a patience: the whole number of evaluations without improvement of `metric_for_best_model`, >= 1.")
-            )
-        scale = stage.get("lr_scale", 1.0)
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0:
-            raise ValueError(f"Stage {index}: `lr_scale` multiplies every learning rate from that stage on; it must be > 0, not {scale!r}.")
-        _check_target(stage["train"], where=f"Stage {index}'s `train`")
-    fixed = [stage for stage in stages if "at_plateau" not in stage]
-    units = {key for stage in fixed for key in ("at_epoch", "at_step") if key in stage}
-    if len(units) > 1:
-        raise ValueError("Use `at_epoch` in every stage or `at_step` in every stage, not both (`at_plateau` mixes with either).")
-    unit = units.pop()
-    if any("at_plateau" in earlier and "at_plateau" not in later for earlier, later in zip(stages, stages[1:])):
-        raise ValueError("A stage that starts `at_plateau` can only be followed by more `at_plateau` stages: when it starts is known only during the run.")
-    starts = [stage[unit] for stage in fixed]
-    if starts[0] != 0:
-        raise ValueError(f"The first stage must start at 0 (it says what trains from the start), not {starts[0]}.")
-    if any(later <= earlier for earlier, later in zip(starts, starts[1:])):
-        raise ValueError(f"Stages must start in increasing order, got starts {starts}.")
 
 
 # ---- run -------------------------------------------------------------------------------------------------------------
@@ -312,10 +247,8 @@ class RunArguments:
     )
     early_stopping_patience: int | None = field(
         default=None,
-        metadata={"help": (
-            "Stop once `metric_for_best_model` has not improved for this many evaluations (Trainer's EarlyStoppingCallback). "
-            "In a staged plan it counts in the last stage only."
-        )},
+        metadata={"help": "Stop once `metric_for_best_model` has not improved for this many evaluations (Trainer's "
+                          "EarlyStoppingCallback). In a staged plan it counts in the last stage only."},
     )
     early_stopping_threshold: float = field(default=0.0, metadata={"help": "How much `metric_for_best_model` must improve to count as better."})
     eval_test_each_epoch: bool = field(
@@ -337,10 +270,8 @@ EXCLUDE_CHOICES = ("leaks", "label_issues", "both")
 SPLIT_ORDER = ("train", "validation", "test")
 # The options that change what data_report.json says (the others choose whether the doctor runs and what a run excludes).
 REPORT_OPTIONS = ("doctor_folds", "doctor_duplicate_threshold", "doctor_min_class_images", "doctor_sheet_size")
-# Calibrated on EfficientNet-Lite0 features of the cats-vs-dogs mirror (4,000 photos, 256 px short side) and copies of 60
-# of them (benchmarks/doctor.py --calibrate): exact copies 1.0; JPEG quality 50 at least 0.941, 30 at least 0.900; resized
-# to 3/4 of the side at least 0.946, to 5/8 0.895, to 1/2 0.836 (median 0.913, 63% found). The closest distinct photos
-# reach 0.889 (the same dog, two shots); above them sit only the mirror's two true duplicates (0.98).
+# Calibrated by benchmarks/doctor.py --calibrate (Lite0 features, the 4,000 photos of the cats-vs-dogs mirror and copies of
+# 60 of them): JPEG quality 30 at least 0.900, resized to 5/8 of the side 0.895; the closest distinct photos reach 0.889.
 DUPLICATE_THRESHOLD = 0.90
 
 
@@ -365,14 +296,12 @@ class DoctorArguments:
     doctor_folds: int = field(default=5, metadata={"help": "Folds of the out-of-fold probe behind the label-issue check (seeded)."})
     doctor_duplicate_threshold: float = field(
         default=DUPLICATE_THRESHOLD,
-        metadata={"help": (
-            "Cosine similarity of power-normalised backbone features at or above which two images count as copies. 0.90 (Lite0, "
-            "cats-vs-dogs mirror) finds every exact copy, copy resized to 3/4 of the side and JPEG re-encoded at quality 30-75, "
-            "2 in 3 copies resized to half the side, and no pair of distinct photos (the closest reach 0.889). Photos, not "
-            "thumbnails: on CIFAR-10's 32 px images a JPEG-50 re-encode falls below it. Where more than 10%% of the images have "
-            "a neighbour this close (images unlike the backbone's), the features are not used for copies, and the report says "
-            "so; a perceptual hash finds copies either way."
-        )},
+        metadata={"help": "Cosine similarity of power-normalised backbone features at or above which two images count as copies. 0.90 "
+                          "(Lite0, cats-vs-dogs mirror) finds every exact copy, copy resized to 3/4 of the side and JPEG re-encoded at "
+                          "quality 30-75, 2 in 3 copies resized to half the side, and no pair of distinct photos (the closest reach "
+                          "0.889). Photos, not thumbnails: on CIFAR-10's 32 px images a JPEG-50 re-encode falls below it. Where more "
+                          "than 10%% of the images have a neighbour this close (images unlike the backbone's), the features are not used "
+                          "for copies, and the report says so; a perceptual hash finds copies either way."},
     )
     doctor_min_class_images: int = field(default=10, metadata={"help": "Flag training classes with fewer images than this."})
     doctor_sheet_size: int = field(default=24, metadata={"help": "How many label suspects the contact sheet shows (and up to 8 leaks)."})
