@@ -48,7 +48,7 @@ class FreezePlan:
         self.model, self.args, self.learning_rate = model, args, learning_rate
         self.blocks = discover_blocks(model)
         self.parameters = dict(model.named_parameters())
-        self.stages = args.schedule
+        self.stages = [dict(stage) for stage in args.schedule]  # the plan's own: the recipe's schedule stays as written
         self.stage_sets = [self._trainable_in(stage["train"]) for stage in self.stages]
         for stage, trainable in zip(self.stages, self.stage_sets):
             if not trainable:

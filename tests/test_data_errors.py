@@ -119,11 +119,12 @@ def test_a_single_parquet_file_is_the_train_split_and_the_rest_is_carved(caplog)
     assert "train-00000-of-00001.parquet as the train split" in caplog.text
 
 
-def test_a_file_that_is_not_parquet_is_refused(tmp_path, capsys):
+@pytest.mark.parametrize("reading", [[], ["--streaming", "true", "--max_steps", "2"]], ids=["map-style", "streamed"])
+def test_a_file_that_is_not_parquet_is_refused(tmp_path, capsys, reading):
     photo = write_photos(tmp_path, 0, 1)[0]
-    message = user_error(capsys, "--dataset", str(photo), "--output_dir", str(tmp_path / "out"))
+    message = user_error(capsys, "--dataset", str(photo), "--output_dir", str(tmp_path / "out"), *reading)
     assert f"Dataset '{photo}' is a file, not a folder or a .parquet file" in message
-    assert "Give a folder" in message
+    assert "Give a folder (an image folder with one sub-folder per class, or a parquet export) or one .parquet file." in message
 
 
 def test_an_empty_folder_is_refused(tmp_path, capsys):

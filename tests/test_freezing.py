@@ -151,6 +151,13 @@ def test_a_waiting_block_gets_zero_gradients_and_no_update(model_dirs):
     assert all(not torch.equal(before[name], p) for name, p in model.named_parameters() if name not in waiting)
 
 
+def test_the_plans_stages_are_its_own_and_the_recipes_schedule_stays_as_written(model_dirs):
+    args = FreezeArguments(freeze="staged", stages=[{"at_step": 0, "train": "head"}, {"at_step": 5, "train": "all"}])
+    plan = FreezePlan(load(model_dirs["timm_cnn"]), args, learning_rate=0.01)
+    plan.stages[1]["train"] = "last_n:1"  # what a later change to the plan's stages would do
+    assert args.schedule[1] == {"at_step": 5, "train": "all"}
+
+
 def test_patterns_that_match_nothing_or_freeze_everything_are_refused(model_dirs):
     model = load(model_dirs["timm_cnn"])
     with pytest.raises(FreezePlanError, match=r"'\*backbone\*' matches no parameter.*timm_model\.conv_stem\.weight"):

@@ -21,17 +21,18 @@ logger = logging.getLogger(__name__)
 
 def load_file(local: Path, dataset: str, train_split: str) -> datasets.DatasetDict:
     """One parquet file (one split of a Hub export, say) is the train split; validation and test are carved from it."""
+    builder = file_builder(local, dataset, train_split)
+    logger.info("Loading %s as the %s split; the splits it lacks are carved from it", local.name, train_split)
+    return _prepare(builder, dataset)
+
+
+def file_builder(local: Path, dataset: str, train_split: str):
+    """The datasets builder that reads one parquet file (`dataset` as the user named it) as the train split."""
     if local.suffix != ".parquet":
         raise DatasetError(
             f"Dataset '{dataset}' is a file, not a folder or a .parquet file. Give a folder (an image folder with one "
             "sub-folder per class, or a parquet export) or one .parquet file."
         )
-    logger.info("Loading %s as the %s split; the splits it lacks are carved from it", local.name, train_split)
-    return _prepare(file_builder(local, train_split), dataset)
-
-
-def file_builder(local: Path, train_split: str):
-    """The datasets builder that reads one parquet file as the train split."""
     return datasets.load_dataset_builder("parquet", data_files={train_split: [glob.escape(str(local.resolve()))]})
 
 

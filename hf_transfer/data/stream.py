@@ -190,9 +190,7 @@ def _builder(args: DataArguments) -> datasets.DatasetBuilder:
     """The datasets builder of the stream (what `load_dataset(..., streaming=True)` streams from)."""
     local = local_path(args.dataset)
     if local.is_file():
-        if local.suffix != ".parquet":
-            raise DatasetError(f"Dataset '{args.dataset}' is a file, not a folder or a .parquet file. Give a folder or one .parquet file.")
-        return file_builder(local, args.train_split)
+        return file_builder(local, args.dataset, args.train_split)
     if local.is_dir():
         return folder_builder(local, args.dataset, args.dataset_config)
     if not hub_reachable():
