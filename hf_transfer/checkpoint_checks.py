@@ -33,7 +33,8 @@ def _whole_number(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _count(value) -> bool:
+def is_count(value) -> bool:
+    """A whole number >= 0, and not a bool."""
     return _whole_number(value) and value >= 0
 
 
@@ -52,13 +53,13 @@ def _kind(*types):
 # TrainerState's fields as its JSON holds them: (check, what it must be). A field of a later transformers goes unchecked.
 _STATE_FIELDS = {
     "epoch": (lambda value: _number(value) and value >= 0, "a number >= 0"),
-    "global_step": (_count, "a whole number >= 0"), "max_steps": (_count, "a whole number >= 0"),
+    "global_step": (is_count, "a whole number >= 0"), "max_steps": (is_count, "a whole number >= 0"),
     "logging_steps": (_optional(_number), "a number"), "eval_steps": (_optional(_number), "a number"),
-    "save_steps": (_optional(_number), "a number"), "train_batch_size": (_optional(_count), "a whole number or null"),
-    "num_train_epochs": (_count, "a whole number >= 0"), "num_input_tokens_seen": (_count, "a whole number >= 0"),
+    "save_steps": (_optional(_number), "a number"), "train_batch_size": (_optional(is_count), "a whole number or null"),
+    "num_train_epochs": (is_count, "a whole number >= 0"), "num_input_tokens_seen": (is_count, "a whole number >= 0"),
     "total_flos": (_number, "a number"), "log_history": (_kind(list), "a list"),
     "best_metric": (_optional(lambda value: isinstance(value, (int, float)) and not isinstance(value, bool)), "a number or null"),
-    "best_global_step": (_optional(_count), "a whole number or null"), "best_model_checkpoint": (_optional(_kind(str)), "a path or null"),
+    "best_global_step": (_optional(is_count), "a whole number or null"), "best_model_checkpoint": (_optional(_kind(str)), "a path or null"),
     "is_local_process_zero": (_kind(bool), "true or false"), "is_world_process_zero": (_kind(bool), "true or false"),
     "is_hyper_param_search": (_kind(bool), "true or false"), "trial_name": (_optional(_kind(str)), "a name or null"),
     "trial_params": (_optional(_kind(dict)), "a mapping or null"), "stateful_callbacks": (_optional(_kind(dict)), "a mapping or null"),
@@ -73,7 +74,8 @@ def checkpoint_refused(path: Path, checkpoint: Path, problem: str) -> Checkpoint
                            "or start again with `--overwrite`.")
 
 
-def _read_json(path: Path, checkpoint: Path, kind=dict):
+def read_checkpoint_json(path: Path, checkpoint: Path, kind=dict):
+    """The JSON file `path` of `checkpoint`, refused (naming both) when unreadable or not a `kind`."""
     try:
         value = json.loads(path.read_text())
     except (OSError, ValueError) as error:
@@ -122,7 +124,7 @@ def check_run_length(checkpoint: Path, state: dict, max_steps: int) -> None:
 
 def _checked_trainer_state(checkpoint: Path) -> dict:
     path = checkpoint / TRAINER_STATE
-    state = _read_json(path, checkpoint)
+    state = read_checkpoint_json(path, checkpoint)
     known = {f.name for f in dataclasses.fields(TrainerState)}
     if unknown := sorted(str(key) for key in state if key not in known):
         names = ", ".join(f"`{reprlib.repr(name)[1:-1]}`" for name in unknown[:5])
@@ -146,7 +148,7 @@ def _checked_trainer_state(checkpoint: Path) -> dict:
         raise checkpoint_refused(path, checkpoint, f"`best_model_checkpoint` {reprlib.repr(state['best_model_checkpoint'])} is "
                                                    f"not a checkpoint saved by step {step}")
     for entry in state.get("log_history", []):
-        if not isinstance(entry, dict) or not _optional(_count)(entry.get("step")) or (entry.get("step") or 0) > step:
+        if not isinstance(entry, dict) or not _optional(is_count)(entry.get("step")) or (entry.get("step") or 0) > step:
             raise checkpoint_refused(path, checkpoint, f"`log_history` holds {reprlib.repr(entry)}, not an entry up to step {step}")
     for name, saved in (state.get("stateful_callbacks") or {}).items():
         for entry in saved if isinstance(saved, list) else [saved]:
@@ -157,7 +159,7 @@ def _checked_trainer_state(checkpoint: Path) -> dict:
     if isinstance(freeze, dict):  # what callbacks.FreezeCallback reads back: the steps at which stages began
         attributes = freeze.get("attributes", {})
         starts, reasons = attributes.get("stage_starts") or [], attributes.get("reasons") or {}
-        if not (isinstance(starts, list) and all(_optional(_count)(start) for start in starts) and isinstance(reasons, dict)
+        if not (isinstance(starts, list) and all(_optional(is_count)(start) for start in starts) and isinstance(reasons, dict)
                 and all(str(key).isdigit() and isinstance(reason, str) for key, reason in reasons.items())):
             raise checkpoint_refused(path, checkpoint, f"the freeze plan's saved stages {reprlib.repr(attributes)} are not "
                                                        "steps and reasons by stage")
@@ -168,10 +170,10 @@ def _checked_optimizer_groups(checkpoint: Path, optimizer: torch.optim.Optimizer
     """The parameter ids of each saved parameter group, checked against the run's optimizer, and the saved per-parameter
     values (`state`)."""
     path = checkpoint / f"{OPTIMIZER}.json"
-    saved = _read_json(path, checkpoint)
+    saved = read_checkpoint_json(path, checkpoint)
     groups = saved.get("param_groups")
     if not (isinstance(groups, list) and groups and all(isinstance(group, dict) and isinstance(group.get("params"), list)
-                                                        and all(_count(index) for index in group["params"]) for group in groups)):
+                                                        and all(is_count(index) for index in group["params"]) for group in groups)):
         raise checkpoint_refused(path, checkpoint, "`param_groups` is not a list of groups with their parameters' numbers")
     ids = [[index for index in group["params"]] for group in groups]
     flat = [index for group in ids for index in group]
@@ -192,9 +194,9 @@ def _checked_optimizer_groups(checkpoint: Path, optimizer: torch.optim.Optimizer
 def _checked_scheduler(checkpoint: Path, step: int, groups: int, every_step: bool) -> int:
     """The scheduler's step count, which a schedule stepped every optimizer step holds equal to `global_step`."""
     path = checkpoint / SCHEDULER
-    saved = _read_json(path, checkpoint)
+    saved = read_checkpoint_json(path, checkpoint)
     scheduled = saved.get("last_epoch")
-    if not _count(scheduled):
+    if not is_count(scheduled):
         raise checkpoint_refused(path, checkpoint, f"`last_epoch` is {reprlib.repr(scheduled)}, not a step count")
     if "_step_count" in saved and saved["_step_count"] != scheduled + 1:
         raise checkpoint_refused(path, checkpoint, f"`_step_count` {reprlib.repr(saved['_step_count'])} does not follow "
@@ -247,7 +249,7 @@ def _check_optimizer_state(checkpoint: Path, groups: list[list[int]], scalars: d
 def _check_scaler(checkpoint: Path) -> None:
     path = checkpoint / SCALER
     if path.is_file():
-        saved = _read_json(path, checkpoint)
+        saved = read_checkpoint_json(path, checkpoint)
         if not all(_number(saved.get(key)) for key in _GRAD_SCALER_KEYS) or not saved["scale"] > 0:
             raise checkpoint_refused(path, checkpoint, f"the loss scaler's state needs numbers {', '.join(_GRAD_SCALER_KEYS)} "
                                                        "(a scale > 0)")
@@ -274,7 +276,7 @@ def _check_resume_state(checkpoint: Path, stem: str, step: int) -> None:
             raise checkpoint_refused(path, checkpoint, f"`{key}` is not a state of torch's random generator "
                                                        f"({reprlib.repr(str(error))})") from None
     path = checkpoint / f"{stem}.json"
-    saved = _read_json(path, checkpoint)
+    saved = read_checkpoint_json(path, checkpoint)
     python, numpy_state = saved.get("python_random"), saved.get("numpy_random")
     try:
         version, internal, gauss = python
@@ -293,7 +295,7 @@ def _check_resume_state(checkpoint: Path, stem: str, step: int) -> None:
     for key in ("loss_since_last_log", "loss_logged_total"):
         if not _number(saved.get(key)):
             raise checkpoint_refused(path, checkpoint, f"`{key}` is {reprlib.repr(saved.get(key))}, not a number")
-    if not (_count(saved.get("last_logged_step")) and saved["last_logged_step"] <= step):
+    if not (is_count(saved.get("last_logged_step")) and saved["last_logged_step"] <= step):
         raise checkpoint_refused(path, checkpoint, f"`last_logged_step` is {reprlib.repr(saved.get('last_logged_step'))}, not a "
                                                    f"step up to the checkpoint's, {step}")
 

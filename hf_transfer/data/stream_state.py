@@ -3,14 +3,13 @@ position `TrainStream` could not continue from is refused, naming the file, befo
 
 from __future__ import annotations
 
-import json
 import reprlib
 from pathlib import Path
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from ..checkpoint_checks import checkpoint_refused
+from ..checkpoint_checks import checkpoint_refused, is_count, read_checkpoint_json
 
 
 def check_stream_state(checkpoint: Path, stem: Path, fresh: dict, classes: int) -> None:
@@ -20,16 +19,13 @@ def check_stream_state(checkpoint: Path, stem: Path, fresh: dict, classes: int) 
     path = stem.with_suffix(".json")
     if not path.is_file():
         return  # StreamingTrainer.restore_resume_state says what a checkpoint without it means
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise checkpoint_refused(path, checkpoint, f"unreadable ({reprlib.repr(str(error))})") from None
+    saved = read_checkpoint_json(path, checkpoint, object)
     if not (isinstance(saved, dict) and "position" in saved):
         raise checkpoint_refused(path, checkpoint, "it is not a mapping with the stream's `position`")
     position = saved["position"]
     if position is None:
         return  # saved before the first batch (nothing to restore), or by DataLoader workers (restore_resume_state refuses it)
-    if not (isinstance(position, dict) and all(_count(position.get(key)) for key in ("pass", "read"))):
+    if not (isinstance(position, dict) and all(is_count(position.get(key)) for key in ("pass", "read"))):
         raise checkpoint_refused(path, checkpoint, f"`position` {reprlib.repr(position)} has no whole `pass` and `read` counts")
     stream = position.get("stream")
     if not (isinstance(stream, dict) and stream.get("epoch") == position["pass"] and _same_layout(stream, fresh)):
@@ -42,8 +38,8 @@ def check_stream_state(checkpoint: Path, stem: Path, fresh: dict, classes: int) 
                                                    "shuffle buffer's random generator") from None
     buffer, skipped = saved.get("buffer"), saved.get("skipped", [])
     if not (isinstance(buffer, list) and all(
-            isinstance(row, dict) and _count(row.get("length")) and isinstance(row.get("has_bytes"), bool)
-            and isinstance(row.get("path"), (str, type(None))) and _count(row.get("label")) and row["label"] < classes
+            isinstance(row, dict) and is_count(row.get("length")) and isinstance(row.get("has_bytes"), bool)
+            and isinstance(row.get("path"), (str, type(None))) and is_count(row.get("label")) and row["label"] < classes
             for row in buffer)):
         raise checkpoint_refused(path, checkpoint, f"`buffer` is not a list of images' lengths, paths and labels (0..{classes - 1})")
     if not (isinstance(skipped, list) and all(isinstance(name, str) for name in skipped)):
@@ -58,10 +54,6 @@ def check_stream_state(checkpoint: Path, stem: Path, fresh: dict, classes: int) 
     if held != needed and not (needed == 0 and held == 1):  # an empty buffer is saved as one byte: safetensors holds no empty tensor
         raise checkpoint_refused(path, checkpoint, f"the buffer's images take {needed} bytes, but {blob.name} holds "
                                                    f"{'no byte vector' if held is None else held}")
-
-
-def _count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _same_layout(saved, fresh, key: str = "") -> bool:
@@ -88,5 +80,5 @@ def _plain_state(state, key: str = "") -> bool:
         return all(_plain_state(value, key) for value in state)
     if isinstance(state, str):
         return key == "type"
-    return state is None or isinstance(state, bool) or _count(state)
+    return state is None or isinstance(state, bool) or is_count(state)
 
