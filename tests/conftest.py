@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 import types
 from pathlib import Path
@@ -172,6 +173,24 @@ def side_by_side(*commands: list[str], timeout: float = 300, **options) -> list[
             if process.poll() is None:
                 process.kill()
     return done
+
+
+HUB_TOKEN = "hf_secret_sentinel_123"  # the test Hub owner's token: no output and no file may hold it
+_CLIENT_RESULT = "RESULT-JSON:"
+
+
+def run_hub_client(hub, code: str, home: Path, token: str | None = HUB_TOKEN, cwd: Path | None = None, **params) -> dict:
+    """Run `code` in a fresh Python with the test Hub's client environment (HF_HOME `home`, `token`), in `cwd` (default:
+    `home`'s parent); it reads `params` and calls `report(dict)`, whose dict comes back. The token must not be printed."""
+    env = {**hub.client_env(hf_home=home, token=token), "PYTHONPATH": str(REPO)}
+    prelude = ("import json, sys\nparams = json.loads(sys.stdin.read())\n"
+               f"def report(result):\n    print({_CLIENT_RESULT!r} + json.dumps(result), flush=True)\n")
+    process = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], input=json.dumps(params), env=env,
+                             cwd=cwd or home.parent, capture_output=True, text=True, timeout=600)
+    output = process.stdout + process.stderr
+    assert token is None or token not in output, "the token was printed"
+    assert process.returncode == 0, output[-4000:]
+    return json.loads(next(line for line in process.stdout.splitlines() if line.startswith(_CLIENT_RESULT))[len(_CLIENT_RESULT):])
 
 
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--dynamo_backend", "no"]

@@ -11,13 +11,12 @@ import shutil
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, TINY_RUN, TINY_SAMPLE, run_command, sample_rows
+from conftest import HUB_TOKEN, REPO, TINY_RUN, TINY_SAMPLE, run_command, run_hub_client, sample_rows
 from gradio_client import Client, handle_file
 from hub_server import LocalHub
 from safetensors.torch import load_file, save_file
@@ -27,7 +26,6 @@ from hf_transfer.demo import load_app, stage_space
 pytestmark = pytest.mark.slow
 
 CAT = Path(__file__).parent / "fixtures" / "cat.jpg"
-RESULT = "RESULT-JSON:"
 
 
 def hf_transfer(*argv: str, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -188,15 +186,6 @@ report({"pipeline": [classifier(image, top_k=2) for image in images], "int8": np
 """
 
 
-def run_client(hub: LocalHub, code: str, home: Path, **params) -> dict:
-    env = {**hub.client_env(hf_home=home, token="test-token"), "PYTHONPATH": str(REPO)}
-    prelude = f"import json, sys\nparams = json.loads(sys.stdin.read())\ndef report(r):\n    print({RESULT!r} + json.dumps(r), flush=True)\n"
-    process = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], input=json.dumps(params), env=env, cwd=REPO,
-                             capture_output=True, text=True, timeout=600)
-    assert process.returncode == 0, (process.stdout + process.stderr)[-4000:]
-    return json.loads(next(line for line in process.stdout.splitlines() if line.startswith(RESULT))[len(RESULT):])
-
-
 def test_a_transformers_backbone_exported_pushed_and_served_from_the_loopback_hub(run_dir, held_out, tmp_path):
     run = Path(shutil.copytree(run_dir, tmp_path / "run"))
     # The tiny ViT trained 2 epochs on 40 photos: its accuracy is near chance, so any int8 drop is allowed here.
@@ -204,13 +193,13 @@ def test_a_transformers_backbone_exported_pushed_and_served_from_the_loopback_hu
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((run / "onnx" / "export_report.json").read_text())["graphs"]["fp32"]["agreement"] >= 0.999
     images = [str(path) for path in sorted(held_out.rglob("*.jpg"))]
-    with LocalHub(tokens={"test-token": "user"}) as hub:
-        pushed = run_client(hub, PUSH, tmp_path / "push-home", run=str(run))
+    with LocalHub(tokens={HUB_TOKEN: "user"}) as hub:
+        pushed = run_hub_client(hub, PUSH, tmp_path / "push-home", cwd=REPO, run=str(run))
         assert {"onnx/model.onnx", "onnx/model_quantized.onnx", "onnx/export_report.json"} <= set(pushed["files"])
         assert "## Deployment" in pushed["card"] and 'hf_hub_download("user/tiny-vit-onnx", "onnx/model_quantized.onnx")' in pushed["card"]
 
         home = tmp_path / "fresh-home"  # a fresh cache: everything comes from the Hub
-        served = run_client(hub, FROM_THE_HUB, home, images=images)
+        served = run_hub_client(hub, FROM_THE_HUB, home, cwd=REPO, images=images)
         assert served["fast"], served["check"]
         env = hub.client_env(hf_home=home)
         outputs = {}

@@ -10,26 +10,22 @@ import json
 import shutil
 import subprocess
 import sys
-import textwrap
 import urllib.request
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import SAMPLE, train_command
+from conftest import HUB_TOKEN, REPO, SAMPLE, run_hub_client, train_command
 from hub_server import LocalHub
 
 from hf_transfer.hub import HubError, push_to_hub
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SENTINEL = "hf_secret_sentinel_123"  # the owner's token: must never leak anywhere
 OTHER_TOKEN = "hf_other_user_456"
-RESULT = "RESULT-JSON:"
 
 
 @pytest.fixture(scope="module")
 def hub():
-    with LocalHub(tokens={SENTINEL: "user", OTHER_TOKEN: "other"}) as server:
+    with LocalHub(tokens={HUB_TOKEN: "user", OTHER_TOKEN: "other"}) as server:
         yield server
 
 
@@ -41,20 +37,6 @@ def held_out_images(tmp_path_factory) -> list[str]:
     for row in rows:
         (folder / row["image"]["path"]).write_bytes(row["image"]["bytes"])
     return [str(folder / row["image"]["path"]) for row in rows]
-
-
-def run_client(hub: LocalHub, code: str, home: Path, token: str | None = SENTINEL, **params) -> dict:
-    """Run `code` in a fresh Python with the client env; it reads `params` and calls `report(dict)`."""
-    env = hub.client_env(hf_home=home, token=token)
-    env["PYTHONPATH"] = str(REPO_ROOT)
-    prelude = ("import json, sys\nparams = json.loads(sys.stdin.read())\n"
-               f"def report(result):\n    print({RESULT!r} + json.dumps(result), flush=True)\n")
-    process = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], input=json.dumps(params),
-                             env=env, cwd=home.parent, capture_output=True, text=True, timeout=300)
-    output = process.stdout + process.stderr
-    assert SENTINEL not in output, "the token was printed"
-    assert process.returncode == 0, output[-4000:]
-    return json.loads(next(line for line in process.stdout.splitlines() if line.startswith(RESULT))[len(RESULT):])
 
 
 def copy_run(run_dir: Path, tmp_path: Path, name: str) -> Path:  # noqa: F811
@@ -114,7 +96,7 @@ report({
 def pushed(hub, run_dir, held_out_images, tmp_path_factory):  # noqa: F811
     work = tmp_path_factory.mktemp("push")
     run = copy_run(run_dir, work, "run")
-    result = run_client(hub, PUSH_AND_PULL, work / "hf-home", run=str(run), repo="user/tiny-vit",
+    result = run_hub_client(hub, PUSH_AND_PULL, work / "hf-home", run=str(run), repo="user/tiny-vit",
                         images=held_out_images)
     return {**result, "run": run}
 
@@ -227,7 +209,7 @@ report(errors)
 
 def test_private_repo_is_readable_with_the_owner_token_only(hub, run_dir, held_out_images, tmp_path):  # noqa: F811
     run = copy_run(run_dir, tmp_path, "run")
-    owner = run_client(hub, """
+    owner = run_hub_client(hub, """
         from hf_transfer.hub import push_to_hub, download_model
         url = push_to_hub(params["run"], "user/private-vit", private=True)
         folder = download_model("user/private-vit")
@@ -237,9 +219,9 @@ def test_private_repo_is_readable_with_the_owner_token_only(hub, run_dir, held_o
     assert owner["weights"] and hub.repos[("model", "user/private-vit")].private
 
     params = dict(private="user/private-vit", run=str(run), images=held_out_images[:1])
-    anonymous = run_client(hub, READ_PRIVATE_AND_MISSING, tmp_path / "anonymous", token=None,
+    anonymous = run_hub_client(hub, READ_PRIVATE_AND_MISSING, tmp_path / "anonymous", token=None,
                            with_transformers=True, **params)
-    other = run_client(hub, READ_PRIVATE_AND_MISSING, tmp_path / "other", token=OTHER_TOKEN,
+    other = run_hub_client(hub, READ_PRIVATE_AND_MISSING, tmp_path / "other", token=OTHER_TOKEN,
                        with_transformers=False, push_to="user/private-vit", **params)
     assert "refused to write to 'user/private-vit' (HTTP 403)" in other["push"]
     assert len(hub.repos[("model", "user/private-vit")].commits) == 2  # initial + the owner's push
@@ -251,7 +233,7 @@ def test_private_repo_is_readable_with_the_owner_token_only(hub, run_dir, held_o
 
 
 def test_missing_repo_error_names_the_repo_and_the_fix(hub, run_dir, held_out_images, tmp_path):  # noqa: F811
-    errors = run_client(hub, READ_PRIVATE_AND_MISSING, tmp_path / "home", private="user/does-not-exist",
+    errors = run_hub_client(hub, READ_PRIVATE_AND_MISSING, tmp_path / "home", private="user/does-not-exist",
                         run=str(run_dir), images=held_out_images[:1], with_transformers=False)
     for key in ("missing_download", "missing_verify"):
         assert "'user/does-not-exist' was not found" in errors[key]
@@ -263,7 +245,7 @@ def test_dataset_repo_loads_with_load_dataset(hub, tmp_path):
     folder.mkdir(parents=True)
     table = pq.read_table(SAMPLE / "data" / "train-00000-of-00001.parquet").slice(0, 20)
     pq.write_table(table, folder / "train-00000-of-00001.parquet")  # keeps the Image/ClassLabel features
-    loaded = run_client(hub, """
+    loaded = run_hub_client(hub, """
         import datasets
         from huggingface_hub import HfApi
         api = HfApi()
@@ -287,7 +269,7 @@ def test_a_hub_dataset_streams_without_being_downloaded(hub, tmp_path):
     for shard in range(2):
         pq.write_table(train.slice(12 * shard, 12), folder / f"train-0000{shard}-of-00002.parquet")
     pq.write_table(pq.read_table(SAMPLE / "data" / "test-00000-of-00001.parquet").slice(0, 6), folder / "test-00000-of-00001.parquet")
-    streamed = run_client(hub, """
+    streamed = run_hub_client(hub, """
         import os
         from huggingface_hub import HfApi
         from hf_transfer.options import DataArguments
@@ -314,13 +296,13 @@ def test_a_hub_dataset_streams_without_being_downloaded(hub, tmp_path):
 def test_token_never_leaves_the_client(hub, pushed, run_dir, tmp_path):  # noqa: F811
     # Every blob the Hub stored (model, card, logs, plots) and every pushed local file is free of the token.
     for blob in (hub.storage / "objects").iterdir():
-        assert SENTINEL.encode() not in blob.read_bytes(), blob
+        assert HUB_TOKEN.encode() not in blob.read_bytes(), blob
     for file in pushed["run"].rglob("*"):
-        assert file.is_dir() or SENTINEL.encode() not in file.read_bytes(), file
+        assert file.is_dir() or HUB_TOKEN.encode() not in file.read_bytes(), file
     # A run dir that somehow holds the token is refused before anything is sent; the message hides it.
     leaky = copy_run(run_dir, tmp_path, "leaky")
-    (leaky / "run_config.json").write_text(json.dumps({"training": {"hub_token": SENTINEL}}))
-    error = run_client(hub, """
+    (leaky / "run_config.json").write_text(json.dumps({"training": {"hub_token": HUB_TOKEN}}))
+    error = run_hub_client(hub, """
         from hf_transfer.hub import HubError, push_to_hub
         try:
             push_to_hub(params["run"], "user/leaky")
@@ -328,7 +310,7 @@ def test_token_never_leaves_the_client(hub, pushed, run_dir, tmp_path):  # noqa:
         except HubError as error:
             report({"error": str(error)})
     """, tmp_path / "home", run=str(leaky))["error"]
-    assert "run_config.json" in error and SENTINEL not in error
+    assert "run_config.json" in error and HUB_TOKEN not in error
     assert not any(r["path"].startswith("/lfs-upload/") and "leaky" in r["path"] for r in hub.requests)
     assert ("model", "user/leaky") not in hub.repos
 
@@ -342,7 +324,7 @@ def test_push_refuses_pickles_and_ids_without_namespace(run_dir, tmp_path):  # n
         push_to_hub(run, "no-namespace", token="unused")
 
 
-def _call(hub: LocalHub, method: str, path: str, body: bytes | None = None, token: str | None = SENTINEL,
+def _call(hub: LocalHub, method: str, path: str, body: bytes | None = None, token: str | None = HUB_TOKEN,
           headers: dict | None = None, chunked: bool = False):
     """One raw HTTP request: the protocol details no client of this huggingface_hub version sends."""
     import http.client
@@ -419,20 +401,20 @@ def test_server_protocol_details(hub):
 def test_recipe_push_to_hub_uploads_and_verifies_at_the_end_of_training(hub, run_dir, tmp_path):  # noqa: F811
     """`push_to_hub: true` + `hub_model_id` in a recipe: the real `hf-transfer train` path, then a fresh pull."""
     base_model = run_dir.parent / "tiny-vit"  # a local model folder: this Hub holds no pretrained models
-    env = hub.client_env(hf_home=tmp_path / "home", token=SENTINEL)
-    env["PYTHONPATH"] = str(REPO_ROOT)
+    env = hub.client_env(hf_home=tmp_path / "home", token=HUB_TOKEN)
+    env["PYTHONPATH"] = str(REPO)
     output_dir = tmp_path / "run"
     process = subprocess.run(
-        train_command(str(REPO_ROOT / "recipes" / "quickstart.yaml"),
+        train_command(str(REPO / "recipes" / "quickstart.yaml"),
                       "--model", str(base_model), "--output_dir", str(output_dir), "--max_train_samples", "24", "--max_test_samples", "16",
                       "--num_train_epochs", "1", "--push_to_hub", "true", "--hub_model_id", "user/quickstart-pushed"),
-        env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     output = process.stdout + process.stderr
     assert process.returncode == 0, output[-4000:]
-    assert SENTINEL not in output
+    assert HUB_TOKEN not in output
     assert "verified: user/quickstart-pushed@" in output
-    pulled = run_client(hub, """
+    pulled = run_hub_client(hub, """
         from huggingface_hub import ModelCard, list_repo_files
         card = ModelCard.load("user/quickstart-pushed")
         report({"files": list_repo_files("user/quickstart-pushed"), "accuracy": card.data.eval_results[0].metric_value})
@@ -446,8 +428,8 @@ def test_recipe_push_to_hub_uploads_and_verifies_at_the_end_of_training(hub, run
 def unreachable_hub_env(tmp_path_factory) -> dict[str, str]:
     """A client environment whose HF_ENDPOINT is a loopback port that nothing listens on any more."""
     with LocalHub() as gone:
-        env = gone.client_env(hf_home=tmp_path_factory.mktemp("unreachable-home"), token=SENTINEL)
-    env["PYTHONPATH"] = str(REPO_ROOT)
+        env = gone.client_env(hf_home=tmp_path_factory.mktemp("unreachable-home"), token=HUB_TOKEN)
+    env["PYTHONPATH"] = str(REPO)
     return env
 
 
@@ -455,9 +437,9 @@ def push_command(run: Path, *argv: str, env: dict[str, str]) -> str:
     """`hf-transfer push RUN ...` in its own process; assert one error line, exit code 2, no traceback, no token."""
     env = {k: v for k, v in env.items() if k != "HF_TRANSFER_DEBUG"}
     process = subprocess.run([sys.executable, "-m", "hf_transfer.cli", "push", str(run), *argv], env=env,
-                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=180, check=False)
+                             cwd=REPO, capture_output=True, text=True, timeout=180, check=False)
     output = process.stdout + process.stderr
-    assert SENTINEL not in output, "the token was printed"
+    assert HUB_TOKEN not in output, "the token was printed"
     assert process.returncode == 2 and "Traceback" not in output, output[-4000:]
     (message,) = [line for line in process.stderr.splitlines() if line.startswith("error: ")]
     return message
