@@ -169,19 +169,26 @@ def check_label_values(splits, label_column, labels) -> None:
             )
 
 
-def existing_split(raw, requested, defaults) -> str | None:
+# The names a dataset's own held-out splits go by when the recipe names none (`validation_split`, `test_split`).
+HELD_OUT_NAMES = {"test": ("test",), "validation": ("validation", "valid", "val")}
+
+
+def existing_split(raw, args: DataArguments, kind: str) -> str | None:
+    """The dataset's own `kind` split ("test" or "validation"): the one the recipe names (which must exist), else the
+    first of HELD_OUT_NAMES present; None when there is none, to be carved from train."""
+    requested = getattr(args, f"{kind}_split")
     if requested:
         if requested not in raw:
             raise DatasetError(f"Split '{requested}' does not exist; the dataset has {list(raw)}.")
         return requested
-    return next((name for name in defaults if name in raw), None)
+    return next((name for name in HELD_OUT_NAMES[kind] if name in raw), None)
 
 
 def _carve_splits(raw, args, label_column, seed) -> datasets.DatasetDict:
     """Use the dataset's own validation/test splits; carve what is missing from train, stratified."""
     train = raw[args.train_split]
-    test_name = existing_split(raw, args.test_split, ("test",))
-    validation_name = existing_split(raw, args.validation_split, ("validation", "valid", "val"))
+    test_name = existing_split(raw, args, "test")
+    validation_name = existing_split(raw, args, "validation")
     if test_name is None:
         train, test = _stratified_split(train, "test", args.test_size, label_column, seed)
     else:

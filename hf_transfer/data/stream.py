@@ -243,8 +243,7 @@ def _shard_name(file: str, args: DataArguments) -> str:
 
 def _evaluation_splits(raw, args: DataArguments, train, undecoded, schema) -> tuple[datasets.DatasetDict, list[dict]]:
     """Validation and test in memory: named splits, or `test_size` then `validation_size` images from the stream's start."""
-    names = {"test": existing_split(raw, args.test_split, ("test",)),
-             "validation": existing_split(raw, args.validation_split, ("validation", "valid", "val"))}
+    names = {name: existing_split(raw, args, name) for name in ("test", "validation")}
     counts = {}
     for name, present in names.items():
         size = getattr(args, f"{name}_size")
