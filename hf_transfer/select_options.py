@@ -26,7 +26,7 @@ class SelectArguments:
     prefer: str = field(
         default="best",
         metadata={"help": "Which candidate recipe.selected.yaml trains: best = the best out-of-fold probe accuracy; fast = the "
-                          "fastest whose probe accuracy is within the best's 95% interval.", "choices": list(PREFER)},
+                          "fastest whose probe accuracy is within the best's 95%% interval.", "choices": list(PREFER)},
     )
     max_seconds: float | None = field(
         default=None,

@@ -6,6 +6,7 @@ import ast
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 PACKAGE = REPO / "hf_transfer"
@@ -70,3 +71,15 @@ def test_push_and_demo_help_load_no_training_stack():
         assert shown.returncode == 0, shown.stderr
         assert shown.stdout.strip().splitlines()[-1] == "[]", f"`{command} --help` imported {shown.stdout.strip().splitlines()[-1]}"
 
+
+
+@pytest.mark.parametrize("command", ["select", "train", "doctor", "export", "predict", "push", "demo"])
+def test_every_command_answers_help(command, capsys):
+    """`hf-transfer <command> --help` prints the command's usage and options and exits 0 (a literal % in a help text
+    once ended `select --help` in argparse's TypeError)."""
+    from hf_transfer.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main([command, "--help"])
+    assert exited.value.code == 0
+    assert "usage" in capsys.readouterr().out
