@@ -83,19 +83,15 @@ def convert_to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "La":  # premultiplied alpha, which Pillow converts only to LA
         image = image.convert("LA")
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        image = Image.fromarray(_high_depth_to_uint8(image), "L")
+        # Fixed scales, not per-image stretching, so brightness stays comparable across a dataset:
+        # integer modes hold 16-bit samples (0..65535), float mode holds intensities in 0..1.
+        scale = 255.0 if image.mode == "F" else 255 / 65535
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64) * scale, nan=0.0)
+        image = Image.fromarray(np.clip(values, 0, 255).round().astype(np.uint8), "L")
     if image.has_transparency_data:  # RGBA, LA, PA, palette or colour-key transparency
         background = Image.new("RGBA", image.size, (*BACKGROUND, 255))
         return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
     return image if image.mode == "RGB" else image.convert("RGB")  # Pillow's CMYK, P, L, 1, YCbCr conversions
-
-
-def _high_depth_to_uint8(image: Image.Image) -> np.ndarray:
-    # Fixed scales, not per-image stretching, so brightness stays comparable across a dataset:
-    # integer modes hold 16-bit samples (0..65535), float mode holds intensities in 0..1.
-    scale = 255.0 if image.mode == "F" else 255 / 65535
-    values = np.nan_to_num(np.asarray(image, dtype=np.float64) * scale, nan=0.0)
-    return np.clip(values, 0, 255).round().astype(np.uint8)
 
 
 def _read(value: bytes | str | os.PathLike | dict[str, Any]) -> tuple[bytes, str | None]:

@@ -1,6 +1,5 @@
 """Small images of one size (CIFAR's 32 px) go to the training device at that size: the CPU only decodes
-(and, in training, shifts and flips) them; resizing, centre crop and normalisation run there, batched.
-"""
+(and, in training, shifts and flips) them; resizing, centre crop and normalisation run there, batched."""
 
 from __future__ import annotations
 
@@ -37,16 +36,18 @@ def transforms_for_run(args: DataArguments, data: PreparedData, data_config: dic
 
 
 def device_resized_size(mode: str, data: PreparedData, data_config: dict, device: torch.device) -> tuple[int, int] | None:
-    """The (height, width) of the images when they are resized on `device`, None when the CPU resizes them, as `mode`
-    (`resize_on_device`) asks. `auto`: on a CUDA device, for images of one size smaller than the model's input (a CPU
-    gains nothing)."""
+    """The (height, width) of the images when `mode` (`resize_on_device`) resizes them on `device`, else None. `auto`:
+    on a CUDA device (a CPU gains nothing), for images of one size smaller than the model's input."""
     if mode == "false" or (mode == "auto" and device.type != "cuda"):
         return None
     problem = DeviceResize.unsupported(data_config)
     if problem and mode == "auto":
         logger.info("Resizing on the CPU: the model's preprocessing has %s.", problem)
         return None
-    sizes = sample_sizes(data)
+    sizes = {}  # the distinct (height, width) of the first `SIZE_SAMPLE` images of every split, each with one image's name
+    for split in data.splits.values():
+        for index, cell in enumerate(split.select(range(min(SIZE_SAMPLE, len(split))))[data.image_column]):
+            sizes.setdefault(_decoded_height_width(cell), image_name(cell, index))
     if len(sizes) > 1:
         if mode == "true":
             found = ", ".join(f"{height}x{width} ({name})" for (height, width), name in list(sizes.items())[:3])
@@ -63,15 +64,6 @@ def device_resized_size(mode: str, data: PreparedData, data_config: dict, device
         return None
     logger.info("Resizing on the device: %dx%d px images are decoded on the CPU and resized to %s there.", height, width, data_config["input_size"][1:])
     return height, width
-
-
-def sample_sizes(data: PreparedData) -> dict[tuple[int, int], str]:
-    """The distinct (height, width) of the first `SIZE_SAMPLE` images of every split, each with one image's name."""
-    sizes = {}
-    for split in data.splits.values():
-        for index, cell in enumerate(split.select(range(min(SIZE_SAMPLE, len(split))))[data.image_column]):
-            sizes.setdefault(_decoded_height_width(cell), image_name(cell, index))
-    return sizes
 
 
 def _decoded_height_width(cell: dict) -> tuple[int, int]:
@@ -92,14 +84,9 @@ def device_transforms(data_config: dict, image_size: tuple[int, int], augmentati
     if augmentation == "none":
         return eval_transform, eval_transform, device_step
     extra = {"randaugment": [T.RandAugment()], "trivialaugment": [T.TrivialAugmentWide()]}.get(augmentation, [])
-    return DecodeForDevice([T.PILToTensor(), *shift_and_flip(image_size), *extra], device_step), eval_transform, device_step
-
-
-def shift_and_flip(image_size: tuple[int, int], fraction: float = 1 / 8) -> list:
-    """A random shift by up to `fraction` of the side with reflected borders (CIFAR's pad-4-and-crop at 32 px), then a
-    coin-flip mirror: torchvision's RandomCrop and RandomHorizontalFlip on the uint8 tensor."""
-    pad = round(min(image_size) * fraction)
-    return [v2.RandomCrop(image_size, padding=pad, padding_mode="reflect"), v2.RandomHorizontalFlip()]
+    # a random shift by up to 1/8 of the side with reflected borders (CIFAR's pad-4-and-crop at 32 px), then a coin-flip mirror
+    shift_and_flip = [v2.RandomCrop(image_size, padding=round(min(image_size) / 8), padding_mode="reflect"), v2.RandomHorizontalFlip()]
+    return DecodeForDevice([T.PILToTensor(), *shift_and_flip, *extra], device_step), eval_transform, device_step
 
 
 class DecodeForDevice(T.Compose):
@@ -177,11 +164,8 @@ class DeviceResize:
     @contextlib.contextmanager
     def attached(self, model: torch.nn.Module):
         """`attach`, for the length of a `with` block: the saved model takes images preprocessed as usual."""
-        handle = self.attach(model)
-        try:
+        with self.attach(model):
             yield self
-        finally:
-            handle.remove()
 
     def _hook(self, _module, args, kwargs):
         if "pixel_values" in kwargs:
@@ -191,7 +175,5 @@ class DeviceResize:
         return args, kwargs
 
     def __repr__(self) -> str:
-        return (
-            f"DeviceResize(input_size={(self.height, self.width)}, crop_pct={self.crop_pct}, squash={self.squash}, "
-            f"mode={self.mode}, mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})"
-        )
+        return (f"DeviceResize(input_size={(self.height, self.width)}, crop_pct={self.crop_pct}, squash={self.squash}, "
+                f"mode={self.mode}, mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})")

@@ -15,33 +15,31 @@ from datasets.data_files import FILES_TO_IGNORE, EmptyDatasetError
 
 from ..errors import DatasetError
 from ..escape import one_line
+from ..options import DataArguments
 
 logger = logging.getLogger(__name__)
 
 
-def load_file(local: Path, dataset: str, train_split: str) -> datasets.DatasetDict:
-    """One parquet file (one split of a Hub export, say) is the train split; validation and test are carved from it."""
-    builder = file_builder(local, dataset, train_split)
-    logger.info("Loading %s as the %s split; the splits it lacks are carved from it", local.name, train_split)
-    return _prepare(builder, dataset)
-
-
-def file_builder(local: Path, dataset: str, train_split: str):
-    """The datasets builder that reads one parquet file (`dataset` as the user named it) as the train split."""
+def local_builder(local: Path, args: DataArguments) -> datasets.DatasetBuilder:
+    """The datasets builder of `local`: a folder, or one parquet file (a Hub export's split, say) read as the train split."""
+    if local.is_dir():
+        return folder_builder(local, args.dataset, args.dataset_config)
     if local.suffix != ".parquet":
         raise DatasetError(
-            f"Dataset '{dataset}' is a file, not a folder or a .parquet file. Give a folder (an image folder with one "
+            f"Dataset '{args.dataset}' is a file, not a folder or a .parquet file. Give a folder (an image folder with one "
             "sub-folder per class, or a parquet export) or one .parquet file."
         )
-    return datasets.load_dataset_builder("parquet", data_files={train_split: [glob.escape(str(local.resolve()))]})
+    return datasets.load_dataset_builder("parquet", data_files={args.train_split: [glob.escape(str(local.resolve()))]})
 
 
-def load_folder(local: Path, dataset: str, config: str | None, label_column: str | None) -> datasets.DatasetDict:
-    builder = folder_builder(local, dataset, config)
-    image_folder = builder.name == "imagefolder"
-    raw = _prepare(builder, dataset)
-    if image_folder:
-        _log_class_counts(raw, dataset, label_column)
+def load_local(local: Path, args: DataArguments) -> datasets.DatasetDict:
+    """The splits of the local folder or parquet file `local`; the splits a parquet file lacks are carved from it."""
+    builder = local_builder(local, args)
+    if local.is_file():
+        logger.info("Loading %s as the %s split; the splits it lacks are carved from it", local.name, args.train_split)
+    raw = _prepare(builder, args.dataset)
+    if builder.name == "imagefolder":
+        _log_class_counts(raw, args.dataset, args.label_column)
     return raw
 
 

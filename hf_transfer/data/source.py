@@ -1,9 +1,6 @@
 """A run's data behind one interface: a map-style dataset or a stream, each giving its splits for the Trainer (the train
 dataset of this process included), the Trainer class that reads them, the run arguments it needs, its refusals and
-what it reports.
-
-`source_for(recipe)` is the one place that asks whether the recipe streams.
-"""
+what it reports. `source_for(recipe)` is the one place that asks whether the recipe streams."""
 
 from __future__ import annotations
 

@@ -1,8 +1,7 @@
 """A dataset's three splits, map-style: loaded from the Hub, the datasets cache or a local folder, columns found by feature
 type, labels checked, missing splits carved (stratified, seeded), unreadable images found once, counted and skipped.
 
-Images stay undecoded in the Arrow table (`Image(decode=False)`); every access decodes them through `images.load_image`.
-"""
+Images stay undecoded in the Arrow table (`Image(decode=False)`); every access decodes them through `images.load_image`."""
 
 from __future__ import annotations
 
@@ -18,7 +17,7 @@ from ..errors import DatasetError
 from ..images import unreadable_reason
 from ..offline import hub_reachable, offline_mode
 from ..options import LIMITS, DataArguments, number_text
-from .folders import load_file, load_folder, relative_to
+from .folders import load_local, relative_to
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +73,23 @@ def find_columns(features: datasets.Features, args: DataArguments) -> tuple[str,
 def readable(splits: datasets.DatasetDict, image_column: str, args: DataArguments) -> tuple[datasets.DatasetDict, dict[str, list[str]]]:
     """`splits` without their unreadable images (or an error listing them, `skip_unreadable_images: false`), and the
     names of those skipped per split; every split must keep at least one image."""
-    splits, skipped = _drop_unreadable(splits, image_column, args.skip_unreadable_images, local_root(args.dataset))
+    skipped, root = {}, local_root(args.dataset)
+    for name, split in splits.items():
+        if len(split) == 0:  # `map` over no rows returns no `reason` column
+            skipped[name] = []
+            continue
+        reasons = split.select_columns([image_column]).map(
+            lambda batch: {"reason": [unreadable_reason(cell) for cell in batch[image_column]]},
+            batched=True, remove_columns=[image_column], desc=f"Checking {name} images",
+        )["reason"]
+        bad = [index for index, reason in enumerate(reasons) if reason]
+        skipped[name] = [f"{shareable_name(split[index][image_column], index, root)}: {reasons[index]}" for index in bad]
+        if bad:
+            logger.warning("Skipping %d unreadable image(s) in %s, e.g. %s", len(bad), name, skipped[name][0])
+            splits[name] = split.select(sorted(set(range(len(split))) - set(bad)))
+    if not args.skip_unreadable_images and any(skipped.values()):
+        listing = "\n".join(f"  {name}: {entry}" for name, entries in skipped.items() for entry in entries)
+        raise DatasetError(f"Unreadable images (set `skip_unreadable_images: true` to skip them):\n{listing}")
     for name, split in splits.items():
         if len(split) == 0:
             raise DatasetError(f"The {name} split has no usable images ({len(skipped[name])} were unreadable). Give it readable images.")
@@ -92,10 +107,8 @@ def local_path(dataset: str) -> Path:
 
 def _load(args: DataArguments) -> datasets.DatasetDict:
     local = local_path(args.dataset)
-    if local.is_file():
-        raw = load_file(local, args.dataset, args.train_split)
-    elif local.is_dir():
-        raw = load_folder(local, args.dataset, args.dataset_config, args.label_column)
+    if local.is_file() or local.is_dir():
+        raw = load_local(local, args)
     elif hub_reachable():
         raw = datasets.load_dataset(args.dataset, args.dataset_config)
     else:
@@ -119,14 +132,12 @@ def _load_from_cache(args: DataArguments) -> datasets.DatasetDict:
 
 def _find_column(features, feature_type, preferred, kind, dataset: str) -> str:
     candidates = [name for name, feature in features.items() if isinstance(feature, feature_type)]
-    named = next((name for name in preferred if name in features), None)
-    if not candidates and kind == "label" and named:
-        _check_label_feature(features, named)  # a `label` column of strings or plain ints: say so
     if not candidates:
-        hint = (
-            "cast the label column with `dataset.class_encode_column(...)` or set `label_column`"
-            if kind == "label" else "set `image_column`"
-        )
+        named = next((name for name in preferred if name in features), None)
+        if kind == "label" and named:
+            _check_label_feature(features, named)  # a `label` column of strings or plain ints: say so
+        hint = ("cast the label column with `dataset.class_encode_column(...)` or set `label_column`" if kind == "label"
+                else "set `image_column`")
         raise DatasetError(f"Dataset '{dataset}' has no {kind} column ({feature_type.__name__} feature) among {list(features)}: {hint}.")
     return next((name for name in preferred if name in candidates), candidates[0])
 
@@ -186,19 +197,15 @@ def existing_split(raw, args: DataArguments, kind: str) -> str | None:
 
 def _carve_splits(raw, args, label_column, seed) -> datasets.DatasetDict:
     """Use the dataset's own validation/test splits; carve what is missing from train, stratified."""
-    train = raw[args.train_split]
-    test_name = existing_split(raw, args, "test")
-    validation_name = existing_split(raw, args, "validation")
-    if test_name is None:
-        train, test = _stratified_split(train, "test", args.test_size, label_column, seed)
-    else:
-        test = raw[test_name]
-    if validation_name is None:
-        carved_test = " (after carving the test split)" if test_name is None else ""
-        train, validation = _stratified_split(train, "validation", args.validation_size, label_column, seed, carved_test)
-    else:
-        validation = raw[validation_name]
-    splits = datasets.DatasetDict(train=train, validation=validation, test=test)
+    names = {name: existing_split(raw, args, name) for name in ("test", "validation")}
+    train, held_out, carved_before = raw[args.train_split], {}, ""
+    for name, present in names.items():
+        if present is None:
+            train, held_out[name] = _stratified_split(train, name, getattr(args, f"{name}_size"), label_column, seed, carved_before)
+            carved_before = " (after carving the test split)"
+        else:
+            held_out[name] = raw[present]
+    splits = datasets.DatasetDict(train=train, validation=held_out["validation"], test=held_out["test"])
     for name, split in splits.items():
         if len(split) == 0:
             raise DatasetError(f"The {name} split is empty. Give a non-empty split or a larger `{name}_size`.")
@@ -220,10 +227,9 @@ def _stratified_split(dataset, name, size, label_column, seed, carved_before="")
     names = dataset.features[label_column].names
     single = [names[label] for label in sorted(counts) if counts[label] < 2]
     if single:
-        classes = "Class" if len(single) == 1 else "Classes"
-        which = "that class" if len(single) == 1 else "those classes"
+        classes, has, which = ("Class", "has", "that class") if len(single) == 1 else ("Classes", "have", "those classes")
         raise DatasetError(
-            f"{classes} {single[:10]} {'has' if len(single) == 1 else 'have'} only 1 image in {source}, so `{option}` cannot "
+            f"{classes} {single[:10]} {has} only 1 image in {source}, so `{option}` cannot "
             f"carve a stratified {name} split (it needs one image of each class there and one left for training). "
             f"Add images of {which}, or give the dataset a {name} split."
         )
@@ -242,27 +248,6 @@ def _stratified_split(dataset, name, size, label_column, seed, carved_before="")
     return parts["train"], parts["test"]
 
 
-def _drop_unreadable(splits, image_column, skip, root=None) -> tuple[datasets.DatasetDict, dict[str, list[str]]]:
-    skipped = {}
-    for name, split in splits.items():
-        if len(split) == 0:  # `map` over no rows returns no `reason` column
-            skipped[name] = []
-            continue
-        reasons = split.select_columns([image_column]).map(
-            lambda batch: {"reason": [unreadable_reason(cell) for cell in batch[image_column]]},
-            batched=True, remove_columns=[image_column], desc=f"Checking {name} images",
-        )["reason"]
-        bad = [index for index, reason in enumerate(reasons) if reason]
-        skipped[name] = [f"{shareable_name(split[index][image_column], index, root)}: {reasons[index]}" for index in bad]
-        if bad:
-            logger.warning("Skipping %d unreadable image(s) in %s, e.g. %s", len(bad), name, skipped[name][0])
-            splits[name] = split.select(sorted(set(range(len(split))) - set(bad)))
-    if not skip and any(skipped.values()):
-        listing = "\n".join(f"  {name}: {entry}" for name, entries in skipped.items() for entry in entries)
-        raise DatasetError(f"Unreadable images (set `skip_unreadable_images: true` to skip them):\n{listing}")
-    return splits, skipped
-
-
 def image_name(cell, index) -> str:
     return (cell or {}).get("path") or f"#{index}"
 
@@ -278,8 +263,7 @@ def shareable_name(cell, index, root: Path | None) -> str:
 
 
 def local_root(dataset: str) -> Path | None:
-    """The local folder that image names are relative to: the dataset's folder, or that of its one parquet file; None
-    for a Hub dataset."""
+    """The local folder image names are relative to: the dataset's folder or its parquet file's; None for a Hub dataset."""
     local = Path(dataset).expanduser()
     return local.parent if local.is_file() else local if local.is_dir() else None
 

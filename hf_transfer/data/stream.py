@@ -1,9 +1,6 @@
 """Datasets bigger than the disk (`streaming: true`): validation and test in memory, the train split left a stream, never
-copied to disk; its shards' footers checked first; and the options a stream cannot honour, refused.
-
-Validation and test are small: named splits, or a number of images from the start of the stream, read once into
-memory. The train stream itself (shards per process, the shuffle buffer, checkpointed positions) is `train_stream.py`.
-"""
+copied to disk; its shards' footers checked first; and the options a stream cannot honour, refused. The train stream
+itself (shards per process, the shuffle buffer, checkpointed positions) is `train_stream.py`."""
 
 from __future__ import annotations
 
@@ -26,7 +23,7 @@ from ..errors import DatasetError, HFTransferError
 from ..offline import hub_reachable
 from ..options import DataArguments
 from ..schedules import STEP
-from .folders import file_builder, folder_builder
+from .folders import local_builder
 from .splits import (
     PREFERRED_LABEL_COLUMNS,
     PreparedData,
@@ -46,42 +43,33 @@ class StreamingError(HFTransferError, ValueError):
     """A recipe option that a stream cannot honour; the message says what to set instead."""
 
 
-# ---- options that a stream cannot honour, refused when the recipe is read ---------------------------------------
-
 def check_options(recipe) -> None:
     """Refuse, with what to write instead, the options whose meaning needs the length of the train split."""
     data, freezing, doctor, training = recipe.data, recipe.freezing, recipe.doctor, recipe.training
-    if doctor.exclude_flagged:
-        raise StreamingError(
-            f"`exclude_flagged: {doctor.exclude_flagged}` removes what the data doctor flags, and the doctor compares every image "
-            "with every other on cached features, which a stream never holds. Check a sample with `hf-transfer doctor` "
-            "(without `streaming`), or leave `exclude_flagged` unset."
-        )
-    if training.max_steps <= 0:
-        raise StreamingError(
-            "`streaming: true` needs `max_steps`: a stream's length is unknown until it has been read, so "
-            "`num_train_epochs` cannot be turned into optimizer steps. Set `max_steps` (e.g. `max_steps: 5000`)."
-        )
-    if data.max_train_samples is not None:
-        raise StreamingError(
-            "`max_train_samples` truncates a split that is in hand; a stream has none to truncate (each pass would read "
-            "other images). Leave it unset and shorten the run with `max_steps`, or turn `streaming` off."
-        )
-    if str(training.lr_scheduler_type) == STEP:
-        raise StreamingError(
-            "`lr_scheduler_type: step` decays the learning rate every `step_size` epochs; a stream has no epochs. "
-            "Use a schedule in steps (e.g. `cosine` or `linear`), or turn `streaming` off."
-        )
-    if any(stage.get("at_epoch", 0) > 0 for stage in freezing.schedule):
-        raise StreamingError(
-            "Stages that start `at_epoch` need epochs; a stream has none (the `fastai` preset is one). "
-            "Start the stages `at_step` (e.g. `[{at_step: 0, train: head}, {at_step: 500, train: all}]`) or `at_plateau`."
-        )
-    if recipe.model.image_size_schedule:
-        raise StreamingError(
-            "`image_size_schedule` gives each epoch its training image size; a stream has no epochs. Leave it unset, "
-            "or turn `streaming` off."
-        )
+    refusals = [
+        (doctor.exclude_flagged,
+         f"`exclude_flagged: {doctor.exclude_flagged}` removes what the data doctor flags, and the doctor compares every image "
+         "with every other on cached features, which a stream never holds. Check a sample with `hf-transfer doctor` "
+         "(without `streaming`), or leave `exclude_flagged` unset."),
+        (training.max_steps <= 0,
+         "`streaming: true` needs `max_steps`: a stream's length is unknown until it has been read, so "
+         "`num_train_epochs` cannot be turned into optimizer steps. Set `max_steps` (e.g. `max_steps: 5000`)."),
+        (data.max_train_samples is not None,
+         "`max_train_samples` truncates a split that is in hand; a stream has none to truncate (each pass would read "
+         "other images). Leave it unset and shorten the run with `max_steps`, or turn `streaming` off."),
+        (str(training.lr_scheduler_type) == STEP,
+         "`lr_scheduler_type: step` decays the learning rate every `step_size` epochs; a stream has no epochs. "
+         "Use a schedule in steps (e.g. `cosine` or `linear`), or turn `streaming` off."),
+        (any(stage.get("at_epoch", 0) > 0 for stage in freezing.schedule),
+         "Stages that start `at_epoch` need epochs; a stream has none (the `fastai` preset is one). "
+         "Start the stages `at_step` (e.g. `[{at_step: 0, train: head}, {at_step: 500, train: all}]`) or `at_plateau`."),
+        (recipe.model.image_size_schedule,
+         "`image_size_schedule` gives each epoch its training image size; a stream has no epochs. Leave it unset, "
+         "or turn `streaming` off."),
+    ]
+    for refused, message in refusals:
+        if refused:
+            raise StreamingError(message)
 
 
 def check_plan(recipe, plan) -> None:
@@ -94,8 +82,6 @@ def check_plan(recipe, plan) -> None:
             "on images from the stream (slower per step, nothing written to disk)."
         )
 
-
-# ---- the data ------------------------------------------------------------------------------------------------
 
 @dataclass
 class StreamingData(PreparedData):
@@ -120,8 +106,7 @@ def load_streaming_dataset(args: DataArguments) -> StreamingData:
     raw = builder.as_streaming_dataset()
     if args.train_split not in raw:
         raise DatasetError(f"Dataset '{args.dataset}' has no '{args.train_split}' split (it has {list(raw)}). Set `train_split`.")
-    train = raw[args.train_split]
-    features = train.features
+    features = raw[args.train_split].features
     if features is None:
         raise DatasetError(
             f"The stream of '{args.dataset}' does not say its features (column types), so there are no class names. Stream a "
@@ -136,7 +121,7 @@ def load_streaming_dataset(args: DataArguments) -> StreamingData:
     def undecoded(stream: datasets.IterableDataset) -> datasets.IterableDataset:
         return stream.select_columns([image_column, label_column]).cast(schema)
 
-    train = undecoded(train)
+    train = undecoded(raw[args.train_split])
     splits, carved = _evaluation_splits(raw, args, train, undecoded, schema)
     check_label_values(splits, label_column, labels)
     splits, skipped = readable(splits, image_column, args)
@@ -152,11 +137,9 @@ _NUMBER_LABEL_COLUMNS = ("cls", "cls2")
 
 
 def _require_class_label(features: datasets.Features, args: DataArguments) -> None:
-    """Refuse a stream whose labels are numbers without class names, showing the dataset card lines that name them.
-
-    A map-style dataset can be class-encoded (`class_encode_column` reads every label first); a stream cannot, so the
-    names must come from the dataset's features. For a local folder (parquet or webdataset .tar shards) datasets reads
-    them from the folder's README.md, whose `dataset_info: features:` replace the inferred ones."""
+    """Refuse a stream whose labels are numbers without class names, showing the dataset card lines that name them: a
+    stream cannot be class-encoded (that reads every label first), so the names must come from the dataset's features,
+    which for a local folder (parquet or webdataset .tar shards) datasets reads from its README.md."""
     named = args.label_column or next((name for name in PREFERRED_LABEL_COLUMNS if name in features), None)
     if named is None and any(isinstance(feature, datasets.ClassLabel) for feature in features.values()):
         return
@@ -189,10 +172,8 @@ def _require_class_label(features: datasets.Features, args: DataArguments) -> No
 def _builder(args: DataArguments) -> datasets.DatasetBuilder:
     """The datasets builder of the stream (what `load_dataset(..., streaming=True)` streams from)."""
     local = local_path(args.dataset)
-    if local.is_file():
-        return file_builder(local, args.dataset, args.train_split)
-    if local.is_dir():
-        return folder_builder(local, args.dataset, args.dataset_config)
+    if local.is_file() or local.is_dir():
+        return local_builder(local, args)
     if not hub_reachable():
         raise DatasetError(
             f"Cannot stream '{args.dataset}': the Hugging Face Hub is unreachable (or HF_HUB_OFFLINE=1), and a stream is read "
@@ -264,19 +245,15 @@ def _evaluation_splits(raw, args: DataArguments, train, undecoded, schema) -> tu
         )
     head, splits, start = head[:wanted], {}, 0
     for name in ("test", "validation"):
+        limit = getattr(args, "max_eval_samples" if name == "validation" else "max_test_samples")
         if name in counts:
             rows, start = head[start:start + counts[name]], start + counts[name]
             logger.info("Streaming: the %s split is the %d images at positions %d..%d of the train stream (never trained on).",
                         name, counts[name], start - counts[name], start - 1)
         else:
-            limit = getattr(args, "max_eval_samples" if name == "validation" else "max_test_samples")
             stream = undecoded(raw[names[name]])
             rows = list(stream.take(limit) if limit else stream)
-        splits[name] = datasets.Dataset.from_list(rows, features=schema)
-    for name, option in (("validation", "max_eval_samples"), ("test", "max_test_samples")):
-        limit = getattr(args, option)
-        if limit is not None and len(splits[name]) > limit:  # the first images: a stream has no cheap random subset
-            splits[name] = splits[name].select(range(limit))
+        splits[name] = datasets.Dataset.from_list(rows[:limit], features=schema)  # the first images: no cheap random subset in a stream
     return datasets.DatasetDict(splits), head
 
 

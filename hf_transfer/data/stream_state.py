@@ -13,9 +13,8 @@ from ..checkpoint_checks import checkpoint_refused, is_count, read_checkpoint_js
 
 
 def check_stream_state(checkpoint: Path, stem: Path, fresh: dict, classes: int) -> None:
-    """Refuse a saved stream position that `TrainStream` could not continue from: read from disk, it is checked before
-    training starts, not met as a raw error (or silently shifted image bytes) at the first batch. `fresh` is the state
-    of the stream at its start, whose layout datasets' state must keep."""
+    """Refuse, before training, a saved position `TrainStream` could not continue from (not a raw error, or silently
+    shifted image bytes, at the first batch); `fresh` is the stream's state at its start, whose layout it must keep."""
     path = stem.with_suffix(".json")
     if not path.is_file():
         return  # StreamingTrainer.restore_resume_state says what a checkpoint without it means

@@ -1,8 +1,7 @@
 """The train split of a stream, read by one process: its shards in a seeded order every pass, a seeded shuffle buffer,
 images decoded on the fly with the map-style policy (unreadable ones skipped and counted), and its own loader and
 Trainer, which save each process's position (shuffle buffer included) in every checkpoint, so `--resume` continues with
-the very images an uninterrupted run would have read next.
-"""
+the very images an uninterrupted run would have read next."""
 
 from __future__ import annotations
 
@@ -39,8 +38,6 @@ READ = "stream_read"  # (worker, pass, rows read by it) as of each example: what
 FAILED = "stream_failed"  # a worker's one-line error, sent as an example: raised in a worker, it would reach Trainer as a traceback
 
 
-# ---- the train stream --------------------------------------------------------------------------------------------
-
 def train_stream(data: StreamingData, transform, rank: int, world_size: int, restore_position: bool) -> TrainStream:
     """This rank's share of the train stream, shards shuffled per pass (the same seed on every rank, so they stay disjoint)."""
     stream = data.train.shuffle(seed=data.seed, buffer_size=1)  # shard order only; the images go through our own buffer
@@ -55,23 +52,14 @@ def train_stream(data: StreamingData, transform, rank: int, world_size: int, res
     return TrainStream(stream, data, transform, rank, restore_position, shards)
 
 
-class _QuietBufferWarning(logging.Filter):
-    """datasets warns that a resumed shuffle buffer lost its content; ours holds one image at a time (`buffer_size=1`,
-    to shuffle the shard order only) and is empty at every saved position, so nothing is lost."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "shuffle buffer" not in record.getMessage()
-
-
-logging.getLogger("datasets.iterable_dataset").addFilter(_QuietBufferWarning())
+# datasets warns that a resumed shuffle buffer lost its content; ours holds one image at a time (`buffer_size=1`, to
+# shuffle the shard order only) and is empty at every saved position, so nothing is lost.
+logging.getLogger("datasets.iterable_dataset").addFilter(lambda record: "shuffle buffer" not in record.getMessage())
 
 
 class TrainStream(torch.utils.data.IterableDataset):
-    """One rank's training examples, pass after pass without end (Trainer stops at `max_steps`).
-
-    Each pass reads the rank's shards in a seeded order; rows go through a seeded buffer of `shuffle_buffer_size`
-    (a random one leaves as each new one enters), are decoded as they leave, and unreadable ones are skipped and named.
-    `snapshot()` is the position after the last example handed out; `resume_from` makes the next iteration start there."""
+    """One rank's training examples, pass after pass without end (Trainer stops at `max_steps`). `snapshot()` is the
+    position after the last example handed out; `resume_from` makes the next iteration start there."""
 
     def __init__(self, stream: datasets.IterableDataset, data: StreamingData, transform, rank: int, restore_position: bool,
                  shards: int):
@@ -105,22 +93,7 @@ class TrainStream(torch.utils.data.IterableDataset):
                 stream.load_state_dict(state["stream"])
                 rng.bit_generator.state = state["rng"]
                 buffer, position, state = state["buffer"], state["stream"], None
-            read_in_pass = 0
-            for row in _rows(stream):
-                if image_key(row[self.data.image_column]) in self.data.carved:
-                    continue
-                read, read_in_pass, position = read + 1, read_in_pass + 1, stream.state_dict()
-                if len(buffer) < self.data.shuffle_buffer_size:
-                    buffer.append(row)
-                    continue
-                index = int(rng.integers(len(buffer)))
-                leaving, buffer[index] = buffer[index], row
-                self._live = (pass_index, position, buffer, rng, read)
-                example = self._example(leaving, pass_index, read)
-                if example is not None:
-                    yield {**example, READ: (worker, pass_index, read)}
-            while buffer:
-                leaving = buffer.pop(int(rng.integers(len(buffer))))
+            for leaving, read, position in self._shuffled(stream, buffer, rng, read, position):
                 self._live = (pass_index, position, buffer, rng, read)
                 example = self._example(leaving, pass_index, read)
                 if example is not None:
@@ -132,6 +105,21 @@ class TrainStream(torch.utils.data.IterableDataset):
                     return
                 raise DatasetError(NOTHING_TO_TRAIN_ON)
             pass_index += 1
+
+    def _shuffled(self, stream: datasets.IterableDataset, buffer: list, rng, read: int, position: dict):
+        """The rows leaving `buffer` (a random one as each new one enters, then the rest), with the rows read and position."""
+        for row in _rows(stream):
+            if image_key(row[self.data.image_column]) in self.data.carved:
+                continue
+            read, position = read + 1, stream.state_dict()
+            if len(buffer) < self.data.shuffle_buffer_size:
+                buffer.append(row)
+                continue
+            index = int(rng.integers(len(buffer)))
+            leaving, buffer[index] = buffer[index], row
+            yield leaving, read, position
+        while buffer:
+            yield buffer.pop(int(rng.integers(len(buffer)))), read, position
 
     def _example(self, row: dict, pass_index: int, read: int) -> dict | None:
         cell = row[self.data.image_column]
@@ -167,18 +155,13 @@ NOTHING_TO_TRAIN_ON = "The train stream holds no images besides those carved for
 
 def _rows(stream: datasets.IterableDataset):
     """The stream's rows; a shard that cannot be read past its footer (checked before training) ends the run in one line."""
-    rows = iter(stream)
-    while True:
-        try:
-            row = next(rows)
-        except StopIteration:
-            return
-        except (pa.ArrowException, OSError) as error:  # Arrow raises OSError for a page it cannot deserialize
-            raise DatasetError(
-                f"A shard of the train stream cannot be read: {reprlib.repr(str(error).strip().splitlines()[0])} (datasets logs "
-                "which file). Copy that shard again, or move it out of the dataset."
-            ) from None
-        yield row
+    try:
+        yield from stream
+    except (pa.ArrowException, OSError) as error:  # Arrow raises OSError for a page it cannot deserialize
+        raise DatasetError(
+            f"A shard of the train stream cannot be read: {reprlib.repr(str(error).strip().splitlines()[0])} (datasets logs "
+            "which file). Copy that shard again, or move it out of the dataset."
+        ) from None
 
 
 def stream_collate(examples: list[dict]) -> dict:
@@ -214,9 +197,8 @@ class StreamLoader:
     def __iter__(self):
         # The DataLoader draws a seed from the global RNG as it starts; an uninterrupted run starts it once, a resumed
         # one after restoring the RNG: without this, augmentations after a resume would differ from the run's own.
-        rng = torch.random.get_rng_state()
-        batches = iter(self.loader)
-        torch.random.set_rng_state(rng)
+        with torch.random.fork_rng(devices=[]):
+            batches = iter(self.loader)
         for batch in batches:
             if FAILED in batch:
                 raise DatasetError(batch[FAILED])

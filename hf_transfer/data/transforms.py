@@ -42,12 +42,8 @@ def attach_transforms(data: PreparedData, train_transform, eval_transform) -> da
     """Decode and transform lazily, batch by batch, never materialising decoded images."""
 
     def transformer(transform):
-        def apply(batch):
-            return {
-                "pixel_values": [transform(load_image(cell)) for cell in batch[data.image_column]],
-                "labels": batch[data.label_column],
-            }
-        return apply
+        return lambda batch: {"pixel_values": [transform(load_image(cell)) for cell in batch[data.image_column]],
+                              "labels": batch[data.label_column]}
 
     return datasets.DatasetDict({
         name: split.with_transform(transformer(train_transform if name == "train" else eval_transform))
@@ -77,10 +73,7 @@ def collate(examples) -> dict[str, torch.Tensor]:
             f"Images of different sizes {sorted(shapes)[:3]} in one batch: `resize_on_device` needs one image size. "
             "Set `resize_on_device: false` to resize every image on the CPU."
         )
-    return {
-        "pixel_values": torch.stack(pixels),
-        "labels": torch.tensor([example["labels"] for example in examples]),
-    }
+    return {"pixel_values": torch.stack(pixels), "labels": torch.tensor([example["labels"] for example in examples])}
 
 
 class SeededAugmentation(Dataset):
