@@ -14,6 +14,7 @@ import subprocess
 import tarfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import datasets
 import pyarrow as pa
@@ -23,6 +24,7 @@ import safetensors.torch
 import torch
 from conftest import CLASSES, IMAGE, REPO, SAMPLE, labelled, launch_processes, sample_rows, train_command, user_error, write_dataset
 
+from hf_transfer.data.source import StreamSource
 from hf_transfer.data.stream import image_key, load_streaming_dataset
 from hf_transfer.data.train_stream import train_stream
 from hf_transfer.options import DataArguments
@@ -118,6 +120,22 @@ def test_the_shuffle_buffer_size_sets_how_far_ahead_an_image_can_be_drawn(tmp_pa
     earlier = {buffer: max(stream_order[image] - position for position, image in enumerate(order)) for buffer, order in passes.items()}
     assert passes[4] != passes[1] and earlier[4] <= 3, "an image leaves a buffer of 4 at most 3 places before it was read"
     assert earlier[32] > 3, "a buffer larger than the pass can hand out any image first"
+
+
+def test_the_run_seed_orders_the_stream(tmp_path):
+    """The recipe's `seed` reaches the stream: the shard order and the shuffle buffer's draws follow it."""
+    dataset = shards(tmp_path / "shards", train_images=24)
+    identify = lambda image: hashlib.sha256(image.tobytes()).hexdigest()[:12]  # noqa: E731 - the decoded pixels name the photo
+
+    def first_pass(seed: int) -> list[str]:
+        source = StreamSource(SimpleNamespace(data=DataArguments(dataset=dataset, streaming=True, validation_size=4,
+                                                                 shuffle_buffer_size=4)))
+        stream = iter(train_stream(source.load(seed), identify, 0, 1, restore_position=True))
+        return [next(stream)["pixel_values"] for _ in range(19)]  # 24 photos less the 4 carved and the unreadable one
+
+    orders = {seed: first_pass(seed) for seed in (0, 1)}
+    assert sorted(orders[0]) == sorted(orders[1]) and orders[0] != orders[1], "another seed, another order of the same photos"
+    assert first_pass(0) == orders[0], "the same seed, the same order"
 
 
 def test_named_validation_and_test_splits_leave_the_whole_stream_to_train_on(tmp_path):

@@ -53,7 +53,7 @@ class StreamSource(MapSource):
         stream.check_plan(self.recipe, plan)
 
     def load(self, seed: int) -> stream.StreamingData:
-        return stream.load_streaming_dataset(self.recipe.data)
+        return stream.load_streaming_dataset(self.recipe.data, seed)
 
     def adjust_arguments(self, args) -> None:
         """The stream restores its own position on resume; Trainer would re-read every batch to skip it."""

@@ -90,7 +90,7 @@ class StreamingData(PreparedData):
     train: datasets.IterableDataset  # the whole train stream, images undecoded, every rank's
     carved: frozenset  # keys (`image_key`) of the images carved for validation and test: never trained on
     shuffle_buffer_size: int = 1000
-    seed: int = 42
+    seed: int = 42  # the run's: the shard order of each pass and the shuffle buffer's draws
     root: Path | None = None
     skip_unreadable: bool = True
 
@@ -99,7 +99,7 @@ class StreamingData(PreparedData):
         return {"train": None, **{name: len(split) for name, split in self.splits.items()}}  # None: a stream's length is unknown
 
 
-def load_streaming_dataset(args: DataArguments) -> StreamingData:
+def load_streaming_dataset(args: DataArguments, seed: int = 42) -> StreamingData:
     """The dataset as streams: columns from its features, validation and test read into memory, the train split left a stream."""
     builder = _builder(args)
     check_parquet_footers(builder, args)  # a corrupt shard would otherwise end the run when the stream reaches it
@@ -128,7 +128,7 @@ def load_streaming_dataset(args: DataArguments) -> StreamingData:
     skipped["train"] = []
     return StreamingData(splits, labels, image_column, label_column, skipped, train=train,
                          carved=frozenset(image_key(row[image_column]) for row in carved),
-                         shuffle_buffer_size=args.shuffle_buffer_size, root=local_root(args.dataset),
+                         shuffle_buffer_size=args.shuffle_buffer_size, seed=seed, root=local_root(args.dataset),
                          skip_unreadable=args.skip_unreadable_images)
 
 
