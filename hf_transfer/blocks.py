@@ -26,26 +26,18 @@ def discover_blocks(model: nn.Module) -> list[Block]:
     their embeddings, repeated layers (`encoder.layer.N`) and everything outside the base model as
     the head; anything else its top-level modules, with a warning.
     """
+    blocks = None
     if isinstance(model, TimmWrapperForImageClassification):
         blocks = _timm_blocks(model.timm_model, prefix="timm_model.")
     elif hasattr(model, "group_matcher") and hasattr(model, "get_classifier"):
         blocks = _timm_blocks(model, prefix="")
     elif isinstance(model, PreTrainedModel):
         blocks = _transformers_blocks(model)
-    else:
-        blocks = None
     if blocks is None:
-        warnings.warn(
-            f"No block structure known for {type(model).__name__}: using its top-level modules as blocks "
-            "and the last one as the head. Check the freeze plan table.",
-            stacklevel=2,
-        )
+        warnings.warn(f"No block structure known for {type(model).__name__}: using its top-level modules as blocks "
+                      "and the last one as the head. Check the freeze plan table.", stacklevel=2)
         blocks = _top_level_blocks(model)
     return blocks
-
-
-def _module_of(parameter_name: str) -> str:
-    return parameter_name.rsplit(".", 1)[0]
 
 
 def _common_dotted_prefix(names: list[str]) -> str:
@@ -61,7 +53,7 @@ def _named_block(names: list[str], prefix: str = "") -> Block:
     """Name parameters by the module(s) they live in: `blocks.3.1`, `conv_stem+bn1`, `vit.embeddings`."""
     by_top: dict[str, list[str]] = {}
     for name in names:
-        module = _module_of(name.removeprefix(prefix))
+        module = name.removeprefix(prefix).rsplit(".", 1)[0]
         by_top.setdefault(module.split(".")[0], []).append(module)
     return Block("+".join(_common_dotted_prefix(group) for group in by_top.values()), names)
 
@@ -76,23 +68,16 @@ def _timm_blocks(backbone: nn.Module, prefix: str) -> list[Block] | None:
     head_ids = {id(p) for module in classifiers for p in module.parameters()}
     parameters = dict(backbone.named_parameters())
     head = [prefix + name for name, p in parameters.items() if id(p) in head_ids]
-    blocks = []
-    for group in groups.values():
-        body = [prefix + name for name in group if id(parameters[name]) not in head_ids]
-        if body:
-            blocks.append(_named_block(body, prefix))
+    bodies = ([prefix + name for name in group if id(parameters[name]) not in head_ids] for group in groups.values())
+    blocks = [_named_block(body, prefix) for body in bodies if body]
     return [*blocks, Block("head", head)] if head and blocks else None
 
 
 def _layer_list(module: nn.Module) -> tuple[str, nn.ModuleList] | None:
     """The biggest list of same-type layers (`encoder.layer`, `encoder.stages`): the repeated blocks."""
-    lists = [
-        (name, child) for name, child in module.named_modules()
-        if isinstance(child, nn.ModuleList) and len(child) > 1 and len({type(layer) for layer in child}) == 1
-    ]
-    if not lists:
-        return None
-    return max(lists, key=lambda item: sum(p.numel() for p in item[1].parameters()))
+    lists = [(name, child) for name, child in module.named_modules()
+             if isinstance(child, nn.ModuleList) and len(child) > 1 and len({type(layer) for layer in child}) == 1]
+    return max(lists, key=lambda item: sum(p.numel() for p in item[1].parameters()), default=None)
 
 
 def _transformers_blocks(model: PreTrainedModel) -> list[Block] | None:
@@ -143,14 +128,8 @@ def _top_level_blocks(model: nn.Module) -> list[Block]:
 def find_head(model: nn.Module) -> tuple[str, nn.Module] | None:
     """The classifier: the module that owns exactly the head block's parameters, with its dotted name (`classifier`,
     `timm_model.classifier`); None when the head's parameters are spread over several modules."""
-    head_names = sorted(discover_blocks(model)[-1].parameter_names)
-    paths = [name.split(".")[:-1] for name in head_names]
-    prefix = []
-    for pieces in zip(*paths):
-        if len(set(pieces)) > 1:
-            break
-        prefix.append(pieces[0])
-    name = ".".join(prefix)
+    head_names = discover_blocks(model)[-1].parameter_names
+    name = _common_dotted_prefix([parameter.rpartition(".")[0] for parameter in head_names])
     if not name:
         return None
     module = model.get_submodule(name)

@@ -41,7 +41,7 @@ class FreezeCallback(TrainerCallback, ExportableState):
         self.training = True
         # Under DDP every rank's reducer expects a gradient for every parameter it registered, every step.
         if args.world_size == 1:
-            self.plan.use_one_process()
+            self.plan.skip_waiting_backward = True
         self._hooks.enter_context(self.plan.attached())
         saved = (state.stateful_callbacks or {}).get(type(self).__name__)
         if isinstance(saved, dict) and saved.get("attributes", {}).get("stage_starts"):  # a resumed run: its plateau decisions
@@ -66,8 +66,7 @@ class FreezeCallback(TrainerCallback, ExportableState):
         if self._trained_blocks[0] != self.plan.stage_index:
             self._trained_blocks = (self.plan.stage_index, {block.name for block in self.plan.blocks
                                                             if self.plan.active.intersection(block.parameter_names)})
-        trained = self._trained_blocks[1]
-        rates = {group["block"]: group["lr"] for group in optimizer.param_groups if group.get("block") in trained}
+        rates = {group["block"]: group["lr"] for group in optimizer.param_groups if group.get("block") in self._trained_blocks[1]}
         stage.setdefault("learning_rates", rates)
         stage["learning_rates_at_last_step"] = rates
         stage.setdefault("logged_rate_block", optimizer.param_groups[0].get("block"))  # Trainer logs the first group's rate

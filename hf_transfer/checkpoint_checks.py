@@ -175,7 +175,7 @@ def _checked_optimizer_groups(checkpoint: Path, optimizer: torch.optim.Optimizer
     if not (isinstance(groups, list) and groups and all(isinstance(group, dict) and isinstance(group.get("params"), list)
                                                         and all(is_count(index) for index in group["params"]) for group in groups)):
         raise checkpoint_refused(path, checkpoint, "`param_groups` is not a list of groups with their parameters' numbers")
-    ids = [[index for index in group["params"]] for group in groups]
+    ids = [list(group["params"]) for group in groups]
     flat = [index for group in ids for index in group]
     if len(set(flat)) != len(flat):
         raise checkpoint_refused(path, checkpoint, "a parameter is in two of its `param_groups`")
@@ -202,8 +202,7 @@ def _checked_scheduler(checkpoint: Path, step: int, groups: int, every_step: boo
         raise checkpoint_refused(path, checkpoint, f"`_step_count` {reprlib.repr(saved['_step_count'])} does not follow "
                                                    f"`last_epoch` {scheduled}")
     # Trainer skips the schedule's step only with the optimizer's, when fp16's loss scaler skips one (scaler.json).
-    skips = (checkpoint / SCALER).is_file()
-    if every_step and (scheduled > step or (scheduled != step and not skips)):
+    if every_step and (scheduled > step or (scheduled != step and not (checkpoint / SCALER).is_file())):
         raise checkpoint_refused(path, checkpoint, f"the learning-rate schedule is at step {scheduled}, but `global_step` is {step}")
     for name in ("base_lrs", "_last_lr", "lr_lambdas"):
         if name in saved and not (isinstance(saved[name], list) and len(saved[name]) == groups):

@@ -136,11 +136,9 @@ def checkpoint_to_resume(output_dir: str | Path, processes: int) -> Path:
     complete = newest_checkpoint_on_every_process(output_dir, processes)
     if complete is None:
         if last_complete_checkpoint(output_dir, processes) is not None:
-            raise CheckpointError(
-                f"`--resume`: no checkpoint is complete in every machine's copy of {output_dir} (this machine's "
-                "newest complete one is not on another's disk). Copy a complete checkpoint to every machine, or start "
-                "again with `--overwrite`."
-            )
+            raise CheckpointError(f"`--resume`: no checkpoint is complete in every machine's copy of {output_dir} (this "
+                                  "machine's newest complete one is not on another's disk). Copy a complete checkpoint to every "
+                                  "machine, or start again with `--overwrite`.")
         raise CheckpointError(no_complete_checkpoint(output_dir, processes))
     for newer in checkpoints(output_dir):
         if newer == complete:
@@ -155,17 +153,29 @@ def checkpoint_to_resume(output_dir: str | Path, processes: int) -> Path:
 
 def save_optimizer_and_scheduler(folder: Path, optimizer: torch.optim.Optimizer, scheduler, scaler) -> None:
     """The optimizer's state (tensors to safetensors, the rest to JSON), the schedule's and the loss scaler's (JSON)."""
-    _save_tensors_and_json(optimizer.state_dict(), folder / OPTIMIZER)
+    state_dict, tensors, scalars = optimizer.state_dict(), {}, {}
+    for param_id, values in state_dict["state"].items():
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{param_id}.{name}"] = value.detach().contiguous()
+            else:
+                scalars.setdefault(str(param_id), {})[name] = value
+    safetensors.torch.save_file(tensors, folder / f"{OPTIMIZER}.safetensors")
+    write_json(folder / f"{OPTIMIZER}.json", {"param_groups": state_dict["param_groups"], "state": scalars}, indent=1)
     write_json(folder / SCHEDULER, scheduler.state_dict(), indent=1)
     if scaler is not None:
         write_json(folder / SCALER, scaler.state_dict(), indent=1)
 
 
 def load_optimizer_and_scheduler(folder: Path, optimizer: torch.optim.Optimizer, scheduler, scaler) -> None:
-    state = _load_tensors_and_json(folder / OPTIMIZER, "cpu")
-    for saved, current in zip(state["param_groups"], optimizer.param_groups):  # JSON has lists where torch had tuples (betas)
-        saved.update({key: tuple(saved[key]) for key, value in current.items() if isinstance(value, tuple)})
-    optimizer.load_state_dict(state)
+    saved = json.loads((folder / f"{OPTIMIZER}.json").read_text())
+    state = {int(param_id): values for param_id, values in saved["state"].items()}
+    for key, tensor in safetensors.torch.load_file(folder / f"{OPTIMIZER}.safetensors", device="cpu").items():
+        param_id, name = key.split(".", 1)
+        state.setdefault(int(param_id), {})[name] = tensor
+    for group, current in zip(saved["param_groups"], optimizer.param_groups):  # JSON has lists where torch had tuples (betas)
+        group.update({key: tuple(group[key]) for key, value in current.items() if isinstance(value, tuple)})
+    optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
     _match_parameter_layouts(optimizer)
     scheduler.load_state_dict(json.loads((folder / SCHEDULER).read_text()))
     if scaler is not None and (folder / SCALER).is_file():
@@ -219,24 +229,3 @@ def load_weights(model: PreTrainedModel, checkpoint: str) -> None:
     saved = type(model).from_pretrained(checkpoint, config=model.config)
     model.load_state_dict(saved.state_dict(), strict=True)
 
-
-def _save_tensors_and_json(state_dict: dict, stem: Path) -> None:
-    """An optimizer state dict: tensors to `<stem>.safetensors`, everything else to `<stem>.json`."""
-    tensors, scalars = {}, {}
-    for param_id, values in state_dict["state"].items():
-        for name, value in values.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{param_id}.{name}"] = value.detach().contiguous()
-            else:
-                scalars.setdefault(str(param_id), {})[name] = value
-    safetensors.torch.save_file(tensors, f"{stem}.safetensors")
-    write_json(Path(f"{stem}.json"), {"param_groups": state_dict["param_groups"], "state": scalars}, indent=1)
-
-
-def _load_tensors_and_json(stem: Path, device: str) -> dict:
-    saved = json.loads(Path(f"{stem}.json").read_text())
-    state = {int(param_id): values for param_id, values in saved["state"].items()}
-    for key, tensor in safetensors.torch.load_file(f"{stem}.safetensors", device=device).items():
-        param_id, name = key.split(".", 1)
-        state.setdefault(int(param_id), {})[name] = tensor
-    return {"state": state, "param_groups": saved["param_groups"]}

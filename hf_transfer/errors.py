@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 
 class HFTransferError(Exception):
     """A problem with the user's input, data, model, output folder or environment; the message says what to do."""
@@ -25,3 +27,9 @@ class PredictError(HFTransferError):
 
 class SelectionError(HFTransferError, ValueError):
     """`hf-transfer select` cannot rank these candidates on this data, or a recipe's `selection` does not describe it."""
+
+
+def did_you_mean(word, choices) -> str:
+    """" Did you mean `<choice>`?" for the choice closest to a misspelt `word`; "" when none is close."""
+    match = difflib.get_close_matches(str(word), list(choices), n=1)
+    return f" Did you mean `{match[0]}`?" if match else ""

@@ -64,23 +64,20 @@ class FreezePlan:
         self.plateau = {"best": None, "evaluations": 0}
         self.reasons: dict[int, str] = {}
         self._applied_scale = 1.0
-        # With a single process nobody needs the waiting blocks' zero gradients: skip their backward pass.
+        # With a single process nobody needs the waiting blocks' zero gradients: FreezeCallback sets this, and from the next
+        # stage entered (the first, at the start of training) waiting blocks get none, which skips their backward pass.
         self.skip_waiting_backward = False
         self.history: list[dict] = []
         self.integrity: dict | None = None
 
         for name, parameter in self.parameters.items():
             parameter.requires_grad_(name in self.ever_trained)
-        self._norms = {
-            name: (module, _norm_owner(name, module, list(self.parameters)))
-            for name, module in model.named_modules() if isinstance(module, _BATCHNORM)
-        }
+        self._norms = {name: (module, _norm_owner(name, module, list(self.parameters)))
+                       for name, module in model.named_modules() if isinstance(module, _BATCHNORM)}
         self._activate(0)
         # What must end bit-identical: parameters that never train and the statistics that are never updated.
-        kept_norms = [
-            name for name, (_, owner) in self._norms.items()
-            if args.batchnorm == "eval" or (args.batchnorm == "frozen" and not self.ever_trained & set(owner))
-        ]
+        kept_norms = [name for name, (_, owner) in self._norms.items()
+                      if args.batchnorm == "eval" or (args.batchnorm == "frozen" and not self.ever_trained & set(owner))]
         self._fixed = [n for n in self.parameters if n not in self.ever_trained]
         self._fixed += [f"{norm}.{b}" for norm in kept_norms for b, _ in self._norms[norm][0].named_buffers()]
         self._fixed_checksum = self._checksum(self._fixed)
@@ -245,11 +242,6 @@ class FreezePlan:
                 self.parameters[name].requires_grad_(name in self.active)
         self._frozen_norm_ids = {id(module) for name, (module, _) in self._norms.items() if self.norm_mode(name) == "frozen"}
 
-    def use_one_process(self) -> None:
-        """With a single process nobody needs a waiting block's zero gradients: from the next stage entered
-        (the first at the start of training) waiting blocks get none, which skips their backward pass."""
-        self.skip_waiting_backward = True
-
     def norm_mode(self, norm_name: str, trained: set[str] | None = None) -> str:
         """`frozen` or `train` for a norm layer, in the current stage or the one that trains `trained`."""
         owner = self._norms[norm_name][1]
@@ -312,10 +304,7 @@ class FreezePlan:
 
     def summary(self) -> dict:
         return {
-            "strategy": self.args.strategy,
-            "freeze": self.args.freeze,
-            "preset": self.args.preset,
-            "batchnorm": self.args.batchnorm,
+            **{option: getattr(self.args, option) for option in ("strategy", "freeze", "preset", "batchnorm")},
             "layer_decay": self.layer_decay,
             "stages": self.stages if self.args.strategy == "staged" else [],
             "trainable_parameters": self.trainable_parameters(),

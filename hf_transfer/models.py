@@ -125,25 +125,18 @@ def _from_hub(name: str, pretrained: bool, head: dict, hub: dict):
 
 
 def _not_on_hub_message(model_id: str, error: Exception) -> str:
-    return (
-        f"'{model_id}' was not found on the Hub ({error.__class__.__name__}). Check the spelling, "
-        "or browse https://huggingface.co/models?pipeline_tag=image-classification and https://huggingface.co/timm."
-    )
+    return (f"'{model_id}' was not found on the Hub ({error.__class__.__name__}). Check the spelling, "
+            "or browse https://huggingface.co/models?pipeline_tag=image-classification and https://huggingface.co/timm.")
 
 
 def _offline_message(model: str, pretrained: bool = True) -> str:
     if not pretrained:
-        return (
-            f"Cannot build '{model}' with random weights: the Hugging Face Hub is unreachable (or HF_HUB_OFFLINE=1) and its "
-            "config.json is not in the local cache. Any timm architecture name (`resnet18`, `timm/vgg16.tv_in1k`) builds "
-            "offline; a transformers model needs its config cached once, or a local model folder."
-        )
-    available = ", ".join(OFFLINE_WEIGHTS)
-    return (
-        f"Cannot load '{model}': the Hugging Face Hub is unreachable (or HF_HUB_OFFLINE=1) and the model "
-        f"is not in the local cache. Available offline: {available}, any model already in the cache, "
-        "or a local model folder. Connect to the Hub once to cache it, or pick one of those."
-    )
+        return (f"Cannot build '{model}' with random weights: the Hugging Face Hub is unreachable (or HF_HUB_OFFLINE=1) and "
+                "its config.json is not in the local cache. Any timm architecture name (`resnet18`, `timm/vgg16.tv_in1k`) "
+                "builds offline; a transformers model needs its config cached once, or a local model folder.")
+    return (f"Cannot load '{model}': the Hugging Face Hub is unreachable (or HF_HUB_OFFLINE=1) and the model "
+            f"is not in the local cache. Available offline: {', '.join(OFFLINE_WEIGHTS)}, any model already in the cache, "
+            "or a local model folder. Connect to the Hub once to cache it, or pick one of those.")
 
 
 def _from_pretrained(model_id, label_maps: dict, drop_rate: float | None, local_files_only: bool, **hub):
@@ -162,10 +155,9 @@ def _from_pretrained(model_id, label_maps: dict, drop_rate: float | None, local_
     except ValueError as error:
         if "trust_remote_code" not in str(error):
             raise
-        raise ModelNotAvailableError(
-            f"'{model_id}' needs Python code from its repo to load, and that code is not run unless you allow it. "
-            "Read the repo's code first; set `trust_remote_code: true` only if you trust it."
-        ) from None
+        raise ModelNotAvailableError(f"'{model_id}' needs Python code from its repo to load, and that code is not run unless "
+                                     "you allow it. Read the repo's code first; set `trust_remote_code: true` only if you "
+                                     "trust it.") from None
     check_drop_rate(model, drop_rate)
     return model, AutoImageProcessor.from_pretrained(model_id, **common)
 
@@ -206,10 +198,9 @@ def with_drop_rate(config, drop_rate: float | None):
         if hasattr(config, name):
             setattr(config, name, drop_rate)
             return config
-    raise ModelNotAvailableError(
-        f"`drop_rate` cannot apply to {type(config).__name__}: its config has no classifier dropout "
-        f"({' / '.join(_CLASSIFIER_DROPOUT)}). Use a timm model (any of them takes `drop_rate`) or leave `drop_rate` unset."
-    )
+    raise ModelNotAvailableError(f"`drop_rate` cannot apply to {type(config).__name__}: its config has no classifier dropout "
+                                 f"({' / '.join(_CLASSIFIER_DROPOUT)}). Use a timm model (any of them takes `drop_rate`) or "
+                                 "leave `drop_rate` unset.")
 
 
 def check_drop_rate(model, drop_rate: float | None) -> None:
@@ -224,17 +215,11 @@ def check_drop_rate(model, drop_rate: float | None) -> None:
         raise ModelNotAvailableError(f"{type(model).__name__} does not apply `drop_rate: {drop_rate}` before its classifier. Leave `drop_rate` unset.")
 
 
-def _timm_pretrained_cfg(name: str) -> dict:
-    """timm's pretrained config of `name` (a packaged id's own where it has no Hub copy); the head is ours, so transformers
-    reads num_labels, not its num_classes."""
-    return pretrained_cfg(name)
-
-
 def random_init(model_id, label_maps: dict, drop_rate: float | None, revision: str | None = None, trust_remote_code: bool = False):
     """The architecture with fresh weights: from timm's registry, or from a config.json (Hub or local folder)."""
     name = model_id.removeprefix("timm/")
     if not Path(model_id).is_dir() and timm.is_model(name):
-        model = _timm_wrapper(name.split(".")[0], _timm_pretrained_cfg(name), label_maps, drop_rate)
+        model = _timm_wrapper(name.split(".")[0], pretrained_cfg(name), label_maps, drop_rate)
         check_drop_rate(model, drop_rate)
         return model, TimmWrapperImageProcessor(pretrained_cfg=model.config.pretrained_cfg)
     try:
@@ -242,10 +227,8 @@ def random_init(model_id, label_maps: dict, drop_rate: float | None, revision: s
     except OSError:
         if not hub_reachable():
             raise ModelNotAvailableError(_offline_message(model_id, pretrained=False)) from None
-        raise ModelNotAvailableError(
-            f"'{model_id}' is not a timm architecture and its config.json is not on the Hub. "
-            "Check the spelling (e.g. `resnet50`, `timm/resnet50.a1_in1k`, `google/vit-base-patch16-224`)."
-        ) from None
+        raise ModelNotAvailableError(f"'{model_id}' is not a timm architecture and its config.json is not on the Hub. Check the "
+                                     "spelling (e.g. `resnet50`, `timm/resnet50.a1_in1k`, `google/vit-base-patch16-224`).") from None
     config = with_drop_rate(_head_from_labels(config), drop_rate)
     model = AutoModelForImageClassification.from_config(config, trust_remote_code=trust_remote_code)
     check_drop_rate(model, drop_rate)
@@ -253,12 +236,10 @@ def random_init(model_id, label_maps: dict, drop_rate: float | None, revision: s
 
 
 def _from_wheel(hub_id: str, label_maps: dict, drop_rate: float | None):
-    architecture = OFFLINE_WEIGHTS[hub_id].architecture
-    model = _timm_wrapper(architecture, _timm_pretrained_cfg(hub_id), label_maps, drop_rate)
+    model = _timm_wrapper(OFFLINE_WEIGHTS[hub_id].architecture, pretrained_cfg(hub_id), label_maps, drop_rate)
     backbone = model.timm_model
-    state_dict = packaged_state_dict(hub_id, backbone)
     classifier = backbone.pretrained_cfg["classifier"]
-    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(f"{classifier}.")}
+    state_dict = {k: v for k, v in packaged_state_dict(hub_id, backbone).items() if not k.startswith(f"{classifier}.")}
     missing, unexpected = backbone.load_state_dict(state_dict, strict=False)
     if unexpected or any(not key.startswith(f"{classifier}.") for key in missing):
         raise RuntimeError(f"Packaged weights of {hub_id} do not fit: missing {missing}, unexpected {unexpected}")
@@ -280,8 +261,8 @@ def align_head(model: PreTrainedModel, saved: list[str] | None, labels: list[str
     """
     if saved is None or len(saved) != len(labels) or saved == labels:
         return
-    parameters = dict(model.named_parameters())
-    rows = [parameters[name] for name in discover_blocks(model)[-1].parameter_names if parameters[name].shape[:1] == (len(labels),)]
+    parameters, head = dict(model.named_parameters()), discover_blocks(model)[-1].parameter_names
+    rows = [parameters[name] for name in head if parameters[name].shape[:1] == (len(labels),)]
     if set(saved) == set(labels):
         order = torch.tensor([saved.index(label) for label in labels])
         with torch.no_grad():
@@ -291,7 +272,7 @@ def align_head(model: PreTrainedModel, saved: list[str] | None, labels: list[str
         return
     fresh = dict(type(model)(model.config).named_parameters())
     with torch.no_grad():
-        for name in discover_blocks(model)[-1].parameter_names:
+        for name in head:
             parameters[name].copy_(fresh[name])
     logger.warning("The model's head was trained for labels %s, not %s: it starts afresh (random initialisation).", saved, labels)
 

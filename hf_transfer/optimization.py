@@ -8,7 +8,6 @@ decay on norms and biases) instead of Trainer's two groups. The schedules are in
 from __future__ import annotations
 
 import copy
-import difflib
 import inspect
 import reprlib
 
@@ -16,7 +15,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_optimizer import is_optimizer_factory
 
-from .errors import HFTransferError
+from .errors import HFTransferError, did_you_mean
 
 # What `get_optimizer_cls_and_kwargs` returns in place of parameter groups: optimizers that cannot take the plan's groups.
 _NOT_GROUPS = ("params", "model", "optimizer_dict")
@@ -51,8 +50,7 @@ def check_optim_args(args: TrainingArguments) -> None:
         if not (key and equals and value) or "=" in value:
             example = f"{taken[0]}=<value>" if taken else "key=value"
             raise OptimizerError(f"`optim_args: {reprlib.repr(args.optim_args)}`: {reprlib.repr(item)} is not a `key=value` pair. "
-                                 "Write comma-separated "
-                                 f"pairs, e.g. `optim_args: {example}`; {takes}.")
+                                 f"Write comma-separated pairs, e.g. `optim_args: {example}`; {takes}.")
         pairs[key] = value
     for key, value in pairs.items():
         if key in _SET_PER_GROUP:
@@ -62,14 +60,12 @@ def check_optim_args(args: TrainingArguments) -> None:
             if not taken:
                 adam = " Set Adam's betas and eps with `adam_beta1`, `adam_beta2`, `adam_epsilon`." if "betas" in base_kwargs else ""
                 raise OptimizerError(f"{takes}: remove `{key}` from `optim_args`.{adam}")
-            match = difflib.get_close_matches(key, taken, n=1)
-            hint = f" Did you mean `{match[0]}`?" if match else ""
-            raise OptimizerError(f"`optim_args` key `{key}` is not an option of `optim: {name}` ({described}).{hint} "
+            raise OptimizerError(f"`optim_args` key `{key}` is not an option of `optim: {name}` ({described}).{did_you_mean(key, taken)} "
                                  f"It takes {', '.join(taken)}.")
     for tried in [{key: value} for key, value in pairs.items()] + [pairs]:
-        error = _optimizer_or_error(args, ",".join(f"{key}={value}" for key, value in tried.items()), build=True)
+        shown = ",".join(f"{key}={value}" for key, value in tried.items())
+        error = _optimizer_or_error(args, shown, build=True)
         if isinstance(error, str):
-            shown = ",".join(f"{key}={value}" for key, value in tried.items())
             keys = ", ".join(f"`{key}`" for key in tried)
             raise OptimizerError(f"`optim_args` `{shown}` cannot be used by `optim: {name}` ({described}): {error}. "
                                  f"Fix the value of {keys} in `optim_args`.")
@@ -114,10 +110,9 @@ def build_optimizer(args: TrainingArguments, model: torch.nn.Module, groups: lis
     except (ImportError, ValueError, RuntimeError) as error:  # a missing package (bitsandbytes, torchao...) or a bad optim_args
         raise OptimizerError(f"`optim: {args.optim.value}` cannot run here: {error} Use `optim: adamw_torch` or `sgd`.") from None
     if is_optimizer_factory(optimizer_cls) or any(key in kwargs for key in _NOT_GROUPS):
-        raise OptimizerError(
-            f"`optim: {args.optim.value}` builds its own parameter groups, so it cannot take the freeze plan's "
-            "(per-block learning rates, frozen blocks left out). Use `adamw_torch`, `sgd`, `adafactor`, `adagrad` or `rmsprop`."
-        )
+        raise OptimizerError(f"`optim: {args.optim.value}` builds its own parameter groups, so it cannot take the freeze plan's "
+                             "(per-block learning rates, frozen blocks left out). Use `adamw_torch`, `sgd`, `adafactor`, `adagrad` "
+                             "or `rmsprop`.")
     kwargs = {key: value for key, value in kwargs.items() if key != "lr"}  # each group has its own
     return optimizer_cls(groups, lr=args.learning_rate, **kwargs)
 

@@ -46,8 +46,6 @@ SAME_RUN_CHANGES = {
 # A run's folders: Trainer's checkpoints, the staging folder, TensorBoard's default `runs/`, `hf-transfer export`'s graphs. Its
 # files are repo_files.RUN_OUTPUTS: a new output file is named there, or --overwrite would refuse it as foreign.
 OWNED_FOLDERS = re.compile(rf"checkpoint-\d+|runs|{re.escape(STAGING)}|{re.escape(ONNX_DIR)}")
-# Errors of a disk rather than of the run; other libraries (safetensors) give only the text "(os error 28)".
-DISK_ERRORS = {errno.ENOSPC: "no space", errno.EDQUOT: "no space", errno.EROFS: "read-only"}
 
 
 class OutputDirError(HFTransferError, RuntimeError):
@@ -83,16 +81,12 @@ def check_output_dir(output_dir: Path, run_config: dict, options: RunArguments) 
     if not config_file.is_file():
         held = sorted(name for name in os.listdir(output_dir) if name not in (LOCK_FILE, STAGING)) if output_dir.is_dir() else []
         if held:  # no run ever claimed it: even files named like ours (a downloaded model) are someone else's
-            raise OutputDirError(
-                f"{output_dir} is not empty and was not written by hf-transfer (it holds {_listing(held)}); "
-                "`--overwrite` only replaces a folder that hf-transfer wrote. Choose another `--output_dir`."
-            )
+            raise OutputDirError(f"{output_dir} is not empty and was not written by hf-transfer (it holds {_listing(held)}); "
+                                 "`--overwrite` only replaces a folder that hf-transfer wrote. Choose another `--output_dir`.")
     elif options.overwrite:
         if others := foreign_entries(output_dir):
-            raise OutputDirError(
-                f"{output_dir} holds files that hf-transfer did not write: {_listing(others)}. `--overwrite` deletes only "
-                "what an earlier run wrote there: move those files away, or choose another `--output_dir`."
-            )
+            raise OutputDirError(f"{output_dir} holds files that hf-transfer did not write: {_listing(others)}. `--overwrite` "
+                                 "deletes only what an earlier run wrote there: move those files away, or choose another `--output_dir`.")
         return
     else:
         # Both as run_config.json records them (a folder written before it stopped recording absolute paths too).
@@ -101,16 +95,13 @@ def check_output_dir(output_dir: Path, run_config: dict, options: RunArguments) 
         if changed and options.resume:
             differences = "; ".join(f"{key}: {reprlib.repr(previous.get(key))} in the folder, {reprlib.repr(now.get(key))} now"
                                     for key in changed[:8])
-            raise OutputDirError(
-                f"`--resume` continues the run in {output_dir}, which was trained with other options ({differences}"
-                f"{f' and {len(changed) - 8} more' if len(changed) > 8 else ''}). A resumed run keeps the run's options "
-                "(only logging and reporting ones may change): pass them as before, or start again with `--overwrite`."
-            )
+            raise OutputDirError(f"`--resume` continues the run in {output_dir}, which was trained with other options ({differences}"
+                                 f"{f' and {len(changed) - 8} more' if len(changed) > 8 else ''}). A resumed run keeps the run's "
+                                 "options (only logging and reporting ones may change): pass them as before, or start again with "
+                                 "`--overwrite`.")
         if changed:
-            raise OutputDirError(
-                f"{output_dir} already holds a different run (differs in: {', '.join(changed[:8])}). "
-                "Pass `--overwrite` to replace it, or choose another `--output_dir`."
-            )
+            raise OutputDirError(f"{output_dir} already holds a different run (differs in: {', '.join(changed[:8])}). "
+                                 "Pass `--overwrite` to replace it, or choose another `--output_dir`.")
     if options.resume and last_complete_checkpoint(output_dir) is None:
         raise OutputDirError(no_complete_checkpoint(output_dir))
 
@@ -122,10 +113,8 @@ def check_place(output_dir: Path, run_config: dict, overwrite: bool) -> None:
     place = output_dir.resolve()
     dataset = _local_dataset(run_config)
     if dataset is not None and (place == dataset or dataset in place.parents):
-        raise OutputDirError(
-            f"{output_dir} is inside the dataset folder {dataset}: its files would be read as part of the dataset the next "
-            "time it loads (an image folder takes the plots for images). Choose an `--output_dir` outside it."
-        )
+        raise OutputDirError(f"{output_dir} is inside the dataset folder {dataset}: its files would be read as part of the dataset "
+                             "the next time it loads (an image folder takes the plots for images). Choose an `--output_dir` outside it.")
     if dataset is not None and place in dataset.parents:
         raise OutputDirError(f"{output_dir} holds the dataset {dataset}: choose an `--output_dir` outside it.")
     home = Path.home().resolve()
@@ -134,10 +123,8 @@ def check_place(output_dir: Path, run_config: dict, overwrite: bool) -> None:
     if place in home.parents:
         raise OutputDirError(f"{output_dir} holds your home folder {home}: choose another `--output_dir`.")
     if overwrite and output_dir.is_symlink():
-        raise OutputDirError(
-            f"{output_dir} is a symbolic link (to {place}), and `--overwrite` does not delete through links: "
-            f"pass the folder itself, `--output_dir {place}`."
-        )
+        raise OutputDirError(f"{output_dir} is a symbolic link (to {place}), and `--overwrite` does not delete through links: "
+                             f"pass the folder itself, `--output_dir {place}`.")
 
 
 def _local_dataset(run_config: dict) -> Path | None:
@@ -151,8 +138,7 @@ def claim_output_dir(output_dir: Path, run_config: dict, overwrite: bool) -> Non
 
     With `--overwrite`, this is when the earlier run's files go: only those (`check_output_dir` refused any other)."""
     if overwrite and output_dir.is_dir():
-        others = [name for name in foreign_entries(output_dir) if name != LOCK_FILE]
-        if others:  # added since the start of the run
+        if others := [name for name in foreign_entries(output_dir) if name != LOCK_FILE]:  # added since the start of the run
             raise OutputDirError(f"{output_dir} holds files that hf-transfer did not write: {_listing(others)} (added since "
                                  "this run started). Move them away, then run the same command again.")
         # config.json first, as in `publish`: killed half-way, the folder loads nothing rather than half a model.
@@ -221,12 +207,11 @@ class OutputDirLock:
         try:
             self._make_folders()
             self.lock.acquire()
-        except filelock.Timeout:
-            self.release()
-            raise OutputDirError(f"{self.dir} is in use by another hf-transfer run ({_describe_holder(self.path)}). Wait for it to "
-                                 "finish, or choose another `--output_dir`.") from None
         except BaseException as error:
             self.release()
+            if isinstance(error, filelock.Timeout):
+                raise OutputDirError(f"{self.dir} is in use by another hf-transfer run ({_describe_holder(self.path)}). Wait for "
+                                     "it to finish, or choose another `--output_dir`.") from None
             if isinstance(error, OSError) and (disk := disk_error(error, self.dir, writing=True)) is not None:
                 raise disk from error
             raise
@@ -279,13 +264,14 @@ def _describe_holder(path: Path) -> str:
 def disk_error(error: BaseException, output_dir: Path, writing: bool = False) -> OutputDirError | None:
     """The one-line error for a full or read-only disk (or, while the lock is taken, a folder we may not write); else None."""
     code = getattr(error, "errno", None)
+    # Other libraries (safetensors) give only the text "(os error 28)".
     if not isinstance(error, OSError) and (match := re.search(r"\(os error (\d+)\)", str(error))):
         code = int(match[1])
     where = Path(getattr(error, "filename", None) or output_dir)
-    if DISK_ERRORS.get(code) == "read-only" or (writing and code in (errno.EACCES, errno.EPERM)):
+    if code == errno.EROFS or (writing and code in (errno.EACCES, errno.EPERM)):
         reason = "read-only file system" if code == errno.EROFS else "permission denied"
         return OutputDirError(f"Cannot write to {where}: {reason}. Make it writable, or choose a writable `--output_dir`.")
-    if DISK_ERRORS.get(code) == "no space":
+    if code in (errno.ENOSPC, errno.EDQUOT):
         staging = output_dir / STAGING
         what = f" (while saving the model to {staging})" if staging.is_dir() else ""
         checkpoint = last_complete_checkpoint(output_dir) if output_dir.is_dir() else None

@@ -3,7 +3,7 @@
 `inference_precision: auto` runs every pass that computes no gradient under bf16 autocast where the hardware
 computes bf16 natively (a CPU with AVX512-BF16 or AMX, a CUDA GPU with bf16 support), and convolutional
 backbones in channels_last memory format everywhere, training included (a resumed run gives its optimizer state the same
-layout: trainer._match_parameter_layouts). Bare `tf_efficientnet_lite0` at 224 px, batch 32, on a
+layout: checkpoints._match_parameter_layouts). Bare `tf_efficientnet_lite0` at 224 px, batch 32, on a
 2-core AMD EPYC with AVX512-BF16 shared with other jobs: fp32 21 img/s, channels_last 34, bf16 44, bf16 +
 channels_last 71 (medians, benchmarks/results/extraction.md). Training keeps the recipe's own precision (`bf16` / `fp16`).
 """
@@ -78,22 +78,17 @@ def native_bf16(device: torch.device | str) -> tuple[bool, str]:
     return False, f"{kind}: bf16 speed not established"  # MPS and others: fp32, the safe default
 
 
-def is_convolutional(model: nn.Module) -> bool:
-    """A CNN (see MIN_CONVOLUTIONS), not a transformer with a convolutional patch embedding."""
-    return sum(isinstance(module, nn.Conv2d) for module in model.modules()) >= MIN_CONVOLUTIONS
-
-
 def channels_last_helps(device: torch.device | str, model: nn.Module) -> bool:
-    """channels_last speeds up `model` on `device`: a CNN on a CPU or CUDA GPU."""
-    return torch.device(device).type in ("cpu", "cuda") and is_convolutional(model)
+    """channels_last speeds up `model` on `device`: a CNN (see MIN_CONVOLUTIONS; not a transformer with a convolutional
+    patch embedding) on a CPU or CUDA GPU."""
+    convolutions = sum(isinstance(module, nn.Conv2d) for module in model.modules())
+    return torch.device(device).type in ("cpu", "cuda") and convolutions >= MIN_CONVOLUTIONS
 
 
 def resolve(option: str, device: torch.device | str, model: nn.Module, fp16: bool = False) -> Precision:
     """The precision of frozen passes for `option` on `device`; `fp16`: the run trains in fp16 autocast."""
     if option not in CHOICES:
         raise PrecisionError(f"`inference_precision` must be one of {', '.join(CHOICES)}, not {option!r}.")
-    kind = torch.device(device).type
-    channels_last = channels_last_helps(device, model)
     native, hardware = native_bf16(device)
     if option == "bf16":
         if not native:
@@ -107,7 +102,7 @@ def resolve(option: str, device: torch.device | str, model: nn.Module, fp16: boo
         dtype, reason = "fp16", f"auto: {hardware}; the run trains in fp16"
     else:
         dtype, reason = "fp32", f"auto: {hardware}"
-    return Precision(option, dtype, channels_last, kind, reason)
+    return Precision(option, dtype, channels_last_helps(device, model), torch.device(device).type, reason)
 
 
 class FrozenPasses:
@@ -130,17 +125,16 @@ class FrozenPasses:
             self.handles += [head.register_forward_pre_hook(self._enter_head, with_kwargs=True),
                              head.register_forward_hook(self._exit_head, always_call=True)]
 
-    def _frozen(self, module: nn.Module) -> bool:
-        return not module.training and not torch.is_grad_enabled()
-
     @property
     def _open(self) -> list:
-        if not hasattr(self._local, "open"):
-            self._local.open = []
-        return self._local.open
+        return vars(self._local).setdefault("open", [])
+
+    @property
+    def _head_open(self) -> list:
+        return vars(self._local).setdefault("head_open", [])
 
     def _enter(self, module, args, kwargs):
-        if not self._frozen(module):
+        if module.training or torch.is_grad_enabled():  # not a frozen pass
             self._open.append(None)
             return None
         context = self.precision.autocast()
@@ -157,7 +151,7 @@ class FrozenPasses:
             return None
         context.__exit__(None, None, None)
         if isinstance(output, torch.Tensor):  # a bare timm model's logits
-            return output.float() if output.is_floating_point() else output
+            return _float32(output)
         logits = getattr(output, "logits", None)
         if isinstance(logits, torch.Tensor) and logits.is_floating_point() and logits.dtype != torch.float32:
             output.logits = logits.float()
@@ -175,12 +169,6 @@ class FrozenPasses:
         context = self._head_open.pop()
         if context is not None:
             context.__exit__(None, None, None)
-
-    @property
-    def _head_open(self) -> list:
-        if not hasattr(self._local, "head_open"):
-            self._local.head_open = []
-        return self._local.head_open
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -214,8 +202,7 @@ def prepare_for_inference(model: nn.Module, option: str = "auto") -> Precision:
     except ImportError:  # on a Space, as hf_transfer_precision.py
         from hf_transfer_blocks import find_head
 
-    device = next(model.parameters()).device
-    precision = resolve(option, device, model)
+    precision = resolve(option, next(model.parameters()).device, model)
     head = find_head(model)
     FrozenPasses(model, precision, head=head[1] if head else None)
     logger.info("Inference precision: %s", precision.describe())

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import functools
 import os
 import reprlib
@@ -23,7 +22,7 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 
-from .errors import RecipeError
+from .errors import RecipeError, did_you_mean
 from .options import (
     ARGUMENT_CLASSES,
     TRAINING_DEFAULTS,
@@ -99,11 +98,6 @@ def known_keys() -> set[str]:
     return {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls) if f.init}
 
 
-def _suggest(key: str) -> str:
-    match = difflib.get_close_matches(key, known_keys(), n=1)
-    return f" Did you mean `{match[0]}`?" if match else ""
-
-
 def _flatten_freeze(values: dict) -> dict:
     """Accept the grouped form `freeze: {strategy, stages, batchnorm, layer_decay, patterns: {train, freeze}}`."""
     freeze = values.get("freeze")
@@ -118,9 +112,7 @@ def _flatten_freeze(values: dict) -> dict:
                                ("freeze.patterns", patterns, ("train", "freeze"))):
         unknown = sorted(str(key) for key in set(found) - set(keys))
         if unknown:
-            match = difflib.get_close_matches(unknown[0], keys, n=1)
-            hint = f" Did you mean `{match[0]}`?" if match else ""
-            raise RecipeError(f"Unknown key(s) {unknown} under `{where}:`.{hint} Use {', '.join(keys)}.")
+            raise RecipeError(f"Unknown key(s) {unknown} under `{where}:`.{did_you_mean(unknown[0], keys)} Use {', '.join(keys)}.")
     values = {**values, "freeze": freeze.get("strategy", "head_only")}
     for key in ("stages", "batchnorm", "layer_decay"):
         if key in freeze:
@@ -142,7 +134,7 @@ def load_yaml(path: str | Path) -> dict:
     values = _flatten_freeze(values)
     for key in values:
         if key not in known_keys():
-            raise RecipeError(f"Unknown recipe key `{key}` in {path}.{_suggest(str(key))}")
+            raise RecipeError(f"Unknown recipe key `{key}` in {path}.{did_you_mean(key, known_keys())}")
     return values
 
 
@@ -183,7 +175,7 @@ def parse_recipe_for(device_type: str, argv: list[str] | None = None, **override
         values.update(from_file)
     for key in overrides:
         if key not in known_keys():
-            raise RecipeError(f"Unknown option `{key}`.{_suggest(key)}")
+            raise RecipeError(f"Unknown option `{key}`.{did_you_mean(key, known_keys())}")
     values.update(_flatten_freeze(overrides))
     if "LOCAL_RANK" in os.environ and device_type != "cuda":
         # `accelerate launch --multi_gpu` with no GPU: run the processes on CPU with gloo instead of one each.
@@ -194,7 +186,7 @@ def parse_recipe_for(device_type: str, argv: list[str] | None = None, **override
     parsed, remaining = _parse(arg_parser, argv)
     if remaining:
         flag = remaining[0].lstrip("-").split("=")[0]
-        raise RecipeError(f"Unknown option `{remaining[0]}`.{_suggest(flag)}")
+        raise RecipeError(f"Unknown option `{remaining[0]}`.{did_you_mean(flag, known_keys())}")
     recipe = Recipe(*parsed)
     check_recipe(recipe, device_type)
     return recipe

@@ -7,7 +7,6 @@ added here (`SafeTrainer.create_scheduler` builds it).
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import json
 import reprlib
@@ -16,7 +15,7 @@ import torch
 from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION, GreedyLR, get_scheduler
 from transformers.trainer_utils import SchedulerType
 
-from .errors import RecipeError
+from .errors import RecipeError, did_you_mean
 
 STEP = "step"
 SCHEDULES = [scheduler.value for scheduler in SchedulerType] + [STEP]
@@ -52,14 +51,12 @@ def check_schedule_kwargs(lr_scheduler_type: str, kwargs: dict | None) -> None:
     taken = schedule_kwargs_taken(lr_scheduler_type)
     for key in kwargs:
         if taken is not None and key not in taken:
-            match = difflib.get_close_matches(str(key), taken, n=1)
-            hint = f" Did you mean `{match[0]}`?" if match else ""
             trainer = f" (set from `{_SET_BY_TRAINER[key]}`)" if _SET_BY_TRAINER.get(key) else ""
             if not taken:
                 raise RecipeError(f"`lr_scheduler_type: {lr_scheduler_type}` takes no `lr_scheduler_kwargs`, not `{key}`{trainer}: "
                                  "remove them.")
             raise RecipeError(f"`lr_scheduler_type: {lr_scheduler_type}` takes `lr_scheduler_kwargs` {', '.join(taken)}, "
-                             f"not `{key}`{trainer}.{hint}")
+                             f"not `{key}`{trainer}.{did_you_mean(key, taken)}")
     if lr_scheduler_type == STEP:
         step = {**STEP_DEFAULTS, **kwargs}
         size, gamma = step["step_size"], step["gamma"]
@@ -124,10 +121,9 @@ def step_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, steps_per
 def describe_schedule(args, scheduler, num_training_steps: int) -> dict:
     """The schedule as it ran: its type, arguments, warm-up and the scheduler class that applied it."""
     kwargs = {**STEP_DEFAULTS, **(args.lr_scheduler_kwargs or {})} if args.lr_scheduler_type == STEP else (args.lr_scheduler_kwargs or {})
-    lr_scheduler_type = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
     scheduler = getattr(scheduler, "scheduler", scheduler)  # accelerate's AcceleratedScheduler wraps the real one
     return {
-        "type": lr_scheduler_type,
+        "type": getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type),
         "kwargs": dict(kwargs),
         "warmup_steps": args.get_warmup_steps(num_training_steps),
         "class": f"{type(scheduler).__module__}.{type(scheduler).__qualname__}",

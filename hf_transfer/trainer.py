@@ -158,10 +158,9 @@ class SafeTrainer(Trainer):
         elif resume_from_checkpoint and (missing := missing_files(Path(resume_from_checkpoint), self.args.world_size)):
             raise CheckpointError(f"{describe_incomplete(Path(resume_from_checkpoint), missing)}, so it cannot be resumed from. "
                                   "Restore the missing files, or resume from another checkpoint.")
-        self._resuming = None
         self.resuming_from = Path(resume_from_checkpoint) if resume_from_checkpoint else None
-        if self.resuming_from:  # its files checked before Trainer loads any; its length once the run's is known
-            self._resuming = (self.resuming_from, self.check_checkpoint(self.resuming_from))
+        # Its files checked before Trainer loads any; its length once the run's is known.
+        self._resuming = (self.resuming_from, self.check_checkpoint(self.resuming_from)) if self.resuming_from else None
         if self._built_step_schedule:  # as Trainer rebuilds the schedules it built when train() runs again
             self.lr_scheduler, self._built_step_schedule = None, False
         self._pending_loss, self._resumed, self._training = None, False, True
@@ -259,10 +258,8 @@ class SafeTrainer(Trainer):
 
     def _advice(self) -> str:
         kept = last_complete_checkpoint(self.args.output_dir)
-        return (
-            "Lower `learning_rate` (or use `bf16` instead of `fp16`) and start again with `--overwrite`; "
-            + (f"the last good checkpoint, {kept}, is kept." if kept else "no checkpoint had been saved yet.")
-        )
+        return ("Lower `learning_rate` (or use `bf16` instead of `fp16`) and start again with `--overwrite`; "
+                + (f"the last good checkpoint, {kept}, is kept." if kept else "no checkpoint had been saved yet."))
 
     # ---- loading weights ---------------------------------------------------------------------
     # Private: Trainer reloads with load_state_dict(strict=False) on the names save_pretrained writes, which for some
@@ -279,12 +276,11 @@ class SafeTrainer(Trainer):
 
     def _load_best_model(self) -> None:
         model = self.model_to_save()
-        if not isinstance(model, PreTrainedModel):
+        if isinstance(model, PreTrainedModel):
+            logger.info("Loading the best model from %s (%s).", self.state.best_model_checkpoint, self.state.best_metric)
+            load_weights(model, self.state.best_model_checkpoint)
+        else:
             super()._load_best_model()
-            self.reloaded_best = self.state.best_model_checkpoint
-            return
-        logger.info("Loading the best model from %s (%s).", self.state.best_model_checkpoint, self.state.best_metric)
-        load_weights(model, self.state.best_model_checkpoint)
         self.reloaded_best = self.state.best_model_checkpoint
 
     # ---- saving --------------------------------------------------------------------------------
@@ -351,13 +347,11 @@ class PendingLoss:
     devices read it where it is, when asked: a step late, so their wait is short)."""
 
     def __init__(self, loss: torch.Tensor, step: int):
-        self.step, self.copied = step, None
-        loss = loss.detach()
-        if loss.is_cuda:
-            loss = loss.to("cpu", non_blocking=True)
+        self.step, self.copied, self.loss = step, None, loss.detach()
+        if self.loss.is_cuda:
+            self.loss = self.loss.to("cpu", non_blocking=True)
             self.copied = torch.cuda.Event()
             self.copied.record()
-        self.loss = loss
 
     def value(self) -> float:
         if self.copied is not None:
