@@ -7,8 +7,7 @@ The strategies that use them are in `strategies.py`.
 from __future__ import annotations
 
 import contextlib
-import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,7 +21,6 @@ from .feature_files import relative_errors
 from .feature_store import FEATURE_RTOL
 from .trainer import SafeTrainer
 
-logger = logging.getLogger(__name__)
 
 def head_dropout(model: nn.Module, head_name: str) -> float:
     """Dropout the model applies right before its classifier in training (timm: `drop_rate`)."""
@@ -42,13 +40,12 @@ class CachedFeatures(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int | torch.Tensor) -> dict:
         return {"features": self.features[index, self.view].float(), "labels": self.labels[index]}
 
     def __getitems__(self, indices: list[int]) -> dict:
         """A whole batch in one indexing op (the DataLoader calls this): the head's steps are too short for per-item Python."""
-        index = torch.as_tensor(indices)
-        return {"features": self.features[index, self.view].float(), "labels": self.labels[index]}
+        return self[torch.as_tensor(indices)]
 
 
 class HeadTrainer(SafeTrainer):
@@ -92,9 +89,9 @@ class CycleViews(TrainerCallback):
 class HeadOnFeatures(nn.Module):
     """The model's own head module (the same object, so training it trains the model) applied to features."""
 
-    def __init__(self, head: nn.Module, dropout: float, model: PreTrainedModel):
+    def __init__(self, head: nn.Module, head_name: str, model: PreTrainedModel):
         super().__init__()
-        self.head, self.dropout = head, dropout
+        self.head, self.dropout = head, head_dropout(model, head_name)
         self.loss_function, self.config = model.loss_function, model.config
         self.whole_model = [model]  # in a list: not a submodule, so Trainer and DDP see only the head
 
@@ -117,11 +114,6 @@ def one_cpu_thread(device: torch.device):
         torch.set_num_threads(threads)
 
 
-def speed_figures(metrics: dict) -> dict:
-    """Takes Trainer's speed figures (`*_runtime`, `*_per_second`) out of `metrics` and returns them."""
-    return {key: metrics.pop(key) for key in list(metrics) if key.endswith(("_runtime", "_per_second"))}
-
-
 @dataclass
 class CacheCheck:
     """The full model against the cache on the same test images (see FEATURE_RTOL)."""
@@ -138,9 +130,6 @@ class CacheCheck:
     @property
     def ok(self) -> bool:
         return self.mismatched == 0
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def check_cache(full_features: np.ndarray, cached_features: np.ndarray, full_logits: np.ndarray, cached_logits: np.ndarray,

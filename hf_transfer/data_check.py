@@ -27,6 +27,7 @@ from .feature_store import FeatureStore
 from .figures import draw, image_content
 from .options import EXCLUDE_CHOICES, REPORT_OPTIONS, DoctorArguments
 from .perceptual_hash import image_hashes
+from .plots import pyplot, save_png
 from .repo_files import DATA_REPORT, DATA_SUSPECTS_PNG, shareable_path, without_local_paths
 
 logger = logging.getLogger(__name__)
@@ -82,8 +83,7 @@ def exclude(data: PreparedData, flagged: dict[str, list[int]], option: str = "ex
     for split, indices in flagged.items():
         if not indices:
             continue
-        drop = set(indices)
-        kept = [index for index in range(len(splits[split])) if index not in drop]
+        kept = np.setdiff1d(np.arange(len(splits[split])), indices).tolist()
         labels = np.asarray(splits[split][data.label_column])
         had, keeps = (np.bincount(values, minlength=len(data.labels)) for values in (labels, labels[kept]))
         emptied = [f"{data.labels[label]!r} ({had[label]} of {had[label]})" for label in np.flatnonzero((had > 0) & (keeps == 0))]
@@ -184,9 +184,8 @@ def write_report(report: dict, data: PreparedData, folder: str | Path, sheet_siz
     sheet is kept, not drawn, when the one in `previous` (a folder; default: `folder`) shows the same (`figures.draw`)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    report = {**report, "contact_sheet": DATA_SUSPECTS_PNG}
     staged = folder / f".{DATA_REPORT}.tmp{os.getpid()}"
-    staged.write_text(json.dumps(report, indent=2))
+    staged.write_text(json.dumps({**report, "contact_sheet": DATA_SUSPECTS_PNG}, indent=2))
     os.replace(staged, folder / DATA_REPORT)
     suspects = [(_cell(data, issue), _suspect_caption(issue)) for issue in report["label_issues"][:sheet_size]]
     leaks = [([_cell(data, image) for image in pair["images"]], _leak_caption(pair)) for pair in report["leaks"][:8]]
@@ -221,11 +220,7 @@ def plot_suspects(suspects: list, leaks: list, path: str | Path, columns: int = 
 
 
 def _draw_suspects(panels: list, suspects: int, columns: int, path: Path, metadata: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, as in plots.py
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     leaks = len(panels) - suspects
     columns = max(2, min(columns, len(panels)))
     rows = max(1, -(-len(panels) // columns))
@@ -237,10 +232,8 @@ def _draw_suspects(panels: list, suspects: int, columns: int, path: Path, metada
         ax.set_title(caption, fontsize=7, color="firebrick" if len(cells) > 1 else "black")
     if not panels:
         axes[0, 0].text(0, 0.5, "No label issues or leaks found.", fontsize=12)
-    heading = f"Likely wrong labels: {suspects} shown" + (f"; leaks across splits (red): {leaks} shown" if leaks else "")
-    fig.suptitle(heading, fontsize=11)
-    fig.savefig(path, dpi=100, format="png", metadata=metadata)
-    plt.close(fig)
+    fig.suptitle(f"Likely wrong labels: {suspects} shown" + (f"; leaks across splits (red): {leaks} shown" if leaks else ""), fontsize=11)
+    save_png(fig, path, metadata, dpi=100)
 
 
 def _thumbnails(cells: list, side: int = 160) -> np.ndarray:
@@ -266,14 +259,13 @@ def data_report(recipe, data: PreparedData, store: FeatureStore, options: Doctor
     options = options or recipe.doctor
     started = time.perf_counter()
     found, cache = _store_features(store)
-    seconds = time.perf_counter() - started
-    started = time.perf_counter()
+    hashing = time.perf_counter()
     with recipe.training.main_process_first(desc="image hashes"):
         hashes = image_hashes(data)
-    hashing = time.perf_counter() - started
+    hashed = time.perf_counter()
     report = diagnose({split: f for split, (f, _) in found.items()}, {split: y for split, (_, y) in found.items()},
                       data.labels, image_names(data, recipe.data.dataset), options, recipe.training.seed, hashes)
-    report["timing"]["features_s"], report["timing"]["hashes_s"] = round(seconds, 3), round(hashing, 3)
+    report["timing"].update(features_s=round(hashing - started, 3), hashes_s=round(hashed - hashing, 3))
     # Published with the model: local folders as the run config names them (`shareable_path`).
     report["dataset"], report["model"] = shareable_path(recipe.data.dataset), shareable_path(recipe.model.model)
     report["feature_cache"] = cache
@@ -355,11 +347,9 @@ class DataCheck:
 
     def results(self) -> dict:
         """For all_results.json (`data_doctor`) and the card: counts, and what was excluded."""
-        counts = self.report["summary"]
+        counted = ("label_issues", "near_duplicate_pairs", "leak_pairs", "classes_below_minimum", "copy_groups", "conflicting_label_groups")
         return {
-            "label_issues": counts["label_issues"], "near_duplicate_pairs": counts["near_duplicate_pairs"],
-            "leak_pairs": counts["leak_pairs"], "classes_below_minimum": counts["classes_below_minimum"],
-            "copy_groups": counts["copy_groups"], "conflicting_label_groups": counts["conflicting_label_groups"],
+            **{key: self.report["summary"][key] for key in counted},
             "exclude_flagged": self.options.exclude_flagged,
             "excluded": {split: len(indices) for split, indices in self.excluded.items() if indices},
             "seconds": self.report["timing"].get("total_s"),

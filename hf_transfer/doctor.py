@@ -7,18 +7,16 @@ dropped or relabelled unless `exclude_flagged` says so.
 
 - Label issues: out-of-fold class probabilities of a logistic-regression probe (stratified K-fold, seeded) on the features
   of all splits together, passed to `cleanlab.filter.find_label_issues`; ranked by cleanlab's self-confidence score.
-- Copies: two signals. Cosine similarity of power-normalised features (signed square root, then unit length) at or above
-  `doctor_duplicate_threshold`, unless that threshold means nothing on this data (too many images have a neighbour
-  above it: images unlike the backbone's, which all look alike to it); and a perceptual hash of the grayscale image
-  (`imagehash.phash`), which colour mode, re-encoding and resizing barely move. Pairs within one split are
-  near-duplicates, pairs across splits leaks; pairs join into groups (a copy of a copy is a copy). A group whose images
-  carry more than one label is a label problem too.
+- Copies: cosine similarity of power-normalised features at or above `doctor_duplicate_threshold` (unless too many
+  images have a neighbour that close: images unlike the backbone's all look alike to it), and a perceptual hash of the
+  grayscale image (`imagehash.phash`), which colour mode, re-encoding and resizing barely move. Pairs within one split
+  are near-duplicates, across splits leaks; pairs join into groups (a copy of a copy is a copy), and a group carrying
+  more than one label is a label problem too.
 - Class balance: images per class per split, and training classes with fewer than `doctor_min_class_images`.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 import warnings
@@ -27,8 +25,6 @@ import numpy as np
 
 from .options import SPLIT_ORDER, DoctorArguments
 from .perceptual_hash import HASH_RADIUS, hamming, hash_pairs
-
-logger = logging.getLogger(__name__)
 
 # Every pair is compared up to this many images (4,020 Lite0 features: 0.4 s on 2 busy cores). Beyond, all pairs cost
 # n^2 x dim (CIFAR-10's 60,000 x 1280: 128 s) and an inverted-file index compares each image with those in 8 of sqrt(n)
@@ -50,8 +46,7 @@ MAX_SHARE_ABOVE_THRESHOLD = 0.1
 
 # --- the checks (numpy in, plain Python out) --------------------------------------------------------------------------
 def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, folds: int = 5, seed: int = 42) -> np.ndarray:
-    """`(images, classes present)` probabilities, each image's from a probe that never saw it: standardised features and a
-    multinomial logistic regression (scikit-learn), stratified K-fold, seeded. Columns follow `np.unique(labels)`."""
+    """`(images, classes present)` probabilities (columns in `np.unique(labels)` order), each image's from a probe that never saw it."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
@@ -68,11 +63,13 @@ def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, folds: i
         return cross_val_predict(probe, features, labels, cv=splitter, method="predict_proba")
 
 
-def probed_classes(labels: np.ndarray, folds: int) -> tuple[np.ndarray, np.ndarray]:
-    """The classes the out-of-fold probe can learn (at least `folds` images each), and the mask of their images."""
+def probed_classes(labels: np.ndarray, folds: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The classes the out-of-fold probe can learn (at least `folds` images each), the mask of their images, and those
+    images' labels as positions among these classes."""
     classes, counts = np.unique(labels, return_counts=True)
     kept = classes[counts >= folds]
-    return kept, np.isin(labels, kept)
+    checked = np.isin(labels, kept)
+    return kept, checked, np.searchsorted(kept, labels[checked])
 
 
 def out_of_fold_accuracy(features: np.ndarray, labels: np.ndarray, folds: int = 5, seed: int = 42) -> tuple[float | None, int, list | None]:
@@ -81,10 +78,9 @@ def out_of_fold_accuracy(features: np.ndarray, labels: np.ndarray, folds: int = 
     and 1, where the normal approximation claims too much). None without two such classes."""
     from scipy.stats import binomtest
 
-    kept, checked = probed_classes(labels, folds)
+    kept, checked, compact = probed_classes(labels, folds)
     if len(kept) < 2:
         return None, int(checked.sum()), None
-    compact = np.searchsorted(kept, labels[checked])
     right = int((out_of_fold_probabilities(features[checked], compact, folds, seed).argmax(axis=1) == compact).sum())
     interval = binomtest(right, len(compact)).proportion_ci(method="wilson")
     return round(right / len(compact), 4), len(compact), [round(float(interval.low), 4), round(float(interval.high), 4)]
@@ -98,21 +94,19 @@ def find_label_issues(features: np.ndarray, labels: np.ndarray, folds: int = 5, 
     from cleanlab.filter import find_label_issues as cleanlab_issues
     from cleanlab.rank import get_label_quality_scores
 
-    kept_classes, checked = probed_classes(labels, folds)
-    classes = np.unique(labels)
-    result = {"ranked": [], "checked": checked, "skipped_classes": [int(c) for c in classes if c not in kept_classes], "probe_accuracy": None}
+    kept_classes, checked, compact = probed_classes(labels, folds)
+    result = {"ranked": [], "checked": checked, "skipped_classes": [int(c) for c in np.setdiff1d(labels, kept_classes)],
+              "probe_accuracy": None}
     if len(kept_classes) < 2:
         return result
-    compact = np.searchsorted(kept_classes, labels[checked])
     probabilities = out_of_fold_probabilities(features[checked], compact, folds, seed)
     issues = cleanlab_issues(compact, probabilities, return_indices_ranked_by="self_confidence", n_jobs=1)
     quality = get_label_quality_scores(compact, probabilities, method="self_confidence")
     rows = np.flatnonzero(checked)
     suggested = probabilities.argmax(axis=1)
     result["probe_accuracy"] = float(np.mean(suggested == compact))  # out of fold, against the given labels
-    result["ranked"] = [
-        (int(rows[i]), int(kept_classes[suggested[i]]), float(probabilities[i, suggested[i]]), float(quality[i])) for i in issues
-    ]
+    result["ranked"] = [(int(rows[i]), int(kept_classes[suggested[i]]), float(probabilities[i, suggested[i]]), float(quality[i]))
+                        for i in issues]
     return result
 
 
@@ -124,22 +118,19 @@ def power_normalised(features: np.ndarray) -> np.ndarray:
     return rooted / np.maximum(np.linalg.norm(rooted, axis=1, keepdims=True), 1e-12)
 
 
-def similar_pairs(features: np.ndarray, threshold: float, neighbours: int = NEIGHBOURS,
-                  exact_up_to: int = EXACT_PAIRS_UP_TO, seed: int = 42) -> np.ndarray:
+def similar_pairs(features: np.ndarray, threshold: float, exact_up_to: int = EXACT_PAIRS_UP_TO, seed: int = 42) -> np.ndarray:
     """Pairs `(i, j, cosine)` with i < j and cosine similarity of power-normalised features >= threshold, most similar
-    first, from each image's `neighbours` most similar images (`nearest_neighbours`)."""
+    first, from each image's NEIGHBOURS most similar images (`nearest_neighbours`)."""
     unit = np.ascontiguousarray(power_normalised(features), dtype=np.float32)
     if len(unit) < 2:
         return np.zeros((0, 3))
-    return _pairs_at(*nearest_neighbours(unit, neighbours, exact_up_to, seed), threshold)
+    return _pairs_at(*nearest_neighbours(unit, exact_up_to, seed), threshold)
 
 
-def nearest_neighbours(unit: np.ndarray, neighbours: int = NEIGHBOURS, exact_up_to: int = EXACT_PAIRS_UP_TO,
-                       seed: int = 42) -> tuple[np.ndarray, np.ndarray]:
-    """`(similarity, found)`, each `(images, neighbours + 1)`: every row's most similar rows of `unit` (unit-length
-    vectors, at least 2), itself included, by inner product (faiss). Up to `exact_up_to` images every pair is compared
-    (`IndexFlatIP`); beyond, an inverted-file index (`IndexIVFFlat`, sqrt(n) k-means cells, 8 searched per image)
-    compares each image with the images of its 8 nearest cells, at full width. `found` is -1 where fewer were found."""
+def nearest_neighbours(unit: np.ndarray, exact_up_to: int = EXACT_PAIRS_UP_TO, seed: int = 42) -> tuple[np.ndarray, np.ndarray]:
+    """`(similarity, found)`, each `(images, NEIGHBOURS + 1)`: every row's most similar rows of `unit` (unit-length
+    vectors, at least 2), itself included, by inner product (faiss): every pair up to `exact_up_to` images, beyond that
+    each image's rows in its IVF_PROBES nearest of sqrt(n) k-means cells, at full width. `found` is -1 where fewer were found."""
     import faiss
 
     count, width = unit.shape
@@ -154,7 +145,7 @@ def nearest_neighbours(unit: np.ndarray, neighbours: int = NEIGHBOURS, exact_up_
     else:
         index = faiss.IndexFlatIP(width)
     index.add(unit)
-    return index.search(unit, min(neighbours + 1, count))  # +1: an image finds itself (or a tie with a copy)
+    return index.search(unit, min(NEIGHBOURS + 1, count))  # +1: an image finds itself (or a tie with a copy)
 
 
 def _pairs_at(similarity: np.ndarray, found: np.ndarray, threshold: float) -> np.ndarray:
@@ -169,8 +160,7 @@ def _pairs_at(similarity: np.ndarray, found: np.ndarray, threshold: float) -> np
     return np.column_stack([pairs[order], similarity[order]])
 
 
-def find_copies(features: np.ndarray, hashes: np.ndarray | None, threshold: float, seed: int = 42,
-                neighbours: int = NEIGHBOURS, exact_up_to: int = EXACT_PAIRS_UP_TO) -> dict:
+def find_copies(features: np.ndarray, hashes: np.ndarray | None, threshold: float, seed: int = 42) -> dict:
     """Copies among the rows: `pairs` `(i, j)` (i < j, most similar first) with their `cosine` and `hash_distance` (-1
     without hashes), `group` (each row's group of copies, transitively; -1 for a row with none) and how the features
     were judged (`calibration`).
@@ -179,10 +169,11 @@ def find_copies(features: np.ndarray, hashes: np.ndarray | None, threshold: floa
     MAX_SHARE_ABOVE_THRESHOLD of the rows have a neighbour that close), or its hashes within HASH_RADIUS bits."""
     unit = np.ascontiguousarray(power_normalised(features), dtype=np.float32)
     count = len(unit)
-    found_pairs, calibration = [np.zeros((0, 2), dtype=np.int64)], {"images": count}
-    candidates = None
+    found_pairs, candidates = [np.zeros((0, 2), dtype=np.int64)], None
+    calibration = {"images": count, "features_meaningful": True, "share_with_a_neighbour_above_threshold": 0.0,
+                   "median_nearest_neighbour": None}
     if count >= 2:
-        similarity, found = nearest_neighbours(unit, neighbours, exact_up_to, seed)
+        similarity, found = nearest_neighbours(unit, seed=seed)
         others = (found != np.arange(count)[:, None]) & (found >= 0)
         nearest = np.where(others, similarity, -np.inf).max(axis=1)
         share = float(np.mean(nearest >= threshold))
@@ -191,10 +182,7 @@ def find_copies(features: np.ndarray, hashes: np.ndarray | None, threshold: floa
                            median_nearest_neighbour=round(float(np.median(nearest[np.isfinite(nearest)])), 4))
         if meaningful:
             found_pairs.append(_pairs_at(similarity, found, threshold)[:, :2].astype(np.int64))
-        candidates = np.stack([np.repeat(np.arange(count), found.shape[1]), found.ravel()], axis=1)
-        candidates = candidates[others.ravel()]
-    else:
-        calibration.update(features_meaningful=True, share_with_a_neighbour_above_threshold=0.0, median_nearest_neighbour=None)
+        candidates = np.stack([np.repeat(np.arange(count), found.shape[1]), found.ravel()], axis=1)[others.ravel()]
     calibration.update(hash="imagehash.phash (64 bits, grayscale)" if hashes is not None else None, hash_radius=HASH_RADIUS)
     if hashes is not None:
         found_pairs.append(hash_pairs(hashes, HASH_RADIUS, candidates))
@@ -213,8 +201,7 @@ def copy_groups(pairs: np.ndarray, count: int) -> np.ndarray:
 
     graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(count, count))
     _, component = connected_components(graph, directed=False)
-    paired, group = np.zeros(count, dtype=bool), np.full(count, -1)
-    paired[pairs.ravel()] = True
+    paired, group = np.isin(np.arange(count), pairs), np.full(count, -1)
     group[paired] = np.unique(component[paired], return_inverse=True)[1]
     return group
 
@@ -242,7 +229,6 @@ def diagnose(features: dict[str, np.ndarray], labels: dict[str, np.ndarray], cla
     where = [(split, index) for split in splits for index in range(len(features[split]))]
     pooled = np.concatenate([features[split] for split in splits]).astype(np.float32)
     pooled_labels = np.concatenate([labels[split] for split in splits]).astype(np.int64)
-    timing = {}
 
     def image(row: int) -> dict:
         split, index = where[row]
@@ -250,14 +236,13 @@ def diagnose(features: dict[str, np.ndarray], labels: dict[str, np.ndarray], cla
 
     started = time.perf_counter()
     found = find_label_issues(pooled, pooled_labels, options.doctor_folds, seed)
-    timing["label_issues_s"] = round(time.perf_counter() - started, 3)
-    label_issues = [{**image(row), "suggested_label": classes[suggested], "suggested_probability": round(probability, 4),
-                     "label_quality": round(quality, 4)} for row, suggested, probability, quality in found["ranked"]]
-
-    started = time.perf_counter()
+    labelled = time.perf_counter()
     pooled_hashes = np.concatenate([hashes[split] for split in splits]) if hashes is not None else None
     copies = find_copies(pooled, pooled_hashes, options.doctor_duplicate_threshold, seed)
-    timing["near_duplicates_s"] = round(time.perf_counter() - started, 3)
+    timing = {"label_issues_s": round(labelled - started, 3), "near_duplicates_s": round(time.perf_counter() - labelled, 3)}
+
+    label_issues = [{**image(row), "suggested_label": classes[suggested], "suggested_probability": round(probability, 4),
+                     "label_quality": round(quality, 4)} for row, suggested, probability, quality in found["ranked"]]
     near_duplicates, leaks = [], []
     for (first, second), cosine, distance in zip(copies["pairs"].tolist(), copies["cosine"], copies["hash_distance"]):
         pair = {"similarity": round(float(cosine), 4), "hash_distance": None if distance < 0 else int(distance),
@@ -275,14 +260,8 @@ def diagnose(features: dict[str, np.ndarray], labels: dict[str, np.ndarray], cla
                      "label_issue_method": "cleanlab.filter.find_label_issues (prune_by_noise_rate), ranked by self_confidence",
                      "similarity": "cosine of signed-square-root, unit-length backbone features"},
         "summary": _summary_counts(label_issues, near_duplicates, leaks, balance, splits, found, groups, conflicting, copies),
-        "label_issues": label_issues,
-        "conflicting_labels": conflicting,
-        "near_duplicates": near_duplicates,
-        "leaks": leaks,
-        "copy_groups": groups,
-        "copies": copies["calibration"],
-        "class_balance": balance,
-        "timing": timing,
+        "label_issues": label_issues, "conflicting_labels": conflicting, "near_duplicates": near_duplicates, "leaks": leaks,
+        "copy_groups": groups, "copies": copies["calibration"], "class_balance": balance, "timing": timing,
     }
 
 
@@ -301,34 +280,26 @@ def _groups(group: np.ndarray, image, classes: list[str]) -> list[dict]:
 
 
 def _summary_counts(label_issues, near_duplicates, leaks, balance, splits, found, groups, conflicting, copies) -> dict:
-    by_split = {split: sum(issue["split"] == split for issue in label_issues) for split in splits}
     crossings = {}
     for pair in leaks:
         first, second = sorted((image["split"] for image in pair["images"]), key=split_rank)
-        crossings.setdefault(f"{first}-{second}", []).append(pair)
+        crossings.setdefault((first, second), []).append(pair)
     leak_counts = {}
-    for crossing, pairs in crossings.items():
-        later = crossing.split("-")[1]
-        leak_counts[crossing] = {
-            "pairs": len(pairs),
-            # how many images of the later split (the one that measures) have a copy in the earlier one
-            f"{later}_images": len({image["index"] for pair in pairs for image in pair["images"] if image["split"] == later}),
-        }
+    for (earlier, later), pairs in crossings.items():
+        # how many images of the later split (the one that measures) have a copy in the earlier one
+        copied = {image["index"] for pair in pairs for image in pair["images"] if image["split"] == later}
+        leak_counts[f"{earlier}-{later}"] = {"pairs": len(pairs), f"{later}_images": len(copied)}
     return {
         "label_issues": len(label_issues),
-        "label_issues_by_split": by_split,
+        "label_issues_by_split": {split: sum(issue["split"] == split for issue in label_issues) for split in splits},
         "label_check_skipped_classes": found["skipped_classes"],
         "probe_accuracy": None if found["probe_accuracy"] is None else round(found["probe_accuracy"], 4),
         "near_duplicate_pairs": len(near_duplicates),
         "near_duplicate_pairs_by_split": {split: sum(pair["images"][0]["split"] == split for pair in near_duplicates) for split in splits},
-        "leak_pairs": len(leaks),
-        "leaks_by_splits": leak_counts,
-        "copy_groups": len(groups),
-        "images_in_copy_groups": sum(len(group["images"]) for group in groups),
-        "conflicting_label_groups": len(conflicting),
-        "conflicting_label_images": sum(len(group["images"]) for group in conflicting),
-        "features_meaningful": copies["calibration"]["features_meaningful"],
-        "classes_below_minimum": len(balance["below_minimum"]),
+        "leak_pairs": len(leaks), "leaks_by_splits": leak_counts,
+        "copy_groups": len(groups), "images_in_copy_groups": sum(len(group["images"]) for group in groups),
+        "conflicting_label_groups": len(conflicting), "conflicting_label_images": sum(len(group["images"]) for group in conflicting),
+        "features_meaningful": copies["calibration"]["features_meaningful"], "classes_below_minimum": len(balance["below_minimum"]),
     }
 
 

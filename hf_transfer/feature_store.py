@@ -1,11 +1,12 @@
 """Backbone features of a dataset's splits, computed once per model, preprocessing and data, kept in the datasets cache.
 
 The features are the input of the model's classifier (its pooled features). Keyed by model id, backbone weights,
-preprocessing, dataset fingerprint, split, views and the precision of the pass (`precision.Precision`): a second
-run (or `hf-transfer doctor`) skips extraction. The features of some rows of a split (`hf-transfer select`'s sample) are
-an entry of their own, which a later extraction of the whole split reuses: those images pass through the model once. Extraction runs in that precision (bf16 autocast and channels_last
-on hardware that computes bf16 natively). The cache is a folder anyone with write access can change under its key: an
-entry read from it is checked first, every label against the dataset and a seeded sample of its features against the model.
+preprocessing, dataset fingerprint, split, views and the precision of the pass (`precision.Precision`): a second run (or
+`hf-transfer doctor`) skips extraction. Extraction runs in that precision (bf16 autocast and channels_last on hardware
+that computes bf16 natively). The features of some rows of a split (`hf-transfer select`'s sample) are an entry of their
+own, which a later extraction of the whole split reuses: those images pass through the model once. The cache is a folder
+anyone with write access can change under its key: an entry read from it is checked first, every label against the
+dataset and a seeded sample of its features against the model.
 """
 
 from __future__ import annotations
@@ -123,12 +124,8 @@ class FeatureStore:
         self.batch_seconds: list[float] = []  # the forward time of each full batch passed (`select`'s images/s)
         self.writer = placement(cache_root()).writer  # writes this machine's copy of the cache (every process asks)
         self.model_key = {
-            "format": FORMAT_VERSION,
-            "model": model_args.model,
-            "revision": model_args.model_revision,
-            "class": type(model).__name__,
-            "weights": weights_digest(model, head_name),
-            "columns": [data.image_column, data.label_column],
+            "format": FORMAT_VERSION, "model": model_args.model, "revision": model_args.model_revision, "class": type(model).__name__,
+            "weights": weights_digest(model, head_name), "columns": [data.image_column, data.label_column],
             "precision": self.precision.dtype,  # bf16 features differ from fp32 ones by up to a few percent
         }
 
@@ -141,15 +138,8 @@ class FeatureStore:
         return sibling
 
     def key(self, split: str, views: int) -> dict:
-        transform = self.train_transform if views else self.eval_transform
-        return {
-            **self.model_key,
-            "transform": repr(transform),
-            "views": views,
-            "seed": self.args.seed if views else None,
-            "dataset": self.data.splits[split]._fingerprint,
-            "split": split,
-        }
+        return {**self.model_key, "transform": repr(self.train_transform if views else self.eval_transform), "views": views,
+                "seed": self.args.seed if views else None, "dataset": self.data.splits[split]._fingerprint, "split": split}
 
     def path(self, key: dict) -> Path:
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
@@ -275,9 +265,7 @@ class FeatureStore:
             reused_rows, reused_features, reused_labels = self._reusable(split, path)
         todo = np.setdiff1d(wanted, reused_rows) if len(reused_rows) else wanted
         # The rows `datasets.Dataset.shard(contiguous=True)` gives this process.
-        size, extra = divmod(len(todo), state.num_processes)
-        start = size * state.process_index + min(state.process_index, extra)
-        shard = todo[start:start + size + (state.process_index < extra)].tolist()
+        shard = np.array_split(todo, state.num_processes)[state.process_index].tolist()
         started = time.perf_counter()
         per_view, labels = [], None
         with _random_state_kept():
@@ -285,35 +273,29 @@ class FeatureStore:
                 # Augmented views: each image seeded on its own, the same crops and flips on every extraction and check.
                 source = (Subset(SeededAugmentation(dataset, self.args.seed, view), shard) if views
                           else self._rows(split, dataset, shard, transform))
-                loader = DataLoader(
-                    source, batch_size=self.args.per_device_eval_batch_size, collate_fn=collate,
-                    num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory,
-                )
+                loader = DataLoader(source, batch_size=self.args.per_device_eval_batch_size, collate_fn=collate,
+                                    num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
                 description = f"Extracting {split} features" + (f" (view {view + 1}/{views})" if views else "")
                 features, view_labels = self._pass(loader, description, disable=not state.is_main_process or self.args.disable_tqdm)
                 per_view.append(features)
                 labels = view_labels if labels is None else labels
         if len(todo):
-            features, labels = gather_rows(torch.stack(per_view, dim=1)), gather_rows(labels)
+            features, labels = gather_rows(torch.stack(per_view, dim=1)).numpy(), gather_rows(labels).numpy()
         else:  # every row came from entries of some rows
-            features, labels = torch.zeros((0, 1, reused_features.shape[-1])), torch.zeros(0, dtype=torch.int64)
+            features, labels = np.zeros((0, 1, reused_features.shape[-1]), np.float32), np.zeros(0, np.int64)
         self.computed[split] = len(features)
         if len(reused_rows):
             self.reused[split] = len(reused_rows)
-            whole = torch.zeros((len(dataset), *features.shape[1:]), dtype=torch.float32)
-            whole_labels = torch.zeros(len(dataset), dtype=torch.int64)
-            whole[torch.from_numpy(todo)], whole_labels[torch.from_numpy(todo)] = features, labels
-            whole[torch.from_numpy(reused_rows)] = torch.from_numpy(reused_features.astype(np.float32))
-            whole_labels[torch.from_numpy(reused_rows)] = torch.from_numpy(reused_labels)
+            whole, whole_labels = np.zeros((len(dataset), *features.shape[1:]), np.float32), np.zeros(len(dataset), np.int64)
+            whole[todo], whole_labels[todo] = features, labels
+            whole[reused_rows], whole_labels[reused_rows] = reused_features, reused_labels
             features, labels = whole, whole_labels
         if self.writer:  # one process per copy of the cache: each machine's own, or one for a shared filesystem
-            store(path, features.numpy(), labels.numpy(), key)
+            store(path, features, labels, key)
         if state.is_main_process:
             seconds = time.perf_counter() - started
-            logger.info(
-                "feature cache: extracted %d %s image(s) x %d view(s) in %.1f s (%.1f images/s, %d process(es)) -> %s",
-                len(todo), split, max(views, 1), seconds, len(todo) * max(views, 1) / seconds, state.num_processes, path,
-            )
+            logger.info("feature cache: extracted %d %s image(s) x %d view(s) in %.1f s (%.1f images/s, %d process(es)) -> %s",
+                        len(todo), split, max(views, 1), seconds, len(todo) * max(views, 1) / seconds, state.num_processes, path)
             if len(reused_rows):
                 logger.info("feature cache: %d more %s image(s) read from entries of some of its rows (hf-transfer select)",
                             len(reused_rows), split)
@@ -369,8 +351,7 @@ class FeatureStore:
         return on_every_process((self.path(self.key(split, 0)) / KEY_FILE).is_file())
 
     def save(self, split: str, features: np.ndarray, labels: np.ndarray, seconds: float) -> None:
-        """Store un-augmented features computed in another pass (the full model's test pass, `seconds` long), once per
-        copy of the cache."""
+        """Store un-augmented features computed in another pass (the full model's test pass, `seconds` long), once per copy of the cache."""
         if split in self.kept:  # a subset must not be stored under the whole split's key (the doctor cached it anyway)
             raise RuntimeError(f"The {split} features of a run with excluded images cannot be stored as the whole split's.")
         if self.writer:

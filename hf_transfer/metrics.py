@@ -6,17 +6,11 @@ import numpy as np
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 
 
-def classification_metrics(predictions, references) -> dict[str, float]:
-    """Accuracy and F1 averaged over classes with equal weight, of class-id `predictions` against `references`."""
-    return {
-        "accuracy": float(accuracy_score(references, predictions)),
-        "f1": float(f1_score(references, predictions, average="macro", zero_division=0)),
-    }
-
-
 def compute_metrics(eval_prediction) -> dict[str, float]:
-    """`Trainer`'s `compute_metrics` hook: logits in, accuracy and macro-F1 out."""
-    return classification_metrics(np.argmax(eval_prediction.predictions, axis=-1), eval_prediction.label_ids)
+    """`Trainer`'s `compute_metrics` hook: logits in, accuracy and macro-F1 (classes weighted equally) out."""
+    predictions, references = np.argmax(eval_prediction.predictions, axis=-1), eval_prediction.label_ids
+    return {"accuracy": float(accuracy_score(references, predictions)),
+            "f1": float(f1_score(references, predictions, average="macro", zero_division=0))}
 
 
 def test_report(predictions, references, labels: list[str]) -> dict:

@@ -58,7 +58,7 @@ def plot_training_curves(log_history: Sequence[dict], path: str | Path, marks: S
     vertical line at each of `marks` (optimizer step, label: see `curve_marks`). Kept, not drawn, when `previous`
     (default: `path`) shows the same curves (`figures.draw`): the run's timings are not part of them."""
     curves = training_curves(log_history, marks)
-    return draw(path, "training curves", curves, lambda file, metadata: _save(_curves_figure(curves), file, metadata), previous)
+    return draw(path, "training curves", curves, lambda file, metadata: save_png(_curves_figure(curves), file, metadata), previous)
 
 
 def has_curves(log_history: Sequence[dict]) -> bool:
@@ -83,7 +83,7 @@ def training_curves_figure(log_history: Sequence[dict], marks: Sequence[tuple[in
 
 
 def _curves_figure(curves: dict) -> Figure:
-    plt = _pyplot()
+    plt = pyplot()
     fig, (loss_ax, metric_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
     for label, style in (("train loss", "-o"), ("validation loss", "-s")):
         epochs, values = curves[label]
@@ -113,12 +113,12 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], labels: Sequence[str]
     counts = np.asarray(matrix, dtype=float)
     if counts.ndim != 2 or counts.shape[0] != counts.shape[1] or counts.shape[0] != len(labels):
         raise ValueError(f"confusion matrix of shape {counts.shape} does not match {len(labels)} labels")
-    inputs = {"matrix": counts, "labels": [str(label) for label in labels]}
-    return draw(path, "confusion matrix", inputs, lambda file, metadata: _save(_confusion_figure(counts, labels), file, metadata), previous)
+    return draw(path, "confusion matrix", {"matrix": counts, "labels": [str(label) for label in labels]},
+                lambda file, metadata: save_png(_confusion_figure(counts, labels), file, metadata), previous)
 
 
 def _confusion_figure(counts: np.ndarray, labels: Sequence[str]) -> Figure:
-    plt = _pyplot()
+    plt = pyplot()
     n = len(labels)
     # Colour by share of each true class so that rare classes stay readable.
     shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
@@ -131,10 +131,9 @@ def _confusion_figure(counts: np.ndarray, labels: Sequence[str]) -> Figure:
     ax.set_xticks(range(n), labels, rotation=45 if n > 4 else 0, ha="right" if n > 4 else "center", fontsize=font)
     ax.set_yticks(range(n), labels, fontsize=font)
     if n <= 30:  # beyond that, numbers would not fit in the cells
-        for row in range(n):
-            for col in range(n):
-                ax.text(col, row, f"{int(counts[row, col])}", ha="center", va="center", fontsize=font,
-                        color="white" if shares[row, col] > 0.5 else "black")
+        for row, col in np.ndindex(n, n):
+            ax.text(col, row, f"{int(counts[row, col])}", ha="center", va="center", fontsize=font,
+                    color="white" if shares[row, col] > 0.5 else "black")
     total, correct = counts.sum(), np.trace(counts)
     accuracy = f"accuracy {correct / total:.1%} on {int(total)} images" if total else "no images"
     ax.set(title=f"Confusion matrix, test split\n({accuracy})", xlabel="predicted label", ylabel="true label")
@@ -142,7 +141,7 @@ def _confusion_figure(counts: np.ndarray, labels: Sequence[str]) -> Figure:
     return fig
 
 
-def _pyplot():
+def pyplot():
     """matplotlib's pyplot, loaded when a figure is drawn (a rerun that keeps its figures never loads it)."""
     import matplotlib
 
@@ -152,7 +151,6 @@ def _pyplot():
     return plt
 
 
-def _save(fig: Figure, path: Path, metadata: dict) -> Path:
-    fig.savefig(path, dpi=120, format="png", metadata=metadata)
-    _pyplot().close(fig)
-    return path
+def save_png(fig: Figure, path: Path, metadata: dict, dpi: int = 120) -> None:
+    fig.savefig(path, dpi=dpi, format="png", metadata=metadata)
+    pyplot().close(fig)

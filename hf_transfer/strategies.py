@@ -13,25 +13,14 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from torch import nn
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, PredictionOutput
 
-from .cached_head import (
-    CachedFeatures,
-    CycleViews,
-    HeadOnFeatures,
-    HeadTrainer,
-    StopAtStep,
-    check_cache,
-    collated,
-    head_dropout,
-    one_cpu_thread,
-    speed_figures,
-)
+from .cached_head import CachedFeatures, CycleViews, HeadOnFeatures, HeadTrainer, StopAtStep, check_cache, collated, one_cpu_thread
 from .checkpoints import newest_checkpoint_on_every_process
 from .feature_store import FEATURE_RTOL, FeatureCacheMismatchError, FeatureCapture, FeatureStore, check_sample
 from .metrics import compute_metrics
@@ -49,6 +38,11 @@ class Fitted:
     eval_metrics: dict
     test_output: PredictionOutput
     feature_cache: dict | None = None  # what the cached strategies record as `feature_cache` in all_results.json
+
+
+def speed_figures(metrics: dict) -> dict:
+    """Takes Trainer's speed figures (`*_runtime`, `*_per_second`) out of `metrics` and returns them."""
+    return {key: metrics.pop(key) for key in list(metrics) if key.endswith(("_runtime", "_per_second"))}
 
 
 class FullModel:
@@ -88,8 +82,7 @@ class CachedHead(FullModel):
         return Fitted(head_trainer, train_metrics, eval_metrics, test_output, self.summary)
 
     def _test(self, head_trainer: SafeTrainer) -> PredictionOutput:
-        """Test metrics of the trained head on the cached test features, checked against the full model on images:
-        on every test image when this run extracts the features (from that same pass), else on CHECK_IMAGES of them."""
+        """The trained head's test metrics on the cached test features, checked against the full model on images as above."""
         if self.store.has("test"):
             features, labels = self.store.features("test")
             rows = check_sample(len(labels), self.trainer.args.seed)
@@ -107,10 +100,11 @@ class CachedHead(FullModel):
         # The speed reported for testing is the full model's on images (the card's "inference" line): this run's pass.
         test_output.metrics.update(speed_figures(full.metrics))
         check = check_cache(full_features, features[rows, 0], full.predictions, test_output.predictions[rows], full.label_ids, labels[rows])
-        self.summary["test_check"] = {**check.as_dict(), "all_test_images": len(rows) == len(labels), "seconds": round(seconds, 2)}
-        accuracy = test_output.metrics["test_accuracy"]
-        test_output.metrics.update(test_cache_accuracy=accuracy, test_cache_agreement=check.agreement, test_cache_checked_images=check.images)
-        self.summary.update(test_cache_accuracy=accuracy, test_cache_agreement=check.agreement)
+        self.summary["test_check"] = {**asdict(check), "all_test_images": len(rows) == len(labels),
+                                      "seconds": round(seconds, 2)}
+        cache = {"test_cache_accuracy": test_output.metrics["test_accuracy"], "test_cache_agreement": check.agreement}
+        test_output.metrics.update(cache, test_cache_checked_images=check.images)
+        self.summary.update(cache)
         if not check.ok:
             raise FeatureCacheMismatchError(
                 f"The full model and the cached test features disagree on {check.mismatched} of {check.images} checked test images "
@@ -132,21 +126,15 @@ class CachedHead(FullModel):
         the head's parameters) and callbacks; `stop_at`: the step where a staged run hands over to images."""
         image_trainer = self.trainer
         train = CachedFeatures(*self.store.features("train"))
-        validation = CachedFeatures(*self.store.features("validation"))
         args = copy.copy(image_trainer.args)
         args.dataloader_num_workers, args.dataloader_persistent_workers = 0, False  # features are in memory
         args.remove_unused_columns = False  # batches come whole from `CachedFeatures.__getitems__`
         if stop_at is not None:  # the run goes on after this stage: no end-of-run best-model reload or pruning
             args.load_best_model_at_end = False
             args.save_total_limit = None if args.save_total_limit == 1 else args.save_total_limit
-        model = image_trainer.model
         head_trainer = HeadTrainer(
-            model=HeadOnFeatures(self.head, head_dropout(model, self.head_name), model),
-            args=args,
-            train_dataset=train,
-            eval_dataset=validation,
-            data_collator=collated,
-            compute_metrics=compute_metrics,
+            model=HeadOnFeatures(self.head, self.head_name, image_trainer.model), args=args, train_dataset=train,
+            eval_dataset=CachedFeatures(*self.store.features("validation")), data_collator=collated, compute_metrics=compute_metrics,
             processing_class=image_trainer.processing_class,  # checkpoints are complete model repos
             optimizers=(image_trainer.optimizer, None),
             test_dataset=CachedFeatures(*self.store.features("test")) if image_trainer.test_dataset is not None else None,
@@ -212,8 +200,7 @@ def tests_on_cache(prepared) -> bool:
 
 
 def choose(recipe, prepared, trainer: SafeTrainer, test_split) -> FullModel:
-    """The strategy of a run: the cached head when the backbone starts frozen (`prepared.cache_refusal`), else the full
-    model."""
+    """The strategy of a run: the cached head when the backbone starts frozen (`prepared.cache_refusal`), else the full model."""
     refusal, plan, store, head = prepared.cache_refusal, prepared.plan, prepared.store, prepared.head
     if refusal or store is None:
         if refusal and recipe.run.feature_cache and not refusal.startswith("off"):
