@@ -46,7 +46,6 @@ def _untrusted(value):
 
 
 def _hub_link(repo_id: str, kind: str = "") -> str:
-    """A Hub id as a link to its page; anything that is not a valid Hub id as a code span."""
     try:
         validate_repo_id(repo_id)
     except HFValidationError:
@@ -88,31 +87,20 @@ def describe_hardware() -> str:
 
 def build_card_data(run: RunFiles, repo_id: str | None) -> ModelCardData:
     dataset_id, on_hub = run.dataset
-    test_split = run.run_config.get("data", {}).get("test_split") or "test"
-    common = dict(task_type="image-classification", task_name="Image Classification", dataset_type=dataset_id,
-                  dataset_name=dataset_id, dataset_split=test_split,
-                  dataset_config=run.run_config.get("data", {}).get("dataset_config"))
-    eval_results = [
-        EvalResult(metric_type="accuracy", metric_name="Test accuracy", metric_value=run.results["test_accuracy"],
-                   **common),
-        EvalResult(metric_type="f1", metric_name="Test macro-F1", metric_value=run.results["test_f1"],
-                   metric_args={"average": "macro"}, **common),
-    ]
+    data_args = run.run_config.get("data", {})
+    common = dict(task_type="image-classification", task_name="Image Classification", dataset_type=dataset_id, dataset_name=dataset_id,
+                  dataset_split=data_args.get("test_split") or "test", dataset_config=data_args.get("dataset_config"))
+    eval_results = [EvalResult(metric_type="accuracy", metric_name="Test accuracy", metric_value=run.results["test_accuracy"], **common),
+                    EvalResult(metric_type="f1", metric_name="Test macro-F1", metric_value=run.results["test_f1"],
+                               metric_args={"average": "macro"}, **common)]
     strategy = (run.freeze_plan or {}).get("strategy")
     tags = ["image-classification", "transfer-learning", "hf-transfer"]
     tags += ["timm"] if run.is_timm else []
     tags += [f"freeze-{strategy}".replace("_", "-").lower()] if strategy else []
-    return ModelCardData(
-        model_name=(repo_id or str(run.location)).split("/")[-1],
-        base_model=run.base_model,
-        datasets=[dataset_id] if on_hub else None,
-        license=run.license,
-        library_name="timm" if run.timm_loadable else "transformers",
-        pipeline_tag="image-classification",
-        metrics=["accuracy", "f1"],
-        tags=tags,
-        eval_results=eval_results,
-    )
+    return ModelCardData(model_name=(repo_id or str(run.location)).split("/")[-1], base_model=run.base_model,
+                         datasets=[dataset_id] if on_hub else None, license=run.license,
+                         library_name="timm" if run.timm_loadable else "transformers", pipeline_tag="image-classification",
+                         metrics=["accuracy", "f1"], tags=tags, eval_results=eval_results)
 
 
 def _summary(run: RunFiles, repo_id: str | None, data: ModelCardData) -> dict:
@@ -120,17 +108,15 @@ def _summary(run: RunFiles, repo_id: str | None, data: ModelCardData) -> dict:
     identifier, on_hub = run.dataset
     requested = str(run.run_config.get("model", {}).get("model") or "")
     source = repo_id or shareable_path(str(run.location))  # the card is published: no absolute local path
-    return dict(
-        title=escape.markdown(data.model_name), labels=[escape.markdown(label) for label in run.labels],
-        model=dict(hub_link=data.base_model and _hub_link(data.base_model), architecture=escape.markdown_code(run.architecture),
-                   random_init=run.run_config.get("model", {}).get("pretrained") is False,
-                   folder=requested and Path(requested).is_dir() and escape.markdown_code(Path(requested).name)),
-        dataset=dict(link=on_hub and _hub_link(identifier, "datasets/"),
-                     folder=identifier != "unknown" and escape.markdown_code(identifier)),
-        strategy=(run.freeze_plan or {}).get("strategy", "not recorded"), source=source,
-        timm_source=run.timm_loadable and (f"hf-hub:{repo_id}" if repo_id else f"local-dir:{source}"),
-        n_test=(run.results.get("split_sizes") or {}).get("test"), image_size=run.image_size, license=run.license,
-    )
+    return dict(title=escape.markdown(data.model_name), labels=[escape.markdown(label) for label in run.labels],
+                model=dict(hub_link=data.base_model and _hub_link(data.base_model), architecture=escape.markdown_code(run.architecture),
+                           random_init=run.run_config.get("model", {}).get("pretrained") is False,
+                           folder=requested and Path(requested).is_dir() and escape.markdown_code(Path(requested).name)),
+                dataset=dict(link=on_hub and _hub_link(identifier, "datasets/"),
+                             folder=identifier != "unknown" and escape.markdown_code(identifier)),
+                strategy=(run.freeze_plan or {}).get("strategy", "not recorded"), source=source,
+                timm_source=run.timm_loadable and (f"hf-hub:{repo_id}" if repo_id else f"local-dir:{source}"),
+                n_test=(run.results.get("split_sizes") or {}).get("test"), image_size=run.image_size, license=run.license)
 
 
 def _data(run: RunFiles) -> dict:
@@ -187,18 +173,16 @@ def _freeze_plan(run: RunFiles) -> dict | None:
     last = history[-1] if history else {}
     block_rates = bool(blocks) and "learning_rates" in last  # the rates the optimizer's groups held as the final stage ran
     first, final = last.get("learning_rates") or {}, last.get("learning_rates_at_last_step") or {}
-    return dict(
-        settings=[plan.get("preset") or plan.get("freeze") or plan.get("strategy"), plan.get("strategy"), plan.get("batchnorm"),
-                  plan.get("layer_decay")],
-        trainable=plan.get("trainable_parameters"), total=plan.get("total_parameters"), integrity=plan.get("integrity") or {},
-        stages=[[h.get("stage"), h.get("train"), h.get("started_at_step"), h.get("reason", "—"), h.get("lr_scale", 1.0),
-                 _rate_range(h.get("learning_rates")), f"{h.get('trainable_parameters', 0):,}"] for h in history]
-        if len(history) > 1 or plan.get("stages") else None,
-        block_rates=block_rates,
-        blocks=[[b.get("name"), f"{b.get('params', 0):,}", "yes" if b.get("trainable") else "no",
-                 *([first.get(b.get("name")), final.get(b.get("name"))] if block_rates else [b.get("lr")]), b.get("batchnorm")]
-                for b in blocks],
-    )
+    return dict(settings=[plan.get("preset") or plan.get("freeze") or plan.get("strategy"), plan.get("strategy"), plan.get("batchnorm"),
+                          plan.get("layer_decay")],
+                trainable=plan.get("trainable_parameters"), total=plan.get("total_parameters"), integrity=plan.get("integrity") or {},
+                stages=[[h.get("stage"), h.get("train"), h.get("started_at_step"), h.get("reason", "—"), h.get("lr_scale", 1.0),
+                         _rate_range(h.get("learning_rates")), f"{h.get('trainable_parameters', 0):,}"] for h in history]
+                if len(history) > 1 or plan.get("stages") else None,
+                block_rates=block_rates,
+                blocks=[[b.get("name"), f"{b.get('params', 0):,}", "yes" if b.get("trainable") else "no",
+                         *([first.get(b.get("name")), final.get(b.get("name"))] if block_rates else [b.get("lr")]), b.get("batchnorm")]
+                        for b in blocks])
 
 
 def _optimizer(run: RunFiles) -> dict | None:
@@ -218,7 +202,6 @@ def _optimizer(run: RunFiles) -> dict | None:
 
 
 def _rate_range(rates: dict | None) -> str:
-    """Learning rates by block as one value, or their range across blocks."""
     values = sorted((rates or {}).values())
     if not values:
         return "—"
@@ -246,8 +229,7 @@ def _epoch_training(history: list[dict], start: int, end: int) -> tuple[float | 
     Each logged `loss` is the mean over the steps since the previous log: every step counts with the loss of the log
     that covers it (exact when logs do not straddle the evaluations; with `logging_steps` that do, the closest there is)."""
     logged = [entry for entry in history if "loss" in entry and "step" in entry]
-    total = steps = 0
-    previous = 0
+    total = steps = previous = 0
     for entry in logged:
         covered = min(entry["step"], end) - max(previous, start)
         if covered > 0:
@@ -325,19 +307,17 @@ def _deployment(run: RunFiles) -> dict | None:
     speed = report.get("speed") or {}
     speed_rows = speed.get("rows")
     throughput = next((key for key in speed_rows[0] if key.startswith("images_per_second_batch_")), None) if speed_rows else None
-    return dict(
-        opset=report.get("opset"), exporter=report.get("exporter"), check=report.get("check") or {},
-        graphs=[[f"`{graph.get('file')}`", name, graph.get("size_mb"), f"{graph.get('agreement', 0):.2%}",
-                 graph.get("max_abs_logit_difference"), f"{graph.get('accuracy', 0):.2%}",
-                 "kept" if name in kept else f"refused: {graph.get('reason')}"]
-                for name, graph in report["graphs"].items()],
-        quantization=(report["graphs"].get("int8") or {}).get("quantization"), machine=speed.get("machine"),
-        batch=throughput.rsplit("_", 1)[-1] if throughput else "?",
-        speed=speed_rows and [[row["model"], row.get("latency_ms_batch_1"), row.get(throughput), f"{row.get('accuracy', 0):.2%}"]
-                              for row in speed_rows],
-        kept=bool(kept), graph=kept and (kept.get("int8") or kept["fp32"])["file"],
-        backend="onnx-int8" if "int8" in kept else "onnx",
-    )
+    return dict(opset=report.get("opset"), exporter=report.get("exporter"), check=report.get("check") or {},
+                graphs=[[f"`{graph.get('file')}`", name, graph.get("size_mb"), f"{graph.get('agreement', 0):.2%}",
+                         graph.get("max_abs_logit_difference"), f"{graph.get('accuracy', 0):.2%}",
+                         "kept" if name in kept else f"refused: {graph.get('reason')}"]
+                        for name, graph in report["graphs"].items()],
+                quantization=(report["graphs"].get("int8") or {}).get("quantization"), machine=speed.get("machine"),
+                batch=throughput.rsplit("_", 1)[-1] if throughput else "?",
+                speed=speed_rows and [[row["model"], row.get("latency_ms_batch_1"), row.get(throughput), f"{row.get('accuracy', 0):.2%}"]
+                                      for row in speed_rows],
+                kept=bool(kept), graph=kept and (kept.get("int8") or kept["fp32"])["file"],
+                backend="onnx-int8" if "int8" in kept else "onnx")
 
 
 def ensure_plots(run: RunFiles) -> None:
@@ -368,7 +348,6 @@ def write_model_card(output_dir: str | Path, repo_id: str | None = None, final_d
                                         for label, m in run.report["per_class"].items()] if run.report else None,
         figures={name: figure if (run.dir / figure).is_file() else None
                  for name, figure in (("confusion", CONFUSION_PNG), ("explanations", EXPLANATIONS_PNG), ("curves", CURVES_PNG))},
-        compute=_compute(run), deployment=_deployment(run), limits=_limitations(run),
-    )
+        compute=_compute(run), deployment=_deployment(run), limits=_limitations(run))
     card.save(run.dir / MODEL_CARD)
     return card

@@ -192,11 +192,7 @@ def select_command(argv: list[str]) -> dict:
     from .select_options import SelectArguments
 
     if not argv or "-h" in argv or "--help" in argv:
-        from transformers import HfArgumentParser
-
-        print(SELECT_USAGE)
-        HfArgumentParser((SelectArguments,)).print_help()
-        sys.exit(0 if argv else 2)
+        _recipe_or_help(argv, SELECT_USAGE, (SelectArguments,))  # prints the help and exits
     options, recipe_argv = _exit_on_user_error(split_select_argv, argv)
     recipe = _recipe_or_help(recipe_argv, SELECT_USAGE, ())
     from .selection import run_select
@@ -213,26 +209,20 @@ image: its path or index, the top-k labels and scores, the true label where the 
 Accuracy and a confusion matrix are printed when the images have true labels. An interrupted run continues with --resume."""
 
 
-def export_command(argv: list[str]) -> dict:
-    """`hf-transfer export <model folder> [--int8] [--opset N] ...`."""
-    from .deploy_options import ExportArguments, command_parser, parse_options
+def deploy_command(name: str, argv: list[str]) -> dict:
+    """`hf-transfer export <model folder> [--int8] [--opset N] ...` and
+    `hf-transfer predict <model> <images> [--output predictions.csv] [--top_k K] [--backend torch|onnx|onnx-int8] ...`."""
+    from . import deploy_options
 
-    args = _exit_on_user_error(parse_options, command_parser("hf-transfer export", EXPORT_HELP, ExportArguments), ExportArguments, argv)
+    options = deploy_options.ExportArguments if name == "export" else deploy_options.PredictArguments
+    command_parser = deploy_options.command_parser(f"hf-transfer {name}", EXPORT_HELP if name == "export" else PREDICT_HELP, options)
+    args = _exit_on_user_error(deploy_options.parse_options, command_parser, options, argv)
     setup_logging(True)
-    from .export import export_model
-
-    return _exit_on_user_error(export_model, args)
-
-
-def predict_command(argv: list[str]) -> dict:
-    """`hf-transfer predict <model> <images> [--output predictions.csv] [--top_k K] [--backend torch|onnx|onnx-int8] ...`."""
-    from .deploy_options import PredictArguments, command_parser, parse_options
-
-    args = _exit_on_user_error(parse_options, command_parser("hf-transfer predict", PREDICT_HELP, PredictArguments), PredictArguments, argv)
-    setup_logging(True)
-    from .predict import predict
-
-    return _exit_on_user_error(predict, args)
+    if name == "export":
+        from .export import export_model as work
+    else:
+        from .predict import predict as work
+    return _exit_on_user_error(work, args)
 
 
 def demo_command(args: argparse.Namespace) -> None:
@@ -278,17 +268,12 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--top-k", type=int, default=5, help="how many labels to show")
     demo.set_defaults(handler=demo_command)
 
-    if argv[:1] == ["train"]:
-        run_training(argv[1:], own_process)
-        return
-    if argv[:1] == ["doctor"]:
-        doctor_command(argv[1:], own_process)
-        return
-    if argv[:1] == ["select"]:
-        select_command(argv[1:])
-        return
-    if argv[:1] in (["export"], ["predict"]):
-        (export_command if argv[0] == "export" else predict_command)(argv[1:])
+    # The commands that read their own options (a recipe's, or a dataclass's) take the rest of the command line.
+    own_options = {"train": lambda rest: run_training(rest, own_process), "doctor": lambda rest: doctor_command(rest, own_process),
+                   "select": select_command, "export": lambda rest: deploy_command("export", rest),
+                   "predict": lambda rest: deploy_command("predict", rest)}
+    if argv and argv[0] in own_options:
+        own_options[argv[0]](argv[1:])
         return
     args = commands.parse_args(argv)
     _exit_on_user_error(args.handler, args)

@@ -47,9 +47,7 @@ def load_app() -> ModuleType:
     """Import spaces_demo/app.py as a module: one copy of the app for local runs and Spaces."""
     app_path = SPACE_DIR / "app.py"
     if not app_path.is_file():
-        raise FileNotFoundError(
-            f"{app_path} is missing: `hf-transfer demo` runs from a checkout of the repository (pip install -e .)."
-        )
+        raise FileNotFoundError(f"{app_path} is missing: `hf-transfer demo` runs from a checkout of the repository (pip install -e .).")
     spec = importlib.util.spec_from_file_location("hf_transfer_space_app", app_path)
     app = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(app)
@@ -96,10 +94,8 @@ def _busy_port_message(port: int | None) -> str:
 
 
 def start_demo(model: str, *, examples_dir: Path | None = None, port: int | None = None, top_k: int = 5) -> gr.Blocks:
-    """Serve the demo of `model` (output dir or Hub repo id) on 127.0.0.1 without blocking; close() stops it.
-
-    Without examples_dir, an output dir's examples are a few images of the test split its run was scored on.
-    """
+    """Serve the demo of `model` (output dir or Hub repo id) on 127.0.0.1 without blocking; close() stops it. Without
+    examples_dir, an output dir's examples are a few images of the test split its run was scored on."""
     check_model(model)
     check_port(port)
     app = load_app()
@@ -151,19 +147,12 @@ def stage_space(dest: Path, model_repo_id: str, examples_dir: Path | None = None
 
 def push_space(space_id: str, model_repo_id: str, *, examples_dir: Path | None = None, private: bool | None = None,
                token: str | None = None) -> str:
-    """`hf-transfer push ... --space user/space`: create or update a Gradio Space serving model_repo_id.
-
-    Returns the Space URL. Stale example images from an earlier push are removed.
-    """
+    """`hf-transfer push ... --space user/space`: create or update a Gradio Space serving model_repo_id; return its URL.
+    Stale example images from an earlier push are removed."""
     api = HfApi(token=token)
     url = api.create_repo(space_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
     with tempfile.TemporaryDirectory() as staging:
         stage_space(Path(staging), model_repo_id, examples_dir)
-        api.upload_folder(
-            repo_id=space_id,
-            repo_type="space",
-            folder_path=staging,
-            commit_message=f"Demo of {model_repo_id}",
-            delete_patterns=[f"{EXAMPLES_IN_SPACE}/*"],
-        )
+        api.upload_folder(repo_id=space_id, repo_type="space", folder_path=staging, commit_message=f"Demo of {model_repo_id}",
+                          delete_patterns=[f"{EXAMPLES_IN_SPACE}/*"])
     return str(url)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import zip_longest
 from pathlib import Path
 
 import numpy as np
@@ -96,15 +97,12 @@ class Logits(nn.Module):
 
 
 def find_target_layer(model: nn.Module, pixel_values: torch.Tensor) -> TargetLayer:
-    """The layer whose map Grad-CAM weighs, found from one forward pass of pixel_values, for timm and transformers
-    models alike.
-
-    CNNs (and timm's NHWC models): the last module to output a spatial map before the head, i.e. the feature map that
-    global pooling reads (timm's `forward_features` output: `bn2` of EfficientNet, `layer4` of ResNet). ViT-style
+    """The layer whose map Grad-CAM weighs, found from one forward pass of pixel_values, for timm and transformers models
+    alike. CNNs (and timm's NHWC models): the last module to output a spatial map before the head, i.e. the feature map
+    that global pooling reads (timm's `forward_features` output: `bn2` of EfficientNet, `layer4` of ResNet). ViT-style
     models, whose last spatial map is the patch embedding: the first norm of the last transformer block (timm
-    `blocks[-1].norm1`, transformers `encoder.layer[-1].layernorm_before`), grad-cam's recipe for ViTs, since the
-    final norm's patch tokens get no gradient when the class token alone is classified.
-    """
+    `blocks[-1].norm1`, transformers `encoder.layer[-1].layernorm_before`), grad-cam's recipe for ViTs, since the final
+    norm's patch tokens get no gradient when the class token alone is classified."""
     names = {module: name for name, module in model.named_modules()}
     in_block_list = {child for module in model.modules() if isinstance(module, (nn.ModuleList, nn.Sequential))
                      for child in module.children()}
@@ -124,13 +122,12 @@ def find_target_layer(model: nn.Module, pixel_values: torch.Tensor) -> TargetLay
     finally:
         for hook in hooks:
             hook.remove()
-    batch = 1
 
-    def spatial(shape) -> bool:
-        return len(shape) == 4 and shape[0] == batch and sorted(shape[1:])[1] > 1  # two dims > 1: a map, not pooled
+    def spatial(shape) -> bool:  # of the one image: two dims > 1 make a map, not pooled features
+        return len(shape) == 4 and shape[0] == 1 and sorted(shape[1:])[1] > 1
 
     def tokens(shape) -> bool:
-        return len(shape) == 3 and shape[0] == batch and shape[1] > 1
+        return len(shape) == 3 and shape[0] == 1 and shape[1] > 1
 
     last_map = max((i for i, (_, shape, bare) in enumerate(calls) if bare and spatial(shape)), default=None)
     if last_map is None:
@@ -163,8 +160,7 @@ class Explainer:
     the same preprocessing, so the map explains the pipeline's own prediction."""
 
     def __init__(self, model: nn.Module, image_processor):
-        self.model = model
-        self.image_processor = image_processor
+        self.model, self.image_processor = model, image_processor
         self.labels = dict(model.config.id2label)
         self._target: TargetLayer | None = None
         self._calibration: tuple[np.ndarray, np.ndarray] | None = None
@@ -185,17 +181,15 @@ class Explainer:
         return self.image_processor(images=[image], return_tensors="pt")["pixel_values"]
 
     def target_layer(self, pixel_values: torch.Tensor) -> TargetLayer:
-        if self._target is None:
-            self._target = find_target_layer(self.model, pixel_values)
+        self._target = self._target or find_target_layer(self.model, pixel_values)
         return self._target
 
     def explain(self, image: Image.Image, class_index: int | None = None, size: tuple[int, int] | None = None) -> Explanation:
         """The Grad-CAM map of class_index (default: the top class) on image, at size (width, height; default: the
         image's own), scaled to [0, 1]; where the processor cropped the image away, 0."""
         image = image if image.mode == "RGB" else image.convert("RGB")
-        device = next(self.model.parameters()).device
-        dtype = next(self.model.parameters()).dtype
-        pixels = self.pixel_values(image).to(device=device, dtype=dtype)
+        parameter = next(self.model.parameters())
+        pixels = self.pixel_values(image).to(device=parameter.device, dtype=parameter.dtype)
         target = self.target_layer(pixels)
         was_training = self.model.training
         # grad-cam and OpenCV load with the first map: a run that keeps its figure (figures.draw) needs neither (1.3 s).
@@ -222,8 +216,7 @@ class Explainer:
                 parameter.requires_grad_(requires_grad)
             self.model.train(was_training)
         index = int(logits.argmax()) if class_index is None else int(class_index)
-        size = size or image.size
-        heatmap = self._to_image_frame(np.nan_to_num(grid.astype(np.float32)), image.size, size)
+        heatmap = self._to_image_frame(np.nan_to_num(grid.astype(np.float32)), image.size, size or image.size)
         probabilities = torch.softmax(logits, dim=-1).tolist()
         return Explanation(heatmap=heatmap, class_index=index, label=self.label(index), score=probabilities[index],
                            probabilities={self.label(i): p for i, p in enumerate(probabilities)}, layer=target.name)
@@ -234,14 +227,10 @@ class Explainer:
     # ---- the map, from the model's input back onto the image --------------------------------------------------------
     def input_window(self, image_size: tuple[int, int]) -> tuple[float, float, float, float]:
         """(left, top, width, height) of the model's input in the image, as fractions of the image's width and height.
-
         Found by preprocessing a probe image of that aspect ratio whose red channel ramps from left to right and green
         from top to bottom: what the processor makes of it says which part of the image each input pixel came from,
-        for any image processor (timm's resize + center crop, a squashing ViT processor, ConvNeXt's crop_pct).
-        """
-        width, height = image_size
-        scale = min(1.0, PROBE_SIDE / max(width, height))
-        probe_width, probe_height = max(2, round(width * scale)), max(2, round(height * scale))
+        for any image processor (timm's resize + center crop, a squashing ViT processor, ConvNeXt's crop_pct)."""
+        probe_width, probe_height = (max(2, side) for side in display_size(image_size, PROBE_SIDE))
         ramp_x = np.floor(np.arange(probe_width) * 256 / probe_width).astype(np.uint8)
         ramp_y = np.floor(np.arange(probe_height) * 256 / probe_height).astype(np.uint8)
         probe = np.zeros((probe_height, probe_width, 3), np.uint8)
@@ -315,11 +304,9 @@ def choose_examples(labels: Sequence[int], predictions: Sequence[int], per_group
         for index, (label, predicted) in enumerate(zip(labels, predictions)):
             if (int(label) != int(predicted)) == bool(wrong):
                 by_class.setdefault(int(label), []).append(index)
-        queues = [by_class[label] for label in sorted(by_class)]
-        while len(chosen) < per_group and any(queues):
-            for queue in queues:
-                if queue and len(chosen) < per_group:
-                    chosen.append(queue.pop(0))
+        # the first image of each class (in class order), then the second of each, ...
+        turns = zip_longest(*(by_class[label] for label in sorted(by_class)))
+        chosen += [index for turn in turns for index in turn if index is not None][:per_group]
     return groups
 
 
@@ -338,13 +325,10 @@ def _open_image(value) -> Image.Image:
 def save_explanation_figure(model: Explainer | str | Path, images: Sequence, labels: Sequence[int],
                             predictions: Sequence[int], path: str | Path, per_group: int = 6, columns: int = 3,
                             load_image: Callable = _open_image, thumbnail: int = 224, metadata: dict | None = None) -> Path:
-    """Draw Grad-CAM maps of the predicted class on test images, correctly classified ones on the left and
-    misclassified ones on the right, into a PNG at path.
-
-    model: an Explainer, or a model folder / Hub id loaded as the pipeline loads it. images, labels, predictions: the
-    test split's images (any sequence; only the chosen ones are read, through load_image), true and predicted class
-    indices. per_group images per side, `columns` per row. metadata: text for the PNG's own metadata.
-    """
+    """Draw Grad-CAM maps of the predicted class on test images, correctly classified ones on the left and misclassified
+    ones on the right, into a PNG at path. model: an Explainer, or a model folder / Hub id loaded as the pipeline loads it.
+    images, labels, predictions: the test split's images (any sequence; only the chosen ones are read, through load_image),
+    true and predicted class indices. per_group images per side, `columns` per row. metadata: text for the PNG's own metadata."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers and in tests

@@ -78,8 +78,7 @@ def export_model(args: ExportArguments) -> dict:
         shutil.rmtree(folder.path / STAGING, ignore_errors=True)
         lock.release()
     print(summary(report))
-    refused = [name for name, graph in report["graphs"].items() if graph["status"] != KEPT]
-    if refused:
+    if any(graph["status"] != KEPT for graph in report["graphs"].values()):
         raise ExportError(f"The int8 graph was refused, and kept out of {ONNX_DIR}/: {report['graphs']['int8']['reason']}. "
                           f"The fp32 graph passed and is in {GRAPHS['fp32']}. Pass --allow_accuracy_drop X to keep an int8 graph "
                           "that loses up to X points.")

@@ -11,7 +11,7 @@ import os
 import reprlib
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
@@ -64,10 +64,8 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     """The errors of a request that never got an answer: huggingface_hub 1.x sends with httpx, 2.x with httpx2."""
     errors = []
     for module in ("httpx2", "httpx"):
-        try:
+        with suppress(ImportError):
             errors.append(importlib.import_module(module).TransportError)
-        except ImportError:
-            pass
     return tuple(errors)
 
 
@@ -144,28 +142,17 @@ def _exported_graphs(folder: Path) -> list[Path]:
 
 
 def _check_no_token_inside(files: list[Path], token: str, folder: Path) -> None:
-    needle = token.encode()
-    leaking = [str(p.relative_to(folder)) for p in files if needle in p.read_bytes()]
+    leaking = [str(p.relative_to(folder)) for p in files if token.encode() in p.read_bytes()]
     if leaking:
         raise HubError(f"Refusing to push: your Hub token appears inside {', '.join(leaking)}. "
                        "Remove it from those files (and revoke the token if it was shared).")
 
 
-def _missing_repo_message(repo_id: str, revision: str | None, repo_type: str = "model") -> str:
-    return (f"The {repo_type} repo '{repo_id}' was not found on {constants.ENDPOINT}"
-            f"{f' at revision {revision!r}' if revision else ''}, or it is private and your token cannot read it. "
-            f"Check the id (user/name); for a private repo log in with `hf auth login` or set HF_TOKEN; "
-            f"if it was never pushed, push it first: `hf-transfer push <output_dir> --repo-id {repo_id}`.")
-
-
 def push_to_hub(output_dir: str | Path, repo_id: str, private: bool = False, revision: str | None = None,
                 commit_message: str | None = None, token: str | None = None) -> str:
     """Upload the run in the output dir (model, processor, card, logs, plots: the files a run writes) to `repo_id`; return
-    the commit URL.
-
-    The repo is created if needed (`private` applies only then); `revision` is a branch, created from main
-    if missing. The model card is re-written with the real repo id before the upload.
-    """
+    the commit URL. The repo is created if needed (`private` applies only then); `revision` is a branch, created from main
+    if missing. The model card is re-written with the real repo id before the upload."""
     check_repo_id(repo_id)
     folder = Path(output_dir)
     files = _files_to_upload(folder)
@@ -180,9 +167,7 @@ def push_to_hub(output_dir: str | Path, repo_id: str, private: bool = False, rev
         if revision not in (None, constants.DEFAULT_REVISION):
             api.create_branch(repo_id, branch=revision, exist_ok=True)
     except HfHubHTTPError as error:
-        raise _refused(error, repo_id) or HubError(
-            f"The Hub at {constants.ENDPOINT} {_answer(error)} when asked to create or open '{repo_id}': nothing was "
-            "uploaded. Push again later.") from None
+        raise _hub_error(error, repo_id, f"when asked to create or open '{repo_id}': nothing was uploaded. Push again later.") from None
     write_model_card(folder, repo_id=repo_id)
     _check_no_token_inside([folder / MODEL_CARD], token, folder)
     commit = _upload(api, repo_id, revision, [file.relative_to(folder).as_posix() for file in files], folder,
@@ -203,36 +188,27 @@ def _upload(api: HfApi, repo_id: str, revision: str | None, names: list[str], fo
             api.preupload_lfs_files(repo_id, additions=[operation], revision=revision)
         except (HfHubHTTPError, RuntimeError) as error:  # RuntimeError: HfApi's wrapper of an LFS upload's failure
             after = f"after {', '.join(names[:done][:5])}{' and more' if done > 5 else ''}" if done else "the first"
-            raise _refused(error, repo_id) or HubError(
-                f"The Hub at {constants.ENDPOINT} {_answer(error)} while {operation.path_in_repo!r} was uploading to {where} "
-                f"(file {done + 1} of {len(names)}, {after}): nothing is committed, and the Hub keeps the large files it "
-                f"received. {again}") from None
+            raise _hub_error(error, repo_id, f"while {operation.path_in_repo!r} was uploading to {where} (file {done + 1} of "
+                             f"{len(names)}, {after}): nothing is committed, and the Hub keeps the large files it received. "
+                             f"{again}") from None
     try:
         return api.create_commit(repo_id, operations, commit_message=commit_message, revision=revision)
     except HfHubHTTPError as error:
-        raise _refused(error, repo_id) or HubError(
-            f"The Hub at {constants.ENDPOINT} {_answer(error)} to the commit of {len(names)} files to {where}: their contents "
-            f"were uploaded (the Hub keeps the large ones), but nothing is committed. {again}") from None
+        raise _hub_error(error, repo_id, f"to the commit of {len(names)} files to {where}: their contents were uploaded (the Hub "
+                         f"keeps the large ones), but nothing is committed. {again}") from None
 
 
-def _answer(error: BaseException) -> str:
-    """How a request failed, from the Hub's HTTP answer (HfApi wraps LFS uploads' errors in a RuntimeError)."""
+def _hub_error(error: BaseException, repo_id: str, during: str) -> HubError:
+    """The error of a failed request `during` something: the Hub's HTTP answer, or that none came; a refusal of write
+    access (HTTP 401 or 403) says what to change. HfApi wraps LFS uploads' errors in a RuntimeError."""
     cause = error.__cause__ if isinstance(error, RuntimeError) and error.__cause__ is not None else error
     response = getattr(cause, "response", None)
-    if response is not None:
-        return f"answered HTTP {response.status_code}"
-    return f"gave no answer ({type(cause).__name__}: {reprlib.repr(str(cause))})"
-
-
-def _refused(error: BaseException, repo_id: str) -> HubError | None:
-    """The error for a Hub that refuses this token write access (HTTP 401 or 403); None for any other failure."""
-    cause = error.__cause__ if isinstance(error, RuntimeError) and error.__cause__ is not None else error
-    response = getattr(cause, "response", None)
-    status = response.status_code if response is not None else None
-    if status not in (401, 403):
-        return None
-    return HubError(f"The Hub refused to write to '{repo_id}' (HTTP {status}). Use your own username or an organization you "
-                    "belong to as namespace, and a token with write access (`hf auth login`).")
+    if response is None:
+        return HubError(f"The Hub at {constants.ENDPOINT} gave no answer ({type(cause).__name__}: {reprlib.repr(str(cause))}) {during}")
+    if response.status_code in (401, 403):
+        return HubError(f"The Hub refused to write to '{repo_id}' (HTTP {response.status_code}). Use your own username or an "
+                        "organization you belong to as namespace, and a token with write access (`hf auth login`).")
+    return HubError(f"The Hub at {constants.ENDPOINT} answered HTTP {response.status_code} {during}")
 
 
 def download_model(repo_id: str, revision: str | None = None, cache_dir: str | Path | None = None,
@@ -244,7 +220,10 @@ def download_model(repo_id: str, revision: str | None = None, cache_dir: str | P
         raise HubError(f"The repo '{repo_id}' exists but has no revision {revision!r}. "
                        "Use a branch, tag or commit it has (default: main).") from None
     except RepositoryNotFoundError:
-        raise HubError(_missing_repo_message(repo_id, revision)) from None
+        raise HubError(f"The model repo '{repo_id}' was not found on {constants.ENDPOINT}"
+                       f"{f' at revision {revision!r}' if revision else ''}, or it is private and your token cannot read it. "
+                       "Check the id (user/name); for a private repo log in with `hf auth login` or set HF_TOKEN; "
+                       f"if it was never pushed, push it first: `hf-transfer push <output_dir> --repo-id {repo_id}`.") from None
     except LocalEntryNotFoundError:  # no answer from the Hub, and nothing in the cache
         raise HubError(f"Cannot download '{repo_id}': the Hugging Face Hub at {constants.ENDPOINT} did not answer. "
                        "Check your network connection, or HF_ENDPOINT and HF_HUB_OFFLINE if you set them.") from None
@@ -279,45 +258,36 @@ class VerifyReport:
 
 def verify_push(repo_id: str, output_dir: str | Path, images: list[ImageInput], revision: str | None = None,
                 token: str | None = None, atol: float = 1e-4, cache_dir: str | Path | None = None) -> VerifyReport:
-    """Download `repo_id` into a fresh cache, classify `images` with it and with the local model, compare.
-
-    `cache_dir` defaults to a temporary folder, removed afterwards. Raises VerificationError when a top
-    label differs or any class score differs by more than `atol`.
-    """
+    """Download `repo_id` into a fresh cache (`cache_dir`, or a temporary folder removed afterwards), classify `images` with
+    it and with the local model; VerificationError when a top label differs or any class score differs by more than `atol`."""
     if not images:
         raise ValueError("verify_push needs at least one image (ideally held out from training).")
     with tempfile.TemporaryDirectory(prefix="hf-transfer-verify-") as scratch:
-        return _compare(repo_id, Path(output_dir), images, revision, token, atol, Path(cache_dir or scratch))
+        cache_dir, output_dir = Path(cache_dir or scratch), Path(output_dir)
+        commit = download_model(repo_id, revision=revision, cache_dir=cache_dir, token=token).name  # snapshots/<sha>
+        from transformers import pipeline  # heavy: imported once the repo is known to exist
 
-
-def _compare(repo_id: str, output_dir: Path, images: list[ImageInput], revision: str | None, token: str | None,
-             atol: float, cache_dir: Path) -> VerifyReport:
-    commit = download_model(repo_id, revision=revision, cache_dir=cache_dir, token=token).name  # snapshots/<sha>
-    from transformers import pipeline  # heavy: imported once the repo is known to exist
-
-    hub_classifier = pipeline("image-classification", model=repo_id, revision=commit, token=token,
-                              model_kwargs={"cache_dir": str(cache_dir)})
-    local_classifier = pipeline("image-classification", model=str(output_dir))
-    top_k = max(len(local_classifier.model.config.id2label), len(hub_classifier.model.config.id2label))
-    report = VerifyReport(repo_id, commit)
-    for index, item in enumerate(images):
-        name = Path(item).name if isinstance(item, (str, Path)) else f"image #{index}"
-        image = load_image(item)
-        local = {p["label"]: p["score"] for p in local_classifier(image, top_k=top_k)}
-        hub = {p["label"]: p["score"] for p in hub_classifier(image, top_k=top_k)}
-        if local.keys() != hub.keys():
-            raise VerificationError(f"{repo_id}@{commit[:10]} has the labels {sorted(hub)}, {output_dir} has "
-                                    f"{sorted(local)}: the pushed model is not this run.")
-        local_top, hub_top = max(local, key=local.get), max(hub, key=hub.get)
-        difference = max(abs(local[label] - hub[label]) for label in local)
-        report.checks.append(ImageCheck(name, local_top, hub_top, local[local_top], hub[hub_top], difference))
-        if local_top != hub_top or difference > atol:
-            raise VerificationError(
-                f"{repo_id}@{commit[:10]} predicts differently from {output_dir} on {name}: "
-                f"hub {hub_top} ({hub[hub_top]:.4f}) vs local {local_top} ({local[local_top]:.4f}), "
-                f"largest score difference {difference:.2e} > {atol:.0e}. Push again, or check that "
-                "--revision points at this run.")
-    return report
+        hub_classifier = pipeline("image-classification", model=repo_id, revision=commit, token=token,
+                                  model_kwargs={"cache_dir": str(cache_dir)})
+        local_classifier = pipeline("image-classification", model=str(output_dir))
+        top_k = max(len(local_classifier.model.config.id2label), len(hub_classifier.model.config.id2label))
+        report = VerifyReport(repo_id, commit)
+        for index, item in enumerate(images):
+            name = Path(item).name if isinstance(item, (str, Path)) else f"image #{index}"
+            image = load_image(item)
+            local = {p["label"]: p["score"] for p in local_classifier(image, top_k=top_k)}
+            hub = {p["label"]: p["score"] for p in hub_classifier(image, top_k=top_k)}
+            if local.keys() != hub.keys():
+                raise VerificationError(f"{repo_id}@{commit[:10]} has the labels {sorted(hub)}, {output_dir} has "
+                                        f"{sorted(local)}: the pushed model is not this run.")
+            local_top, hub_top = max(local, key=local.get), max(hub, key=hub.get)
+            difference = max(abs(local[label] - hub[label]) for label in local)
+            report.checks.append(ImageCheck(name, local_top, hub_top, local[local_top], hub[hub_top], difference))
+            if local_top != hub_top or difference > atol:
+                raise VerificationError(f"{repo_id}@{commit[:10]} predicts differently from {output_dir} on {name}: hub {hub_top} "
+                                        f"({hub[hub_top]:.4f}) vs local {local_top} ({local[local_top]:.4f}), largest score difference "
+                                        f"{difference:.2e} > {atol:.0e}. Push again, or check that --revision points at this run.")
+        return report
 
 
 def share_run(args) -> None:

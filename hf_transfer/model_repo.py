@@ -129,7 +129,6 @@ def run_results(prepared, checked, fitted) -> dict:
 
 
 def _callback(trainer, kind: type):
-    """The trainer's callback of `kind`, None when the run has none."""
     return next((callback for callback in trainer.callback_handler.callbacks if isinstance(callback, kind)), None)
 
 
@@ -152,14 +151,11 @@ def published_state(state, output_dir: Path):
 
 def _print_next_steps(output_dir: Path, results: dict, copies: bool = False) -> None:
     where = " on every machine (node-local disks)" if copies else ""
-    print(
-        f"\nTest accuracy {results['test_accuracy']:.2%}, macro-F1 {results['test_f1']:.4f} "
-        f"on {results['split_sizes']['test']} images.\n"
-        f"Model saved to {output_dir}/{where} (model card: {output_dir}/README.md). Use it with:\n"
-        f"  from transformers import pipeline\n"
-        f"  classifier = pipeline('image-classification', model='{output_dir}')\n"
-        f"  classifier('cat.jpg')\n"
-        f"Share it:   hf-transfer push {output_dir} --repo-id <user>/<name>\n"
-        f"Try it:     hf-transfer demo {output_dir}\n"
-        f"Deploy it:  hf-transfer export {output_dir} --int8   then   hf-transfer predict {output_dir} <images>\n"
-    )
+    print(f"\nTest accuracy {results['test_accuracy']:.2%}, macro-F1 {results['test_f1']:.4f} on {results['split_sizes']['test']} images.\n"
+          f"Model saved to {output_dir}/{where} (model card: {output_dir}/README.md). Use it with:\n"
+          f"  from transformers import pipeline\n"
+          f"  classifier = pipeline('image-classification', model='{output_dir}')\n"
+          f"  classifier('cat.jpg')\n"
+          f"Share it:   hf-transfer push {output_dir} --repo-id <user>/<name>\n"
+          f"Try it:     hf-transfer demo {output_dir}\n"
+          f"Deploy it:  hf-transfer export {output_dir} --int8   then   hf-transfer predict {output_dir} <images>\n")

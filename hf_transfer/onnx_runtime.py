@@ -122,14 +122,12 @@ def checked_graph(folder: Path, precision: str, links_into: Path | None = None) 
 class OnnxClassifier:
     """One graph in an onnxruntime CPU session: `logits(pixels)` for a float32 batch (N, channels, rows, columns)."""
 
-    def __init__(self, path: Path, links_into: Path | None = None, threads: int | None = None):
+    def __init__(self, path: Path, links_into: Path | None = None):
         import onnxruntime
         from onnxruntime.capi import onnxruntime_pybind11_state as state
 
         graph = read_regular_file(path, links_into)  # from bytes: a graph naming external data files finds none
         options = onnxruntime.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
         # Idle threads sleep instead of spinning, as torch's do under hf_transfer's OMP_WAIT_POLICY=PASSIVE: on 2 cores the
         # decode pool needs the core a spinning thread would hold (benchmarks/results/export.md).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -138,14 +136,12 @@ class OnnxClassifier:
         try:
             self.session = onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
         except errors as error:
-            reason = str(error).splitlines()[0][:300]
-            raise OnnxModelError(f"{_shown(path)} is not a graph onnxruntime can load ({reason}). "
+            raise OnnxModelError(f"{_shown(path)} is not a graph onnxruntime can load ({str(error).splitlines()[0][:300]}). "
                                  "Export it again: `hf-transfer export <model folder>`.") from None
         inputs, outputs = [i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()]
         if inputs != [INPUT] or OUTPUT not in outputs:
             raise OnnxModelError(f"{_shown(path)} takes {inputs[:3]} and gives {outputs[:3]}, not `{INPUT}` and `{OUTPUT}`: it was "
                                  "not written by `hf-transfer export`. Export again.")
-        self.path = Path(path)
 
     def logits(self, pixels: np.ndarray) -> np.ndarray:
         return self.session.run([OUTPUT], {INPUT: np.ascontiguousarray(pixels, dtype=np.float32)})[0]

@@ -72,10 +72,8 @@ def open_model(folder: ModelFolder, args: PredictArguments) -> OpenModel:
     folder.check()
     config = folder.config()
     labels = [config.id2label[index] for index in sorted(config.id2label)]
-    if args.backend == "torch":
-        classifier = TorchClassifier(folder.torch_model(), args.inference_precision or "auto")
-    else:
-        classifier = GraphClassifier(folder, args.backend)
+    classifier = (TorchClassifier(folder.torch_model(), args.inference_precision or "auto") if args.backend == "torch"
+                  else GraphClassifier(folder, args.backend))
     return OpenModel(classifier, folder.image_processor(), labels, config.problem_type)
 
 
@@ -93,19 +91,6 @@ class Images:
 
     def __len__(self) -> int:
         return len(self.names)
-
-
-class _DatasetCells:
-    """A dataset's image column, read row by row when a decode worker needs it (the images are not all held in memory)."""
-
-    def __init__(self, dataset: datasets.Dataset, column: str):
-        self.dataset, self.column = dataset, column
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        return self.dataset[int(index)][self.column]
 
 
 def list_images(images: str, split: str | None, labels: list[str]) -> Images:
@@ -139,7 +124,7 @@ def _file_images(files: list[Path], root: Path, labels: list[str], description: 
         hint = (" It holds parquet files: if it is a dataset, pass `--split` (e.g. --split test)."
                 if any(file.endswith(".parquet") for file in passed_over) else "")
         raise PredictError(f"{description} holds no images (files ending in .jpg, .png, ... as `hf-transfer train` reads them).{hint}")
-    names = [_relative(file, root) for file in files]
+    names = [(file.relative_to(root) if file.is_relative_to(root) else file).as_posix() for file in files]
     # Images filed in a folder named after one of the model's classes (<root>/<class>/..., as for training) have that true label.
     true = _true_labels([name.split("/")[0] if "/" in name else None for name in names], labels)
     return Images(names, [str(file) for file in files], true, description, list(passed_over))
@@ -149,13 +134,6 @@ def _true_labels(folders: list[str | None], labels: list[str]) -> list[str | Non
     """The class each image's folder names, where it names one of the model's; None when no image has one."""
     true = [folder if folder in labels else None for folder in folders]
     return true if any(true) else None
-
-
-def _relative(file: Path, root: Path) -> str:
-    try:
-        return file.relative_to(root).as_posix()
-    except ValueError:
-        return file.as_posix()
 
 
 def _listed_images(list_file: Path, labels: list[str]) -> Images:
@@ -192,7 +170,8 @@ def _table_images(dataset: datasets.Dataset, description: str) -> Images:
     if label_columns:
         names = dataset.features[label_columns[0]].names
         true = [names[value] if value is not None and 0 <= value < len(names) else None for value in dataset[label_columns[0]]]
-    return Images([str(index) for index in range(len(dataset))], _DatasetCells(dataset, image_columns[0]), true, description)
+    # datasets' lazy Column: each image is read from the dataset when a decode worker needs it, not all held in memory
+    return Images([str(index) for index in range(len(dataset))], dataset[image_columns[0]], true, description)
 
 
 # ---- the decode pool ------------------------------------------------------------------------------------------------
@@ -325,9 +304,8 @@ def columns(model: OpenModel, k: int, images: Images) -> list[str]:
 
 def fingerprint(args: PredictArguments, images: Images) -> str:
     """What an output's rows depend on: a resumed run must match it, or its rows would mix two runs."""
-    names = hashlib.sha256("\n".join(images.names).encode()).hexdigest()
     settings = {"model": args.model, "backend": args.backend, "top_k": args.top_k, "inference_precision": args.inference_precision,
-                "images": args.images, "split": args.split, "names": names}
+                "images": args.images, "split": args.split, "names": hashlib.sha256("\n".join(images.names).encode()).hexdigest()}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 

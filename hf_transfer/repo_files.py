@@ -40,9 +40,8 @@ EXPORT_REPORT = f"{ONNX_DIR}/export_report.json"  # the equivalence check and la
 # The model itself, as `pipeline("image-classification")` loads it (with the sharded-weights names save_pretrained may use).
 MODEL_FILES = (CONFIG, WEIGHTS, "model-*-of-*.safetensors", f"{WEIGHTS}.index.json", PREPROCESSOR)
 # Every file a run writes: `--overwrite` deletes these only.
-RUN_OUTPUTS = (*MODEL_FILES, MODEL_CARD, ALL_RESULTS,
-               TEST_REPORT, TRAINER_STATE, FREEZE_PLAN, RUN_CONFIG, RECIPE, CURVES_PNG, CONFUSION_PNG, EXPLANATIONS_PNG, DATA_REPORT,
-               DATA_SUSPECTS_PNG, SELECTION, LOCK_FILE)
+RUN_OUTPUTS = (*MODEL_FILES, MODEL_CARD, ALL_RESULTS, TEST_REPORT, TRAINER_STATE, FREEZE_PLAN, RUN_CONFIG, RECIPE, CURVES_PNG,
+               CONFUSION_PNG, EXPLANATIONS_PNG, DATA_REPORT, DATA_SUSPECTS_PNG, SELECTION, LOCK_FILE)
 
 
 def shareable_path(value: str, start: str | os.PathLike | None = None) -> str:
@@ -85,10 +84,8 @@ class RunFiles:
         self.config = _read_json(self.dir / CONFIG)
         self.results = _read_json(self.dir / ALL_RESULTS)
         if self.config is None or self.results is None:
-            raise FileNotFoundError(
-                f"{self.dir} is not a finished training output dir: config.json and all_results.json are required "
-                "(run `hf-transfer train ...` first)."
-            )
+            raise FileNotFoundError(f"{self.dir} is not a finished training output dir: config.json and all_results.json are required "
+                                    "(run `hf-transfer train ...` first).")
         self.state = _read_json(self.dir / TRAINER_STATE) or {}
         self.freeze_plan = _read_json(self.dir / FREEZE_PLAN)
         self.report = _read_json(self.dir / TEST_REPORT)
