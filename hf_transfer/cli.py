@@ -209,20 +209,33 @@ image: its path or index, the top-k labels and scores, the true label where the 
 Accuracy and a confusion matrix are printed when the images have true labels. An interrupted run continues with --resume."""
 
 
-def deploy_command(name: str, argv: list[str]) -> dict:
-    """`hf-transfer export <model folder> [--int8] [--opset N] ...` and
-    `hf-transfer predict <model> <images> [--output predictions.csv] [--top_k K] [--backend torch|onnx|onnx-int8] ...`."""
-    from . import deploy_options
+def _deploy_arguments(name: str, help_text: str, options: type, argv: list[str]):
+    """The options of `hf-transfer export` or `predict` from `argv`, with logging set up."""
+    from .deploy_options import command_parser, parse_options
 
-    options = deploy_options.ExportArguments if name == "export" else deploy_options.PredictArguments
-    command_parser = deploy_options.command_parser(f"hf-transfer {name}", EXPORT_HELP if name == "export" else PREDICT_HELP, options)
-    args = _exit_on_user_error(deploy_options.parse_options, command_parser, options, argv)
+    args = _exit_on_user_error(parse_options, command_parser(f"hf-transfer {name}", help_text, options), options, argv)
     setup_logging(True)
-    if name == "export":
-        from .export import export_model as work
-    else:
-        from .predict import predict as work
-    return _exit_on_user_error(work, args)
+    return args
+
+
+def export_command(argv: list[str]) -> dict:
+    """`hf-transfer export <model folder> [--int8] [--opset N] ...`."""
+    from .deploy_options import ExportArguments
+
+    args = _deploy_arguments("export", EXPORT_HELP, ExportArguments, argv)
+    from .export import export_model  # torch loads once the options are read: `--help` answers without it
+
+    return _exit_on_user_error(export_model, args)
+
+
+def predict_command(argv: list[str]) -> dict:
+    """`hf-transfer predict <model> <images> [--output predictions.csv] [--top_k K] [--backend torch|onnx|onnx-int8] ...`."""
+    from .deploy_options import PredictArguments
+
+    args = _deploy_arguments("predict", PREDICT_HELP, PredictArguments, argv)
+    from .predict import predict
+
+    return _exit_on_user_error(predict, args)
 
 
 def demo_command(args: argparse.Namespace) -> None:
@@ -270,8 +283,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # The commands that read their own options (a recipe's, or a dataclass's) take the rest of the command line.
     own_options = {"train": lambda rest: run_training(rest, own_process), "doctor": lambda rest: doctor_command(rest, own_process),
-                   "select": select_command, "export": lambda rest: deploy_command("export", rest),
-                   "predict": lambda rest: deploy_command("predict", rest)}
+                   "select": select_command, "export": export_command, "predict": predict_command}
     if argv and argv[0] in own_options:
         own_options[argv[0]](argv[1:])
         return
